@@ -1,0 +1,44 @@
+# Entry points people type. `make demo` and `make test` are the two set-up commands in README.md.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BUILD := build
+
+.PHONY: all venv demo test unit lint vmtest bench clean image extension
+
+all: venv
+
+$(BIN)/kubespan: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[server,dev]'
+	touch $@
+
+venv: $(BIN)/kubespan
+
+include extension/extension.mk
+include image/image.mk
+
+lint: venv
+	$(BIN)/ruff check service tests qemu-tests bench
+	$(BIN)/ruff format --check service tests qemu-tests bench
+	$(BIN)/mypy
+	$(BIN)/mypy qemu-tests
+
+unit: venv
+	$(BIN)/pytest -m 'not vm' tests
+
+vmtest: venv image
+	$(BIN)/pytest -m vm qemu-tests
+
+test: lint unit vmtest
+
+demo: venv image
+	$(BIN)/python qemu-tests/demo.py --nodes 3
+
+bench: venv
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,17 @@
+# The bootable OS image. Two stages:
+#   base.tar   mmdebstrap of Debian bookworm (slow, about a minute; rebuilt only when
+#              image/base/ changes)
+#   root.erofs the read-only root assembled from base.tar + image/rootfs + the extension
+#              (fast), exported with vmlinuz and initrd.img for direct kernel boot.
+IMAGE_DIR := $(BUILD)/image
+BASE_TAR := $(IMAGE_DIR)/base.tar
+IMAGE_FILES := $(IMAGE_DIR)/root.erofs $(IMAGE_DIR)/vmlinuz $(IMAGE_DIR)/initrd.img
+
+$(BASE_TAR): $(wildcard image/base/*)
+	image/base/build-base.sh $@
+
+$(IMAGE_FILES) &: $(BASE_TAR) $(EXTENSION) image/assemble.sh extension/extension-release \
+		$(shell find image/rootfs -type f -o -type l)
+	image/assemble.sh $(BASE_TAR) $(EXTENSION) $(IMAGE_DIR)
+
+image: $(IMAGE_FILES)

@@ -1,0 +1,213 @@
+"""The lab: one network namespace with its segments, host processes and VMs, torn down as
+a whole (processes, VMs, namespace) on close, whatever happened."""
+
+import atexit
+import ipaddress
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from kslab.artefacts import Image
+from kslab.errors import LabError
+from kslab.netns import Namespace, Segment
+from kslab.platform import FW_CFG_PREFIX
+from kslab.proc import HostProcess
+from kslab.qemu import QemuMachine, QemuNic
+from kslab.vm import AttachedNic, NicSpec, Vm, VmSpec, render_network
+from kslab.wait import wait_until
+
+
+class Lab:
+    """Usage: `with Lab(workdir, image) as lab: ...`. Logs, state disks and fw_cfg files are
+    kept under `workdir` (one directory per VM); sockets go to a short temporary directory."""
+
+    def __init__(self, workdir: Path, image: Image) -> None:
+        self.workdir = workdir
+        self.image = image
+        self.segments: dict[str, Segment] = {}
+        self.vms: dict[str, Vm] = {}
+        self.processes: dict[str, HostProcess] = {}
+        self._ns: Namespace | None = None
+        self._runtime: Path | None = None
+        self._taps = 0
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._runtime = Path(tempfile.mkdtemp(prefix="kslab-"))
+        atexit.register(self.close)
+        self._ns = Namespace.create()
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def ns(self) -> Namespace:
+        if self._ns is None:
+            raise LabError("lab is not open")
+        return self._ns
+
+    def add_segment(
+        self,
+        name: str = "lan",
+        subnet: str = "192.0.2.0/24",
+        subnet6: str | None = "2001:db8::/64",
+    ) -> Segment:
+        """A new L2 segment (bridge) whose host-side address is host 1 of each subnet."""
+        if name in self.segments:
+            raise LabError(f"segment {name} exists")
+        segment = Segment(
+            name=name,
+            bridge=f"br{len(self.segments)}",
+            subnet=ipaddress.IPv4Network(subnet),
+            subnet6=ipaddress.IPv6Network(subnet6) if subnet6 else None,
+        )
+        addresses = [str(segment.gateway)]
+        if segment.subnet6 is not None:
+            addresses.append(str(segment.address6(1)))
+        self.ns.add_bridge(segment.bridge, addresses)
+        self.segments[name] = segment
+        return segment
+
+    # --- host processes ------------------------------------------------------------------
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> HostProcess:
+        """Start a host process inside the lab namespace; output goes to WORKDIR/NAME.log.
+        It is stopped at teardown."""
+        if name in self.processes:
+            raise LabError(f"process {name} exists")
+        process = HostProcess(
+            name, self.ns.command(argv), self.workdir / f"{name}.log", env=env, cwd=cwd
+        )
+        self.processes[name] = process
+        return process
+
+    def run(
+        self, argv: Sequence[str], timeout: float = 30.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a short command inside the lab namespace."""
+        return self.ns.run(argv, timeout=timeout, check=check)
+
+    def wait_tcp(self, host: str, port: int, timeout: float = 30.0) -> None:
+        """Wait until something inside the namespace accepts TCP connections on host:port."""
+        probe = f"import socket; socket.create_connection(({host!r}, {port}), 1).close()"
+        wait_until(
+            lambda: self.run([sys.executable, "-c", probe], check=False).returncode == 0,
+            timeout,
+            f"TCP {host}:{port} in {self.ns.name}",
+        )
+
+    # --- VMs -----------------------------------------------------------------------------
+
+    def add_vm(self, spec: VmSpec) -> Vm:
+        """Prepare a VM (taps, state disk location, fw_cfg files); `Vm.start()` boots it."""
+        if spec.name in self.vms:
+            raise LabError(f"VM {spec.name} exists")
+        index = len(self.vms)
+        directory = self.workdir / spec.name
+        directory.mkdir(parents=True, exist_ok=True)
+        nics = tuple(self._attach(nic, index, i) for i, nic in enumerate(spec.nics))
+
+        entries = render_network(nics, spec.network)
+        entries[FW_CFG_PREFIX + "hostname"] = spec.name
+        if spec.machineconfig is not None:
+            entries[FW_CFG_PREFIX + "machineconfig"] = spec.machineconfig
+        for name, text in spec.fw_cfg:
+            entries[name if name.startswith("opt/") else FW_CFG_PREFIX + name] = text
+        fw_cfg = []
+        for name, text in sorted(entries.items()):
+            path = directory / ("fw_cfg." + name.rsplit("/", 1)[-1])
+            path.write_text(text)
+            path.chmod(0o600)
+            fw_cfg.append((name, path))
+
+        machine = QemuMachine(
+            name=spec.name,
+            image=self.image,
+            memory_mib=spec.memory_mib,
+            cpus=spec.cpus,
+            uuid=str(uuid.uuid4()),
+            state_disk=directory / "state.img",
+            nics=tuple(QemuNic(tap=n.tap, mac=n.mac) for n in nics),
+            fw_cfg=tuple(fw_cfg),
+            agent_socket=self._runtime_dir() / f"{spec.name}.qga",
+            serial_log=directory / "serial.log",
+            kernel_args=spec.kernel_args,
+        )
+        vm = Vm(spec, machine, nics, self.ns.command([]), directory)
+        self.vms[spec.name] = vm
+        return vm
+
+    def boot(self, spec: VmSpec, timeout: float = 240.0) -> Vm:
+        """Add, start and wait for one VM."""
+        return self.boot_all([spec], timeout)[0]
+
+    def boot_all(self, specs: Sequence[VmSpec], timeout: float = 300.0) -> list[Vm]:
+        """Start several VMs at once, then wait for each one's guest agent."""
+        vms = [self.add_vm(spec) for spec in specs]
+        for vm in vms:
+            vm.start()
+        for vm in vms:
+            vm.wait_agent(timeout)
+        return vms
+
+    def _attach(self, nic_spec: NicSpec, vm_index: int, nic_index: int) -> AttachedNic:
+        segment = self.segments.get(nic_spec.segment)
+        if segment is None:
+            raise LabError(f"no segment {nic_spec.segment}: add_segment() it first")
+        tap = f"tap{self._taps}"
+        self._taps += 1
+        self.ns.add_tap(tap, segment.bridge)
+        mac = f"52:54:00:6b:{vm_index & 0xFF:02x}:{nic_index & 0xFF:02x}"
+        return AttachedNic(spec=nic_spec, segment=segment, tap=tap, mac=mac)
+
+    def _runtime_dir(self) -> Path:
+        if self._runtime is None:
+            raise LabError("lab is not open")
+        return self._runtime
+
+    # --- teardown ------------------------------------------------------------------------
+
+    def diagnostics(self) -> str:
+        parts = [f"lab namespace {self._ns.name if self._ns else '-'}, workdir {self.workdir}"]
+        parts += [vm.diagnostics() for vm in self.vms.values()]
+        for process in self.processes.values():
+            state = "running" if process.running else f"exited {process.returncode}"
+            parts.append(
+                f"===== host process {process.name} ({state}), {process.log_path}\n"
+                f"{process.log_tail()}"
+            )
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        """Kill VMs, stop host processes, delete the namespace. Safe to call twice."""
+        for vm in self.vms.values():
+            vm.kill()
+        for process in self.processes.values():
+            process.stop()
+        if self._ns is not None:
+            self._ns.destroy()
+            self._ns = None
+        if self._runtime is not None:
+            shutil.rmtree(self._runtime, ignore_errors=True)
+            self._runtime = None
+        atexit.unregister(self.close)

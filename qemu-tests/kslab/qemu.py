@@ -1,0 +1,66 @@
+"""The QEMU command line of a lab VM (pure: values in, argv out)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kslab.artefacts import Image
+
+KERNEL_ARGS = ("console=ttyS0", "root=/dev/vda", "rootfstype=erofs", "ro", "quiet", "panic=-1")
+STATE_DISK_SERIAL = "kubespan-state"  # the image mounts /dev/disk/by-id/virtio-<this> on /var
+
+
+@dataclass(frozen=True)
+class QemuNic:
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class QemuMachine:
+    name: str
+    image: Image
+    memory_mib: int
+    cpus: int
+    uuid: str  # SMBIOS system UUID: systemd derives a stable machine-id from it
+    state_disk: Path
+    nics: tuple[QemuNic, ...]
+    fw_cfg: tuple[tuple[str, Path], ...]  # (fw_cfg name, file with the contents)
+    agent_socket: Path
+    serial_log: Path
+    kernel_args: tuple[str, ...] = ()
+
+
+def qemu_command(m: QemuMachine) -> list[str]:
+    argv = [
+        "qemu-system-x86_64",
+        "-name", m.name,
+        "-accel", "tcg",  # KVM does not work here (nested); software emulation
+        "-m", str(m.memory_mib),
+        "-smp", str(m.cpus),
+        "-uuid", m.uuid,
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(m.image.kernel),
+        "-initrd", str(m.image.initrd),
+        "-append", " ".join((*KERNEL_ARGS, *m.kernel_args)),
+        # The root disk comes first so that it is /dev/vda.
+        "-drive", f"file={m.image.root},format=raw,if=none,id=root,readonly=on",
+        "-device", "virtio-blk-pci,drive=root,serial=kubespan-root",
+        "-drive", f"file={m.state_disk},format=raw,if=none,id=state,discard=unmap",
+        "-device", f"virtio-blk-pci,drive=state,serial={STATE_DISK_SERIAL}",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0",
+        "-chardev", f"socket,id=qga0,path={m.agent_socket},server=on,wait=off",
+        "-device", "virtio-serial-pci",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        "-chardev", f"file,id=serial0,path={m.serial_log},append=on",
+        "-serial", "chardev:serial0",
+    ]  # fmt: skip
+    for i, nic in enumerate(m.nics):
+        argv += [
+            "-netdev", f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",
+            # romfile=: no iPXE option ROM, we never network-boot
+            "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile=",
+        ]  # fmt: skip
+    for name, path in m.fw_cfg:
+        argv += ["-fw_cfg", f"name={name},file={path}"]
+    return argv

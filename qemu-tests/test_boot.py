@@ -1,0 +1,95 @@
+"""Smoke test of the image: one VM boots with a machine config from the platform, and the
+OS pieces kubespan relies on are in place and survive a reboot."""
+
+import secrets
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kslab import Lab, NicSpec, Vm, VmSpec, cluster_identity
+
+pytestmark = pytest.mark.vm
+
+
+def machine_config(discovery_endpoint: str) -> str:
+    cluster_id, secret = cluster_identity()
+    return yaml.safe_dump(
+        {
+            "machine": {"network": {"kubespan": {"enabled": False}}},
+            "cluster": {
+                "id": cluster_id,
+                "secret": secret,
+                "discovery": {
+                    "enabled": True,
+                    "registries": {"service": {"endpoint": discovery_endpoint}},
+                },
+            },
+        }
+    )
+
+
+def mount(vm: Vm, target: str) -> list[str]:
+    """SOURCE FSTYPE OPTIONS of the file system mounted at `target`."""
+    return vm.check(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", target]).split()
+
+
+def test_boot(lab: Lab, tmp_path: Path) -> None:
+    lan = lab.add_segment("lan")
+    address, address6 = lan.address(11), lan.address6(11)
+
+    # A host-side server inside the lab namespace, reached by the guest over the bridge.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "hello.txt").write_text("hello from the host side\n")
+    server = str(lan.gateway.ip)
+    lab.spawn("http", [sys.executable, "-m", "http.server", "--bind", server, "3000"], cwd=site)
+    lab.wait_tcp(server, 3000)
+
+    vm = lab.boot(
+        VmSpec(
+            "node1",
+            nics=(NicSpec("lan", (address, address6)),),
+            machineconfig=machine_config(f"http://{server}:3000"),
+        )
+    )
+    vm.wait_unit("kubespan.service", "active")
+
+    # Read-only erofs root; /var is the state disk, ext4 and writable.
+    source, fstype, options = mount(vm, "/")
+    assert (fstype, options.split(",")[0]) == ("erofs", "ro"), (source, fstype, options)
+    source, fstype, options = mount(vm, "/var")
+    assert (source, fstype, options.split(",")[0]) == ("/dev/vdb", "ext4", "rw")
+    assert vm.exec(["touch", "/usr/lib/kubespan-write-test"]).exit_code != 0
+
+    # The extension is merged and carries the service and the command.
+    assert "kubespan" in vm.check(["systemd-sysext", "status"])
+    assert vm.exec(["test", "-x", "/usr/bin/kubespan"]).exit_code == 0
+    assert "agent" in vm.check(["kubespan", "--help"])
+    config = vm.check(["stat", "-c", "%a", "/run/kubespan-platform/machineconfig.yaml"])
+    assert config.strip() == "600"
+
+    # Kernel WireGuard and nftables work.
+    vm.check(["modprobe", "wireguard"])
+    vm.check(["ip", "link", "add", "wgtest", "type", "wireguard"])
+    vm.check(["ip", "link", "del", "wgtest"])
+    vm.check(["nft", "list", "ruleset"])
+
+    # Hostname and static addresses came from fw_cfg; the host side is reachable.
+    assert vm.check(["hostname"]).strip() == "node1"
+    addresses = vm.check(["ip", "-brief", "address"])
+    assert str(address) in addresses
+    assert str(address6) in addresses
+    fetch = f"import urllib.request as u; print(u.urlopen('http://{server}:3000/hello.txt').read())"
+    assert "hello from the host side" in vm.check(["python3", "-c", fetch])
+
+    # State under /var survives a reboot from the same state disk.
+    token = secrets.token_hex(8)
+    vm.write_file("/var/lib/kubespan-smoke", token.encode())
+    boot_id = vm.check(["cat", "/proc/sys/kernel/random/boot_id"])
+    vm.reboot()
+    assert vm.check(["cat", "/proc/sys/kernel/random/boot_id"]) != boot_id
+    assert vm.check(["cat", "/var/lib/kubespan-smoke"]) == token
+    assert vm.check(["stat", "-c", "%a", "/var/lib/kubespan"]).strip() == "700"
+    vm.wait_unit("kubespan.service", "active")

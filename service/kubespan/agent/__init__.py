@@ -1,0 +1,1 @@
+"""The node agent: the reconcile loop and the threads that feed it."""

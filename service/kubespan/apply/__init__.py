@@ -1,0 +1,1 @@
+"""The imperative shell: the only code that reads or changes the kernel."""

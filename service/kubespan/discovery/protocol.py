@@ -1,0 +1,175 @@
+"""The discovery wire protocol (HTTP/JSON, version 1): request parsing and response shapes.
+
+Paths:
+  GET    /v1/hello                                   -> {"client_address": "203.0.113.9"}
+  GET    /v1/clusters/{cluster}/affiliates           -> Listing
+         ?since=REV&wait=SECONDS                     long poll: answer once past REV
+  PUT    /v1/clusters/{cluster}/affiliates/{id}      <- {"data", "endpoints", "ttl"} -> {"revision"}
+  DELETE /v1/clusters/{cluster}/affiliates/{id}      -> {"revision"}
+  GET    /healthz                                    -> {"status": "ok"}
+
+Blobs travel as standard base64. Errors are 4xx with {"error": {"field": ..., "message": ...}}.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kubespan.discovery import limits
+
+API_PREFIX = "/v1"
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class BadRequest(Exception):
+    """A request the server refuses; `field` names what was wrong."""
+
+    def __init__(self, field: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"field": self.field, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class PutAffiliate:
+    data: bytes
+    endpoints: tuple[bytes, ...]
+    ttl: int
+
+
+@dataclass(frozen=True)
+class WireAffiliate:
+    id: str
+    data: bytes
+    endpoints: tuple[bytes, ...]
+    ttl: float
+
+
+@dataclass(frozen=True)
+class Listing:
+    revision: int
+    affiliates: tuple[WireAffiliate, ...]
+
+
+def check_id(field: str, value: str) -> str:
+    if not value or len(value) > limits.MAX_ID_LENGTH or not _ID_PATTERN.match(value):
+        raise BadRequest(field, f"must be 1 to {limits.MAX_ID_LENGTH} characters of [A-Za-z0-9_-]")
+    return value
+
+
+def _blob(field: str, value: Any, max_bytes: int) -> bytes:
+    if not isinstance(value, str):
+        raise BadRequest(field, "must be a base64 string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(field, "must be standard base64") from None
+    if not raw:
+        raise BadRequest(field, "must not be empty")
+    if len(raw) > max_bytes:
+        raise BadRequest(field, f"must be at most {max_bytes} bytes", status=413)
+    return raw
+
+
+def parse_put(body: Any) -> PutAffiliate:
+    if not isinstance(body, dict):
+        raise BadRequest("body", "must be a JSON object")
+    unknown = sorted(set(body) - {"data", "endpoints", "ttl"})
+    if unknown:
+        raise BadRequest(unknown[0], "unknown field")
+    data = _blob("data", body.get("data"), limits.MAX_DATA_BYTES)
+    endpoints_value = body.get("endpoints", [])
+    if not isinstance(endpoints_value, list):
+        raise BadRequest("endpoints", "must be a list of base64 strings")
+    if len(endpoints_value) > limits.MAX_ENDPOINTS_PER_AFFILIATE:
+        raise BadRequest(
+            "endpoints", f"must hold at most {limits.MAX_ENDPOINTS_PER_AFFILIATE} entries"
+        )
+    endpoints = tuple(
+        _blob(f"endpoints[{i}]", e, limits.MAX_ENDPOINT_BYTES)
+        for i, e in enumerate(endpoints_value)
+    )
+    ttl = body.get("ttl")
+    if isinstance(ttl, bool) or not isinstance(ttl, int):
+        raise BadRequest("ttl", "must be an integer number of seconds")
+    if not limits.MIN_TTL_SECONDS <= ttl <= limits.MAX_TTL_SECONDS:
+        raise BadRequest(
+            "ttl", f"must be between {limits.MIN_TTL_SECONDS} and {limits.MAX_TTL_SECONDS}"
+        )
+    return PutAffiliate(data, endpoints, ttl)
+
+
+def parse_watch(query: dict[str, str]) -> tuple[int | None, float]:
+    since: int | None = None
+    wait = 0.0
+    if "since" in query:
+        text = query["since"]
+        if not text.isdigit() or len(text) > 18:
+            raise BadRequest("since", "must be a non-negative integer revision")
+        since = int(text)
+    if "wait" in query:
+        try:
+            wait = float(query["wait"])
+        except ValueError:
+            raise BadRequest("wait", "must be a number of seconds") from None
+        if not 0 <= wait <= limits.MAX_WAIT_SECONDS:
+            raise BadRequest("wait", f"must be between 0 and {limits.MAX_WAIT_SECONDS:g}")
+    unknown = sorted(set(query) - {"since", "wait"})
+    if unknown:
+        raise BadRequest(unknown[0], "unknown query parameter")
+    return since, wait
+
+
+def encode_blob(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def listing_body(listing: Listing) -> dict[str, Any]:
+    return {
+        "revision": listing.revision,
+        "affiliates": [
+            {
+                "id": a.id,
+                "data": encode_blob(a.data),
+                "endpoints": [encode_blob(e) for e in a.endpoints],
+                "ttl": round(a.ttl, 3),
+            }
+            for a in listing.affiliates
+        ],
+    }
+
+
+def parse_listing(body: Any) -> Listing:
+    """Client side: parse a listing, refusing anything malformed."""
+    if not isinstance(body, dict) or not isinstance(body.get("revision"), int):
+        raise ValueError("listing has no integer revision")
+    raw_affiliates = body.get("affiliates")
+    if not isinstance(raw_affiliates, list):
+        raise ValueError("listing has no affiliates list")
+    out = []
+    for index, item in enumerate(raw_affiliates):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise ValueError(f"affiliates[{index}] is malformed")
+        endpoints = item.get("endpoints", [])
+        if not isinstance(endpoints, list):
+            raise ValueError(f"affiliates[{index}].endpoints is not a list")
+        try:
+            out.append(
+                WireAffiliate(
+                    id=item["id"],
+                    data=base64.b64decode(str(item.get("data", "")), validate=True),
+                    endpoints=tuple(base64.b64decode(str(e), validate=True) for e in endpoints),
+                    ttl=float(item.get("ttl", 0)),
+                )
+            )
+        except (binascii.Error, ValueError, TypeError):
+            raise ValueError(f"affiliates[{index}] holds invalid base64") from None
+    return Listing(body["revision"], tuple(out))

@@ -1,0 +1,54 @@
+"""Address types shared by every layer: IP addresses, prefixes and UDP endpoints."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import TypeAlias
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """A UDP endpoint: where a WireGuard peer can be reached."""
+
+    address: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        if self.address.version == 6:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """Parse `ip:port` or `[ipv6]:port`; ValueError with a readable message otherwise."""
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not ip:port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 endpoint as [address]:port")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+        return cls(address, int(port_text))
+
+
+def host_network(address: IPAddress) -> IPNetwork:
+    """The /32 or /128 network holding exactly `address`."""
+    return ipaddress.ip_network(address)
+
+
+def network_sort_key(network: IPNetwork) -> tuple[int, int, int]:
+    return (network.version, int(network.network_address), network.prefixlen)
+
+
+def address_sort_key(address: IPAddress) -> tuple[int, int]:
+    return (address.version, int(address))

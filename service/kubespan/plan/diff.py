@@ -1,0 +1,182 @@
+"""Diff the desired state against what the kernel has, as a list of operations keyed by identity.
+
+Each operation renders as the `ip`/`wg` command an operator would type, for logs and golden
+tests; secrets render as `(hidden)`. An unchanged state yields no operations at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from kubespan.model import DesiredState, LinkSpec, ObservedLink, ObservedPeer, PeerSpec
+from kubespan.netaddr import Endpoint, IPNetwork, network_sort_key
+
+
+@dataclass(frozen=True)
+class CreateLink:
+    name: str
+
+    def render(self) -> str:
+        return f"ip link add {self.name} type wireguard"
+
+
+@dataclass(frozen=True)
+class SetLinkMtu:
+    name: str
+    mtu: int
+
+    def render(self) -> str:
+        return f"ip link set {self.name} mtu {self.mtu}"
+
+
+@dataclass(frozen=True)
+class SetLinkUp:
+    name: str
+
+    def render(self) -> str:
+        return f"ip link set {self.name} up"
+
+
+@dataclass(frozen=True)
+class AddAddress:
+    name: str
+    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+    def render(self) -> str:
+        return f"ip address add {self.address} dev {self.name}"
+
+
+@dataclass(frozen=True)
+class RemoveAddress:
+    name: str
+    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+    def render(self) -> str:
+        return f"ip address del {self.address} dev {self.name}"
+
+
+@dataclass(frozen=True)
+class ConfigureDevice:
+    name: str
+    private_key: str | None = field(repr=False)
+    listen_port: int | None
+    fwmark: int | None
+
+    def render(self) -> str:
+        parts = [f"wg set {self.name}"]
+        if self.private_key is not None:
+            parts.append("private-key (hidden)")
+        if self.listen_port is not None:
+            parts.append(f"listen-port {self.listen_port}")
+        if self.fwmark is not None:
+            parts.append(f"fwmark {self.fwmark:#x}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class SetPeer:
+    """Create a peer or change some of its settings (None: leave unchanged)."""
+
+    name: str
+    public_key: str
+    label: str
+    preshared_key: str | None = field(repr=False)
+    endpoint: Endpoint | None
+    keepalive: int | None
+    allowed_ips: tuple[IPNetwork, ...] | None
+
+    def render(self) -> str:
+        parts = [f"wg set {self.name} peer {self.public_key}"]
+        if self.preshared_key is not None:
+            parts.append("preshared-key (hidden)")
+        if self.endpoint is not None:
+            parts.append(f"endpoint {self.endpoint}")
+        if self.keepalive is not None:
+            parts.append(f"persistent-keepalive {self.keepalive}")
+        if self.allowed_ips is not None:
+            parts.append("allowed-ips " + (",".join(str(n) for n in self.allowed_ips) or '""'))
+        return " ".join(parts) + f"  # {self.label}"
+
+
+@dataclass(frozen=True)
+class RemovePeer:
+    name: str
+    public_key: str
+
+    def render(self) -> str:
+        return f"wg set {self.name} peer {self.public_key} remove"
+
+
+Operation = (
+    CreateLink
+    | SetLinkMtu
+    | SetLinkUp
+    | AddAddress
+    | RemoveAddress
+    | ConfigureDevice
+    | SetPeer
+    | RemovePeer
+)
+
+
+def diff_link(link: LinkSpec, observed: ObservedLink | None) -> list[Operation]:
+    ops: list[Operation] = []
+    if observed is None:
+        ops.append(CreateLink(link.name))
+    if observed is None or observed.mtu != link.mtu:
+        ops.append(SetLinkMtu(link.name, link.mtu))
+    present = set(observed.addresses) if observed else set()
+    for stale in sorted(present - {link.address}, key=str):
+        ops.append(RemoveAddress(link.name, stale))
+    if link.address not in present:
+        ops.append(AddAddress(link.name, link.address))
+    private_key = (
+        link.private_key if observed is None or observed.private_key != link.private_key else None
+    )
+    port = (
+        link.listen_port if observed is None or observed.listen_port != link.listen_port else None
+    )
+    fwmark = link.fwmark if observed is None or observed.fwmark != link.fwmark else None
+    if (private_key, port, fwmark) != (None, None, None):
+        ops.append(ConfigureDevice(link.name, private_key, port, fwmark))
+    if observed is None or not observed.up:
+        ops.append(SetLinkUp(link.name))
+    return ops
+
+
+def diff_peer(link: LinkSpec, want: PeerSpec, have: ObservedPeer | None) -> SetPeer | None:
+    wanted_ips = tuple(sorted(want.allowed_ips, key=network_sort_key))
+    if have is None:
+        return SetPeer(
+            link.name,
+            want.public_key,
+            want.name,
+            link.preshared_key,
+            want.endpoint,
+            want.keepalive,
+            wanted_ips,
+        )
+    psk = link.preshared_key if have.preshared_key != link.preshared_key else None
+    endpoint = (
+        want.endpoint if want.endpoint is not None and want.endpoint != have.endpoint else None
+    )
+    keepalive = want.keepalive if have.keepalive != want.keepalive else None
+    ips = wanted_ips if set(have.allowed_ips) != set(wanted_ips) else None
+    if (psk, endpoint, keepalive, ips) == (None, None, None, None):
+        return None
+    return SetPeer(link.name, want.public_key, want.name, psk, endpoint, keepalive, ips)
+
+
+def diff(desired: DesiredState, observed: ObservedLink | None) -> list[Operation]:
+    """Operations that turn `observed` into `desired`, touching only what differs."""
+    ops = diff_link(desired.link, observed)
+    have = {p.public_key: p for p in observed.peers} if observed else {}
+    wanted = {p.public_key for p in desired.peers}
+    for key in sorted(set(have) - wanted):
+        ops.append(RemovePeer(desired.link.name, key))
+    for peer in desired.peers:
+        change = diff_peer(desired.link, peer, have.get(peer.public_key))
+        if change is not None:
+            ops.append(change)
+    return ops

@@ -1,0 +1,116 @@
+"""An in-memory stand-in for the kernel shell, for unit and loopback tests of pure logic.
+
+It applies the planner's operations to an ObservedLink the way the kernel would (allowed IPs
+replaced, endpoints set, peers removed), so tests can check that a second pass changes nothing.
+It proves nothing about the real kernel: the VM suite does that.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+
+from kubespan.identity import LinkHardware
+from kubespan.model import LocalAddress, ObservedLink, ObservedPeer
+from kubespan.plan.diff import (
+    AddAddress,
+    ConfigureDevice,
+    CreateLink,
+    Operation,
+    RemoveAddress,
+    RemovePeer,
+    SetLinkMtu,
+    SetLinkUp,
+    SetPeer,
+)
+
+
+@dataclass
+class FakeKernel:
+    addresses: tuple[LocalAddress, ...] = ()
+    hardware: tuple[LinkHardware, ...] = ()
+    link: ObservedLink | None = None
+    applied: list[str] = field(default_factory=list)
+
+    def observe_link(self, name: str) -> ObservedLink | None:
+        return self.link
+
+    def local_addresses(self) -> tuple[LocalAddress, ...]:
+        return self.addresses
+
+    def link_hardware(self) -> tuple[LinkHardware, ...]:
+        return self.hardware
+
+    def delete_link(self, name: str) -> bool:
+        existed = self.link is not None
+        self.link = None
+        return existed
+
+    def apply(self, operations: list[Operation]) -> None:
+        for op in operations:
+            self.applied.append(op.render())
+            self._apply(op)
+
+    def handshake(self, public_key: str, when: float) -> None:
+        assert self.link is not None
+        peers = tuple(
+            replace(p, last_handshake=when) if p.public_key == public_key else p
+            for p in self.link.peers
+        )
+        self.link = replace(self.link, peers=peers)
+
+    def _apply(self, op: Operation) -> None:
+        if isinstance(op, CreateLink):
+            self.link = ObservedLink(1420, False, (), None, 0, 0, ())
+            return
+        link = self.link
+        assert link is not None, f"{op.render()} on a missing link"
+        match op:
+            case SetLinkMtu(mtu=mtu):
+                link = replace(link, mtu=mtu)
+            case SetLinkUp():
+                link = replace(link, up=True)
+            case AddAddress(address=address):
+                link = replace(link, addresses=(*link.addresses, address))
+            case RemoveAddress(address=address):
+                link = replace(link, addresses=tuple(a for a in link.addresses if a != address))
+            case ConfigureDevice():
+                link = replace(
+                    link,
+                    private_key=op.private_key if op.private_key is not None else link.private_key,
+                    listen_port=op.listen_port if op.listen_port is not None else link.listen_port,
+                    fwmark=op.fwmark if op.fwmark is not None else link.fwmark,
+                )
+            case SetPeer():
+                link = replace(link, peers=self._set_peer(link.peers, op))
+            case RemovePeer(public_key=key):
+                link = replace(link, peers=tuple(p for p in link.peers if p.public_key != key))
+        self.link = link
+
+    @staticmethod
+    def _set_peer(peers: tuple[ObservedPeer, ...], op: SetPeer) -> tuple[ObservedPeer, ...]:
+        current = next((p for p in peers if p.public_key == op.public_key), None)
+        if current is None:
+            current = ObservedPeer(op.public_key, None, (), 0, None, 0, 0, "")
+        updated = replace(
+            current,
+            preshared_key=op.preshared_key
+            if op.preshared_key is not None
+            else current.preshared_key,
+            endpoint=op.endpoint if op.endpoint is not None else current.endpoint,
+            keepalive=op.keepalive if op.keepalive is not None else current.keepalive,
+            allowed_ips=op.allowed_ips if op.allowed_ips is not None else current.allowed_ips,
+        )
+        # WireGuard moves an allowed IP to the peer that was given it last.
+        moved = set(op.allowed_ips or ())
+        out = []
+        for peer in peers:
+            if peer.public_key != op.public_key:
+                kept = tuple(n for n in peer.allowed_ips if n not in moved)
+                out.append(replace(peer, allowed_ips=kept))
+        out.append(updated)
+        return tuple(sorted(out, key=lambda p: p.public_key))
+
+
+def local_address(interface: str, cidr: str, scope: int = 0, up: bool = True) -> LocalAddress:
+    return LocalAddress(interface, ipaddress.ip_interface(cidr), scope, up, "")

@@ -1,0 +1,143 @@
+"""Two agents and the real discovery service on loopback; kernels are in-memory fakes.
+
+This checks the whole control plane (config, identity, sealing, registration, watch, planning,
+status) end to end; the VM suite checks the same against real kernels.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kubespan.agent.loop import Agent
+from kubespan.agent.status import STATUS_FILE, render_status
+from kubespan.config import parse_config
+from kubespan.identity import LinkHardware, load_or_create_identity
+
+from fakekernel import FakeKernel, local_address
+from servers import discovery_server
+
+
+def config_text(url: str, cluster_id: str, secret: str) -> bytes:
+    return f"""
+machine:
+  network:
+    kubespan:
+      enabled: true
+cluster:
+  id: {cluster_id}
+  secret: {secret}
+  discovery:
+    enabled: true
+    registries:
+      service:
+        endpoint: {url}
+""".encode()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def running(agent: Agent) -> Iterator[Agent]:
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+def make_agent(tmp: Path, name: str, last_octet: int, config: bytes) -> tuple[Agent, FakeKernel]:
+    kernel = FakeKernel(
+        addresses=(local_address("ens3", f"192.0.2.{last_octet}/24"),),
+        hardware=(LinkHardware("ens3", f"52:54:00:00:00:{last_octet:02x}", True),),
+    )
+    identity = load_or_create_identity(tmp / name / "state")
+    agent = Agent(
+        parse_config(config, "cfg.yaml"),
+        identity,
+        kernel,
+        tmp / name / "run",
+        hostname=lambda: name,
+        tick=0.2,
+    )
+    return agent, kernel
+
+
+def test_two_agents_mesh_through_the_real_service(tmp_path: Path) -> None:
+    cluster_id = base64.b64encode(os.urandom(32)).decode()
+    secret = base64.b64encode(os.urandom(32)).decode()
+    with discovery_server() as server:
+        config = config_text(server.url, cluster_id, secret)
+        alpha, alpha_kernel = make_agent(tmp_path, "alpha", 11, config)
+        beta, beta_kernel = make_agent(tmp_path, "beta", 12, config)
+        with running(alpha), running(beta):
+
+            def has_peer(kernel: FakeKernel, other: Agent) -> bool:
+                link = kernel.link
+                return link is not None and any(
+                    p.public_key == other.identity.public_key_b64 for p in link.peers
+                )
+
+            wait_for(lambda: has_peer(alpha_kernel, beta), "alpha to configure beta")
+            wait_for(lambda: has_peer(beta_kernel, alpha), "beta to configure alpha")
+            wait_for(lambda: alpha.ready and beta.ready, "both agents to be ready")
+
+        assert alpha_kernel.link is not None
+        (peer,) = alpha_kernel.link.peers
+        assert {str(n) for n in peer.allowed_ips} == {"192.0.2.12/32", f"{beta.ula}/128"}
+        assert str(peer.endpoint) == "192.0.2.12:51820"
+        assert peer.keepalive == 25
+        assert peer.preshared_key == alpha.keys.wireguard_psk_b64
+        assert alpha_kernel.link.private_key == alpha.identity.private_key_b64
+        assert alpha.ula != beta.ula
+        assert alpha.ula in alpha.prefix and beta.ula in alpha.prefix
+
+        applied = len(alpha_kernel.applied)
+        assert alpha.reconcile() == []
+        assert len(alpha_kernel.applied) == applied
+
+        document = json.loads((tmp_path / "alpha" / "run" / STATUS_FILE).read_text())
+        assert document["node"]["name"] == "alpha"
+        assert [p["name"] for p in document["peers"]] == ["beta"]
+        text = render_status(document)
+        assert "beta" in text and "192.0.2.12:51820" in text
+
+
+def test_agent_becomes_ready_when_discovery_is_unreachable(tmp_path: Path) -> None:
+    cluster_id = base64.b64encode(os.urandom(32)).decode()
+    secret = base64.b64encode(os.urandom(32)).decode()
+    with discovery_server() as server:
+        url = server.url
+    config = config_text(url, cluster_id, secret)
+    agent, kernel = make_agent(tmp_path, "lonely", 13, config)
+    agent.ready_timeout = 0.5
+    with running(agent):
+        wait_for(lambda: agent.ready, "the agent to give up waiting for discovery")
+        assert kernel.link is not None
+        assert kernel.link.peers == ()
+        document = json.loads((tmp_path / "lonely" / "run" / STATUS_FILE).read_text())
+        wait_for(
+            lambda: (
+                json.loads((tmp_path / "lonely" / "run" / STATUS_FILE).read_text())["discovery"][0][
+                    "last_error"
+                ]
+                is not None
+            ),
+            "the discovery error to show in status",
+        )
+        assert document["node"]["name"] == "lonely"
