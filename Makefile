@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUILD := build
 
-.PHONY: all venv demo test unit lint vmtest bench clean image extension
+.PHONY: all venv demo test unit lint vmtest bench clean image extension schema-docs
 
 all: venv
 
@@ -36,6 +36,9 @@ test: lint unit vmtest
 
 demo: venv image
 	$(BIN)/python qemu-tests/demo.py --nodes 3
+
+schema-docs: venv
+	$(BIN)/python -m kubespan.config.docs machineconfig-schema > machineconfig-schema/README.md
 
 bench: venv
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from kubespan.config.render import new_config_document, to_yaml
 
 from kslab import Lab, NicSpec, Segment, Vm, VmSpec, cluster_identity, wait_until
 
@@ -20,21 +20,9 @@ DISCOVERY_PORT = 3000
 def machine_config(
     discovery_url: str, cluster_id: str, secret: str, enabled: bool = True, **kubespan: Any
 ) -> str:
-    return yaml.safe_dump(
-        {
-            "version": "v1alpha1",
-            "machine": {"network": {"kubespan": {"enabled": enabled, **kubespan}}},
-            "cluster": {
-                "id": cluster_id,
-                "secret": secret,
-                "discovery": {
-                    "enabled": True,
-                    "registries": {"service": {"endpoint": discovery_url}},
-                },
-            },
-        },
-        sort_keys=False,
-    )
+    document = new_config_document(discovery_url, cluster_id, secret)
+    document["machine"]["network"]["kubespan"] = {"enabled": enabled, **kubespan}
+    return to_yaml(document)
 
 
 @dataclass

@@ -23,9 +23,10 @@ def test_invalid_config_is_reported_in_the_journal(
     )
     vm.wait_unit("kubespan.service", "failed")
     journal = vm.journal("kubespan")
-    config = "/run/kubespan-platform/machineconfig.yaml"
+    config = "fw_cfg:opt/org.kubespan/machineconfig"
     assert f"{config}:5: machine.network.kubespan.enabld: unknown key" in journal
     assert f"{config}:6: machine.network.kubespan.mtu: must be at least 1280, not 1000" in journal
+    assert "no machine config: no source had a valid one" in journal
     assert "Traceback" not in journal
     assert vm.exec(["ip", "link", "show", "kubespan"]).exit_code != 0
     result = vm.exec(["systemctl", "show", "-p", "NRestarts", "--value", "kubespan"])

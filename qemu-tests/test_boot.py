@@ -67,7 +67,8 @@ def test_boot(lab: Lab, tmp_path: Path) -> None:
     assert "kubespan" in vm.check(["systemd-sysext", "status"])
     assert vm.exec(["test", "-x", "/usr/bin/kubespan"]).exit_code == 0
     assert "agent" in vm.check(["kubespan", "--help"])
-    config = vm.check(["stat", "-c", "%a", "/run/kubespan-platform/machineconfig.yaml"])
+    # The machine config from fw_cfg is kept as the last good copy, readable by root only.
+    config = vm.check(["stat", "-c", "%a", "/var/lib/kubespan/machineconfig.yaml"])
     assert config.strip() == "600"
 
     # Kernel WireGuard and nftables work.

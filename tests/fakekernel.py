@@ -41,10 +41,10 @@ class FakeKernel:
     def link_hardware(self) -> tuple[LinkHardware, ...]:
         return self.hardware
 
-    def delete_link(self, name: str) -> bool:
+    def teardown(self) -> list[str]:
         existed = self.link is not None
         self.link = None
-        return existed
+        return ["link kubespan"] if existed else []
 
     def apply(self, operations: list[Operation]) -> None:
         for op in operations:

@@ -164,7 +164,7 @@ def test_every_problem_is_reported_at_once() -> None:
         (b"a: &x [1]\nb: *x\n", 2, "aliases are not supported"),
         (b"machine:\n\tnetwork: {}\n", 2, "invalid YAML"),
         (b"machine: \xff\xfe\n", 1, "not valid UTF-8"),
-        (b"machine: [\n", 2, "invalid YAML"),
+        (b"machine: [\n", 1, "invalid YAML"),
         (b"a: " + b"x" * (1024 * 1024 + 1), None, "larger than"),
     ],
 )

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Self
 
 from kslab.artefacts import Image
+from kslab.configdrive import build_config_drive
 from kslab.errors import LabError
 from kslab.netns import Namespace, Segment
 from kslab.platform import FW_CFG_PREFIX
@@ -140,6 +141,10 @@ class Lab:
             path.chmod(0o600)
             fw_cfg.append((name, path))
 
+        drives: tuple[tuple[Path, str], ...] = ()
+        if spec.config_drive:
+            drive = build_config_drive(directory / "config-drive.img", spec.config_drive)
+            drives = ((drive, "kubespan-config"),)
         machine = QemuMachine(
             name=spec.name,
             image=self.image,
@@ -152,6 +157,7 @@ class Lab:
             agent_socket=self._runtime_dir() / f"{spec.name}.qga",
             serial_log=directory / "serial.log",
             kernel_args=spec.kernel_args,
+            drives=drives,
         )
         vm = Vm(spec, machine, nics, self.ns.command([]), directory)
         self.vms[spec.name] = vm

@@ -28,6 +28,7 @@ class QemuMachine:
     agent_socket: Path
     serial_log: Path
     kernel_args: tuple[str, ...] = ()
+    drives: tuple[tuple[Path, str], ...] = ()  # extra read-only disks: (image file, serial)
 
 
 def qemu_command(m: QemuMachine) -> list[str]:
@@ -55,6 +56,11 @@ def qemu_command(m: QemuMachine) -> list[str]:
         "-chardev", f"file,id=serial0,path={m.serial_log},append=on",
         "-serial", "chardev:serial0",
     ]  # fmt: skip
+    for i, (path, serial) in enumerate(m.drives):
+        argv += [
+            "-drive", f"file={path},format=raw,if=none,id=extra{i},readonly=on",
+            "-device", f"virtio-blk-pci,drive=extra{i},serial={serial}",
+        ]  # fmt: skip
     for i, nic in enumerate(m.nics):
         argv += [
             "-netdev", f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",

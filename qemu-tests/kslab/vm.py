@@ -2,7 +2,7 @@
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kslab.errors import LabError
@@ -31,13 +31,14 @@ class NicSpec:
 class VmSpec:
     name: str  # also the hostname handed to the guest
     nics: tuple[NicSpec, ...] = ()
-    machineconfig: str | None = None  # YAML text, as /run/kubespan-platform/machineconfig.yaml
+    machineconfig: str | None = None  # YAML text, fw_cfg opt/org.kubespan/machineconfig
     network: str | None = None  # networkd file for NIC 0 instead of one rendered from `nics`
     memory_mib: int = 768
     cpus: int = 1
     state_disk_mib: int = 512
     kernel_args: tuple[str, ...] = ()
     fw_cfg: tuple[tuple[str, str], ...] = field(default=())  # extra (name, text) entries
+    config_drive: tuple[tuple[str, str], ...] = ()  # files on a FAT disk labelled KUBESPAN
 
     def __post_init__(self) -> None:
         if not NAME.match(self.name):
@@ -124,6 +125,17 @@ class Vm:
         if self._process.wait(timeout) is None:
             self.kill()
             raise LabError(f"{self.name}: did not power off within {timeout:.0f} s; killed")
+
+    def set_fw_cfg(self, name: str, text: str | None) -> None:
+        """Change (or, with None, remove) a fw_cfg entry for the next boot."""
+        full = name if name.startswith("opt/") else FW_CFG_PREFIX + name
+        entries = [(n, p) for n, p in self.machine.fw_cfg if n != full]
+        if text is not None:
+            path = self.directory / ("fw_cfg." + full.rsplit("/", 1)[-1])
+            path.write_text(text)
+            path.chmod(0o600)
+            entries.append((full, path))
+        self.machine = replace(self.machine, fw_cfg=tuple(sorted(entries)))
 
     def reboot(self, timeout: float = 240.0) -> None:
         """Power off cleanly and boot again from the same state disk."""

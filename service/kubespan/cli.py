@@ -20,7 +20,6 @@ log = logging.getLogger("kubespan")
 
 DEFAULT_STATE_DIR = Path("/var/lib/kubespan")
 DEFAULT_RUNTIME_DIR = Path("/run/kubespan")
-DEFAULT_CONFIG = Path("/etc/kubespan/machineconfig.yaml")
 # sysexits.h EX_CONFIG: the unit does not restart on it, since retrying cannot help.
 EXIT_CONFIG = 78
 
@@ -37,31 +36,75 @@ def setup_logging(verbose: bool) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from kubespan.agent.loop import Agent, Stop, run_disabled
+    from kubespan.agent.events import Stop
+    from kubespan.agent.loop import Agent
+    from kubespan.agent.supervisor import ConfigWatcher, Supervisor
     from kubespan.apply.kernel import Kernel
-    from kubespan.config import load_config
-    from kubespan.identity import load_or_create_identity
+    from kubespan.config import MachineConfig
+    from kubespan.config.sources import platform_sources, resolve, store_path
+    from kubespan.identity import Identity, load_or_create_identity
 
-    config = load_config(args.config)
+    if args.config is not None:
+        raw = read_config_file(args.config)
+        config = parse_or_raise(raw, str(args.config))
+        watched: Path = args.config
+    else:
+        resolved = resolve(platform_sources(args.runtime_dir), args.state_dir)
+        config, raw, watched = resolved.config, resolved.raw, store_path(args.state_dir)
+        log.info("machine config from %s", resolved.origin)
+
     events: queue.Queue[Any] = queue.Queue()
+    watcher = ConfigWatcher(watched, raw, events)
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_stop(signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         events.put(Stop())
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def on_reload(_signum: int, _frame: object) -> None:
+        watcher.trigger()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+
+    identities: list[Identity] = []
+
+    def identity() -> Identity:
+        if not identities:
+            identities.append(load_or_create_identity(args.state_dir))
+        return identities[0]
+
     with Kernel() as kernel:
-        if not config.kubespan.enabled:
-            run_disabled(kernel, events)
-            return 0
-        identity = load_or_create_identity(args.state_dir)
-        agent = Agent(config, identity, kernel, args.runtime_dir)
-        agent.events = events
-        for session in agent.sessions:
-            session.events = events
-        agent.run()
+
+        def make_agent(config: MachineConfig, node: Identity, queue_: queue.Queue[Any]) -> Agent:
+            return Agent(config, node, kernel, args.runtime_dir, events=queue_)
+
+        watcher.start()
+        try:
+            Supervisor(config, kernel, identity, make_agent, events).run()
+        finally:
+            watcher.stop()
     return 0
+
+
+def read_config_file(path: Path) -> bytes:
+    """The bytes of a config file; `-` is standard input."""
+    from kubespan.errors import Problem
+
+    if str(path) == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(
+            [Problem(str(path), None, "", f"cannot read: {error.strerror}")]
+        ) from None
+
+
+def parse_or_raise(raw: bytes, label: str) -> Any:
+    from kubespan.config import parse_config
+
+    return parse_config(raw, label)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -115,9 +158,72 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from kubespan.config.render import effective_document, to_yaml
+    from kubespan.config.sources import store_path
+
+    path = args.file or store_path(args.state_dir)
+    config = parse_or_raise(read_config_file(path), str(path))
+    print(f"# effective machine config of {path}, defaults filled in")
+    print(to_yaml(effective_document(config)), end="")
+    return 0
+
+
+def cmd_config_apply(args: argparse.Namespace) -> int:
+    from kubespan.config.sources import store_path
+    from kubespan.fsutil import atomic_write, ensure_private_dir
+
+    raw = read_config_file(args.file)
+    label = "<stdin>" if str(args.file) == "-" else str(args.file)
+    parse_or_raise(raw, label)
+    store = store_path(args.state_dir)
+    ensure_private_dir(store.parent)
+    atomic_write(store, raw, mode=0o600)
+    print(f"{label}: valid; stored as {store}; the running agent applies it within seconds")
+    return 0
+
+
+def new_cluster_identity() -> tuple[str, str]:
+    return (
+        base64.b64encode(os.urandom(32)).decode(),
+        base64.b64encode(os.urandom(32)).decode(),
+    )
+
+
 def cmd_gen_cluster(_args: argparse.Namespace) -> int:
-    print(f"id: {base64.b64encode(os.urandom(32)).decode()}")
-    print(f"secret: {base64.b64encode(os.urandom(32)).decode()}")
+    cluster_id, secret = new_cluster_identity()
+    print(f"id: {cluster_id}")
+    print(f"secret: {secret}")
+    return 0
+
+
+def cmd_gen_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubespan.config.interpret import decode_key32, parse_service_url
+    from kubespan.config.render import new_config_document, to_yaml
+
+    try:
+        url = parse_service_url(args.discovery)
+    except ValueError as error:
+        print(f"kubespan: --discovery: {error}", file=sys.stderr)
+        return 2
+    if args.cluster is None:
+        cluster_id, secret = new_cluster_identity()
+    else:
+        try:
+            document = yaml.safe_load(args.cluster.read_text())
+            cluster_id, secret = str(document["id"]), str(document["secret"])
+            decode_key32(cluster_id)
+            decode_key32(secret)
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as error:
+            print(
+                f"kubespan: --cluster {args.cluster}: expected the output of "
+                f"`kubespan gen cluster` (id and secret): {error}",
+                file=sys.stderr,
+            )
+            return 2
+    print(to_yaml(new_config_document(url, cluster_id, secret)), end="")
     return 0
 
 
@@ -130,7 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     agent = commands.add_parser("agent", help="run the node agent (the kubespan service)")
-    agent.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="machine config file")
+    agent.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="run with exactly this file (default: the image's config sources, see README)",
+    )
     agent.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     agent.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR)
     agent.set_defaults(func=cmd_agent)
@@ -152,11 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
     validate = config_commands.add_parser("validate", help="check machine config files")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(func=cmd_config_validate)
+    show = config_commands.add_parser(
+        "show", help="the effective config, defaults filled in, secret redacted"
+    )
+    show.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: the node's")
+    show.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    show.set_defaults(func=cmd_config_show)
+    apply = config_commands.add_parser(
+        "apply", help="validate FILE and make it this node's config (the agent follows)"
+    )
+    apply.add_argument("file", type=Path, metavar="FILE", help="- reads standard input")
+    apply.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    apply.set_defaults(func=cmd_config_apply)
 
     gen = commands.add_parser("gen", help="generate identities and configs")
     gen_commands = gen.add_subparsers(dest="gen_command", required=True)
     cluster = gen_commands.add_parser("cluster", help="print a new cluster id and secret")
     cluster.set_defaults(func=cmd_gen_cluster)
+    gen_config = gen_commands.add_parser("config", help="print a machine config with kubespan on")
+    gen_config.add_argument("--discovery", required=True, metavar="URL", help="discovery service")
+    gen_config.add_argument(
+        "--cluster", type=Path, metavar="FILE", help="id and secret from `kubespan gen cluster`"
+    )
+    gen_config.set_defaults(func=cmd_gen_config)
     return parser
 
 
@@ -166,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except ConfigError as error:
+        if args.func is not cmd_agent:
+            for problem in error.problems:
+                print(problem, file=sys.stderr)
+            return 1
         for problem in error.problems:
             log.error("invalid machine config: %s", problem)
         return EXIT_CONFIG

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from kubespan import notify
 from kubespan.agent.backoff import Backoff
+from kubespan.agent.events import ConfigChanged, Stop, Terminal
 from kubespan.agent.session import DiscoverySession, ListingEvent, ReflexiveEvent
 from kubespan.agent.status import status_document, write_status
 from kubespan.config import MachineConfig
@@ -47,11 +48,7 @@ class KernelPort(Protocol):
     def local_addresses(self) -> tuple[LocalAddress, ...]: ...
     def link_hardware(self) -> tuple[LinkHardware, ...]: ...
     def apply(self, operations: list[Operation]) -> None: ...
-    def delete_link(self, name: str) -> bool: ...
-
-
-class Stop:
-    """Queue sentinel: leave the loop."""
+    def teardown(self) -> list[str]: ...
 
 
 @dataclass
@@ -73,6 +70,7 @@ class Agent:
         hostname: Callable[[], str] = socket.gethostname,
         tick: float = TICK_SECONDS,
         ready_timeout: float = READY_TIMEOUT_SECONDS,
+        events: queue.Queue[Any] | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -83,7 +81,7 @@ class Agent:
         self.hostname = hostname
         self.tick = tick
         self.ready_timeout = ready_timeout
-        self.events: queue.Queue[Any] = queue.Queue()
+        self.events: queue.Queue[Any] = events if events is not None else queue.Queue()
         self.keys = ClusterKeys.derive(config.cluster.id, config.cluster.secret)
         self.sessions = [
             DiscoverySession(url, self.keys, self.events, self.rng, random_bytes)
@@ -104,7 +102,8 @@ class Agent:
     def stop(self) -> None:
         self.events.put(Stop())
 
-    def run(self) -> None:
+    def run(self) -> Terminal:
+        """Reconcile until stopped or given a new config; returns the event that ended it."""
         log.info(
             "starting node_id=%s public_key=%s ula=%s discovery=%s",
             self.identity.node_id,
@@ -119,8 +118,9 @@ class Agent:
         next_pass = started
         try:
             while True:
-                if not self._wait_inputs(next_pass):
-                    return
+                terminal = self._wait_inputs(next_pass)
+                if terminal is not None:
+                    return terminal
                 try:
                     self.reconcile()
                 except ApplyError as error:
@@ -142,21 +142,21 @@ class Agent:
             for session in self.sessions:
                 session.stop()
 
-    def _wait_inputs(self, next_pass: float) -> bool:
-        """Block until an input arrives or the next pass is due; False when asked to stop."""
+    def _wait_inputs(self, next_pass: float) -> Terminal | None:
+        """Block until an input arrives or the next pass is due; the event that ends the run."""
         timeout = max(0.0, next_pass - self.clocks.monotonic())
         try:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
-            return True
+            return None
         while True:
-            if isinstance(event, Stop):
-                return False
+            if isinstance(event, Stop | ConfigChanged):
+                return event
             self._take(event)
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
-                return True
+                return None
 
     def _take(self, event: object) -> None:
         if isinstance(event, ListingEvent):
@@ -182,6 +182,13 @@ class Agent:
             message = f"discovery unreachable after {self.ready_timeout:g}s; {peers} peers"
         log.info("ready: %s", message)
         notify.ready(message)
+
+    def leave(self) -> None:
+        """Remove this node from every discovery service (best effort): peers drop it now
+        instead of when its registration expires."""
+        affiliate = self.keys.affiliate_id(self.identity.node_id)
+        for session in self.sessions:
+            session.leave(affiliate)
 
     def _report_once(self, message: str) -> None:
         if message not in self._reported:
@@ -254,13 +261,3 @@ class Agent:
                     report.public_key,
                 )
         self._states = {r.public_key: r.state for r in reports}
-
-
-def run_disabled(kernel: KernelPort, stop_events: queue.Queue[Any]) -> None:
-    """kubespan is off: remove our link if an earlier run left it, report ready, wait."""
-    if kernel.delete_link(LINK_NAME):
-        log.info("kubespan is disabled: removed link %s", LINK_NAME)
-    notify.ready("kubespan disabled in machine config")
-    log.info("kubespan is disabled in the machine config; idle")
-    while not isinstance(stop_events.get(), Stop):
-        pass

@@ -78,6 +78,16 @@ class DiscoverySession:
         with self._wake:
             self._wake.notify_all()
 
+    def leave(self, affiliate_id: str) -> None:
+        client = DiscoveryClient(self.url)
+        try:
+            client.delete(self.keys.cluster_address, affiliate_id)
+            log.info("left discovery url=%s", self.url)
+        except DiscoveryError as error:
+            log.warning("could not leave discovery url=%s error=%s", self.url, error)
+        finally:
+            client.close()
+
     def set_registration(self, info: AffiliateInfo, endpoints: tuple[Endpoint, ...]) -> None:
         with self._wake:
             if self._wanted != (info, endpoints):

@@ -14,7 +14,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from kubespan.apply.wgparse import parse_device
 from kubespan.errors import ApplyError
 from kubespan.identity import LinkHardware
-from kubespan.model import LocalAddress, ObservedLink
+from kubespan.model import LINK_NAME, LocalAddress, ObservedLink
 from kubespan.plan.diff import (
     AddAddress,
     ConfigureDevice,
@@ -120,12 +120,14 @@ class Kernel:
             except (NetlinkError, OSError, ValueError) as error:
                 raise ApplyError(f"{operation.render()}: {error}") from error
 
-    def delete_link(self, name: str) -> bool:
-        index = self.link_index(name)
-        if index is None:
-            return False
-        self._ipr.link("del", index=index)
-        return True
+    def teardown(self) -> list[str]:
+        """Remove everything kubespan created in the kernel, and only that; what was removed."""
+        removed = []
+        index = self.link_index(LINK_NAME)
+        if index is not None:
+            self._ipr.link("del", index=index)
+            removed.append(f"link {LINK_NAME}")
+        return removed
 
     def _index(self, name: str) -> int:
         index = self.link_index(name)

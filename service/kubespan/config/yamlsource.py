@@ -7,6 +7,7 @@ bounded size. Every refusal is a Problem naming the file and line, never a trace
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,9 @@ class _Refused(Exception):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """Refuses aliases while composing, before any expansion could happen."""
+    """Refuses aliases while composing, before any expansion could happen; booleans are only
+    true/false, as in YAML 1.2 (PyYAML's YAML 1.1 would read `yes`, `no`, `on` and `off` as
+    booleans, so `enabled: off` would silently mean false where other tools see a string)."""
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
@@ -54,6 +57,16 @@ class _StrictLoader(yaml.SafeLoader):
             )
         node: yaml.Node | None = super().compose_node(parent, index)
         return node
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def format_path(path: PathKey) -> str:
@@ -79,13 +92,13 @@ def load_document(raw: bytes, file: str) -> LoadedDocument:
         try:
             node = loader.get_single_node()
         except yaml.composer.ComposerError as error:
-            where = error.problem_mark.line + 1 if error.problem_mark else None
+            where = _line(error.problem_mark, text)
             message = error.problem or "bad YAML"
             if "expected a single document" in (error.context or ""):
                 message = "file holds more than one YAML document; give exactly one"
             raise YamlProblem(Problem(file, where, "", message)) from None
         except yaml.MarkedYAMLError as error:
-            mark = error.problem_mark.line + 1 if error.problem_mark else None
+            mark = _line(error.problem_mark, text)
             raise YamlProblem(Problem(file, mark, "", f"invalid YAML: {error.problem}")) from None
         except yaml.YAMLError as error:
             raise YamlProblem(Problem(file, None, "", f"invalid YAML: {error}")) from None
@@ -107,6 +120,15 @@ def load_document(raw: bytes, file: str) -> LoadedDocument:
         return document
     finally:
         loader.dispose()
+
+
+def _line(mark: yaml.Mark | None, text: str) -> int | None:
+    """1-based line of a parser mark; a problem found at the end of the file is reported on
+    its last line, not on a line that does not exist."""
+    if mark is None:
+        return None
+    last = text.count("\n") + (0 if text.endswith("\n") else 1)
+    return min(mark.line + 1, max(last, 1))
 
 
 class YamlProblem(Exception):

@@ -1,0 +1,162 @@
+"""Run the mesh as the machine config says, and follow the config as it changes.
+
+The supervisor owns the agent's lifetime: with kubespan enabled it runs the reconcile loop;
+disabled, it removes what kubespan created in the kernel and idles. A changed config file (or
+SIGHUP, `systemctl reload kubespan`) is validated first: an invalid one is reported and the
+running state stays exactly as it was; a valid one replaces the running config. Turning
+kubespan off also takes the node out of discovery, so peers drop it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubespan import notify
+from kubespan.agent.events import ConfigChanged, Stop, Terminal
+from kubespan.agent.loop import Agent, KernelPort
+from kubespan.config import MachineConfig, parse_config
+from kubespan.errors import ConfigError
+from kubespan.identity import Identity
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+def stamp(path: Path) -> FileStamp | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return FileStamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class ConfigWatcher:
+    """Polls the config file; puts ConfigChanged on `events` for each new valid content."""
+
+    def __init__(
+        self,
+        path: Path,
+        current: bytes,
+        events: queue.Queue[Any],
+        interval: float = WATCH_INTERVAL_SECONDS,
+    ) -> None:
+        self.path = path
+        self.events = events
+        self.interval = interval
+        self._current = current
+        self._rejected: bytes | None = None
+        self._stamp = stamp(path)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="config watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def trigger(self) -> None:
+        """Check now (SIGHUP)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            forced = self._wake.wait(self.interval)
+            self._wake.clear()
+            if not self._stopping.is_set():
+                self.check(forced)
+
+    def check(self, forced: bool = False) -> None:
+        now = stamp(self.path)
+        if now == self._stamp and not forced:
+            return
+        self._stamp = now
+        try:
+            raw = self.path.read_bytes()
+        except OSError as error:
+            log.error(
+                "cannot read the machine config %s: %s; keeping the running config",
+                self.path,
+                error.strerror,
+            )
+            return
+        if raw in (self._current, self._rejected):
+            return
+        try:
+            config = parse_config(raw, str(self.path))
+        except ConfigError as error:
+            self._rejected = raw
+            for problem in error.problems:
+                log.error("invalid machine config: %s", problem)
+            log.error("the changed machine config is invalid; keeping the running config")
+            return
+        self._current = raw
+        self._rejected = None
+        log.info("machine config changed file=%s", self.path)
+        self.events.put(ConfigChanged(config, raw, str(self.path)))
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: MachineConfig,
+        kernel: KernelPort,
+        identity: Callable[[], Identity],
+        make_agent: Callable[[MachineConfig, Identity, queue.Queue[Any]], Agent],
+        events: queue.Queue[Any],
+    ) -> None:
+        self.config = config
+        self.kernel = kernel
+        self.identity = identity
+        self.make_agent = make_agent
+        self.events = events
+
+    def run(self) -> None:
+        while True:
+            if self.config.kubespan.enabled:
+                agent = self.make_agent(self.config, self.identity(), self.events)
+                outcome: Terminal = agent.run()
+                if isinstance(outcome, ConfigChanged) and leaves_mesh(self.config, outcome.config):
+                    agent.leave()
+            else:
+                outcome = self._idle()
+            if isinstance(outcome, Stop):
+                return
+            self.config = outcome.config
+
+    def _idle(self) -> Terminal:
+        removed = self.kernel.teardown()
+        for item in removed:
+            log.info("kubespan is disabled: removed %s", item)
+        notify.ready("kubespan disabled in machine config")
+        log.info("kubespan is disabled in the machine config; idle")
+        while True:
+            event = self.events.get()
+            if isinstance(event, Stop | ConfigChanged):
+                return event
+
+
+def leaves_mesh(old: MachineConfig, new: MachineConfig) -> bool:
+    """Whether the node stops being a member of the cluster it registered in."""
+    return (
+        not new.kubespan.enabled
+        or new.cluster.id != old.cluster.id
+        or new.cluster.secret != old.cluster.secret
+    )
