@@ -8,56 +8,26 @@ the 10-member run in the same process.
 
 from __future__ import annotations
 
-import base64
-import ipaddress
-import statistics
-import time
-from collections.abc import Callable
-
-from kubespan.config import KubeSpanConfig
-from kubespan.model import AffiliateInfo, Member, ObservedLink, ObservedPeer
-from kubespan.netaddr import Endpoint
-from kubespan.plan.desired import PlanInput, plan
+from kubespan.model import Member, ObservedLink, ObservedPeer
+from kubespan.plan.dataplane import ObservedRouting, expected_ruleset
+from kubespan.plan.desired import plan
 from kubespan.plan.diff import diff
+
+from workload import median_ms, members, plan_input
 
 SIZES = (10, 100, 1000)
 
 
-def members(count: int) -> tuple[Member, ...]:
-    out = []
-    for index in range(count):
-        address = ipaddress.ip_address(0xC6120000 + index + 1)  # 198.18.0.0/15 benchmark range
-        info = AffiliateInfo(
-            node_id=f"node{index}",
-            hostname=f"node{index}",
-            public_key=base64.b64encode(index.to_bytes(32, "big")).decode(),
-            ula=ipaddress.IPv6Address(f"fd00::{index + 1:x}"),
-            addresses=(address,),
-        )
-        out.append(Member(info, (Endpoint(address, 51820),)))
-    return tuple(out)
-
-
-def plan_input(group: tuple[Member, ...], observed: ObservedLink | None) -> PlanInput:
-    key = base64.b64encode(bytes([200]) * 32).decode()
-    return PlanInput(
-        config=KubeSpanConfig(enabled=True),
-        public_key=key,
-        private_key=key,
-        preshared_key=key,
-        ula=ipaddress.IPv6Address("fd00::ffff"),
-        own_addresses=(ipaddress.ip_address("192.0.2.1"),),
-        members=group,
-        observed=observed,
-        tracking={},
-        now=1_000_000.0,
-    )
-
-
-def matching_kernel(group: tuple[Member, ...]) -> ObservedLink:
+def matching_kernel(group: tuple[Member, ...]) -> tuple[ObservedLink, ObservedRouting]:
     """What the kernel holds once the desired state for `group` has been applied."""
     result = plan(plan_input(group, None))
     link = result.desired.link
+    routing = ObservedRouting(
+        ruleset=expected_ruleset(result.desired.ruleset),
+        rules=result.desired.routing.rules,
+        routes=result.desired.routing.routes,
+        rp_filter=2,
+    )
     return ObservedLink(
         mtu=link.mtu,
         up=True,
@@ -78,33 +48,28 @@ def matching_kernel(group: tuple[Member, ...]) -> ObservedLink:
             )
             for p in result.desired.peers
         ),
-    )
-
-
-def median_ms(action: Callable[[], object], repeat: int) -> float:
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        action()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
+    ), routing
 
 
 def main() -> None:
     baseline: dict[str, float] = {}
     for size in SIZES:
         group = members(size)
-        observed = matching_kernel(group)
+        observed, routing = matching_kernel(group)
         repeat = max(5, 2000 // size)
 
         def full(group: tuple[Member, ...] = group) -> object:
-            return diff(plan(plan_input(group, None)).desired, None)
+            return diff(plan(plan_input(group, None)).desired, None, None)
 
-        def noop(group: tuple[Member, ...] = group, observed: ObservedLink = observed) -> object:
-            return diff(plan(plan_input(group, observed)).desired, observed)
+        def noop(
+            group: tuple[Member, ...] = group,
+            observed: ObservedLink = observed,
+            routing: ObservedRouting = routing,
+        ) -> object:
+            return diff(plan(plan_input(group, observed)).desired, observed, routing)
 
         figures = {"plan_ms": median_ms(full, repeat), "noop_ms": median_ms(noop, repeat)}
-        noop_ops = len(diff(plan(plan_input(group, observed)).desired, observed))
+        noop_ops = len(diff(plan(plan_input(group, observed)).desired, observed, routing))
         for name, value in figures.items():
             baseline.setdefault(name, value)
             print(f"{name}_{size}={value:.3f}")

@@ -43,6 +43,7 @@ install -D -m 0644 "$here/kubespan.service" "$root/usr/lib/systemd/system/kubesp
 mkdir -p "$root/usr/lib/systemd/system/multi-user.target.wants"
 ln -s ../kubespan.service "$root/usr/lib/systemd/system/multi-user.target.wants/kubespan.service"
 install -D -m 0644 "$here/kubespan.tmpfiles" "$root/usr/lib/tmpfiles.d/kubespan.conf"
+install -D -m 0644 "$here/kubespan.sysctl" "$root/usr/lib/sysctl.d/60-kubespan.conf"
 install -D -m 0644 "$here/extension-release" \
     "$root/usr/lib/extension-release.d/extension-release.kubespan"
 

@@ -73,6 +73,13 @@ def kubespan_leftovers(vm: Vm) -> list[str]:
     found = []
     if vm.exec(["ip", "link", "show", "kubespan"]).exit_code == 0:
         found.append("link kubespan")
+    if vm.exec(["nft", "list", "table", "inet", "kubespan"]).exit_code == 0:
+        found.append("nftables table inet kubespan")
+    for family in ("-4", "-6"):
+        if "lookup 180" in vm.check(["ip", family, "rule", "show"]):
+            found.append(f"ip {family} rule lookup 180")
+        if vm.check(["ip", family, "route", "show", "table", "180"]).strip():
+            found.append(f"ip {family} routes in table 180")
     return found
 
 

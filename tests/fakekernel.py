@@ -12,10 +12,23 @@ from dataclasses import dataclass, field, replace
 
 from kubespan.identity import LinkHardware
 from kubespan.model import LocalAddress, ObservedLink, ObservedPeer
+from kubespan.plan.dataplane import (
+    AddRule,
+    DataplaneOperation,
+    DeleteRoute,
+    DeleteRule,
+    DeleteRuleset,
+    ObservedRouting,
+    ReplaceRoute,
+    ReplaceRuleset,
+    SetRpFilter,
+    expected_ruleset,
+)
 from kubespan.plan.diff import (
     AddAddress,
     ConfigureDevice,
     CreateLink,
+    LinkOperation,
     Operation,
     RemoveAddress,
     RemovePeer,
@@ -30,10 +43,15 @@ class FakeKernel:
     addresses: tuple[LocalAddress, ...] = ()
     hardware: tuple[LinkHardware, ...] = ()
     link: ObservedLink | None = None
+    routing: ObservedRouting = field(default_factory=lambda: ObservedRouting(None, (), (), None))
     applied: list[str] = field(default_factory=list)
 
     def observe_link(self, name: str) -> ObservedLink | None:
         return self.link
+
+    def observe_routing(self, link: str) -> ObservedRouting:
+        rp_filter = self.routing.rp_filter if self.link is not None else None
+        return replace(self.routing, rp_filter=rp_filter)
 
     def local_addresses(self) -> tuple[LocalAddress, ...]:
         return self.addresses
@@ -42,9 +60,16 @@ class FakeKernel:
         return self.hardware
 
     def teardown(self) -> list[str]:
-        existed = self.link is not None
+        removed = []
+        if self.routing.ruleset is not None:
+            removed.append("nftables table inet kubespan")
+        removed += [f"rule {r.render('')}" for r in self.routing.rules]
+        removed += [f"route {r.render('')}" for r in self.routing.routes]
+        self.routing = ObservedRouting(None, (), (), None)
+        if self.link is not None:
+            removed.append("link kubespan")
         self.link = None
-        return ["link kubespan"] if existed else []
+        return removed
 
     def apply(self, operations: list[Operation]) -> None:
         for op in operations:
@@ -60,8 +85,12 @@ class FakeKernel:
         self.link = replace(self.link, peers=peers)
 
     def _apply(self, op: Operation) -> None:
+        if not isinstance(op, LinkOperation):
+            self.routing = self._apply_dataplane(self.routing, op)
+            return
         if isinstance(op, CreateLink):
             self.link = ObservedLink(1420, False, (), None, 0, 0, ())
+            self.routing = replace(self.routing, rp_filter=2)  # systemd-sysctl's wildcard
             return
         link = self.link
         assert link is not None, f"{op.render()} on a missing link"
@@ -86,6 +115,27 @@ class FakeKernel:
             case RemovePeer(public_key=key):
                 link = replace(link, peers=tuple(p for p in link.peers if p.public_key != key))
         self.link = link
+
+    def _apply_dataplane(self, have: ObservedRouting, op: DataplaneOperation) -> ObservedRouting:
+        match op:
+            case ReplaceRuleset(spec=spec):
+                return replace(have, ruleset=expected_ruleset(spec))
+            case DeleteRuleset():
+                return replace(have, ruleset=None)
+            case AddRule(rule=rule):
+                return replace(have, rules=(*have.rules, rule))
+            case DeleteRule(rule=rule):
+                return replace(have, rules=tuple(r for r in have.rules if r != rule))
+            case ReplaceRoute(route=route):
+                assert route.link is None or self.link is not None, "route via a missing link"
+                kept = tuple(r for r in have.routes if r.key != route.key)
+                return replace(have, routes=(*kept, route))
+            case DeleteRoute(route=route):
+                return replace(have, routes=tuple(r for r in have.routes if r != route))
+            case SetRpFilter(value=value):
+                assert self.link is not None, "rp_filter of a missing link"
+                return replace(have, rp_filter=value)
+        raise AssertionError(f"unknown operation {op}")
 
     @staticmethod
     def _set_peer(peers: tuple[ObservedPeer, ...], op: SetPeer) -> tuple[ObservedPeer, ...]:

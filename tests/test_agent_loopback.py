@@ -11,8 +11,12 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from kubespan.agent.loop import Agent
 from kubespan.agent.status import STATUS_FILE, render_status
+from kubespan.errors import ApplyError
+from kubespan.plan.diff import Operation
 
 from agents import config_text, make_agent, running, wait_for
 from fakekernel import FakeKernel
@@ -82,3 +86,29 @@ def test_agent_becomes_ready_when_discovery_is_unreachable(tmp_path: Path) -> No
             "the discovery error to show in status",
         )
         assert document["node"]["name"] == "lonely"
+
+
+def test_failed_apply_is_retried_with_backoff(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster_id = base64.b64encode(os.urandom(32)).decode()
+    secret = base64.b64encode(os.urandom(32)).decode()
+    with discovery_server() as server:
+        agent, kernel = make_agent(
+            tmp_path, "flaky", 14, config_text(server.url, cluster_id, secret)
+        )
+        failures = [2]
+        real_apply = kernel.apply
+
+        def flaky_apply(operations: list[Operation]) -> None:
+            if failures[0] > 0:
+                failures[0] -= 1
+                raise ApplyError(f"{operations[0].render()}: kernel said no")
+            real_apply(operations)
+
+        kernel.apply = flaky_apply  # type: ignore[method-assign]
+        with running(agent):
+            wait_for(lambda: kernel.link is not None, "the link after two refusals", 30)
+            wait_for(lambda: agent.ready, "the agent to be ready")
+    assert failures == [0]
+    assert caplog.text.count("apply failed, keeping the previous state") == 2

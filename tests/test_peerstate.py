@@ -104,12 +104,15 @@ def test_restarted_agent_rotates_away_from_a_dead_endpoint() -> None:
     assert later.set_endpoint == ep(1)
 
 
-def test_single_candidate_restarts_its_trial_without_a_change() -> None:
+def test_single_candidate_stays_down_without_a_change() -> None:
     tracking = Tracking(ep(1), T0, 0)
-    decision = decide_endpoint(T0 + ENDPOINT_TRIAL, (ep(1),), tracking, ep(1), None)
-    assert decision.state is DOWN
-    assert decision.set_endpoint is None
-    assert decision.tracking.since == T0 + ENDPOINT_TRIAL
+    for elapsed in (ENDPOINT_TRIAL, ENDPOINT_TRIAL * 2, ENDPOINT_TRIAL * 3):
+        decision = decide_endpoint(T0 + elapsed, (ep(1),), tracking, ep(1), None)
+        assert decision.state is DOWN
+        assert decision.set_endpoint is None
+        assert decision.tracking == tracking
+    later = decide_endpoint(T0 + 60, (ep(1),), tracking, ep(1), T0 + 50)
+    assert later.state is UP
 
 
 def test_peer_without_candidates_is_left_alone() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from kubespan.config import KubeSpanConfig
 from kubespan.model import AffiliateInfo, Member
 from kubespan.netaddr import Endpoint
+from kubespan.plan.dataplane import ReplaceRuleset
 from kubespan.plan.desired import PlanInput, plan
 from kubespan.plan.diff import diff
 from kubespan.plan.peerstate import Tracking
@@ -22,19 +23,23 @@ from kubespan.plan.peerstate import Tracking
 from fakekernel import FakeKernel
 
 GOLDEN = Path(__file__).parent / "golden"
+ENABLED = KubeSpanConfig(enabled=True)
 
 
 def key(n: int) -> str:
     return base64.b64encode(bytes([n]) * 32).decode()
 
 
-def member(n: int, addresses: list[str], endpoints: list[str]) -> Member:
+def member(
+    n: int, addresses: list[str], endpoints: list[str], pod_cidrs: tuple[str, ...] = ()
+) -> Member:
     info = AffiliateInfo(
         node_id=f"node{n}",
         hostname=f"node{n}",
         public_key=key(n),
         ula=ipaddress.IPv6Address(f"fd00:1:2:3::{n}"),
         addresses=tuple(ipaddress.ip_address(a) for a in addresses),
+        pod_cidrs=tuple(ipaddress.ip_network(c) for c in pod_cidrs),
     )
     return Member(info, tuple(Endpoint.parse(e) for e in endpoints))
 
@@ -45,11 +50,18 @@ class Transcript:
         self.tracking: dict[str, Tracking] = {}
         self.lines: list[str] = []
 
-    def step(self, title: str, members: tuple[Member, ...], now: float) -> None:
+    def step(
+        self,
+        title: str,
+        members: tuple[Member, ...] | None,
+        now: float,
+        config: KubeSpanConfig = ENABLED,
+    ) -> None:
         observed = self.kernel.observe_link("kubespan")
+        routing = self.kernel.observe_routing("kubespan")
         result = plan(
             PlanInput(
-                config=KubeSpanConfig(enabled=True),
+                config=config,
                 public_key=key(100),
                 private_key=key(101),
                 preshared_key=key(102),
@@ -62,11 +74,14 @@ class Transcript:
             )
         )
         self.tracking = dict(result.tracking)
-        operations = diff(result.desired, observed)
+        operations = diff(result.desired, observed, routing)
         self.kernel.apply(operations)
         self.lines.append(f"## {title}")
         self.lines.extend(f"warning: {w}" for w in result.warnings)
-        self.lines.extend(op.render() for op in operations)
+        for op in operations:
+            self.lines.append(op.render())
+            if isinstance(op, ReplaceRuleset):
+                self.lines.extend(f"    {line}" for line in op.spec.render().splitlines())
         self.lines.extend(
             f"state {r.name}: {r.state.value} endpoint {r.endpoint}" for r in result.reports
         )
@@ -120,3 +135,78 @@ def test_foreign_changes_to_our_link_are_repaired() -> None:
     t.step("someone changed MTU, port, state, added an address and a peer", (a,), t0 + 1)
     t.step("repaired: nothing more to do", (a,), t0 + 2)
     t.check("foreign_changes")
+
+
+def test_fail_closed_and_bypass_transcript() -> None:
+    t = Transcript()
+    a = member(1, ["192.0.2.1"], ["192.0.2.1:51820"])
+    b = member(2, ["192.0.2.2"], ["192.0.2.2:51820"])
+    bypass = KubeSpanConfig(enabled=True, allow_down_peer_bypass=True)
+    t0 = 3_000_000.0
+    t.step("fail closed (default): members are in the set whatever their state", (a, b), t0)
+    t.kernel.handshake(key(1), t0 + 1)
+    t.step("with bypass: only node1, which is up, stays in the set", (a, b), t0 + 2, bypass)
+    t.kernel.handshake(key(2), t0 + 3)
+    t.step("node2 comes up: back in the set", (a, b), t0 + 4, bypass)
+    t.step("bypass turned off again: the set holds both, unchanged", (a, b), t0 + 5)
+    t.step("after 300 s without handshakes both are down; fail closed keeps them", (a, b), t0 + 305)
+    t.step("with bypass, down members leave the set", (a, b), t0 + 306, bypass)
+    t.check("fail_closed_bypass")
+
+
+def test_pod_cidrs_overlaps_and_collapsing_transcript() -> None:
+    t = Transcript()
+    t0 = 4_000_000.0
+    a = member(1, ["10.0.0.1"], ["10.0.0.1:51820"], ("10.244.0.0/24", "2001:db8:244::/64"))
+    b = member(2, ["10.0.0.2"], ["10.0.0.2:51820"], ("10.244.1.0/24",))
+    c = member(3, ["10.0.0.3"], ["10.0.0.3:51820"], ("10.244.0.0/16",))
+    d = member(4, ["192.0.2.100", "10.0.0.4"], ["10.0.0.4:51820"], ("10.244.1.0/24",))
+    t.step("pod CIDRs route with their members; adjacent prefixes collapse", (a, b), t0)
+    t.step("a wider prefix keeps only what earlier members do not have", (a, b, c), t0 + 1)
+    t.step("this node's own address and a taken pod CIDR are refused", (a, b, c, d), t0 + 2)
+    t.check("pod_cidrs_overlaps")
+
+
+def test_mtu_change_and_dataplane_drift_transcript() -> None:
+    t = Transcript()
+    a = member(1, ["192.0.2.1"], ["192.0.2.1:51820"])
+    t0 = 5_000_000.0
+    t.step("mesh with one member", (a,), t0)
+    t.step(
+        "the MTU changes: link, routes and MSS clamp follow",
+        (a,),
+        t0 + 1,
+        KubeSpanConfig(enabled=True, mtu=1380),
+    )
+    routing = t.kernel.routing
+    assert routing.ruleset is not None
+    shrunk = replace(routing.ruleset, rule_counts=(("output", 2), ("prerouting", 3)))
+    t.kernel.routing = replace(
+        routing,
+        ruleset=shrunk,
+        rules=routing.rules[1:],
+        routes=tuple(r for r in routing.routes if r.link is not None),
+        rp_filter=1,
+    )
+    t.step(
+        "someone flushed rules from our chain, deleted a rule, a route; strict rp_filter",
+        (a,),
+        t0 + 2,
+        KubeSpanConfig(enabled=True, mtu=1380),
+    )
+    t.step("repaired: nothing more to do", (a,), t0 + 3, KubeSpanConfig(enabled=True, mtu=1380))
+    t.check("mtu_and_drift")
+
+
+def test_restart_keeps_kernel_peers_until_discovery_answers() -> None:
+    t = Transcript()
+    a = member(1, ["192.0.2.1"], ["192.0.2.1:51820"])
+    b = member(2, ["192.0.2.2"], ["192.0.2.2:51820"])
+    t0 = 6_000_000.0
+    t.step("mesh with two members", (a, b), t0)
+    t.kernel.handshake(key(1), t0 + 5)
+    t.tracking = {}
+    t.step("the agent restarts: discovery has not answered, the kernel's peers stay", None, t0 + 10)
+    t.step("still no answer: nothing changes", None, t0 + 20)
+    t.step("discovery answers: node2 is gone, node1 stays", (a,), t0 + 30)
+    t.check("restart_unknown_members")

@@ -11,6 +11,7 @@ started inside that namespace. Nothing touches the host's own network.
 """
 
 from kslab.artefacts import ArtefactMissingError, Image, find_image
+from kslab.capture import Capture
 from kslab.errors import LabError
 from kslab.lab import Lab
 from kslab.netns import Namespace, Segment
@@ -22,6 +23,7 @@ from kslab.wait import wait_until
 
 __all__ = [
     "ArtefactMissingError",
+    "Capture",
     "ExecResult",
     "GuestAgent",
     "GuestAgentError",

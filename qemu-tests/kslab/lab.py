@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Self
 
 from kslab.artefacts import Image
+from kslab.capture import Capture
 from kslab.configdrive import build_config_drive
 from kslab.errors import LabError
 from kslab.netns import Namespace, Segment
@@ -107,6 +108,15 @@ class Lab:
     ) -> subprocess.CompletedProcess[str]:
         """Run a short command inside the lab namespace."""
         return self.ns.run(argv, timeout=timeout, check=check)
+
+    def capture(self, segment: str, name: str = "capture") -> Capture:
+        """Capture everything on a segment's bridge until `stop()`; ready when returned."""
+        path = self.workdir / f"{name}.pcap"
+        bridge = self.segments[segment].bridge
+        process = self.spawn(name, ["tcpdump", "-i", bridge, "-n", "-U", "-w", str(path)])
+        capture = Capture(process, path)
+        capture.wait_ready()
+        return capture
 
     def wait_tcp(self, host: str, port: int, timeout: float = 30.0) -> None:
         """Wait until something inside the namespace accepts TCP connections on host:port."""

@@ -44,6 +44,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from kubespan.config.sources import platform_sources, resolve, store_path
     from kubespan.identity import Identity, load_or_create_identity
 
+    if args.cleanup:
+        with Kernel() as kernel:
+            removed = kernel.teardown()
+        for item in removed:
+            log.info("removed %s", item)
+        log.info(
+            "cleanup done: %s", f"removed {len(removed)} objects" if removed else "nothing of ours"
+        )
+        return 0
+
     if args.config is not None:
         raw = read_config_file(args.config)
         config = parse_or_raise(raw, str(args.config))
@@ -244,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     agent.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR)
+    agent.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove everything kubespan created in the kernel (link, table, rules, routes), exit",
+    )
     agent.set_defaults(func=cmd_agent)
 
     status = commands.add_parser("status", help="show this node and its peers")

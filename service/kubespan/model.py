@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from kubespan.netaddr import Endpoint, IPAddress, IPNetwork
+from kubespan.plan.ruleset import RoutingSpec, RulesetSpec
 
-LINK_NAME = "kubespan"
-FWMARK_WIREGUARD = 0x20
 PERSISTENT_KEEPALIVE = 25
 
 
@@ -22,6 +21,7 @@ class AffiliateInfo:
     public_key: str
     ula: ipaddress.IPv6Address
     addresses: tuple[IPAddress, ...]
+    pod_cidrs: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class LinkSpec:
 class DesiredState:
     link: LinkSpec
     peers: tuple[PeerSpec, ...]
+    ruleset: RulesetSpec
+    routing: RoutingSpec
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TypeAlias
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -41,9 +42,13 @@ class Endpoint:
         return cls(address, int(port_text))
 
 
+@lru_cache(maxsize=1 << 16)
 def host_network(address: IPAddress) -> IPNetwork:
-    """The /32 or /128 network holding exactly `address`."""
-    return ipaddress.ip_network(address)
+    """The /32 or /128 network holding exactly `address` (cached: every pass asks again for
+    the same few thousand addresses)."""
+    if address.version == 4:
+        return ipaddress.IPv4Network((int(address), 32))
+    return ipaddress.IPv6Network((int(address), 128))
 
 
 def network_sort_key(network: IPNetwork) -> tuple[int, int, int]:

@@ -29,7 +29,9 @@ from kubespan.discovery.members import merge_members, open_listing
 from kubespan.errors import ApplyError
 from kubespan.identity import Identity, LinkHardware, fallback_mac, first_physical_mac, node_ula
 from kubespan.identity import ula_prefix as cluster_ula_prefix
-from kubespan.model import LINK_NAME, AffiliateInfo, LocalAddress, Member, ObservedLink, PeerState
+from kubespan.model import AffiliateInfo, LocalAddress, Member, ObservedLink, PeerState
+from kubespan.names import LINK_NAME
+from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
 from kubespan.plan.desired import PeerReport, PlanInput, plan
 from kubespan.plan.diff import Operation, diff
 from kubespan.plan.local import advertised_addresses, advertised_endpoints
@@ -45,6 +47,7 @@ class KernelPort(Protocol):
     """What the loop needs from the kernel shell (apply.kernel.Kernel in production)."""
 
     def observe_link(self, name: str) -> ObservedLink | None: ...
+    def observe_routing(self, link: str) -> ObservedRouting: ...
     def local_addresses(self) -> tuple[LocalAddress, ...]: ...
     def link_hardware(self) -> tuple[LinkHardware, ...]: ...
     def apply(self, operations: list[Operation]) -> None: ...
@@ -183,6 +186,19 @@ class Agent:
         log.info("ready: %s", message)
         notify.ready(message)
 
+    def inherit(self, previous: Agent) -> None:
+        """Carry what the previous agent knew (members, endpoint tracking) across a config
+        change that keeps the cluster, so the mesh is not rebuilt from nothing."""
+        same_cluster = (
+            previous.config.cluster.id == self.config.cluster.id
+            and previous.config.cluster.secret == self.config.cluster.secret
+        )
+        if not same_cluster:
+            return
+        urls = {session.url for session in self.sessions}
+        self.members_by_url = {u: m for u, m in previous.members_by_url.items() if u in urls}
+        self.tracking = dict(previous.tracking)
+
     def leave(self) -> None:
         """Remove this node from every discovery service (best effort): peers drop it now
         instead of when its registration expires."""
@@ -214,6 +230,7 @@ class Agent:
         for session in self.sessions:
             session.set_registration(info, endpoints)
         observed = self.kernel.observe_link(LINK_NAME)
+        routing = self.kernel.observe_routing(LINK_NAME)
         result = plan(
             PlanInput(
                 config=self.config.kubespan,
@@ -222,15 +239,19 @@ class Agent:
                 preshared_key=self.keys.wireguard_psk_b64,
                 ula=self.ula,
                 own_addresses=info.addresses,
-                members=merge_members(list(self.members_by_url.values())),
+                members=(
+                    merge_members(list(self.members_by_url.values()))
+                    if self.members_by_url
+                    else None
+                ),
                 observed=observed,
                 tracking=self.tracking,
                 now=self.clocks.wall(),
             )
         )
-        for warning in result.warnings:
+        for warning in (*result.warnings, *dataplane_warnings(LINK_NAME, routing)):
             self._report_once(warning)
-        operations = diff(result.desired, observed)
+        operations = diff(result.desired, observed, routing)
         for operation in operations:
             log.info("apply %s", operation.render())
         if operations:

@@ -129,12 +129,17 @@ class Supervisor:
         self.events = events
 
     def run(self) -> None:
+        previous: Agent | None = None
         while True:
             if self.config.kubespan.enabled:
                 agent = self.make_agent(self.config, self.identity(), self.events)
+                if previous is not None:
+                    agent.inherit(previous)
                 outcome: Terminal = agent.run()
+                previous = agent
                 if isinstance(outcome, ConfigChanged) and leaves_mesh(self.config, outcome.config):
                     agent.leave()
+                    previous = None
             else:
                 outcome = self._idle()
             if isinstance(outcome, Stop):

@@ -11,14 +11,27 @@ from typing import Any
 from pyroute2 import IPRoute, WireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
+from kubespan.apply.dataplane import Dataplane
 from kubespan.apply.wgparse import parse_device
 from kubespan.errors import ApplyError
 from kubespan.identity import LinkHardware
-from kubespan.model import LINK_NAME, LocalAddress, ObservedLink
+from kubespan.model import LocalAddress, ObservedLink
+from kubespan.names import LINK_NAME
+from kubespan.plan.dataplane import (
+    AddRule,
+    DeleteRoute,
+    DeleteRule,
+    DeleteRuleset,
+    ObservedRouting,
+    ReplaceRoute,
+    ReplaceRuleset,
+    SetRpFilter,
+)
 from kubespan.plan.diff import (
     AddAddress,
     ConfigureDevice,
     CreateLink,
+    LinkOperation,
     Operation,
     RemoveAddress,
     RemovePeer,
@@ -30,14 +43,24 @@ from kubespan.plan.diff import (
 log = logging.getLogger(__name__)
 
 IFF_UP = 0x1
+DATAPLANE_OPERATIONS = (
+    ReplaceRuleset,
+    DeleteRuleset,
+    AddRule,
+    DeleteRule,
+    ReplaceRoute,
+    DeleteRoute,
+    SetRpFilter,
+)
 
 
 class Kernel:
     """One netlink session; close it when done (or use as a context manager)."""
 
-    def __init__(self, netns: str | None = None) -> None:
-        self._ipr = IPRoute(netns=netns) if netns else IPRoute()
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
         self._wg: WireGuard | None = None
+        self._dataplane: Dataplane | None = None
 
     def __enter__(self) -> Kernel:
         return self
@@ -46,9 +69,20 @@ class Kernel:
         self.close()
 
     def close(self) -> None:
+        if self._dataplane is not None:
+            self._dataplane.close()
         self._ipr.close()
         if self._wg is not None:
             self._wg.close()
+
+    @property
+    def dataplane(self) -> Dataplane:
+        if self._dataplane is None:
+            self._dataplane = Dataplane(self._ipr)
+        return self._dataplane
+
+    def observe_routing(self, link: str) -> ObservedRouting:
+        return self.dataplane.observe(link)
 
     @property
     def wireguard(self) -> WireGuard:
@@ -115,6 +149,9 @@ class Kernel:
     def apply(self, operations: Sequence[Operation]) -> None:
         """Apply in order; the first refusal raises ApplyError naming the operation."""
         for operation in operations:
+            if isinstance(operation, DATAPLANE_OPERATIONS):
+                self.dataplane.apply([operation])
+                continue
             try:
                 self._apply_one(operation)
             except (NetlinkError, OSError, ValueError) as error:
@@ -122,7 +159,7 @@ class Kernel:
 
     def teardown(self) -> list[str]:
         """Remove everything kubespan created in the kernel, and only that; what was removed."""
-        removed = []
+        removed = self.dataplane.teardown()
         index = self.link_index(LINK_NAME)
         if index is not None:
             self._ipr.link("del", index=index)
@@ -135,7 +172,7 @@ class Kernel:
             raise ApplyError(f"link {name} does not exist")
         return index
 
-    def _apply_one(self, op: Operation) -> None:
+    def _apply_one(self, op: LinkOperation) -> None:
         match op:
             case CreateLink(name=name):
                 self._ipr.link("add", ifname=name, kind="wireguard")

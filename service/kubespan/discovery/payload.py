@@ -27,6 +27,7 @@ def encode_info(info: AffiliateInfo) -> bytes:
         "public_key": info.public_key,
         "ula": str(info.ula),
         "addresses": [str(a) for a in info.addresses],
+        "pod_cidrs": [str(n) for n in info.pod_cidrs],
     }
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
 
@@ -57,7 +58,14 @@ def decode_info(raw: bytes) -> AffiliateInfo:
         addresses = tuple(ipaddress.ip_address(str(a)) for a in raw_addresses)
     except ValueError:
         raise ValueError("addresses holds something that is not an IP address") from None
-    return AffiliateInfo(node_id, hostname, public_key, ula, addresses)
+    raw_cidrs = document.get("pod_cidrs", [])
+    if not isinstance(raw_cidrs, list) or len(raw_cidrs) > MAX_ADDRESSES:
+        raise ValueError("pod_cidrs is not a list of at most 64 prefixes")
+    try:
+        pod_cidrs = tuple(ipaddress.ip_network(str(n)) for n in raw_cidrs)
+    except ValueError:
+        raise ValueError("pod_cidrs holds something that is not a CIDR prefix") from None
+    return AffiliateInfo(node_id, hostname, public_key, ula, addresses, pod_cidrs)
 
 
 def _string(document: dict[str, Any], name: str, max_length: int) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from kubespan.model import DesiredState, LinkSpec, ObservedLink, ObservedPeer, PeerSpec
 from kubespan.netaddr import Endpoint, IPNetwork, network_sort_key
+from kubespan.plan.dataplane import DataplaneOperation, ObservedRouting, diff_dataplane
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class RemovePeer:
         return f"wg set {self.name} peer {self.public_key} remove"
 
 
-Operation = (
+LinkOperation = (
     CreateLink
     | SetLinkMtu
     | SetLinkUp
@@ -118,10 +119,11 @@ Operation = (
     | SetPeer
     | RemovePeer
 )
+Operation = LinkOperation | DataplaneOperation
 
 
-def diff_link(link: LinkSpec, observed: ObservedLink | None) -> list[Operation]:
-    ops: list[Operation] = []
+def diff_link(link: LinkSpec, observed: ObservedLink | None) -> list[LinkOperation]:
+    ops: list[LinkOperation] = []
     if observed is None:
         ops.append(CreateLink(link.name))
     if observed is None or observed.mtu != link.mtu:
@@ -168,9 +170,19 @@ def diff_peer(link: LinkSpec, want: PeerSpec, have: ObservedPeer | None) -> SetP
     return SetPeer(link.name, want.public_key, want.name, psk, endpoint, keepalive, ips)
 
 
-def diff(desired: DesiredState, observed: ObservedLink | None) -> list[Operation]:
-    """Operations that turn `observed` into `desired`, touching only what differs."""
-    ops = diff_link(desired.link, observed)
+def diff(
+    desired: DesiredState,
+    observed: ObservedLink | None,
+    routing: ObservedRouting | None = None,
+) -> list[Operation]:
+    """Operations that turn what the kernel has into `desired`, touching only what differs:
+    the link, then routes and rules, then peers, and marking last, so that traffic is only
+    marked into the tunnel once everything it needs is in place."""
+    ops: list[Operation] = list(diff_link(desired.link, observed))
+    routing_ops, marking_ops = diff_dataplane(
+        desired.ruleset, desired.routing, desired.link.name, routing
+    )
+    ops.extend(routing_ops)
     have = {p.public_key: p for p in observed.peers} if observed else {}
     wanted = {p.public_key for p in desired.peers}
     for key in sorted(set(have) - wanted):
@@ -179,4 +191,5 @@ def diff(desired: DesiredState, observed: ObservedLink | None) -> list[Operation
         change = diff_peer(desired.link, peer, have.get(peer.public_key))
         if change is not None:
             ops.append(change)
+    ops.extend(marking_ops)
     return ops

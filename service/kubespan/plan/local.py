@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 from kubespan.config import EndpointFilter, KubeSpanConfig
-from kubespan.model import LINK_NAME, LocalAddress
+from kubespan.model import LocalAddress
+from kubespan.names import LINK_NAME
 from kubespan.netaddr import Endpoint, IPAddress, address_sort_key
 
 RT_SCOPE_UNIVERSE = 0

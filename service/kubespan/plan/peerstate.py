@@ -73,8 +73,8 @@ def decide_endpoint(
     if (state is PeerState.DOWN or needs_endpoint) and candidates:
         index = (previous.candidate + 1) % len(candidates) if state is PeerState.DOWN else 0
         if not needs_endpoint and len(candidates) == 1 and observed_endpoint == candidates[0]:
-            # Nothing else to try: restart the trial on the same endpoint.
-            return EndpointDecision(Tracking(candidates[0], now, 0), state, None)
+            # Nothing else to try: stay, and stay down until a handshake comes.
+            return EndpointDecision(previous, state, None)
         nxt = candidates[index]
         return EndpointDecision(Tracking(nxt, now, index), state, nxt)
     return EndpointDecision(previous, state, None)
