@@ -40,7 +40,7 @@ demo: venv image
 schema-docs: venv
 	$(BIN)/python -m kubespan.config.docs machineconfig-schema > machineconfig-schema/README.md
 
-BENCHES := bench/plan.py bench/apply.py
+BENCHES := bench/plan.py bench/apply.py bench/discovery_load.py
 
 bench: venv
 	@for b in $(BENCHES); do echo "== $$b"; $(BIN)/python $$b || exit 1; done

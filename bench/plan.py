@@ -9,7 +9,7 @@ the 10-member run in the same process.
 from __future__ import annotations
 
 from kubespan.model import Member, ObservedLink, ObservedPeer
-from kubespan.plan.dataplane import ObservedRouting, expected_ruleset
+from kubespan.plan.dataplane import RP_FILTER_OFF, ObservedRouting, expected_ruleset
 from kubespan.plan.desired import plan
 from kubespan.plan.diff import diff
 
@@ -26,7 +26,7 @@ def matching_kernel(group: tuple[Member, ...]) -> tuple[ObservedLink, ObservedRo
         ruleset=expected_ruleset(result.desired.ruleset),
         rules=result.desired.routing.rules,
         routes=result.desired.routing.routes,
-        rp_filter=2,
+        rp_filter=RP_FILTER_OFF,
     )
     return ObservedLink(
         mtu=link.mtu,

@@ -12,7 +12,7 @@ from pathlib import Path
 import uvicorn
 
 from kubespan.discovery import snapshot
-from kubespan.discovery.server import DiscoveryApp, bind
+from kubespan.discovery.server import DiscoveryApp, Settings, bind
 from kubespan.discovery.state import Registry
 
 
@@ -24,11 +24,14 @@ class RunningServer:
 
 
 @contextmanager
-def discovery_server(state_dir: Path | None = None) -> Iterator[RunningServer]:
+def discovery_server(
+    state_dir: Path | None = None, settings: Settings | None = None
+) -> Iterator[RunningServer]:
+    """The service on 127.0.0.1 in a thread; no rate limit unless `settings` sets one."""
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     registry = snapshot.load(state_dir, time.time()) if state_dir else Registry()
-    app = DiscoveryApp(registry, state_dir=state_dir)
+    app = DiscoveryApp(registry, settings or Settings(state_dir=state_dir, rate=0))
     config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -112,3 +112,31 @@ def test_failed_apply_is_retried_with_backoff(
             wait_for(lambda: agent.ready, "the agent to be ready")
     assert failures == [0]
     assert caplog.text.count("apply failed, keeping the previous state") == 2
+
+
+def test_members_are_merged_across_discovery_services(tmp_path: Path) -> None:
+    cluster_id = base64.b64encode(os.urandom(32)).decode()
+    secret = base64.b64encode(os.urandom(32)).decode()
+    with discovery_server() as first, discovery_server() as second:
+        both = config_text(first.url, cluster_id, secret).replace(
+            f"endpoint: {first.url}".encode(),
+            f"endpoints: [{first.url}, {second.url}]".encode(),
+        )
+        alpha, _ = make_agent(tmp_path, "alpha", 11, both)
+        beta, beta_kernel = make_agent(
+            tmp_path, "beta", 12, config_text(first.url, cluster_id, secret)
+        )
+        gamma, gamma_kernel = make_agent(
+            tmp_path, "gamma", 13, config_text(second.url, cluster_id, secret)
+        )
+        with running(alpha), running(beta), running(gamma):
+            key = alpha.identity.public_key_b64
+
+            def sees_alpha(kernel: FakeKernel) -> bool:
+                return kernel.link is not None and any(
+                    p.public_key == key for p in kernel.link.peers
+                )
+
+            wait_for(lambda: sees_alpha(beta_kernel), "beta (first service only) to see alpha")
+            wait_for(lambda: sees_alpha(gamma_kernel), "gamma (second service only) to see alpha")
+            wait_for(lambda: len(alpha.tracking) == 2, "alpha to see both through either service")

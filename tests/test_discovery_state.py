@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from kubespan.discovery import limits, snapshot
-from kubespan.discovery.protocol import BadRequest, PutAffiliate
+from kubespan.discovery.protocol import BadRequest, Listing, PutAffiliate
 from kubespan.discovery.state import Registry
+from kubespan.discovery.view import ClusterView
 
 
 def put(registry: Registry, cluster: str, aff: str, data: bytes, now: float, ttl: int = 60) -> int:
@@ -117,3 +118,75 @@ def test_snapshot_holds_only_opaque_blobs(tmp_path: Path) -> None:
     snapshot.save(registry, tmp_path)
     document = json.loads((tmp_path / snapshot.SNAPSHOT_FILE).read_text())
     assert document["clusters"]["c"]["affiliates"]["a"]["data"] == b"\x01sealed".hex()
+
+
+def ids(listing: Listing) -> list[str]:
+    return [a.id for a in listing.affiliates]
+
+
+def test_deltas_carry_exactly_what_changed_since() -> None:
+    registry = Registry()
+    first = put(registry, "c", "a", b"x", 0)
+    put(registry, "c", "b", b"y", 0)
+    put(registry, "other", "z", b"z", 0)
+    delta = registry.listing("c", 1, since=first)
+    assert not delta.reset
+    assert ids(delta) == ["b"]
+    registry.delete("c", "a")
+    put(registry, "c", "b", b"y2", 1)
+    delta = registry.listing("c", 2, since=first)
+    assert ids(delta) == ["b"]
+    assert delta.removed == ("a",)
+    assert registry.listing("c", 2, since=delta.revision).affiliates == ()
+
+
+def test_expired_affiliates_appear_as_removed() -> None:
+    registry = Registry()
+    seen = put(registry, "c", "a", b"x", 0, ttl=10)
+    put(registry, "c", "b", b"x", 0, ttl=100)
+    seen = registry.cluster_revision("c")
+    registry.collect_garbage(20)
+    delta = registry.listing("c", 20, since=seen)
+    assert delta.removed == ("a",)
+
+
+def test_a_watcher_older_than_the_log_gets_a_reset() -> None:
+    registry = Registry()
+    start = put(registry, "c", "a", b"0", 0)
+    for index in range(limits.CHANGE_LOG_LENGTH + 5):
+        put(registry, "c", "a", str(index).encode(), 0)
+    assert registry.listing("c", 1, since=start).reset
+    recent = registry.cluster_revision("c") - 3
+    assert not registry.listing("c", 1, since=recent).reset
+
+
+def test_harvested_endpoints_merge_dedupe_and_expire() -> None:
+    registry = Registry()
+    put(registry, "c", "a", b"x", 0, ttl=1000)
+    before = registry.cluster_revision("c")
+    assert registry.add_endpoints("c", "a", (b"e1", b"h1"), 30, 0) > before
+    unchanged = registry.cluster_revision("c")
+    assert registry.add_endpoints("c", "a", (b"h1",), 30, 1) == unchanged
+    (affiliate,) = registry.listing("c", 2).affiliates
+    assert affiliate.endpoints == (b"e1", b"e2", b"h1")
+    put(registry, "c", "a", b"x2", 3, ttl=1000)
+    assert registry.listing("c", 4).affiliates[0].endpoints == (b"e1", b"e2", b"h1")
+    assert registry.collect_garbage(40) == {"c"}
+    assert registry.listing("c", 40).affiliates[0].endpoints == (b"e1", b"e2")
+    with pytest.raises(BadRequest) as caught:
+        registry.add_endpoints("c", "nobody", (b"h",), 30, 0)
+    assert caught.value.status == 404
+
+
+def test_client_view_follows_resets_and_deltas() -> None:
+    registry = Registry()
+    view = ClusterView()
+    put(registry, "c", "a", b"x", 0)
+    assert view.apply(registry.listing("c", 0))
+    revision = view.revision
+    put(registry, "c", "b", b"y", 0)
+    registry.delete("c", "a")
+    assert view.apply(registry.listing("c", 0, since=revision))
+    assert sorted(view.affiliates) == ["b"]
+    assert not view.apply(registry.listing("c", 0, since=view.revision))
+    assert view.listing().reset

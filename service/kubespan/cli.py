@@ -11,10 +11,13 @@ import queue
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubespan import __version__
 from kubespan.errors import ConfigError, KubespanError
+
+if TYPE_CHECKING:
+    from kubespan.config import MachineConfig
 
 log = logging.getLogger("kubespan")
 
@@ -40,7 +43,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from kubespan.agent.loop import Agent
     from kubespan.agent.supervisor import ConfigWatcher, Supervisor
     from kubespan.apply.kernel import Kernel
-    from kubespan.config import MachineConfig
     from kubespan.config.sources import platform_sources, resolve, store_path
     from kubespan.identity import Identity, load_or_create_identity
 
@@ -111,7 +113,7 @@ def read_config_file(path: Path) -> bytes:
         ) from None
 
 
-def parse_or_raise(raw: bytes, label: str) -> Any:
+def parse_or_raise(raw: bytes, label: str) -> MachineConfig:
     from kubespan.config import parse_config
 
     return parse_config(raw, label)
@@ -137,18 +139,38 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_discovery_serve(args: argparse.Namespace) -> int:
-    from kubespan.discovery.server import bind, serve
+    import ipaddress
+
+    from kubespan.discovery.server import Settings, bind, serve
 
     host, sep, port = args.listen.rpartition(":")
     if not sep or not port.isdigit():
         print(f"kubespan: --listen {args.listen!r}: expected HOST:PORT", file=sys.stderr)
         return 2
     try:
+        proxies = tuple(ipaddress.ip_network(p, strict=False) for p in args.trusted_proxy)
+    except ValueError as error:
+        print(f"kubespan: --trusted-proxy: {error}", file=sys.stderr)
+        return 2
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("kubespan: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not path.is_file():
+            print(f"kubespan: {path}: no such file", file=sys.stderr)
+            return 2
+    try:
         sock = bind(host.strip("[]"), int(port))
     except OSError as error:
         print(f"kubespan: cannot listen on {args.listen}: {error.strerror}", file=sys.stderr)
         return 1
-    serve(sock, args.state_dir)
+    settings = Settings(
+        state_dir=args.state_dir,
+        rate=args.rate_limit,
+        burst=max(args.burst, 1.0),
+        trusted_proxies=proxies,
+    )
+    serve(sock, settings, args.tls_cert, args.tls_key)
     return 0
 
 
@@ -271,6 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve = discovery_commands.add_parser("serve", help="run the discovery service")
     serve.add_argument("--listen", default="127.0.0.1:3000", help="HOST:PORT to listen on")
     serve.add_argument("--state-dir", type=Path, default=None, help="where to keep snapshots")
+    serve.add_argument(
+        "--rate-limit",
+        type=float,
+        default=15.0,
+        metavar="PER_S",
+        help="requests per second per source address (0: no limit)",
+    )
+    serve.add_argument("--burst", type=float, default=60.0, help="burst per source address")
+    serve.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="believe X-Forwarded-For from these addresses (repeatable)",
+    )
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
+    serve.add_argument("--tls-key", type=Path, help="the certificate's private key")
     serve.set_defaults(func=cmd_discovery_serve)
 
     config = commands.add_parser("config", help="machine config tools")

@@ -59,6 +59,7 @@ class DiscoveryRejected(DiscoveryError):
         self.status = status
         self.field = field
         self.message = message
+        self.retry_after = 0.0
         where = f" ({field})" if field else ""
         super().__init__(f"discovery service refused the request: HTTP {status}{where}: {message}")
 

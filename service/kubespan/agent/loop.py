@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from kubespan import notify
 from kubespan.agent.backoff import Backoff
 from kubespan.agent.events import ConfigChanged, Stop, Terminal
-from kubespan.agent.session import DiscoverySession, ListingEvent, ReflexiveEvent
+from kubespan.agent.session import TTL_SECONDS, DiscoverySession, ListingEvent, ReflexiveEvent
 from kubespan.agent.status import status_document, write_status
 from kubespan.config import MachineConfig
 from kubespan.crypto import ClusterKeys
@@ -34,6 +34,7 @@ from kubespan.names import LINK_NAME
 from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
 from kubespan.plan.desired import PeerReport, PlanInput, plan
 from kubespan.plan.diff import Operation, diff
+from kubespan.plan.harvest import Harvest, harvest_candidates
 from kubespan.plan.local import advertised_addresses, advertised_endpoints
 from kubespan.plan.peerstate import Tracking
 
@@ -95,6 +96,7 @@ class Agent:
         self.ready = False
         self._reported: set[str] = set()
         self._states: dict[str, PeerState] = {}
+        self._harvested: dict[Harvest, float] = {}
         self.prefix = cluster_ula_prefix(config.cluster.id)
         mac = first_physical_mac(kernel.link_hardware())
         if mac is None:
@@ -186,6 +188,16 @@ class Agent:
         log.info("ready: %s", message)
         notify.ready(message)
 
+    def _harvest(self, members: tuple[Member, ...], reports: tuple[PeerReport, ...]) -> None:
+        now = self.clocks.wall()
+        refresh = TTL_SECONDS / 2
+        for node_id, endpoint in harvest_candidates(
+            members, reports, self._harvested, now, refresh
+        ):
+            self._harvested[(node_id, endpoint)] = now
+            for session in self.sessions:
+                session.harvest(self.keys.affiliate_id(node_id), endpoint)
+
     def inherit(self, previous: Agent) -> None:
         """Carry what the previous agent knew (members, endpoint tracking) across a config
         change that keeps the cluster, so the mesh is not rebuilt from nothing."""
@@ -231,6 +243,7 @@ class Agent:
             session.set_registration(info, endpoints)
         observed = self.kernel.observe_link(LINK_NAME)
         routing = self.kernel.observe_routing(LINK_NAME)
+        members = merge_members(list(self.members_by_url.values())) if self.members_by_url else None
         result = plan(
             PlanInput(
                 config=self.config.kubespan,
@@ -239,11 +252,7 @@ class Agent:
                 preshared_key=self.keys.wireguard_psk_b64,
                 ula=self.ula,
                 own_addresses=info.addresses,
-                members=(
-                    merge_members(list(self.members_by_url.values()))
-                    if self.members_by_url
-                    else None
-                ),
+                members=members,
                 observed=observed,
                 tracking=self.tracking,
                 now=self.clocks.wall(),
@@ -258,6 +267,8 @@ class Agent:
             self.kernel.apply(operations)
         self._log_state_changes(result.reports)
         self.tracking = dict(result.tracking)
+        if self.config.kubespan.harvest_extra_endpoints and members:
+            self._harvest(members, result.reports)
         document = status_document(
             info,
             endpoints,

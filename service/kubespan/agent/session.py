@@ -19,7 +19,9 @@ from kubespan.agent.backoff import Backoff
 from kubespan.crypto import ClusterKeys
 from kubespan.discovery.client import DiscoveryClient
 from kubespan.discovery.members import Registration, seal_registration
+from kubespan.discovery.payload import encode_endpoint
 from kubespan.discovery.protocol import Listing
+from kubespan.discovery.view import ClusterView
 from kubespan.errors import DiscoveryError
 from kubespan.model import AffiliateInfo
 from kubespan.netaddr import Endpoint, IPAddress
@@ -60,6 +62,7 @@ class DiscoverySession:
         self.last_error: str | None = None
         self.revision: int | None = None
         self._wanted: tuple[AffiliateInfo, tuple[Endpoint, ...]] | None = None
+        self._harvested: list[tuple[str, Endpoint]] = []
         self._sent: tuple[AffiliateInfo, tuple[Endpoint, ...]] | None = None
         self._sealed: Registration | None = None
         self._wake = threading.Condition()
@@ -79,14 +82,20 @@ class DiscoverySession:
             self._wake.notify_all()
 
     def leave(self, affiliate_id: str) -> None:
-        client = DiscoveryClient(self.url)
+        client = self._client()
         try:
-            client.delete(self.keys.cluster_address, affiliate_id)
+            client.delete(affiliate_id)
             log.info("left discovery url=%s", self.url)
         except DiscoveryError as error:
             log.warning("could not leave discovery url=%s error=%s", self.url, error)
         finally:
             client.close()
+
+    def harvest(self, affiliate_id: str, endpoint: Endpoint) -> None:
+        """Report, in the background, that another member was seen at `endpoint`."""
+        with self._wake:
+            self._harvested.append((affiliate_id, endpoint))
+            self._wake.notify_all()
 
     def set_registration(self, info: AffiliateInfo, endpoints: tuple[Endpoint, ...]) -> None:
         with self._wake:
@@ -105,21 +114,29 @@ class DiscoverySession:
 
     # --- registrar ---------------------------------------------------------------------------
 
+    def _client(self) -> DiscoveryClient:
+        return DiscoveryClient(self.url, self.keys, random_bytes=self.random_bytes, rng=self.rng)
+
     def _register_loop(self) -> None:
-        client = DiscoveryClient(self.url)
+        client = self._client()
         backoff = Backoff(base=1.0, cap=60.0, rng=self.rng)
         refresh_at = 0.0
         need_hello = True
         while not self._stopping.is_set():
             with self._wake:
                 wanted = self._wanted
+                harvested, self._harvested = self._harvested, []
                 due = wanted is not None and (
                     wanted != self._sent or time.monotonic() >= refresh_at or need_hello
                 )
-                if not due:
+                if not due and not harvested:
                     timeout = max(0.1, refresh_at - time.monotonic()) if wanted else None
                     self._wake.wait(timeout)
                     continue
+            if harvested:
+                self._send_harvested(client, harvested)
+            if not due:
+                continue
             assert wanted is not None
             try:
                 if need_hello:
@@ -135,6 +152,17 @@ class DiscoverySession:
             backoff.reset()
             refresh_at = time.monotonic() + TTL_SECONDS / 2
         client.close()
+
+    def _send_harvested(
+        self, client: DiscoveryClient, harvested: list[tuple[str, Endpoint]]
+    ) -> None:
+        for affiliate_id, endpoint in harvested:
+            blob = self.keys.seal_endpoint(affiliate_id, encode_endpoint(endpoint))
+            try:
+                client.add_endpoints(affiliate_id, [blob], TTL_SECONDS)
+                log.info("reported harvested endpoint url=%s endpoint=%s", self.url, endpoint)
+            except DiscoveryError as error:
+                log.warning("harvest report failed url=%s error=%s", self.url, error)
 
     def _hello(self, client: DiscoveryClient) -> None:
         address = client.hello()
@@ -152,13 +180,7 @@ class DiscoverySession:
             # waking every watcher of the cluster.
             self._sealed = seal_registration(self.keys, info, endpoints, self.random_bytes(24))
         sealed = self._sealed
-        client.put(
-            self.keys.cluster_address,
-            sealed.affiliate_id,
-            sealed.data,
-            list(sealed.endpoints),
-            TTL_SECONDS,
-        )
+        client.put(sealed.affiliate_id, sealed.data, list(sealed.endpoints), TTL_SECONDS)
         if self._sent != wanted:
             log.info(
                 "registered url=%s addresses=%s endpoints=%s",
@@ -172,22 +194,24 @@ class DiscoverySession:
     # --- watcher -----------------------------------------------------------------------------
 
     def _watch_loop(self) -> None:
-        client = DiscoveryClient(self.url)
+        """Long-poll for changes; after any failure, resume from the last revision seen, so
+        nothing is missed and nothing is fetched twice."""
+        client = self._client()
+        view = ClusterView()
         backoff = Backoff(base=1.0, cap=30.0, rng=self.rng)
         while not self._stopping.is_set():
             try:
-                listing = client.listing(
-                    self.keys.cluster_address, since=self.revision, wait=WATCH_WAIT_SECONDS
-                )
+                listing = client.listing(since=view.revision, wait=WATCH_WAIT_SECONDS)
             except DiscoveryError as error:
                 delay = backoff.next_delay()
                 self._failed(f"watch: {error}", delay)
                 self._stopping.wait(delay)
                 continue
             backoff.reset()
-            if listing.revision != self.revision:
-                self.revision = listing.revision
-                self.events.put(ListingEvent(self.url, listing))
+            first = view.revision is None
+            if view.apply(listing) or first:
+                self.revision = view.revision
+                self.events.put(ListingEvent(self.url, view.listing()))
         client.close()
 
     def _failed(self, message: str, delay: float) -> None:

@@ -1,14 +1,20 @@
 """The discovery wire protocol (HTTP/JSON, version 1): request parsing and response shapes.
 
-Paths:
-  GET    /v1/hello                                   -> {"client_address": "203.0.113.9"}
-  GET    /v1/clusters/{cluster}/affiliates           -> Listing
-         ?since=REV&wait=SECONDS                     long poll: answer once past REV
-  PUT    /v1/clusters/{cluster}/affiliates/{id}      <- {"data", "endpoints", "ttl"} -> {"revision"}
-  DELETE /v1/clusters/{cluster}/affiliates/{id}      -> {"revision"}
-  GET    /healthz                                    -> {"status": "ok"}
+Every /v1 request is signed for its cluster (see signing.py). `{cluster}` is the cluster's
+public key (base64url), `{id}` an opaque affiliate id; the service sees nothing else.
 
-Blobs travel as standard base64. Errors are 4xx with {"error": {"field": ..., "message": ...}}.
+  GET    /v1/clusters/{cluster}/hello                    -> {"client_address": "203.0.113.9"}
+  GET    /v1/clusters/{cluster}/affiliates               -> Listing (reset: the whole cluster)
+         ?since=REV&wait=SECONDS                         long poll: what changed after REV
+  PUT    /v1/clusters/{cluster}/affiliates/{id}          <- {"data", "endpoints", "ttl"}
+  POST   /v1/clusters/{cluster}/affiliates/{id}/endpoints <- {"endpoints", "ttl"} (harvested)
+  DELETE /v1/clusters/{cluster}/affiliates/{id}
+  GET    /healthz, /readyz, /metrics, /openapi.json
+
+A Listing is {"revision", "reset", "affiliates": [{"id", "data", "endpoints", "ttl"}],
+"removed": [id]}: with reset true it is the whole cluster, otherwise the affiliates that
+changed (in full) and the ids that left since the revision asked for. Blobs travel as
+standard base64. Errors are 4xx with {"error": {"field": ..., "message": ...}}.
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ _ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 class BadRequest(Exception):
     """A request the server refuses; `field` names what was wrong."""
 
-    def __init__(self, field: str, message: str, status: int = 400) -> None:
+    def __init__(
+        self, field: str, message: str, status: int = 400, retry: int = 0, allow: str = ""
+    ) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
         self.status = status
+        self.retry = retry
+        self.allow = allow
 
     def body(self) -> dict[str, Any]:
         return {"error": {"field": self.field, "message": self.message}}
@@ -54,9 +64,17 @@ class WireAffiliate:
 
 
 @dataclass(frozen=True)
+class PostEndpoints:
+    endpoints: tuple[bytes, ...]
+    ttl: int
+
+
+@dataclass(frozen=True)
 class Listing:
     revision: int
     affiliates: tuple[WireAffiliate, ...]
+    removed: tuple[str, ...] = ()
+    reset: bool = True
 
 
 def check_id(field: str, value: str) -> str:
@@ -79,13 +97,16 @@ def _blob(field: str, value: Any, max_bytes: int) -> bytes:
     return raw
 
 
-def parse_put(body: Any) -> PutAffiliate:
+def _object(body: Any, fields: set[str]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("body", "must be a JSON object")
-    unknown = sorted(set(body) - {"data", "endpoints", "ttl"})
+    unknown = sorted(set(body) - fields)
     if unknown:
         raise BadRequest(unknown[0], "unknown field")
-    data = _blob("data", body.get("data"), limits.MAX_DATA_BYTES)
+    return body
+
+
+def _endpoints(body: dict[str, Any]) -> tuple[bytes, ...]:
     endpoints_value = body.get("endpoints", [])
     if not isinstance(endpoints_value, list):
         raise BadRequest("endpoints", "must be a list of base64 strings")
@@ -93,10 +114,13 @@ def parse_put(body: Any) -> PutAffiliate:
         raise BadRequest(
             "endpoints", f"must hold at most {limits.MAX_ENDPOINTS_PER_AFFILIATE} entries"
         )
-    endpoints = tuple(
+    return tuple(
         _blob(f"endpoints[{i}]", e, limits.MAX_ENDPOINT_BYTES)
         for i, e in enumerate(endpoints_value)
     )
+
+
+def _ttl(body: dict[str, Any]) -> int:
     ttl = body.get("ttl")
     if isinstance(ttl, bool) or not isinstance(ttl, int):
         raise BadRequest("ttl", "must be an integer number of seconds")
@@ -104,7 +128,21 @@ def parse_put(body: Any) -> PutAffiliate:
         raise BadRequest(
             "ttl", f"must be between {limits.MIN_TTL_SECONDS} and {limits.MAX_TTL_SECONDS}"
         )
-    return PutAffiliate(data, endpoints, ttl)
+    return ttl
+
+
+def parse_put(body: Any) -> PutAffiliate:
+    fields = _object(body, {"data", "endpoints", "ttl"})
+    data = _blob("data", fields.get("data"), limits.MAX_DATA_BYTES)
+    return PutAffiliate(data, _endpoints(fields), _ttl(fields))
+
+
+def parse_post_endpoints(body: Any) -> PostEndpoints:
+    fields = _object(body, {"endpoints", "ttl"})
+    endpoints = _endpoints(fields)
+    if not endpoints:
+        raise BadRequest("endpoints", "must hold at least one endpoint")
+    return PostEndpoints(endpoints, _ttl(fields))
 
 
 def parse_watch(query: dict[str, str]) -> tuple[int | None, float]:
@@ -135,6 +173,8 @@ def encode_blob(raw: bytes) -> str:
 def listing_body(listing: Listing) -> dict[str, Any]:
     return {
         "revision": listing.revision,
+        "reset": listing.reset,
+        "removed": list(listing.removed),
         "affiliates": [
             {
                 "id": a.id,
@@ -172,4 +212,10 @@ def parse_listing(body: Any) -> Listing:
             )
         except (binascii.Error, ValueError, TypeError):
             raise ValueError(f"affiliates[{index}] holds invalid base64") from None
-    return Listing(body["revision"], tuple(out))
+    removed = body.get("removed", [])
+    if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
+        raise ValueError("listing's removed is not a list of ids")
+    reset = body.get("reset", True)
+    if not isinstance(reset, bool):
+        raise ValueError("listing's reset is not a boolean")
+    return Listing(body["revision"], tuple(out), tuple(removed), reset)

@@ -1,4 +1,9 @@
-"""The discovery service: a thin ASGI transport over the pure Registry, plus its lifecycle."""
+"""The discovery service: a thin ASGI transport over the pure Registry, plus its lifecycle.
+
+Checks run cheapest first, and nothing is stored before all of them pass: the per-source rate
+limit, the path, the method, the body size, the signature and its freshness and nonce, then
+the request body's fields.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,33 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 from kubespan.discovery import limits, snapshot
+from kubespan.discovery.forwarded import client_address
+from kubespan.discovery.metrics import Metrics
 from kubespan.discovery.protocol import (
     API_PREFIX,
     BadRequest,
     check_id,
     listing_body,
+    parse_post_endpoints,
     parse_put,
     parse_watch,
 )
+from kubespan.discovery.ratelimit import RateLimiter
+from kubespan.discovery.replay import ReplayGuard
+from kubespan.discovery.signing import SignatureRejected, verify
 from kubespan.discovery.state import Registry
+from kubespan.netaddr import IPNetwork
 
 log = logging.getLogger(__name__)
 
@@ -31,30 +46,61 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Clock = Callable[[], float]
+JSON = b"application/json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path | None = None
+    rate: float = limits.RATE_PER_SOURCE
+    burst: float = limits.BURST_PER_SOURCE
+    max_skew: float = limits.MAX_CLOCK_SKEW_SECONDS
+    trusted_proxies: tuple[IPNetwork, ...] = field(default=())
+    snapshot_interval: float = limits.SNAPSHOT_INTERVAL_SECONDS
+    gc_interval: float = limits.GC_INTERVAL_SECONDS
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def json_response(status: int, document: Any) -> Response:
+    return Response(status, json.dumps(document, separators=(",", ":")).encode())
 
 
 class DiscoveryApp:
     """ASGI application. `clock` gives wall-clock seconds (TTLs survive restarts)."""
 
     def __init__(
-        self, registry: Registry, clock: Clock = time.time, state_dir: Path | None = None
+        self, registry: Registry, settings: Settings | None = None, clock: Clock = time.time
     ) -> None:
         self.registry = registry
+        self.settings = settings or Settings()
         self.clock = clock
-        self.state_dir = state_dir
-        self._changed: dict[str, asyncio.Event] = {}
+        self.metrics = Metrics()
+        self.limiter = RateLimiter(self.settings.rate, self.settings.burst)
+        self.replays = ReplayGuard(self.settings.max_skew)
+        self.ready = False
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._watchers = 0
+        self._encoded: dict[tuple[str, int | None, int], bytes] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
-    # --- lifecycle -------------------------------------------------------------------------
+    # --- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        self._tasks.append(asyncio.create_task(self._every(limits.GC_INTERVAL_SECONDS, self.gc)))
-        if self.state_dir is not None:
-            self._tasks.append(
-                asyncio.create_task(self._every(limits.SNAPSHOT_INTERVAL_SECONDS, self.save))
-            )
+        self._tasks.append(asyncio.create_task(self._every(self.settings.gc_interval, self.gc)))
+        if self.settings.state_dir is not None:
+            interval = self.settings.snapshot_interval
+            self._tasks.append(asyncio.create_task(self._every(interval, self.save)))
+        self.ready = True
 
     async def shutdown(self) -> None:
+        self.ready = False
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -65,34 +111,51 @@ class DiscoveryApp:
     async def _every(self, interval: float, action: Callable[[], None]) -> None:
         while True:
             await asyncio.sleep(interval)
-            try:
-                action()
-            except OSError as error:
-                log.error("periodic task failed action=%s error=%s", action.__name__, error)
+            action()
 
     def gc(self) -> None:
-        for cluster_id in self.registry.collect_garbage(self.clock()):
+        now = self.clock()
+        for cluster_id in self.registry.collect_garbage(now):
             self._notify(cluster_id)
+        self.limiter.forget_idle(now)
 
     def save(self) -> None:
-        if self.state_dir is not None:
-            snapshot.save(self.registry, self.state_dir)
-
-    def _notify(self, cluster_id: str) -> None:
-        event = self._changed.pop(cluster_id, None)
-        if event is not None:
-            event.set()
+        if self.settings.state_dir is None:
+            return
+        try:
+            snapshot.save(self.registry, self.settings.state_dir)
+        except OSError as error:
+            self.metrics.snapshot_failures += 1
+            log.error("SNAPSHOT FAILED dir=%s error=%s", self.settings.state_dir, error)
 
     def watching(self, cluster_id: str) -> bool:
-        """Whether a long poll is waiting on `cluster_id` (for tests and metrics)."""
-        return cluster_id in self._changed
+        """Whether a long poll is waiting on `cluster_id`."""
+        return bool(self._waiters.get(cluster_id))
+
+    def _notify(self, cluster_id: str) -> None:
+        for waiter in self._waiters.pop(cluster_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+                self.metrics.notifications += 1
 
     async def _wait_change(self, cluster_id: str, timeout: float) -> None:
-        event = self._changed.get(cluster_id)
-        if event is None:
-            event = self._changed[cluster_id] = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        # A bare future per watcher and one timer: a thousand watchers woken by one change
+        # cost a thousand callbacks, not a thousand tasks.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.setdefault(cluster_id, set()).add(waiter)
+        timer = loop.call_later(timeout, _settle, waiter)
+        self._watchers += 1
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._watchers -= 1
+            waiters = self._waiters.get(cluster_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[cluster_id]
 
     # --- ASGI --------------------------------------------------------------------------------
 
@@ -102,11 +165,19 @@ class DiscoveryApp:
             return
         if scope["type"] != "http":
             return
+        route = "other"
         try:
-            status, body = await self._route(scope, receive)
+            route, response = await self._handle(scope, receive)
         except BadRequest as error:
-            status, body = error.status, error.body()
-        await _respond(send, status, body)
+            extra: list[tuple[bytes, bytes]] = []
+            if error.retry:
+                extra.append((b"retry-after", str(error.retry).encode()))
+            if error.allow:
+                extra.append((b"allow", error.allow.encode()))
+            body = json.dumps(error.body(), separators=(",", ":")).encode()
+            response = Response(error.status, body, headers=tuple(extra))
+        self.metrics.request(scope["method"], route, response.status)
+        await _respond(send, response)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -119,53 +190,150 @@ class DiscoveryApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[str, Response]:
         method: str = scope["method"]
         path: str = scope["path"]
+        if path in _PLAIN:
+            _allow(method, "GET")
+            return path.strip("/"), self._plain(path)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        peer = scope.get("client")
+        source = client_address(
+            peer[0] if peer else None, headers.get("x-forwarded-for"), self.settings.trusted_proxies
+        )
+        now = self.clock()
+        if not self.limiter.allow(source or "unknown", now):
+            self.metrics.reject("rate")
+            raise BadRequest(
+                "source",
+                f"too many requests from {source}: at most {self.settings.rate:g}/s",
+                status=429,
+                retry=max(1, round(self.limiter.retry_after(source or "unknown"))),
+            )
+        route, cluster, affiliate = _route(path, method)
+        body = await _read_body(receive)
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = f"{path}?{query}" if query else path
+        try:
+            timestamp, nonce = verify(
+                cluster, method, target, body, headers, now, self.settings.max_skew
+            )
+        except SignatureRejected as error:
+            self.metrics.reject("signature")
+            raise BadRequest(error.field, error.message, status=401) from None
+        if not self.replays.check_and_remember(cluster, nonce, timestamp, now):
+            self.metrics.reject("replay")
+            raise BadRequest("x-kubespan-nonce", "was already used (a replayed request)", 401)
+        return route, await self._dispatch(route, cluster, affiliate, body, query, source)
+
+    def _plain(self, path: str) -> Response:
         if path == "/healthz":
-            return 200, {"status": "ok"}
-        if not path.startswith(API_PREFIX + "/"):
-            raise BadRequest("path", "not found", status=404)
-        parts = path[len(API_PREFIX) + 1 :].split("/")
-        if parts == ["hello"]:
-            _allow(method, "GET")
-            client = scope.get("client")
-            return 200, {"client_address": client[0] if client else None}
-        if len(parts) < 3 or parts[0] != "clusters" or parts[2] != "affiliates" or len(parts) > 4:
-            raise BadRequest("path", "not found", status=404)
-        cluster_id = check_id("cluster", parts[1])
-        if len(parts) == 3:
-            _allow(method, "GET")
-            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-            since, wait = parse_watch(query)
-            return 200, await self._list(cluster_id, since, wait)
-        affiliate_id = check_id("affiliate", parts[3])
-        if method == "PUT":
-            request = parse_put(await _read_json(receive))
-            revision = self.registry.put(cluster_id, affiliate_id, request, self.clock())
-            self._notify(cluster_id)
-            return 200, {"revision": revision}
-        if method == "DELETE":
-            revision = self.registry.delete(cluster_id, affiliate_id)
-            self._notify(cluster_id)
-            return 200, {"revision": revision}
-        raise BadRequest("method", f"{method} is not allowed here", status=405)
+            return json_response(200, {"status": "ok"})
+        if path == "/readyz":
+            return json_response(200 if self.ready else 503, {"ready": self.ready})
+        if path == "/openapi.json":
+            return Response(200, openapi_document())
+        text = self.metrics.render(
+            {
+                "clusters": lambda: len(self.registry.clusters),
+                "affiliates": self.registry.affiliate_count,
+                "watchers": lambda: self._watchers,
+                "revision": lambda: self.registry.revision,
+            }
+        )
+        return Response(200, text.encode(), b"text/plain; version=0.0.4")
 
-    async def _list(self, cluster_id: str, since: int | None, wait: float) -> dict[str, Any]:
-        current = self.registry.cluster_revision(cluster_id)
-        # since > current means the caller saw a revision this server never had (it lost state):
-        # answer at once so the caller resynchronises.
-        if since is not None and since == current and wait > 0:
-            await self._wait_change(cluster_id, wait)
-        return listing_body(self.registry.listing(cluster_id, self.clock()))
+    async def _dispatch(
+        self,
+        route: str,
+        cluster: str,
+        affiliate: str | None,
+        body: bytes,
+        query: str,
+        source: str | None,
+    ) -> Response:
+        if route == "hello":
+            return json_response(200, {"client_address": source})
+        if route == "list":
+            since, wait = parse_watch(dict(parse_qsl(query)))
+            if since is not None and since == self.registry.cluster_revision(cluster) and wait > 0:
+                await self._wait_change(cluster, wait)
+            return Response(200, self._encoded_listing(cluster, since))
+        assert affiliate is not None
+        now = self.clock()
+        if route == "put":
+            revision = self.registry.put(cluster, affiliate, parse_put(_json(body)), now)
+        elif route == "endpoints":
+            request = parse_post_endpoints(_json(body))
+            revision = self.registry.add_endpoints(
+                cluster, affiliate, request.endpoints, request.ttl, now
+            )
+        else:
+            revision = self.registry.delete(cluster, affiliate)
+        self._notify(cluster)
+        return json_response(200, {"revision": revision})
+
+    def _encoded_listing(self, cluster: str, since: int | None) -> bytes:
+        """Watchers woken by one change all ask for the same thing: encode it once."""
+        key = (cluster, since, self.registry.cluster_revision(cluster))
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            if len(self._encoded) > 256:
+                self._encoded.clear()
+            listing = self.registry.listing(cluster, self.clock(), since)
+            encoded = json.dumps(listing_body(listing), separators=(",", ":")).encode()
+            self._encoded[key] = encoded
+        return encoded
 
 
-def _allow(method: str, allowed: str) -> None:
-    if method != allowed:
-        raise BadRequest("method", f"{method} is not allowed here", status=405)
+_PLAIN = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
-async def _read_json(receive: Receive) -> Any:
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _route(path: str, method: str) -> tuple[str, str, str | None]:
+    """(route name, cluster, affiliate) of a /v1 path; 404/405 otherwise."""
+    if not path.startswith(API_PREFIX + "/"):
+        raise BadRequest("path", "not found", status=404)
+    parts = path[len(API_PREFIX) + 1 :].split("/")
+    if len(parts) < 3 or parts[0] != "clusters":
+        raise BadRequest("path", "not found", status=404)
+    cluster = check_id("cluster", parts[1])
+    rest = parts[2:]
+    if rest == ["hello"]:
+        _allow(method, "GET")
+        return "hello", cluster, None
+    if rest == ["affiliates"]:
+        _allow(method, "GET")
+        return "list", cluster, None
+    if len(rest) == 2 and rest[0] == "affiliates":
+        affiliate = check_id("affiliate", rest[1])
+        _allow(method, "PUT", "DELETE")
+        return ("put" if method == "PUT" else "delete"), cluster, affiliate
+    if len(rest) == 3 and rest[0] == "affiliates" and rest[2] == "endpoints":
+        _allow(method, "POST")
+        return "endpoints", cluster, check_id("affiliate", rest[1])
+    raise BadRequest("path", "not found", status=404)
+
+
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise BadRequest(
+            "method", f"{method} is not allowed here", status=405, allow=", ".join(allowed)
+        )
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("body", "must be valid JSON") from None
+
+
+async def _read_body(receive: Receive) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -176,26 +344,21 @@ async def _read_json(receive: Receive) -> Any:
             raise BadRequest("body", f"must be at most {limits.MAX_BODY_BYTES} bytes", status=413)
         chunks.append(chunk)
         if not message.get("more_body"):
-            break
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("body", "must be valid JSON") from None
+            return b"".join(chunks)
 
 
-async def _respond(send: Send, status: int, body: dict[str, Any]) -> None:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+async def _respond(send: Send, response: Response) -> None:
+    headers = [
+        (b"content-type", response.content_type),
+        (b"content-length", str(len(response.body)).encode()),
+        *response.headers,
+    ]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def openapi_document() -> bytes:
+    return resources.files("kubespan").joinpath("discovery/openapi.json").read_bytes()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -207,16 +370,32 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(sock: socket.socket, state_dir: Path | None) -> None:
+def serve(
+    sock: socket.socket,
+    settings: Settings,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> None:
     """Run the service on an already bound socket until SIGINT/SIGTERM."""
     import uvicorn
 
     now = time.time()
+    state_dir = settings.state_dir
     registry = snapshot.load(state_dir, now) if state_dir is not None else Registry()
-    app = DiscoveryApp(registry, state_dir=state_dir)
+    app = DiscoveryApp(registry, settings)
     host, port = sock.getsockname()[:2]
-    log.info("discovery service listening address=%s port=%d", host, port)
+    scheme = "https" if tls_cert else "http"
+    log.info("discovery service listening url=%s://%s:%d pid=%d", scheme, host, port, os.getpid())
     config = uvicorn.Config(
-        app, lifespan="on", log_level="warning", access_log=False, timeout_keep_alive=75
+        app,
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=75,
+        # Long polls and idle keep-alive connections must not hold up a restart: give them
+        # a moment, then stop (the snapshot is written in any case).
+        timeout_graceful_shutdown=3,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
     )
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,51 @@
+"""The service's metrics in the Prometheus text format. Counters only count; gauges are read
+from the state when scraped."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+PREFIX = "kubespan_discovery"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, int]] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.notifications = 0
+        self.snapshot_failures = 0
+
+    def request(self, method: str, route: str, status: int) -> None:
+        self.requests[(method, route, status)] += 1
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def render(self, gauges: dict[str, Callable[[], float]]) -> str:
+        lines = [
+            f"# HELP {PREFIX}_requests_total Requests answered, by method, route and status.",
+            f"# TYPE {PREFIX}_requests_total counter",
+        ]
+        for (method, route, status), count in sorted(self.requests.items()):
+            lines.append(
+                f'{PREFIX}_requests_total{{method="{method}",route="{route}",'
+                f'code="{status}"}} {count}'
+            )
+        lines += [
+            f"# HELP {PREFIX}_rejected_total Requests refused before any state was touched.",
+            f"# TYPE {PREFIX}_rejected_total counter",
+        ]
+        for reason, count in sorted(self.rejected.items()):
+            lines.append(f'{PREFIX}_rejected_total{{reason="{reason}"}} {count}')
+        lines += [
+            f"# HELP {PREFIX}_notifications_total Long polls woken by a change.",
+            f"# TYPE {PREFIX}_notifications_total counter",
+            f"{PREFIX}_notifications_total {self.notifications}",
+            f"# HELP {PREFIX}_snapshot_failures_total Snapshots that could not be written.",
+            f"# TYPE {PREFIX}_snapshot_failures_total counter",
+            f"{PREFIX}_snapshot_failures_total {self.snapshot_failures}",
+        ]
+        for name, read in sorted(gauges.items()):
+            lines += [f"# TYPE {PREFIX}_{name} gauge", f"{PREFIX}_{name} {read():g}"]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,52 @@
+"""Per-source request rate limits: a token bucket per client address. Pure, `now` passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """`rate` requests per second on average, bursts up to `burst`; rate 0 disables it."""
+
+    MAX_SOURCES = 100_000
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, _Bucket] = {}
+
+    def allow(self, source: str, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_SOURCES:
+                self.forget_idle(now)
+            bucket = self._buckets[source] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
+    def retry_after(self, source: str) -> float:
+        bucket = self._buckets.get(source)
+        if bucket is None or self.rate <= 0:
+            return 0.0
+        return max(0.0, (1 - bucket.tokens) / self.rate)
+
+    def forget_idle(self, now: float) -> None:
+        """Drop buckets that have refilled completely: they carry no information."""
+        full_after = self.burst / self.rate if self.rate > 0 else 0
+        self._buckets = {
+            source: bucket
+            for source, bucket in self._buckets.items()
+            if now - bucket.updated < full_after
+        }
