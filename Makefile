@@ -5,9 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUILD := build
 
-.PHONY: all venv demo test unit lint vmtest bench clean image extension schema-docs
+.PHONY: all venv host-deps demo test unit lint vmtest bench clean image extension schema-docs
 
 all: venv
+
+# System packages (QEMU, mmdebstrap, nftables, ...): installed when missing, from Debian.
+host-deps:
+	@.ci/install-host-packages
 
 $(BIN)/kubespan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,15 +30,15 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/mypy qemu-tests
 
-unit: venv
+unit: host-deps venv
 	$(BIN)/pytest -m 'not vm' tests
 
-vmtest: venv image
+vmtest: host-deps venv image
 	$(BIN)/pytest -m vm qemu-tests
 
-test: lint unit vmtest
+test: host-deps lint unit vmtest
 
-demo: venv image
+demo: host-deps venv image
 	$(BIN)/python qemu-tests/demo.py --nodes 3
 
 schema-docs: venv

@@ -5,7 +5,7 @@ EXTENSION_INPUTS := pyproject.toml $(wildcard README.md LICENSE) \
 	$(shell find service extension machineconfig-schema -type f \
 		-not -path '*/__pycache__/*' -not -path '*.egg-info/*' 2>/dev/null)
 
-$(EXTENSION): $(EXTENSION_INPUTS) | $(BIN)/kubespan
+$(EXTENSION): $(EXTENSION_INPUTS) | host-deps $(BIN)/kubespan
 	PYTHON=$(BIN)/python extension/build.sh $@
 
 extension: $(EXTENSION)

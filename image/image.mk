@@ -7,7 +7,7 @@ IMAGE_DIR := $(BUILD)/image
 BASE_TAR := $(IMAGE_DIR)/base.tar
 IMAGE_FILES := $(IMAGE_DIR)/root.erofs $(IMAGE_DIR)/vmlinuz $(IMAGE_DIR)/initrd.img
 
-$(BASE_TAR): $(wildcard image/base/*)
+$(BASE_TAR): $(wildcard image/base/*) | host-deps
 	image/base/build-base.sh $@
 
 $(IMAGE_FILES) &: $(BASE_TAR) $(EXTENSION) image/assemble.sh extension/extension-release \
