@@ -6,6 +6,6 @@ import sys
 
 sys.path.insert(0, "/usr/lib/kubespan/site-packages")
 
-from kubespan.cli import main  # noqa: E402
+from kubespan.cli import main
 
 sys.exit(main())

@@ -63,8 +63,8 @@ class FakeKernel:
         removed = []
         if self.routing.ruleset is not None:
             removed.append("nftables table inet kubespan")
-        removed += [f"rule {r.render('')}" for r in self.routing.rules]
-        removed += [f"route {r.render('')}" for r in self.routing.routes]
+        removed += [r.render("del") for r in self.routing.rules]
+        removed += [r.render("del") for r in self.routing.routes]
         self.routing = ObservedRouting(None, (), (), None)
         if self.link is not None:
             removed.append("link kubespan")

@@ -151,18 +151,18 @@ class Dataplane:
     # --- teardown ------------------------------------------------------------------------
 
     def teardown(self) -> list[str]:
-        """Remove our table, rules and routes; what was removed."""
+        """Remove our table, rules and routes; what was removed, as the commands that did it."""
         removed = []
         if self.observe_ruleset() is not None:
             self._nft.run(teardown_json())
             removed.append(f"nftables table {NFT_FAMILY} {NFT_TABLE}")
         for rule in self.observe_rules():
             self._apply_one(DeleteRule(rule))
-            removed.append(f"rule {rule.render('')}".replace("rule  ", ""))
+            removed.append(rule.render("del"))
         for route in self.observe_routes():
             with contextlib.suppress(NetlinkError):
                 self._route("del", route)
-                removed.append(f"route {route.render('')}".replace("route  ", ""))
+                removed.append(route.render("del"))
         return removed
 
 

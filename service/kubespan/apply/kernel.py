@@ -17,16 +17,7 @@ from kubespan.errors import ApplyError
 from kubespan.identity import LinkHardware
 from kubespan.model import LocalAddress, ObservedLink
 from kubespan.names import LINK_NAME
-from kubespan.plan.dataplane import (
-    AddRule,
-    DeleteRoute,
-    DeleteRule,
-    DeleteRuleset,
-    ObservedRouting,
-    ReplaceRoute,
-    ReplaceRuleset,
-    SetRpFilter,
-)
+from kubespan.plan.dataplane import DataplaneOperation, ObservedRouting
 from kubespan.plan.diff import (
     AddAddress,
     ConfigureDevice,
@@ -43,15 +34,6 @@ from kubespan.plan.diff import (
 log = logging.getLogger(__name__)
 
 IFF_UP = 0x1
-DATAPLANE_OPERATIONS = (
-    ReplaceRuleset,
-    DeleteRuleset,
-    AddRule,
-    DeleteRule,
-    ReplaceRoute,
-    DeleteRoute,
-    SetRpFilter,
-)
 
 
 class Kernel:
@@ -149,7 +131,7 @@ class Kernel:
     def apply(self, operations: Sequence[Operation]) -> None:
         """Apply in order; the first refusal raises ApplyError naming the operation."""
         for operation in operations:
-            if isinstance(operation, DATAPLANE_OPERATIONS):
+            if isinstance(operation, DataplaneOperation):
                 self.dataplane.apply([operation])
                 continue
             try:
