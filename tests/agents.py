@@ -63,6 +63,7 @@ def make_agent(tmp: Path, name: str, last_octet: int, config: bytes) -> tuple[Ag
         identity,
         kernel,
         tmp / name / "run",
+        tmp / name / "state",
         hostname=lambda: name,
         tick=0.2,
     )

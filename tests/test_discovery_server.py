@@ -18,6 +18,7 @@ from kubespan.crypto import ClusterKeys
 from kubespan.discovery import snapshot
 from kubespan.discovery.client import DiscoveryClient
 from kubespan.discovery.members import open_listing, seal_registration
+from kubespan.discovery.payload import encode_endpoint
 from kubespan.discovery.server import Settings
 from kubespan.discovery.signing import sign
 from kubespan.discovery.view import ClusterView
@@ -34,7 +35,7 @@ def new_keys() -> ClusterKeys:
 
 def info(name: str, address: str) -> AffiliateInfo:
     return AffiliateInfo(
-        node_id=f"id{name}",
+        node_id="id" + name.replace("-", ""),
         hostname=name,
         public_key=base64.b64encode(os.urandom(32)).decode(),
         ula=ipaddress.IPv6Address("fd00::1"),
@@ -178,7 +179,7 @@ def test_harvested_endpoints_are_added_to_another_affiliate() -> None:
         register(client, alpha)
         target = keys.affiliate_id(alpha.node_id)
         seen_at = Endpoint(ipaddress.ip_address("203.0.113.40"), 40000)
-        blob = keys.seal_endpoint(target, seen_at.address.packed + (40000).to_bytes(2, "big"))
+        blob = keys.seal_endpoint(target, encode_endpoint(seen_at))
         client.add_endpoints(target, [blob, blob], 60)
         (member,), _ = open_listing(keys, client.listing())
         assert [str(e) for e in member.endpoints] == ["192.0.2.1:51820", "203.0.113.40:40000"]

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kubespan.config import KubeSpanConfig
-from kubespan.model import AffiliateInfo, Member
+from kubespan.model import AffiliateInfo, Member, PeerState
 from kubespan.netaddr import Endpoint
 from kubespan.plan.dataplane import ReplaceRuleset
 from kubespan.plan.desired import PlanInput, plan
@@ -24,6 +24,7 @@ from fakekernel import FakeKernel
 
 GOLDEN = Path(__file__).parent / "golden"
 ENABLED = KubeSpanConfig(enabled=True)
+POD_SUBNETS = (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("2001:db8:244::/48"))
 
 
 def key(n: int) -> str:
@@ -48,6 +49,7 @@ class Transcript:
     def __init__(self) -> None:
         self.kernel = FakeKernel()
         self.tracking: dict[str, Tracking] = {}
+        self.up: frozenset[str] = frozenset()
         self.lines: list[str] = []
 
     def step(
@@ -56,6 +58,7 @@ class Transcript:
         members: tuple[Member, ...] | None,
         now: float,
         config: KubeSpanConfig = ENABLED,
+        departed: tuple[int, ...] = (),
     ) -> None:
         observed = self.kernel.observe_link("kubespan")
         routing = self.kernel.observe_routing("kubespan")
@@ -71,9 +74,14 @@ class Transcript:
                 observed=observed,
                 tracking=self.tracking,
                 now=now,
+                wall=now,
+                pod_subnets=POD_SUBNETS,
+                up_keys=self.up,
+                departed_keys=frozenset(key(n) for n in departed),
             )
         )
         self.tracking = dict(result.tracking)
+        self.up = frozenset(r.public_key for r in result.reports if r.state is PeerState.UP)
         operations = diff(result.desired, observed, routing)
         self.kernel.apply(operations)
         self.lines.append(f"## {title}")
@@ -110,7 +118,8 @@ def test_mesh_lifecycle_transcript() -> None:
     a_moved = member(1, ["192.0.2.11", "2001:db8::1"], ["192.0.2.11:51820"])
     t.kernel.handshake(key(2), t0 + 20)
     t.step("node1's address changes: only its allowed IPs are replaced", (a_moved, b), t0 + 21)
-    t.step("node2 leaves", (a_moved,), t0 + 22)
+    t.step("node2 is missing from discovery: kept (absence proves nothing)", (a_moved,), t0 + 22)
+    t.step("node2's sealed leave record: removed", (a_moved,), t0 + 22.5, departed=(2,))
     c = member(3, ["192.0.2.11", "203.0.113.3"], ["203.0.113.3:51820"])
     t.step("node3 claims node1's address: node1 keeps it", (a_moved, c), t0 + 23)
     t.check("mesh_lifecycle")
@@ -130,7 +139,7 @@ def test_foreign_changes_to_our_link_are_repaired() -> None:
         up=False,
         listen_port=9999,
         addresses=(*link.addresses, stray),
-        peers=(*link.peers, replace(link.peers[0], public_key=key(9))),
+        peers=(*link.peers, replace(link.peers[0], public_key=key(9), preshared_key=key(9))),
     )
     t.step("someone changed MTU, port, state, added an address and a peer", (a,), t0 + 1)
     t.step("repaired: nothing more to do", (a,), t0 + 2)
@@ -161,9 +170,21 @@ def test_pod_cidrs_overlaps_and_collapsing_transcript() -> None:
     b = member(2, ["10.0.0.2"], ["10.0.0.2:51820"], ("10.244.1.0/24",))
     c = member(3, ["10.0.0.3"], ["10.0.0.3:51820"], ("10.244.0.0/16",))
     d = member(4, ["192.0.2.100", "10.0.0.4"], ["10.0.0.4:51820"], ("10.244.1.0/24",))
+    e = member(5, ["10.0.0.5"], ["10.0.0.5:51820"], ("10.244.0.0/22",))
+    greedy = member(8, ["10.0.0.8"], ["10.0.0.8:51820"], ("0.0.0.0/1", "128.0.0.0/1"))
+    outside = member(9, ["10.0.0.9"], ["10.0.0.9:51820"], ("10.96.0.0/24", "10.244.200.0/24"))
+    # node0's key sorts first: its pod CIDR covers node7's node address.
+    thief = member(0, ["10.0.0.10"], ["10.0.0.10:51820"], ("10.244.100.0/24",))
+    victim = member(7, ["10.244.100.7"], ["10.244.100.7:51820"])
     t.step("pod CIDRs route with their members; adjacent prefixes collapse", (a, b), t0)
-    t.step("a wider prefix keeps only what earlier members do not have", (a, b, c), t0 + 1)
+    t.step("a whole pod subnet is refused", (a, b, c), t0 + 1)
     t.step("this node's own address and a taken pod CIDR are refused", (a, b, c, d), t0 + 2)
+    t.step("a wider pod CIDR keeps only what others do not have", (a, b, c, d, e), t0 + 3)
+    everyone = (a, b, c, d, e, greedy, outside)
+    t.step(
+        "default-route halves and prefixes outside the pod subnets are refused", everyone, t0 + 4
+    )
+    t.step("node addresses are claimed before any pod CIDR", (*everyone, thief, victim), t0 + 5)
     t.check("pod_cidrs_overlaps")
 
 
@@ -208,5 +229,6 @@ def test_restart_keeps_kernel_peers_until_discovery_answers() -> None:
     t.tracking = {}
     t.step("the agent restarts: discovery has not answered, the kernel's peers stay", None, t0 + 10)
     t.step("still no answer: nothing changes", None, t0 + 20)
-    t.step("discovery answers: node2 is gone, node1 stays", (a,), t0 + 30)
+    t.step("discovery answers without node2: it is kept until it is down", (a,), t0 + 30)
+    t.step("275 s on, node2 never answered: removed", (a,), t0 + 300)
     t.check("restart_unknown_members")

@@ -56,6 +56,7 @@ def test_config_changes_are_followed(tmp_path: Path, caplog: pytest.LogCaptureFi
                 node,
                 kernel,
                 tmp_path / "node" / "run",
+                tmp_path / "node" / "state",
                 tick=0.2,
                 events=q,
                 hostname=lambda: "node",

@@ -89,7 +89,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     with Kernel() as kernel:
 
         def make_agent(config: MachineConfig, node: Identity, queue_: queue.Queue[Any]) -> Agent:
-            return Agent(config, node, kernel, args.runtime_dir, events=queue_)
+            return Agent(config, node, kernel, args.runtime_dir, args.state_dir, events=queue_)
 
         watcher.start()
         try:

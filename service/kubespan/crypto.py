@@ -35,6 +35,9 @@ from kubespan.errors import CryptoError
 
 BLOB_VERSION = 1
 NONCE_BYTES = 24
+TAG_BYTES = 16
+# A sealed blob is its version byte, the nonce, the ciphertext and the tag.
+SEALED_OVERHEAD = 1 + NONCE_BYTES + TAG_BYTES
 _SALT_PREFIX = b"kubespan/v1 cluster "
 
 
@@ -147,7 +150,7 @@ class ClusterKeys:
 
     @staticmethod
     def _open(blob: bytes, associated: bytes, key: bytes) -> bytes:
-        if len(blob) < 1 + NONCE_BYTES + 16 or blob[0] != BLOB_VERSION:
+        if len(blob) < SEALED_OVERHEAD or blob[0] != BLOB_VERSION:
             raise CryptoError("blob is too short or of an unknown version")
         nonce = blob[1 : 1 + NONCE_BYTES]
         try:

@@ -25,8 +25,37 @@ class AffiliateInfo:
 
 
 @dataclass(frozen=True)
+class MemberRecord:
+    """One sealed registration of a node: what it says about itself, which version of that
+    it is (strictly increasing per node, so an older record served again is ignored), until
+    when it holds, and whether it says the node has left the cluster. All of it is inside
+    the sealed blob: the discovery service can neither forge, extend, shorten nor roll back
+    any of it."""
+
+    info: AffiliateInfo
+    endpoints: tuple[Endpoint, ...]
+    version: int
+    valid_until: int  # Unix seconds, the node's own clock
+    leave: bool = False
+
+
+# Endpoints other members saw a node at (harvested), kept per node beside its own.
+MAX_HINTS = 16
+
+
+@dataclass(frozen=True)
+class ListedRecord:
+    """A record as one listing carries it: authenticated and parsed, with the endpoints the
+    listing adds to it (harvested by other members; not part of the sealed record)."""
+
+    record: MemberRecord
+    hints: tuple[Endpoint, ...] = ()
+
+
+@dataclass(frozen=True)
 class Member:
-    """Another node of the cluster, as discovery reports it."""
+    """Another node of the cluster: its record's data and every endpoint to try, its own in
+    its order first, then those other members saw it at (harvested)."""
 
     info: AffiliateInfo
     endpoints: tuple[Endpoint, ...]
@@ -93,6 +122,12 @@ class ObservedLink:
     listen_port: int
     fwmark: int
     peers: tuple[ObservedPeer, ...]
+    # Another program's link may carry our name; only a WireGuard link can be ours.
+    kind: str = "wireguard"
+
+    @property
+    def foreign(self) -> bool:
+        return self.kind != "wireguard"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Inputs that end a run of the reconcile loop (the rest are in session.py)."""
+"""Inputs of the reconcile loop: those that end a run, and kernel changes (the discovery
+services' inputs are in session.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ class ConfigChanged:
     config: MachineConfig
     raw: bytes = field(repr=False)
     origin: str
+
+
+@dataclass(frozen=True)
+class KernelChanged:
+    """Something of ours in the kernel (or a local address) changed: reconcile now."""
+
+    reason: str
 
 
 Terminal = Stop | ConfigChanged

@@ -1,8 +1,14 @@
 """The reconcile loop: observe, plan, diff, apply, publish status; on every input and each tick.
 
-Inputs arrive on one queue (discovery listings, the public address discovery saw, stop); a
-pass runs after each batch of inputs and at least every TICK seconds, since peer state needs
-time to pass. Doing a pass twice changes nothing the second time.
+Inputs arrive on one queue (discovery listings and failures, the public address discovery
+saw, kernel changes, stop); a pass runs after each batch of inputs and at least every TICK
+seconds, since peer state needs time to pass. Doing a pass twice changes nothing the second
+time. Nothing ends the loop but Stop or a new config: any error in a pass is logged, backed
+off and retried.
+
+Members come from sealed records only (plan/membership.py), kept in the peer cache on the
+state partition, so a node that boots while discovery is down rebuilds its mesh from the
+cache and is READY once those peers are applied.
 """
 
 from __future__ import annotations
@@ -20,28 +26,50 @@ from typing import Any, Protocol
 
 from kubespan import notify
 from kubespan.agent.backoff import Backoff
-from kubespan.agent.events import ConfigChanged, Stop, Terminal
-from kubespan.agent.session import TTL_SECONDS, DiscoverySession, ListingEvent, ReflexiveEvent
+from kubespan.agent.events import ConfigChanged, KernelChanged, Stop, Terminal
+from kubespan.agent.peercache import VersionCounter, load_membership, save_membership
+from kubespan.agent.session import (
+    TTL_SECONDS,
+    DiscoverySession,
+    ListingEvent,
+    ReflexiveEvent,
+    SessionFailed,
+)
 from kubespan.agent.status import status_document, write_status
 from kubespan.config import MachineConfig
 from kubespan.crypto import ClusterKeys
-from kubespan.discovery.members import merge_members, open_listing
+from kubespan.discovery.members import Registration, open_affiliate, seal_record
+from kubespan.discovery.payload import MAX_ADDRESSES, MAX_ENDPOINTS, valid_hostname
 from kubespan.errors import ApplyError
 from kubespan.identity import Identity, LinkHardware, fallback_mac, first_physical_mac, node_ula
 from kubespan.identity import ula_prefix as cluster_ula_prefix
-from kubespan.model import AffiliateInfo, LocalAddress, Member, ObservedLink, PeerState
+from kubespan.model import (
+    AffiliateInfo,
+    ListedRecord,
+    LocalAddress,
+    MemberRecord,
+    ObservedLink,
+    PeerState,
+)
 from kubespan.names import LINK_NAME
+from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
 from kubespan.plan.desired import PeerReport, PlanInput, plan
-from kubespan.plan.diff import Operation, diff
+from kubespan.plan.diff import Operation, SetPeer, diff, link_warnings
 from kubespan.plan.harvest import Harvest, harvest_candidates
-from kubespan.plan.local import advertised_addresses, advertised_endpoints
+from kubespan.plan.local import advertised_addresses, advertised_endpoints, excluded
+from kubespan.plan.membership import Membership, absorb, expire
 from kubespan.plan.peerstate import Tracking
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 5.0
 READY_TIMEOUT_SECONDS = 30.0
+# With members from the cache, READY waits this long for discovery's first answer (so a
+# member that joined while this node was down is known before kubelet starts), unless
+# every discovery service has already failed.
+CACHE_READY_GRACE_SECONDS = 5.0
+REFRESH_SECONDS = TTL_SECONDS / 2
 
 
 class KernelPort(Protocol):
@@ -68,6 +96,7 @@ class Agent:
         identity: Identity,
         kernel: KernelPort,
         runtime_dir: Path,
+        state_dir: Path,
         clocks: Clocks | None = None,
         rng: random.Random | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
@@ -80,21 +109,39 @@ class Agent:
         self.identity = identity
         self.kernel = kernel
         self.runtime_dir = runtime_dir
+        self.state_dir = state_dir
         self.clocks = clocks or Clocks()
         self.rng = rng or random.Random()
+        self.random_bytes = random_bytes
         self.hostname = hostname
         self.tick = tick
         self.ready_timeout = ready_timeout
         self.events: queue.Queue[Any] = events if events is not None else queue.Queue()
         self.keys = ClusterKeys.derive(config.cluster.id, config.cluster.secret)
         self.sessions = [
-            DiscoverySession(url, self.keys, self.events, self.rng, random_bytes)
+            DiscoverySession(
+                url, self.keys, self.events, self.rng, random_bytes, self.clocks.monotonic
+            )
             for url in config.cluster.discovery.service_endpoints
         ]
-        self.members_by_url: dict[str, tuple[Member, ...]] = {}
+        cached = load_membership(state_dir, self.keys.cluster_address)
+        self.membership = cached or Membership()
+        self.members_known = cached is not None
+        self.from_cache = cached is not None
+        if cached is not None:
+            log.info("peer cache loaded members=%d", len(cached.known))
+        self.versions = VersionCounter(state_dir)
+        self.registration: Registration | None = None
+        self._sealed_content: tuple[AffiliateInfo, tuple[Endpoint, ...]] | None = None
+        self._sealed_at = 0.0
+        self._opened: dict[tuple[str, bytes, tuple[bytes, ...]], ListedRecord | None] = {}
+        self.heard: set[str] = set()
+        self.failed: set[str] = set()
         self.tracking: dict[str, Tracking] = {}
         self.ready = False
+        self.last_error: str | None = None
         self._reported: set[str] = set()
+        self._warnings: tuple[str, ...] = ()
         self._states: dict[str, PeerState] = {}
         self._harvested: dict[Harvest, float] = {}
         self.prefix = cluster_ula_prefix(config.cluster.id)
@@ -117,6 +164,13 @@ class Agent:
             ",".join(s.url for s in self.sessions),
         )
         for session in self.sessions:
+            if session.url.startswith("http://"):
+                log.warning(
+                    "discovery url=%s is plain http: anyone on the path sees which cluster "
+                    "registers when and from where, and can delay or drop answers (nothing "
+                    "sealed can be read or changed); use https",
+                    session.url,
+                )
             session.start()
         started = self.clocks.monotonic()
         backoff = Backoff(base=1.0, cap=30.0, rng=self.rng)
@@ -128,24 +182,40 @@ class Agent:
                     return terminal
                 try:
                     self.reconcile()
-                except ApplyError as error:
+                except Exception as error:  # the loop must outlive any single pass
                     delay = backoff.next_delay()
-                    log.error(
-                        "apply failed, keeping the previous state; retry_in=%.1fs error=%s",
-                        delay,
-                        error,
-                    )
+                    self.last_error = str(error) or type(error).__name__
+                    if isinstance(error, ApplyError):
+                        log.error(
+                            "apply failed, keeping the previous state; retry_in=%.1fs error=%s",
+                            delay,
+                            error,
+                        )
+                    else:
+                        log.exception("reconcile pass failed; retry_in=%.1fs", delay)
                     next_pass = self.clocks.monotonic() + delay
                     continue
                 backoff.reset()
+                self.last_error = None
                 next_pass = self.clocks.monotonic() + self.tick
-                heard = bool(self.members_by_url) or not self.sessions
-                waited = self.clocks.monotonic() - started >= self.ready_timeout
-                if not self.ready and (heard or waited):
-                    self._become_ready(heard)
+                if not self.ready and self._may_be_ready(started):
+                    self._become_ready()
         finally:
             for session in self.sessions:
                 session.stop()
+
+    def _may_be_ready(self, started: float) -> bool:
+        """Ready once the members discovery reports are applied; with members from the
+        cache, once discovery answered, every service failed, or a short grace passed; and
+        in any case after the timeout, so a dead discovery cannot block boot forever."""
+        if not self.sessions or self.heard:
+            return True
+        elapsed = self.clocks.monotonic() - started
+        if self.from_cache and (
+            elapsed >= CACHE_READY_GRACE_SECONDS or all(s.url in self.failed for s in self.sessions)
+        ):
+            return True
+        return elapsed >= self.ready_timeout
 
     def _wait_inputs(self, next_pass: float) -> Terminal | None:
         """Block until an input arrives or the next pass is due; the event that ends the run."""
@@ -157,7 +227,10 @@ class Agent:
         while True:
             if isinstance(event, Stop | ConfigChanged):
                 return event
-            self._take(event)
+            try:
+                self._take(event)
+            except Exception:  # one bad input must not end the loop
+                log.exception("could not take in %s", type(event).__name__)
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
@@ -165,34 +238,77 @@ class Agent:
 
     def _take(self, event: object) -> None:
         if isinstance(event, ListingEvent):
-            members, problems = open_listing(self.keys, event.listing)
-            for problem in problems:
-                self._report_once(f"discovery {event.url}: {problem}")
-            self.members_by_url[event.url] = members
-            log.info(
-                "discovery update url=%s revision=%d members=%d",
-                event.url,
-                event.listing.revision,
-                len(members),
-            )
+            self._absorb_listing(event)
+        elif isinstance(event, SessionFailed):
+            self.failed.add(event.url)
+        elif isinstance(event, KernelChanged):
+            log.debug("kernel changed: %s", event.reason)
         elif isinstance(event, ReflexiveEvent):
             pass  # the pass below reads the new address from the session
 
-    def _become_ready(self, heard: bool) -> None:
+    def _absorb_listing(self, event: ListingEvent) -> None:
+        listed: list[ListedRecord] = []
+        for problem in event.problems:
+            self._report_once(f"discovery {event.url}: {problem}")
+        opened: dict[tuple[str, bytes, tuple[bytes, ...]], ListedRecord | None] = {}
+        for affiliate in event.listing.affiliates:
+            key = (affiliate.id, affiliate.data, affiliate.endpoints)
+            if key in self._opened:
+                result = self._opened[key]
+            else:
+                result, problems = open_affiliate(self.keys, affiliate)
+                for problem in problems:
+                    self._report_once(f"discovery {event.url}: {problem}")
+            opened[key] = result
+            if result is not None:
+                listed.append(result)
+        # Keep the opened records of this listing only: the cache stays as large as a cluster.
+        self._opened = {k: v for k, v in {**self._opened, **opened}.items() if k in opened}
+        membership, changes = absorb(
+            self.membership, listed, self.identity.node_id, self.clocks.wall()
+        )
+        self.heard.add(event.url)
+        self.members_known = True
+        log.info(
+            "discovery update url=%s revision=%d records=%d members=%d",
+            event.url,
+            event.listing.revision,
+            len(listed),
+            len(membership.known),
+        )
+        self._set_membership(membership, changes)
+
+    def _set_membership(self, membership: Membership, changes: list[str]) -> None:
+        for change in changes:
+            log.info("%s", change)
+        if membership == self.membership:
+            return
+        self.membership = membership
+        try:
+            save_membership(self.state_dir, membership, self.keys.cluster_address)
+        except OSError as error:
+            self._report_once(
+                f"cannot write the peer cache under {self.state_dir}: {error.strerror}; a "
+                "restart while discovery is down would start without members"
+            )
+
+    def _become_ready(self) -> None:
         self.ready = True
         peers = len(self.tracking)
-        if heard:
+        if self.heard or not self.sessions:
             message = f"mesh configured, {peers} peers"
+        elif self.from_cache:
+            message = f"mesh configured from the peer cache, {peers} peers; discovery not heard"
         else:
             message = f"discovery unreachable after {self.ready_timeout:g}s; {peers} peers"
         log.info("ready: %s", message)
         notify.ready(message)
 
-    def _harvest(self, members: tuple[Member, ...], reports: tuple[PeerReport, ...]) -> None:
-        now = self.clocks.wall()
-        refresh = TTL_SECONDS / 2
+    def _harvest(self, reports: tuple[PeerReport, ...]) -> None:
+        now = self.clocks.monotonic()
+        members = self.membership.members()
         for node_id, endpoint in harvest_candidates(
-            members, reports, self._harvested, now, refresh
+            members, reports, self._harvested, now, REFRESH_SECONDS
         ):
             self._harvested[(node_id, endpoint)] = now
             for session in self.sessions:
@@ -207,43 +323,90 @@ class Agent:
         )
         if not same_cluster:
             return
-        urls = {session.url for session in self.sessions}
-        self.members_by_url = {u: m for u, m in previous.members_by_url.items() if u in urls}
+        self.membership = previous.membership
+        self.members_known = previous.members_known
+        self.from_cache = previous.members_known
         self.tracking = dict(previous.tracking)
 
     def leave(self) -> None:
-        """Remove this node from every discovery service (best effort): peers drop it now
-        instead of when its registration expires."""
-        affiliate = self.keys.affiliate_id(self.identity.node_id)
+        """Publish this node's sealed leave record on every discovery service (best effort,
+        a few seconds at most): peers drop it at once, and no older record of it can bring
+        it back."""
+        info, endpoints = self.local_info()
+        wall = self.clocks.wall()
+        record = MemberRecord(
+            info, endpoints, self.versions.next(wall), int(wall) + TTL_SECONDS, leave=True
+        )
+        registration = seal_record(self.keys, record, self.random_bytes(24))
         for session in self.sessions:
-            session.leave(affiliate)
+            session.leave(registration)
 
     def _report_once(self, message: str) -> None:
         if message not in self._reported:
+            if len(self._reported) > 4096:
+                self._reported.clear()
             self._reported.add(message)
             log.warning("%s", message)
 
-    def local_info(self) -> tuple[AffiliateInfo, tuple[Any, ...]]:
+    def local_info(self) -> tuple[AffiliateInfo, tuple[Endpoint, ...]]:
+        kubespan = self.config.kubespan
         addresses = advertised_addresses(self.kernel.local_addresses(), self.prefix)
+        addresses = tuple(
+            a for a in addresses if not excluded(a, kubespan.exclude_advertised_networks)
+        )
+        if len(addresses) > MAX_ADDRESSES:
+            self._report_once(
+                f"this node has {len(addresses)} addresses; advertising the first {MAX_ADDRESSES}"
+            )
+            addresses = addresses[:MAX_ADDRESSES]
         reflexive = next((s.reflexive for s in self.sessions if s.reflexive), None)
-        endpoints = advertised_endpoints(addresses, reflexive, self.config.kubespan)
+        endpoints = advertised_endpoints(addresses, reflexive, kubespan)[:MAX_ENDPOINTS]
+        name = self.hostname()
+        if not valid_hostname(name):
+            safe = "".join(c if c.isalnum() or c in "-." else "-" for c in name)[:253]
+            self._report_once(f"hostname {name!r} is not a DNS name; advertising {safe!r}")
+            name = safe.strip(".") or "node"
         info = AffiliateInfo(
             node_id=self.identity.node_id,
-            hostname=self.hostname(),
+            hostname=name,
             public_key=self.identity.public_key_b64,
             ula=self.ula,
             addresses=addresses,
         )
         return info, endpoints
 
+    def _register(self, info: AffiliateInfo, endpoints: tuple[Endpoint, ...]) -> None:
+        """Seal a new record when what we say changed, or half its life has passed."""
+        now = self.clocks.monotonic()
+        content = (info, endpoints)
+        if (
+            self.registration is not None
+            and content == self._sealed_content
+            and now - self._sealed_at < REFRESH_SECONDS
+        ):
+            return
+        wall = self.clocks.wall()
+        record = MemberRecord(info, endpoints, self.versions.next(wall), int(wall) + TTL_SECONDS)
+        try:
+            self.registration = seal_record(self.keys, record, self.random_bytes(24))
+        except ValueError as error:
+            self._report_once(f"cannot register: {error}")
+            return
+        self._sealed_content, self._sealed_at = content, now
+        for session in self.sessions:
+            session.set_registration(self.registration)
+
+    def protected_addresses(self) -> tuple[IPAddress, ...]:
+        return tuple(a for s in self.sessions for a in s.addresses)
+
     def reconcile(self) -> list[Operation]:
         """One pass; returns the operations applied (none when nothing changed)."""
         info, endpoints = self.local_info()
-        for session in self.sessions:
-            session.set_registration(info, endpoints)
+        self._register(info, endpoints)
         observed = self.kernel.observe_link(LINK_NAME)
         routing = self.kernel.observe_routing(LINK_NAME)
-        members = merge_members(list(self.members_by_url.values())) if self.members_by_url else None
+        now, wall = self.clocks.monotonic(), self.clocks.wall()
+        members = self.membership.members() if self.members_known else None
         result = plan(
             PlanInput(
                 config=self.config.kubespan,
@@ -255,32 +418,61 @@ class Agent:
                 members=members,
                 observed=observed,
                 tracking=self.tracking,
-                now=self.clocks.wall(),
+                now=now,
+                wall=wall,
+                pod_subnets=self.config.cluster.pod_subnets,
+                protected=self.protected_addresses(),
+                up_keys=frozenset(k for k, s in self._states.items() if s is PeerState.UP),
+                departed_keys=self.membership.departed_keys(),
             )
         )
-        for warning in (*result.warnings, *dataplane_warnings(LINK_NAME, routing)):
+        self._warnings = (
+            *result.warnings,
+            *link_warnings(LINK_NAME, observed),
+            *dataplane_warnings(LINK_NAME, routing),
+        )
+        for warning in self._warnings:
             self._report_once(warning)
         operations = diff(result.desired, observed, routing)
         for operation in operations:
-            log.info("apply %s", operation.render())
-        if operations:
-            self.kernel.apply(operations)
-        self._log_state_changes(result.reports)
+            self.kernel.apply([operation])
+            self._log_applied(operation)
         self.tracking = dict(result.tracking)
+        self._log_state_changes(result.reports)
+        down = {r.public_key for r in result.reports if r.state is PeerState.DOWN}
+        self._set_membership(*expire(self.membership, wall, down))
         if self.config.kubespan.harvest_extra_endpoints and members:
-            self._harvest(members, result.reports)
+            self._harvest(result.reports)
+        self._publish(info, endpoints, result.reports)
+        return operations
+
+    def _publish(
+        self, info: AffiliateInfo, endpoints: tuple[Endpoint, ...], reports: tuple[PeerReport, ...]
+    ) -> None:
         document = status_document(
             info,
             endpoints,
-            result.reports,
+            reports,
             [s.status() for s in self.sessions],
             self.ready,
             self.clocks.wall(),
+            warnings=self._warnings,
+            last_error=self.last_error,
         )
         write_status(self.runtime_dir, document)
-        up = sum(1 for r in result.reports if r.state is PeerState.UP)
-        notify.status(f"{len(result.reports)} peers, {up} up")
-        return operations
+        up = sum(1 for r in reports if r.state is PeerState.UP)
+        notify.status(f"{len(reports)} peers, {up} up")
+
+    @staticmethod
+    def _log_applied(operation: Operation) -> None:
+        # Endpoint trials are routine (debug); every other change is news (info).
+        routine = (
+            isinstance(operation, SetPeer)
+            and operation.allowed_ips is None
+            and operation.preshared_key is None
+            and operation.keepalive is None
+        )
+        log.log(logging.DEBUG if routine else logging.INFO, "applied %s", operation.render())
 
     def _log_state_changes(self, reports: tuple[PeerReport, ...]) -> None:
         for report in reports:

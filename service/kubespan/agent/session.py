@@ -1,8 +1,14 @@
-"""One discovery service as the agent sees it: register, refresh, and watch, in two threads.
+"""One discovery service as the agent sees it: register and watch, in two threads.
 
-The registrar keeps this node's sealed registration current (PUT on change, refresh at half
-the TTL, hello to learn the public address); the watcher long-polls the member listing and
-resumes from the last revision after any failure. Both report to the agent through `events`.
+The registrar keeps this node's sealed record on the service (PUT whenever the agent hands it
+a new one, and again at once when the watcher finds it missing or stale on the service, e.g.
+after the service restarted without its state), asks `hello` for the public address, resolves
+the service's own addresses (members may never claim them), and reports harvested endpoints.
+The watcher long-polls the listing and resumes from the last revision after any failure.
+Both report to the agent through `events`.
+
+Neither thread ever dies: every iteration catches everything, logs it, backs off and goes
+on; every wait is cut short by `stop()`, whatever a server says in a Retry-After.
 """
 
 from __future__ import annotations
@@ -10,38 +16,75 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import socket
 import threading
 import time
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kubespan.agent.backoff import Backoff
 from kubespan.crypto import ClusterKeys
 from kubespan.discovery.client import DiscoveryClient
-from kubespan.discovery.members import Registration, seal_registration
-from kubespan.discovery.payload import encode_endpoint
+from kubespan.discovery.members import Registration
+from kubespan.discovery.payload import encode_endpoint, parse_address
 from kubespan.discovery.protocol import Listing
 from kubespan.discovery.view import ClusterView
 from kubespan.errors import DiscoveryError
-from kubespan.model import AffiliateInfo
 from kubespan.netaddr import Endpoint, IPAddress
 
 log = logging.getLogger(__name__)
 
 TTL_SECONDS = 30 * 60
 WATCH_WAIT_SECONDS = 30.0
+# A record found missing or stale is put back at once, but not more often than this: two
+# services (or a lagging replica) disagreeing must not turn into a request storm.
+REREGISTER_GAP_SECONDS = 5.0
+LEAVE_DEADLINE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
 class ListingEvent:
     url: str
     listing: Listing
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ReflexiveEvent:
     url: str
     address: IPAddress | None
+
+
+@dataclass(frozen=True)
+class SessionFailed:
+    """A request to the service failed (the agent's readiness waits for one answer or one
+    failure from every service)."""
+
+    url: str
+
+
+def service_addresses(url: str) -> tuple[IPAddress, ...]:
+    """The addresses the service's host name resolves to (an IP literal is itself)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return (parse_address(host, "host"),)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return ()
+    found: list[IPAddress] = []
+    for info in infos:
+        try:
+            address = parse_address(str(info[4][0]), "host")
+        except ValueError:
+            continue
+        if address not in found:
+            found.append(address)
+    return tuple(found)
 
 
 class DiscoverySession:
@@ -51,20 +94,25 @@ class DiscoverySession:
         keys: ClusterKeys,
         events: queue.Queue[Any],
         rng: random.Random,
-        random_bytes: Any,
+        random_bytes: Callable[[int], bytes],
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
         self.keys = keys
         self.events = events
         self.rng = rng
         self.random_bytes = random_bytes
+        self.monotonic = monotonic
         self.reflexive: IPAddress | None = None
+        self.addresses: tuple[IPAddress, ...] = ()
         self.last_error: str | None = None
+        self.last_answer: float | None = None  # wall clock, for status
         self.revision: int | None = None
-        self._wanted: tuple[AffiliateInfo, tuple[Endpoint, ...]] | None = None
+        self._wanted: Registration | None = None
+        self._sent: Registration | None = None
+        self._sent_revision = 0
+        self._reregister = False
         self._harvested: list[tuple[str, Endpoint]] = []
-        self._sent: tuple[AffiliateInfo, tuple[Endpoint, ...]] | None = None
-        self._sealed: Registration | None = None
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._threads = [
@@ -81,27 +129,44 @@ class DiscoverySession:
         with self._wake:
             self._wake.notify_all()
 
-    def leave(self, affiliate_id: str) -> None:
-        client = self._client()
-        try:
-            client.delete(affiliate_id)
-            log.info("left discovery url=%s", self.url)
-        except DiscoveryError as error:
-            log.warning("could not leave discovery url=%s error=%s", self.url, error)
-        finally:
-            client.close()
+    def join(self, timeout: float) -> None:
+        deadline = self.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - self.monotonic()))
+
+    def set_registration(self, registration: Registration) -> None:
+        with self._wake:
+            if self._wanted != registration:
+                self._wanted = registration
+                self._wake.notify_all()
 
     def harvest(self, affiliate_id: str, endpoint: Endpoint) -> None:
         """Report, in the background, that another member was seen at `endpoint`."""
         with self._wake:
-            self._harvested.append((affiliate_id, endpoint))
+            if len(self._harvested) < 64:
+                self._harvested.append((affiliate_id, endpoint))
             self._wake.notify_all()
 
-    def set_registration(self, info: AffiliateInfo, endpoints: tuple[Endpoint, ...]) -> None:
-        with self._wake:
-            if self._wanted != (info, endpoints):
-                self._wanted = (info, endpoints)
-                self._wake.notify_all()
+    def leave(self, registration: Registration) -> bool:
+        """Put this node's sealed leave record on the service, within a short deadline; the
+        service's own DELETE would not do (a listing's absence proves nothing to peers)."""
+        client = self._client(sleep=lambda _seconds: None)
+        try:
+            client.put(
+                registration.affiliate_id,
+                registration.data,
+                list(registration.endpoints),
+                TTL_SECONDS,
+                deadline=LEAVE_DEADLINE_SECONDS,
+            )
+        except DiscoveryError as error:
+            log.warning("could not leave discovery url=%s error=%s", self.url, error)
+            return False
+        finally:
+            client.close()
+        log.info("left discovery url=%s", self.url)
+        return True
 
     def status(self) -> dict[str, Any]:
         return {
@@ -110,47 +175,62 @@ class DiscoverySession:
             "registered": self._sent is not None,
             "public_address": str(self.reflexive) if self.reflexive else None,
             "last_error": self.last_error,
+            "last_answer": self.last_answer,
         }
 
     # --- registrar ---------------------------------------------------------------------------
 
-    def _client(self) -> DiscoveryClient:
-        return DiscoveryClient(self.url, self.keys, random_bytes=self.random_bytes, rng=self.rng)
+    def _client(self, sleep: Callable[[float], Any] | None = None) -> DiscoveryClient:
+        return DiscoveryClient(
+            self.url,
+            self.keys,
+            random_bytes=self.random_bytes,
+            rng=self.rng,
+            sleep=sleep or self._stopping.wait,
+        )
 
     def _register_loop(self) -> None:
         client = self._client()
         backoff = Backoff(base=1.0, cap=60.0, rng=self.rng)
-        refresh_at = 0.0
         need_hello = True
+        last_put = -REREGISTER_GAP_SECONDS
         while not self._stopping.is_set():
-            with self._wake:
-                wanted = self._wanted
-                harvested, self._harvested = self._harvested, []
-                due = wanted is not None and (
-                    wanted != self._sent or time.monotonic() >= refresh_at or need_hello
-                )
-                if not due and not harvested:
-                    timeout = max(0.1, refresh_at - time.monotonic()) if wanted else None
-                    self._wake.wait(timeout)
-                    continue
-            if harvested:
-                self._send_harvested(client, harvested)
-            if not due:
-                continue
-            assert wanted is not None
             try:
+                with self._wake:
+                    wanted = self._wanted
+                    harvested, self._harvested = self._harvested, []
+                    reregister = self._reregister and (
+                        self.monotonic() - last_put >= REREGISTER_GAP_SECONDS
+                    )
+                    due = wanted is not None and (wanted != self._sent or need_hello or reregister)
+                    if not due and not harvested:
+                        wait = None
+                        if self._reregister:
+                            wait = max(0.1, last_put + REREGISTER_GAP_SECONDS - self.monotonic())
+                        self._wake.wait(wait)
+                        continue
+                if harvested:
+                    self._send_harvested(client, harvested)
+                if not due or wanted is None:
+                    continue
                 if need_hello:
                     self._hello(client)
                     need_hello = False
+                last_put = self.monotonic()
+                with self._wake:
+                    self._reregister = False
                 self._put(client, wanted)
+                backoff.reset()
             except DiscoveryError as error:
                 delay = backoff.next_delay()
                 self._failed(f"register: {error}", delay)
                 need_hello = True
                 self._stopping.wait(delay)
-                continue
-            backoff.reset()
-            refresh_at = time.monotonic() + TTL_SECONDS / 2
+            except Exception as error:  # the thread must survive anything
+                delay = backoff.next_delay()
+                log.exception("registrar error url=%s retry_in=%.1fs", self.url, delay)
+                self._failed(f"register: unexpected {type(error).__name__}", delay)
+                self._stopping.wait(delay)
         client.close()
 
     def _send_harvested(
@@ -160,36 +240,37 @@ class DiscoverySession:
             blob = self.keys.seal_endpoint(affiliate_id, encode_endpoint(endpoint))
             try:
                 client.add_endpoints(affiliate_id, [blob], TTL_SECONDS)
-                log.info("reported harvested endpoint url=%s endpoint=%s", self.url, endpoint)
+                log.debug("reported harvested endpoint url=%s endpoint=%s", self.url, endpoint)
             except DiscoveryError as error:
                 log.warning("harvest report failed url=%s error=%s", self.url, error)
 
     def _hello(self, client: DiscoveryClient) -> None:
+        self.addresses = service_addresses(self.url)
         address = client.hello()
         if address != self.reflexive:
             log.info("discovery sees this node at url=%s address=%s", self.url, address)
             self.reflexive = address
             self.events.put(ReflexiveEvent(self.url, address))
 
-    def _put(
-        self, client: DiscoveryClient, wanted: tuple[AffiliateInfo, tuple[Endpoint, ...]]
-    ) -> None:
-        info, endpoints = wanted
-        if self._sealed is None or self._sent != wanted:
-            # Re-seal only when the content changed: an identical blob refreshes the TTL without
-            # waking every watcher of the cluster.
-            self._sealed = seal_registration(self.keys, info, endpoints, self.random_bytes(24))
-        sealed = self._sealed
-        client.put(sealed.affiliate_id, sealed.data, list(sealed.endpoints), TTL_SECONDS)
-        if self._sent != wanted:
+    def _put(self, client: DiscoveryClient, wanted: Registration) -> None:
+        revision = client.put(wanted.affiliate_id, wanted.data, list(wanted.endpoints), TTL_SECONDS)
+        record = wanted.record
+        if self._sent is None or self._sent.record.info != record.info:
             log.info(
-                "registered url=%s addresses=%s endpoints=%s",
+                "registered url=%s version=%d addresses=%s endpoints=%s",
                 self.url,
-                ",".join(str(a) for a in info.addresses),
-                ",".join(str(e) for e in endpoints),
+                record.version,
+                ",".join(str(a) for a in record.info.addresses),
+                ",".join(str(e) for e in record.endpoints),
             )
-        self._sent = wanted
+        else:
+            log.debug("refreshed url=%s version=%d", self.url, record.version)
+        self._sent, self._sent_revision = wanted, revision
+        self._answered()
+
+    def _answered(self) -> None:
         self.last_error = None
+        self.last_answer = time.time()
 
     # --- watcher -----------------------------------------------------------------------------
 
@@ -201,20 +282,46 @@ class DiscoverySession:
         backoff = Backoff(base=1.0, cap=30.0, rng=self.rng)
         while not self._stopping.is_set():
             try:
-                listing = client.listing(since=view.revision, wait=WATCH_WAIT_SECONDS)
+                listing, problems = client.fetch_listing(view.revision, WATCH_WAIT_SECONDS)
+                backoff.reset()
+                self._answered()
+                first = view.revision is None
+                if view.apply(listing) or first or problems:
+                    self.revision = view.revision
+                    self.events.put(ListingEvent(self.url, view.listing(), tuple(problems)))
+                self._check_own(view)
             except DiscoveryError as error:
                 delay = backoff.next_delay()
                 self._failed(f"watch: {error}", delay)
                 self._stopping.wait(delay)
-                continue
-            backoff.reset()
-            first = view.revision is None
-            if view.apply(listing) or first:
-                self.revision = view.revision
-                self.events.put(ListingEvent(self.url, view.listing()))
+            except Exception as error:  # the thread must survive anything
+                delay = backoff.next_delay()
+                log.exception("watcher error url=%s retry_in=%.1fs", self.url, delay)
+                self._failed(f"watch: unexpected {type(error).__name__}", delay)
+                view = ClusterView()
+                self._stopping.wait(delay)
         client.close()
+
+    def _check_own(self, view: ClusterView) -> None:
+        """Our record must be on the service as we last put it: a service that restarted
+        without its state, or serves an older record, gets ours again at once."""
+        sent = self._sent
+        if sent is None:
+            return
+        listed = view.affiliates.get(sent.affiliate_id)
+        if listed is not None and listed.data == sent.data:
+            return
+        if listed is not None and (view.revision or 0) < self._sent_revision:
+            return  # a listing from before our last put landed
+        with self._wake:
+            if self._sent is sent and not self._reregister:
+                what = "missing from" if listed is None else "stale on"
+                log.info("own record is %s the service; registering again url=%s", what, self.url)
+                self._reregister = True
+                self._wake.notify_all()
 
     def _failed(self, message: str, delay: float) -> None:
         if message != self.last_error:
             log.warning("discovery failed url=%s retry_in=%.1fs error=%s", self.url, delay, message)
         self.last_error = message
+        self.events.put(SessionFailed(self.url))

@@ -22,11 +22,15 @@ def status_document(
     discovery: list[dict[str, Any]],
     ready: bool,
     now: float,
+    warnings: tuple[str, ...] = (),
+    last_error: str | None = None,
 ) -> dict[str, Any]:
     return {
         "version": 1,
         "updated_at": now,
         "ready": ready,
+        "last_error": last_error,
+        "warnings": list(warnings),
         "node": {
             "name": info.hostname,
             "node_id": info.node_id,
@@ -45,6 +49,7 @@ def status_document(
                 "last_handshake": r.last_handshake,
                 "rx_bytes": r.rx_bytes,
                 "tx_bytes": r.tx_bytes,
+                "refused": list(r.refused),
             }
             for r in sorted(reports, key=lambda r: (r.name, r.public_key))
         ],
@@ -55,6 +60,13 @@ def status_document(
 def write_status(runtime_dir: Path, document: dict[str, Any]) -> None:
     runtime_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(runtime_dir / STATUS_FILE, json.dumps(document, indent=2).encode(), mode=0o644)
+
+
+def printable(value: Any, limit: int = 200) -> str:
+    """Text from peers or services made safe for a terminal: control characters (escape
+    sequences could clear the screen or draw fake lines) are shown escaped, never sent."""
+    text = str(value)[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _age(then: float | None, now: float) -> str:
@@ -79,34 +91,42 @@ def render_status(document: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     node = document["node"]
     lines = [
-        f"node {node['name']}  {node['ula']}  key {node['public_key']}",
-        f"  endpoints: {', '.join(node['endpoints']) or '(none)'}",
+        f"node {printable(node['name'])}  {printable(node['ula'])}  "
+        f"key {printable(node['public_key'])}",
+        f"  endpoints: {', '.join(printable(e) for e in node['endpoints']) or '(none)'}",
         f"  status updated {_age(document['updated_at'], now)}, "
         f"{'ready' if document.get('ready') else 'starting'}",
     ]
+    if document.get("last_error"):
+        lines.append(f"  last error: {printable(document['last_error'], 400)}")
     for source in document.get("discovery", []):
-        error = f"  error: {source['last_error']}" if source.get("last_error") else ""
+        error = f"  error: {printable(source['last_error'])}" if source.get("last_error") else ""
         lines.append(
-            f"  discovery {source['url']}: revision {source['revision']}, "
-            f"public address {source['public_address']}{error}"
+            f"  discovery {printable(source['url'])}: revision {source['revision']}, "
+            f"public address {printable(source['public_address'])}{error}"
         )
+    for warning in document.get("warnings", []):
+        lines.append(f"  warning: {printable(warning, 400)}")
     peers = document["peers"]
     up = sum(1 for p in peers if p["state"] == PeerState.UP.value)
     lines.append(f"peers: {len(peers)} ({up} up)")
     header = ("NAME", "STATE", "ENDPOINT", "HANDSHAKE", "RX", "TX", "PUBLIC KEY")
     rows = [header] + [
         (
-            p["name"],
-            p["state"],
-            p["endpoint"] or "-",
+            printable(p["name"], 64),
+            printable(p["state"]),
+            printable(p["endpoint"] or "-"),
             _age(p["last_handshake"], now),
             _bytes(p["rx_bytes"]),
             _bytes(p["tx_bytes"]),
-            p["public_key"],
+            printable(p["public_key"]),
         )
         for p in peers
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    for peer in peers:
+        for refusal in peer.get("refused", []):
+            lines.append(f"  refused: {printable(refusal, 400)}")
     return "\n".join(lines)

@@ -80,8 +80,12 @@ class ConfigWatcher:
         while not self._stopping.is_set():
             forced = self._wake.wait(self.interval)
             self._wake.clear()
-            if not self._stopping.is_set():
+            if self._stopping.is_set():
+                return
+            try:
                 self.check(forced)
+            except Exception:  # the watcher must outlive any config it is shown
+                log.exception("checking the machine config failed; keeping the running config")
 
     def check(self, forced: bool = False) -> None:
         now = stamp(self.path)

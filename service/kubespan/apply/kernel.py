@@ -86,6 +86,19 @@ class Kernel:
             ipaddress.ip_interface(f"{a.get('address')}/{a['prefixlen']}")
             for a in self._ipr.get_addr(index=index)
         )
+        kind = str(link.get(("linkinfo", "kind")) or "")
+        if kind != "wireguard":
+            # Another program's link under our name: reported, never configured.
+            return ObservedLink(
+                mtu=int(link.get("mtu") or 0),
+                up=bool(link["flags"] & IFF_UP),
+                addresses=addresses,
+                private_key=None,
+                listen_port=0,
+                fwmark=0,
+                peers=(),
+                kind=kind,
+            )
         device = parse_device(self.wireguard.info(name))
         return ObservedLink(
             mtu=int(link.get("mtu")),

@@ -161,7 +161,8 @@ def _cluster(reader: _Reader, discovery: DiscoveryConfig) -> ClusterConfig:
                 if key == "secret":
                     secret = decoded
     cluster_id = reader.typed((*CLUSTER, "id"), str, "").strip()
-    return ClusterConfig(id=cluster_id, secret=secret, discovery=discovery)
+    pod_subnets = reader.each((*CLUSTER, "network", "podSubnets"), parse_prefix)
+    return ClusterConfig(id=cluster_id, secret=secret, discovery=discovery, pod_subnets=pod_subnets)
 
 
 def _check_enabled_needs(reader: _Reader, discovery: DiscoveryConfig) -> None:

@@ -43,6 +43,7 @@ class ClusterConfig:
     id: str = ""
     secret: bytes = field(default=b"", repr=False)
     discovery: DiscoveryConfig = DiscoveryConfig()
+    pod_subnets: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)

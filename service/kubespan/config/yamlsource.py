@@ -16,6 +16,7 @@ import yaml
 from kubespan.errors import Problem
 
 MAX_CONFIG_BYTES = 1024 * 1024
+MAX_NESTING = 64
 
 PathKey = tuple[str | int, ...]
 
@@ -49,13 +50,26 @@ class _StrictLoader(yaml.SafeLoader):
     true/false, as in YAML 1.2 (PyYAML's YAML 1.1 would read `yes`, `no`, `on` and `off` as
     booleans, so `enabled: off` would silently mean false where other tools see a string)."""
 
+    depth = 0
+
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
             raise _Refused(
                 event.start_mark.line + 1, "YAML aliases are not supported (found *alias)"
             )
-        node: yaml.Node | None = super().compose_node(parent, index)
+        # Composing recurses once per level: bound it before Python's own limit ends it in
+        # a RecursionError (a machine config is a few levels deep).
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise _Refused(
+                    event.start_mark.line + 1, f"nested deeper than {MAX_NESTING} levels"
+                )
+            node: yaml.Node | None = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
         return node
 
 

@@ -1,9 +1,15 @@
 """HTTP client of the discovery service (requests): signs every request for its cluster,
-retries idempotent requests with exponential backoff and jitter. One instance per thread."""
+retries idempotent requests with exponential backoff and jitter. One instance per thread.
+
+The service (or anyone on an http:// path to it) may be hostile, so every answer is bounded:
+redirects are never followed (they would carry the signed headers elsewhere), bodies are read
+up to a cap and parsed with bounded nesting, and a Retry-After is believed only as a short
+run of ASCII digits, capped. Every wait goes through `sleep`, which the caller makes
+interruptible so that stopping never waits on a server's say-so.
+"""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import random
@@ -13,8 +19,11 @@ from typing import Any
 
 import requests
 
+from kubespan import boundedjson
 from kubespan.crypto import ClusterKeys
-from kubespan.discovery.protocol import API_PREFIX, Listing, encode_blob, parse_listing
+from kubespan.discovery.listing import parse_listing_answer
+from kubespan.discovery.payload import parse_address
+from kubespan.discovery.protocol import API_PREFIX, Listing, encode_blob
 from kubespan.discovery.signing import NONCE_BYTES, sign
 from kubespan.errors import DiscoveryError, DiscoveryRejected
 from kubespan.netaddr import IPAddress
@@ -22,6 +31,12 @@ from kubespan.netaddr import IPAddress
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 10.0
 ATTEMPTS = 3
+# The largest honest answer is a listing of 1,024 members at 4 KiB each, base64, with
+# harvested endpoints: well under this.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+MAX_ANSWER_DEPTH = 6
+MAX_RETRY_AFTER = 60.0
+_CHUNK = 64 * 1024
 
 
 class DiscoveryClient:
@@ -32,7 +47,7 @@ class DiscoveryClient:
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
         rng: random.Random | None = None,
         verify: bool | str = True,
     ) -> None:
@@ -55,18 +70,32 @@ class DiscoveryClient:
     def hello(self) -> IPAddress | None:
         body = self._request("GET", f"{self.cluster_path}/hello")
         address = body.get("client_address")
+        if address is None:
+            return None
+        if not isinstance(address, str) or len(address) > 64:
+            raise DiscoveryError(f"{self.base_url}: hello returned no address")
         try:
-            return ipaddress.ip_address(str(address)) if address else None
+            return parse_address(address, "client_address")
         except ValueError:
-            raise DiscoveryError(f"{self.base_url}: hello returned {address!r}") from None
+            raise DiscoveryError(f"{self.base_url}: hello returned {address[:64]!r}") from None
 
-    def put(self, affiliate: str, data: bytes, endpoints: list[bytes], ttl: int) -> int:
+    def put(
+        self,
+        affiliate: str,
+        data: bytes,
+        endpoints: list[bytes],
+        ttl: int,
+        deadline: float | None = None,
+    ) -> int:
+        """Store a sealed record; with `deadline`, one attempt bounded by it (for leaving
+        while the service is stopping)."""
         document = {
             "data": encode_blob(data),
             "endpoints": [encode_blob(e) for e in endpoints],
             "ttl": ttl,
         }
-        body = self._request("PUT", f"{self.cluster_path}/affiliates/{affiliate}", document)
+        path = f"{self.cluster_path}/affiliates/{affiliate}"
+        body = self._request("PUT", path, document, deadline=deadline)
         return _revision(body, self.base_url)
 
     def add_endpoints(self, affiliate: str, endpoints: list[bytes], ttl: int) -> int:
@@ -79,38 +108,53 @@ class DiscoveryClient:
         return _revision(body, self.base_url)
 
     def listing(self, since: int | None = None, wait: float = 0.0) -> Listing:
+        return self.fetch_listing(since, wait)[0]
+
+    def fetch_listing(
+        self, since: int | None = None, wait: float = 0.0
+    ) -> tuple[Listing, list[str]]:
+        """The listing, and a line for each listed affiliate that was malformed (left out)."""
         target = f"{self.cluster_path}/affiliates"
         if since is not None:
             target += f"?since={since}&wait={wait:g}"
         body = self._request("GET", target, extra_timeout=wait)
         try:
-            return parse_listing(body)
+            return parse_listing_answer(body)
         except ValueError as error:
             raise DiscoveryError(f"{self.base_url}: malformed listing: {error}") from None
 
     def _request(
-        self, method: str, target: str, document: Any = None, extra_timeout: float = 0.0
+        self,
+        method: str,
+        target: str,
+        document: Any = None,
+        extra_timeout: float = 0.0,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
         """Send, retrying what failed in transit (every request here is idempotent); a 4xx is
         an answer and is not retried, except 429 after the time the service asks for."""
         payload = b"" if document is None else json.dumps(document).encode()
+        timeout = (CONNECT_TIMEOUT, READ_TIMEOUT + extra_timeout)
+        attempts = ATTEMPTS
+        if deadline is not None:
+            timeout, attempts = (deadline, deadline), 1
         delay = 0.5
-        for attempt in range(1, ATTEMPTS + 1):
+        for attempt in range(1, attempts + 1):
             try:
-                return self._send(method, target, payload, extra_timeout)
+                return self._send(method, target, payload, timeout)
             except DiscoveryRejected as error:
-                if error.status != 429 or attempt == ATTEMPTS:
+                if error.status != 429 or attempt == attempts:
                     raise
-                self.sleep(max(error.retry_after, delay))
+                self.sleep(min(MAX_RETRY_AFTER, max(error.retry_after, delay)))
             except DiscoveryError:
-                if attempt == ATTEMPTS:
+                if attempt == attempts:
                     raise
                 self.sleep(delay * (0.5 + self.rng.random()))
             delay *= 2
         raise AssertionError("unreachable")
 
     def _send(
-        self, method: str, target: str, payload: bytes, extra_timeout: float
+        self, method: str, target: str, payload: bytes, timeout: tuple[float, float]
     ) -> dict[str, Any]:
         # Signed at each attempt: a fresh timestamp and nonce, never a replay of our own.
         signed = sign(
@@ -130,31 +174,62 @@ class DiscoveryClient:
                 self.base_url + target,
                 data=payload or None,
                 headers=headers,
-                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT + extra_timeout),
+                timeout=timeout,
                 verify=self.verify,
+                allow_redirects=False,
+                stream=True,
             )
+            try:
+                raw = _read_capped(response)
+            finally:
+                response.close()
         except requests.RequestException as error:
             raise DiscoveryError(f"{self.base_url}: {type(error).__name__}: {error}") from None
+        status = response.status_code
+        if 300 <= status < 400:
+            raise DiscoveryError(
+                f"{self.base_url}: answered {method} {target} with a redirect (HTTP {status}); "
+                "not followed: it would carry this request's signature elsewhere"
+            )
         try:
-            body = response.json()
+            body = boundedjson.loads(raw, MAX_ANSWER_BYTES, MAX_ANSWER_DEPTH)
         except ValueError:
             body = None
-        if 400 <= response.status_code < 500:
+        if 400 <= status < 500:
             detail = body.get("error", {}) if isinstance(body, dict) else {}
             detail = detail if isinstance(detail, dict) else {}
+            field, message = detail.get("field"), detail.get("message", response.reason)
             rejected = DiscoveryRejected(
-                response.status_code,
-                detail.get("field"),
-                str(detail.get("message", response.reason)),
+                status,
+                field[:64] if isinstance(field, str) else None,
+                str(message)[:200],
             )
-            retry = response.headers.get("retry-after", "")
-            rejected.retry_after = float(retry) if retry.isdigit() else 0.0
+            rejected.retry_after = parse_retry_after(response.headers.get("retry-after"))
             raise rejected
-        if response.status_code != 200 or not isinstance(body, dict):
-            raise DiscoveryError(
-                f"{self.base_url}: HTTP {response.status_code} for {method} {target}"
-            )
+        if status != 200 or not isinstance(body, dict):
+            raise DiscoveryError(f"{self.base_url}: HTTP {status} for {method} {target}")
         return body
+
+
+def _read_capped(response: requests.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(_CHUNK):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise DiscoveryError(
+                f"{response.url}: answer is larger than {MAX_ANSWER_BYTES} bytes; refused"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_retry_after(value: str | None) -> float:
+    """Seconds to wait from a Retry-After header: only 1 to 6 ASCII digits count (an HTTP
+    date or anything else is ignored), and no more than MAX_RETRY_AFTER is believed."""
+    if value is None or not 1 <= len(value) <= 6 or not value.isascii() or not value.isdigit():
+        return 0.0
+    return min(MAX_RETRY_AFTER, float(value))
 
 
 def _revision(body: dict[str, Any], base_url: str) -> int:

@@ -1,7 +1,20 @@
-"""What goes inside the sealed blobs: affiliate data as JSON, endpoints as packed bytes.
+"""What goes inside the sealed blobs: a node's record as JSON, endpoints as packed bytes.
 
-Peers' data is untrusted even after it authenticates (a member may run other software): every
-field is checked and a malformed blob raises ValueError, never anything else.
+Record (payload version 2), sealed with the data key:
+
+    {"v": 2, "node_id", "hostname", "public_key", "ula", "addresses", "pod_cidrs",
+     "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"],
+     "version": strictly increasing per node, "valid_until": Unix seconds, "leave": bool}
+
+The node's own endpoints are inside the record, so they carry its version like the rest: an
+older record served again cannot bring back old endpoints. The plaintext is padded with
+trailing spaces (JSON allows them) so every sealed record is exactly 1, 2 or 4 KiB, and every
+endpoint is packed as 18 bytes (IPv4 as IPv4-mapped IPv6): blob sizes tell the service
+neither the address family nor the hostname's length.
+
+Peers' records are untrusted even after they authenticate (every member holds the cluster
+secret, and may run other software): every field is checked, and a malformed record raises
+ValueError, never anything else.
 """
 
 from __future__ import annotations
@@ -10,16 +23,56 @@ import base64
 import binascii
 import ipaddress
 import json
+import re
 from typing import Any
 
-from kubespan.model import AffiliateInfo
-from kubespan.netaddr import Endpoint
+from kubespan import boundedjson
+from kubespan.crypto import SEALED_OVERHEAD
+from kubespan.model import AffiliateInfo, MemberRecord
+from kubespan.netaddr import Endpoint, IPAddress, IPNetwork
 
-PAYLOAD_VERSION = 1
-MAX_ADDRESSES = 64
+PAYLOAD_VERSION = 2
+SEALED_SIZES = (1024, 2048, 4096)
+MAX_ADDRESSES = 32
+MAX_ENDPOINTS = 24
+MAX_POD_CIDRS = 16
+MAX_NODE_ID = 64
+MAX_HOSTNAME = 253
+MAX_RECORD_VERSION = (1 << 63) - 1
+MAX_VALID_UNTIL = 1 << 40
+ENDPOINT_BYTES = 18
+
+_FIELDS = frozenset(
+    {
+        "v",
+        "node_id",
+        "hostname",
+        "public_key",
+        "ula",
+        "addresses",
+        "pod_cidrs",
+        "endpoints",
+        "version",
+        "valid_until",
+        "leave",
+    }
+)
+_NODE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9-]{1,63}")
 
 
-def encode_info(info: AffiliateInfo) -> bytes:
+def valid_hostname(name: str) -> bool:
+    """DNS characters only: labels of letters, digits and hyphens, at most 253 in all."""
+    return len(name) <= MAX_HOSTNAME and all(_HOST_LABEL.fullmatch(p) for p in name.split("."))
+
+
+def valid_node_id(node_id: str) -> bool:
+    return _NODE_ID.fullmatch(node_id) is not None
+
+
+def encode_record(record: MemberRecord) -> bytes:
+    """The padded plaintext of a record; ValueError when it cannot fit the largest size."""
+    info = record.info
     document = {
         "v": PAYLOAD_VERSION,
         "node_id": info.node_id,
@@ -28,44 +81,64 @@ def encode_info(info: AffiliateInfo) -> bytes:
         "ula": str(info.ula),
         "addresses": [str(a) for a in info.addresses],
         "pod_cidrs": [str(n) for n in info.pod_cidrs],
+        "endpoints": [str(e) for e in record.endpoints],
+        "version": record.version,
+        "valid_until": record.valid_until,
+        "leave": record.leave,
     }
-    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+    raw = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+    for sealed_size in SEALED_SIZES:
+        size = sealed_size - SEALED_OVERHEAD
+        if len(raw) <= size:
+            return raw + b" " * (size - len(raw))
+    raise ValueError(
+        f"this node's record is {len(raw)} bytes, more than fits a sealed blob of "
+        f"{SEALED_SIZES[-1]} bytes"
+    )
 
 
-def decode_info(raw: bytes) -> AffiliateInfo:
-    try:
-        document: Any = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError("affiliate data is not JSON") from None
+def decode_record(raw: bytes) -> MemberRecord:
+    """A record from its plaintext; ValueError naming the first field that is wrong."""
+    document: Any = boundedjson.loads(raw, SEALED_SIZES[-1], max_depth=2)
     if not isinstance(document, dict) or document.get("v") != PAYLOAD_VERSION:
-        raise ValueError("affiliate data has an unknown version")
-    node_id = _string(document, "node_id", 64)
-    hostname = _string(document, "hostname", 253)
+        raise ValueError("record has an unknown payload version")
+    unknown = sorted(set(document) - _FIELDS)
+    if unknown:
+        raise ValueError(f"record has an unknown field {unknown[0]!r}")
+    node_id = _string(document, "node_id", MAX_NODE_ID)
+    if not valid_node_id(node_id):
+        raise ValueError("node_id is not 1 to 64 letters and digits")
+    hostname = _string(document, "hostname", MAX_HOSTNAME)
+    if not valid_hostname(hostname):
+        raise ValueError("hostname holds characters other than letters, digits, '-' and '.'")
     public_key = _string(document, "public_key", 44)
     try:
         if len(base64.b64decode(public_key, validate=True)) != 32:
             raise ValueError
     except (binascii.Error, ValueError):
         raise ValueError("public_key is not a base64 WireGuard key") from None
-    try:
-        ula = ipaddress.IPv6Address(_string(document, "ula", 64))
-    except ValueError:
-        raise ValueError("ula is not an IPv6 address") from None
-    raw_addresses = document.get("addresses")
-    if not isinstance(raw_addresses, list) or len(raw_addresses) > MAX_ADDRESSES:
-        raise ValueError("addresses is not a list of at most 64 addresses")
-    try:
-        addresses = tuple(ipaddress.ip_address(str(a)) for a in raw_addresses)
-    except ValueError:
-        raise ValueError("addresses holds something that is not an IP address") from None
-    raw_cidrs = document.get("pod_cidrs", [])
-    if not isinstance(raw_cidrs, list) or len(raw_cidrs) > MAX_ADDRESSES:
-        raise ValueError("pod_cidrs is not a list of at most 64 prefixes")
-    try:
-        pod_cidrs = tuple(ipaddress.ip_network(str(n)) for n in raw_cidrs)
-    except ValueError:
-        raise ValueError("pod_cidrs holds something that is not a CIDR prefix") from None
-    return AffiliateInfo(node_id, hostname, public_key, ula, addresses, pod_cidrs)
+    ula = parse_address(_string(document, "ula", 45), "ula")
+    if not isinstance(ula, ipaddress.IPv6Address):
+        raise ValueError("ula is not an IPv6 address")
+    addresses = tuple(
+        parse_address(a, "addresses") for a in _list(document, "addresses", MAX_ADDRESSES)
+    )
+    pod_cidrs = tuple(_network(n) for n in _list(document, "pod_cidrs", MAX_POD_CIDRS))
+    endpoints = tuple(_endpoint(e) for e in _list(document, "endpoints", MAX_ENDPOINTS))
+    version = _integer(document, "version", 1, MAX_RECORD_VERSION)
+    valid_until = _integer(document, "valid_until", 0, MAX_VALID_UNTIL)
+    leave = document.get("leave")
+    if not isinstance(leave, bool):
+        raise ValueError("leave is not a boolean")
+    info = AffiliateInfo(node_id, hostname, public_key, ula, addresses, pod_cidrs)
+    return MemberRecord(info, tuple(dict.fromkeys(endpoints)), version, valid_until, leave)
+
+
+def _integer(document: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = document.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} is not an integer from {low} to {high}")
+    return value
 
 
 def _string(document: dict[str, Any], name: str, max_length: int) -> str:
@@ -75,14 +148,57 @@ def _string(document: dict[str, Any], name: str, max_length: int) -> str:
     return value
 
 
+def _list(document: dict[str, Any], name: str, max_items: int) -> list[Any]:
+    value = document.get(name)
+    if not isinstance(value, list) or len(value) > max_items:
+        raise ValueError(f"{name} is not a list of at most {max_items} items")
+    if not all(isinstance(item, str) and len(item) <= 64 for item in value):
+        raise ValueError(f"{name} holds something that is not a short string")
+    return value
+
+
+def parse_address(text: str, name: str) -> IPAddress:
+    """An IP address written plainly: no zone index, no integer form."""
+    try:
+        if "%" in text:
+            raise ValueError
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{name} holds {text[:64]!r}, which is not an IP address") from None
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        if "%" in text:
+            raise ValueError
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise ValueError(f"pod_cidrs holds {text[:64]!r}, which is not a CIDR prefix") from None
+
+
+def _endpoint(text: str) -> Endpoint:
+    if "%" in text:
+        raise ValueError(f"endpoints holds {text[:64]!r}, which has a zone index")
+    try:
+        return Endpoint.parse(text)
+    except ValueError as error:
+        raise ValueError(f"endpoints holds {error}") from None
+
+
 def encode_endpoint(endpoint: Endpoint) -> bytes:
-    return endpoint.address.packed + endpoint.port.to_bytes(2, "big")
+    """18 bytes whatever the family: IPv4 as IPv4-mapped IPv6, then the port."""
+    address = endpoint.address
+    if address.version == 4:
+        address = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
+    return address.packed + endpoint.port.to_bytes(2, "big")
 
 
 def decode_endpoint(raw: bytes) -> Endpoint:
-    if len(raw) not in (6, 18):
-        raise ValueError("endpoint is neither 6 nor 18 bytes")
+    if len(raw) != ENDPOINT_BYTES:
+        raise ValueError(f"endpoint is not {ENDPOINT_BYTES} bytes")
     port = int.from_bytes(raw[-2:], "big")
     if port == 0:
         raise ValueError("endpoint port is 0")
-    return Endpoint(ipaddress.ip_address(raw[:-2]), port)
+    address = ipaddress.IPv6Address(raw[:-2])
+    mapped = address.ipv4_mapped
+    return Endpoint(mapped if mapped is not None else address, port)

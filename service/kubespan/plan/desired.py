@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kubespan.config import KubeSpanConfig
 from kubespan.model import (
@@ -17,9 +17,10 @@ from kubespan.model import (
     PeerState,
 )
 from kubespan.names import LINK_NAME, MARK_WIREGUARD
-from kubespan.netaddr import Endpoint, IPAddress, IPNetwork, host_network
+from kubespan.netaddr import Endpoint, IPAddress, IPNetwork, host_network, network_sort_key
+from kubespan.plan.admission import AdmissionRules, Claims, admit
 from kubespan.plan.ipset import IntervalSet, collapse, network_range, range_networks
-from kubespan.plan.peerstate import Tracking, decide_endpoint
+from kubespan.plan.peerstate import DOWN_AFTER, Tracking, decide_endpoint
 from kubespan.plan.ruleset import RulesetSpec, routing_spec
 
 
@@ -31,12 +32,17 @@ class PlanInput:
     preshared_key: str
     ula: ipaddress.IPv6Address
     own_addresses: tuple[IPAddress, ...]
-    # None: discovery has not answered yet (a restart, a reload, discovery down). The peers
-    # the kernel has are kept as they are, not removed: unknown is not the same as empty.
+    # None: no member is known yet (no cache, discovery has not answered). The peers the
+    # kernel has are kept as they are, not removed: unknown is not the same as empty.
     members: tuple[Member, ...] | None
     observed: ObservedLink | None
     tracking: Mapping[str, Tracking]
-    now: float
+    now: float  # monotonic: every duration is measured on it
+    wall: float  # wall clock: only to estimate the age of handshakes found at start
+    pod_subnets: tuple[IPNetwork, ...] = ()
+    protected: tuple[IPAddress, ...] = ()  # the discovery services' addresses
+    up_keys: frozenset[str] = frozenset()  # peers up at the previous pass
+    departed_keys: frozenset[str] = frozenset()  # nodes whose sealed leave we saw
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class PeerReport:
     last_handshake: float | None
     rx_bytes: int
     tx_bytes: int
+    refused: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,54 +100,74 @@ def unique_members(
     return tuple(by_key.values()), warnings
 
 
+class _Claimed:
+    """Ranges already routed somewhere, per family, and to whom (for the warnings)."""
+
+    def __init__(self) -> None:
+        self.sets = {4: IntervalSet(), 6: IntervalSet()}
+        self.owners: dict[tuple[int, int, int], str] = {}
+
+    def take(self, network: IPNetwork, owner: str) -> tuple[list[IPNetwork], str | None]:
+        """The parts of `network` still free (now claimed by `owner`), and a warning when
+        that is not all of it."""
+        version = network.version
+        start, end = network_range(network)
+        free = self.sets[version].uncovered(start, end)
+        self.sets[version].add(start, end)
+        if free == [(start, end)]:
+            self.owners[(version, start, end)] = owner
+            return [network], None
+        if not free:
+            holder = self.owners.get((version, start, end))
+            where = (
+                "this node"
+                if holder == "this node"
+                else f"member {holder}"
+                if holder
+                else "earlier members"
+            )
+            return [], f"{network} of member {owner} is already routed to {where}; not routing it"
+        pieces = [n for a, b in free for n in range_networks(version, a, b)]
+        return pieces, (
+            f"{network} of member {owner} overlaps ranges routed to other members; routing "
+            f"only {', '.join(str(n) for n in pieces)} to it"
+        )
+
+
 def allowed_ips(
-    members: tuple[Member, ...], own: tuple[IPAddress, ...], own_ula: ipaddress.IPv6Address
-) -> tuple[dict[str, tuple[IPNetwork, ...]], list[str]]:
-    """Each member's ULA, node addresses and pod CIDRs. Ranges are claimed in member order (by
-    public key): a later member loses what an earlier one (or this node) already has."""
-    claimed = {4: IntervalSet(), 6: IntervalSet()}
-    owners: dict[tuple[int, int, int], str] = {}  # (version, start, end): who has it
-    for address in (*own, own_ula):
-        claimed[address.version].add(int(address), int(address))
-        owners[(address.version, int(address), int(address))] = "this node"
-    out: dict[str, tuple[IPNetwork, ...]] = {}
-    warnings: list[str] = []
+    members: tuple[Member, ...], plan_input: PlanInput
+) -> tuple[dict[str, tuple[IPNetwork, ...]], dict[str, list[str]], list[str]]:
+    """Each member's admitted ULA, node addresses and pod CIDRs (admission.py); overlaps
+    divided in two phases, addresses before pod CIDRs, up members first. Returns the allowed
+    IPs per key, the refused claims per key, and the overlap warnings."""
+    rules = AdmissionRules(
+        cluster_prefix=link_spec(plan_input).address.network,
+        pod_subnets=plan_input.pod_subnets,
+        own=(*plan_input.own_addresses, plan_input.ula),
+        protected=plan_input.protected,
+    )
+    claimed = _Claimed()
+    for address in rules.own:
+        claimed.take(host_network(address), "this node")
+    admitted: dict[str, Claims] = {}
+    refused: dict[str, list[str]] = {}
     for member in members:
-        info = member.info
-        mine: list[tuple[int, int, int, IPNetwork]] = []
-        wanted = [host_network(a) for a in (info.ula, *info.addresses)]
-        wanted.extend(info.pod_cidrs)
-        for network in wanted:
-            version = network.version
-            start, end = network_range(network)
-            free = claimed[version].uncovered(start, end)
-            if free == [(start, end)]:
-                mine.append((version, start, network.prefixlen, network))
-                owners[(version, start, end)] = info.hostname
-            elif not free:
-                owner = owners.get((version, start, end))
-                where = (
-                    "this node"
-                    if owner == "this node"
-                    else f"member {owner}"
-                    if owner
-                    else "earlier members"
-                )
-                warnings.append(
-                    f"{network} of member {info.hostname} is already routed to {where}; "
-                    "not routing it to this member"
-                )
-            else:
-                pieces = [n for a, b in free for n in range_networks(version, a, b)]
-                mine.extend((version, int(n.network_address), n.prefixlen, n) for n in pieces)
-                warnings.append(
-                    f"{network} of member {info.hostname} overlaps ranges routed to earlier "
-                    f"members; routing only {', '.join(str(n) for n in pieces)} to it"
-                )
-            claimed[version].add(start, end)
-        mine.sort(key=lambda entry: entry[:3])
-        out[info.public_key] = tuple(entry[3] for entry in mine)
-    return out, warnings
+        claims, refusals = admit(member, rules)
+        admitted[member.info.public_key] = claims
+        refused[member.info.public_key] = [str(r) for r in refusals]
+    order = sorted(members, key=lambda m: (m.info.public_key not in plan_input.up_keys,))
+    mine: dict[str, list[IPNetwork]] = {m.info.public_key: [] for m in members}
+    warnings: list[str] = []
+    for phase in ("addresses", "pod_cidrs"):
+        for member in order:
+            key = member.info.public_key
+            for network in getattr(admitted[key], phase):
+                pieces, warning = claimed.take(network, member.info.hostname)
+                mine[key].extend(pieces)
+                if warning:
+                    warnings.append(warning)
+    out = {key: tuple(sorted(nets, key=network_sort_key)) for key, nets in mine.items()}
+    return out, refused, warnings
 
 
 def member_set(
@@ -169,25 +196,42 @@ def member_set(
 Peers = tuple[list[PeerSpec], list[PeerReport], dict[str, Tracking]]
 
 
-def kept_peers(plan_input: PlanInput) -> Peers:
-    """The kernel's peers, unchanged, while the members are not known yet."""
+def kept_peers(plan_input: PlanInput, known: set[str] | None = None) -> Peers:
+    """The kernel's peers that no member accounts for, kept unchanged: all of them while
+    no member is known at all (`known` None: unknown is not empty); otherwise those that
+    did not leave and carry this cluster's preshared key, until they have been down for
+    DOWN_AFTER (a handshake under that key proves a member, whatever discovery says)."""
     peers: list[PeerSpec] = []
     reports: list[PeerReport] = []
     tracking: dict[str, Tracking] = {}
     for seen in plan_input.observed.peers if plan_input.observed else ():
+        key = seen.public_key
+        if known is not None and (
+            key in known
+            or key in plan_input.departed_keys
+            or seen.preshared_key != plan_input.preshared_key
+        ):
+            continue  # a member, a node that left, or not even of this cluster
         decision = decide_endpoint(
             plan_input.now,
+            plan_input.wall,
             (),
-            plan_input.tracking.get(seen.public_key),
+            plan_input.tracking.get(key),
             seen.endpoint,
             seen.last_handshake,
         )
-        tracking[seen.public_key] = decision.tracking
-        name = f"({seen.public_key[:8]}…)"
-        peers.append(PeerSpec(seen.public_key, name, seen.allowed_ips, None, seen.keepalive))
+        if (
+            known is not None
+            and decision.state is PeerState.DOWN
+            and plan_input.now - decision.tracking.since >= DOWN_AFTER
+        ):
+            continue
+        tracking[key] = decision.tracking
+        name = f"({key[:8]}…)"
+        peers.append(PeerSpec(key, name, seen.allowed_ips, None, seen.keepalive))
         reports.append(
             PeerReport(
-                seen.public_key,
+                key,
                 name,
                 "",
                 decision.state,
@@ -205,6 +249,21 @@ def plan(plan_input: PlanInput) -> Plan:
         return _desired(plan_input, *kept_peers(plan_input), [])
     warnings: list[str] = []
     peers, reports, tracking = member_peers(plan_input, plan_input.members, warnings)
+    known = {p.public_key for p in peers} | {plan_input.public_key}
+    kept, kept_reports, kept_tracking = kept_peers(plan_input, known)
+    if kept:
+        # Behind every member, so they never take a member's ranges.
+        taken = _Claimed()
+        for address in (*plan_input.own_addresses, plan_input.ula):
+            taken.take(host_network(address), "this node")
+        for peer in peers:
+            for network in peer.allowed_ips:
+                taken.take(network, peer.name)
+        for peer in kept:
+            allowed = [n for net in peer.allowed_ips for n in taken.take(net, peer.name)[0]]
+            peers.append(replace(peer, allowed_ips=tuple(sorted(allowed, key=network_sort_key))))
+        reports.extend(kept_reports)
+        tracking.update(kept_tracking)
     return _desired(plan_input, peers, reports, tracking, warnings)
 
 
@@ -214,8 +273,10 @@ def member_peers(
     """One peer per member: allowed IPs, and the endpoint to try next if it must change."""
     members, duplicates = unique_members(discovered, plan_input.public_key)
     warnings.extend(duplicates)
-    routes, overlaps = allowed_ips(members, plan_input.own_addresses, plan_input.ula)
+    routes, refused, overlaps = allowed_ips(members, plan_input)
     warnings.extend(overlaps)
+    for lines in refused.values():
+        warnings.extend(lines)
     observed_peers: dict[str, ObservedPeer] = {}
     if plan_input.observed is not None:
         observed_peers = {p.public_key: p for p in plan_input.observed.peers}
@@ -228,6 +289,7 @@ def member_peers(
         seen = observed_peers.get(key)
         decision = decide_endpoint(
             plan_input.now,
+            plan_input.wall,
             member.endpoints,
             plan_input.tracking.get(key),
             seen.endpoint if seen else None,
@@ -252,6 +314,7 @@ def member_peers(
                 last_handshake=seen.last_handshake if seen else None,
                 rx_bytes=seen.rx_bytes if seen else 0,
                 tx_bytes=seen.tx_bytes if seen else 0,
+                refused=tuple(refused[key]),
             )
         )
     return peers, reports, tracking

@@ -7,11 +7,11 @@ tests; secrets render as `(hidden)`. An unchanged state yields no operations at 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kubespan.model import DesiredState, LinkSpec, ObservedLink, ObservedPeer, PeerSpec
 from kubespan.netaddr import Endpoint, IPNetwork, network_sort_key
-from kubespan.plan.dataplane import DataplaneOperation, ObservedRouting, diff_dataplane
+from kubespan.plan.dataplane import DataplaneOperation, ObservedRouting, SetRpFilter, diff_dataplane
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,8 @@ def diff(
     """Operations that turn what the kernel has into `desired`, touching only what differs:
     the link, then routes and rules, then peers, and marking last, so that traffic is only
     marked into the tunnel once everything it needs is in place."""
+    if observed is not None and observed.foreign:
+        return blocked_by_foreign_link(desired, routing)
     ops: list[Operation] = list(diff_link(desired.link, observed))
     routing_ops, marking_ops = diff_dataplane(
         desired.ruleset, desired.routing, desired.link.name, routing
@@ -193,3 +195,29 @@ def diff(
             ops.append(change)
     ops.extend(marking_ops)
     return ops
+
+
+def blocked_by_foreign_link(
+    desired: DesiredState, routing: ObservedRouting | None
+) -> list[Operation]:
+    """Another program's link holds our name: we neither touch it nor route into it. Member
+    traffic is still marked, and table 180 keeps only its unreachable floor, so it is
+    refused rather than sent in the clear or into a link that is not ours (fail closed)."""
+    floor_only = replace(
+        desired.routing, routes=tuple(r for r in desired.routing.routes if r.link is None)
+    )
+    routing_ops, marking_ops = diff_dataplane(
+        desired.ruleset, floor_only, desired.link.name, routing
+    )
+    kept: list[Operation] = [op for op in routing_ops if not isinstance(op, SetRpFilter)]
+    return kept + list(marking_ops)
+
+
+def link_warnings(name: str, observed: ObservedLink | None) -> list[str]:
+    if observed is None or not observed.foreign:
+        return []
+    return [
+        f"a link named {name} of kind {observed.kind or 'unknown'} exists and is not kubespan's "
+        "WireGuard link; traffic to members is blocked (not sent in the clear) until it is "
+        f"removed or renamed (ip link del {name})"
+    ]

@@ -7,7 +7,7 @@ import ipaddress
 from kubespan.config import EndpointFilter, KubeSpanConfig
 from kubespan.model import LocalAddress
 from kubespan.names import LINK_NAME
-from kubespan.netaddr import Endpoint, IPAddress, address_sort_key
+from kubespan.netaddr import Endpoint, IPAddress, IPNetwork, address_sort_key
 
 RT_SCOPE_UNIVERSE = 0
 _SKIPPED_KINDS = frozenset({"wireguard"})
@@ -70,3 +70,9 @@ def advertised_endpoints(
         if extra not in endpoints:
             endpoints.append(extra)
     return tuple(endpoints)
+
+
+def excluded(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether `filters.excludeAdvertisedNetworks` keeps `address` out of what this node
+    advertises (peers must not route it to this node)."""
+    return any(address.version == n.version and address in n for n in networks)

@@ -1,0 +1,124 @@
+"""Member admission: which of the prefixes a member claims may route to it.
+
+Members are admitted, not trusted (every member holds the cluster secret and may run other
+software, or be misconfigured): a claim is refused when routing it to the member would pull
+traffic that is not the member's into its tunnel.
+
+- A ULA must lie in the cluster's /64, and not be this node's.
+- A node address must be a unicast address that is neither this node's own, nor loopback,
+  link-local, multicast or unspecified, nor inside the cluster's ULA /64.
+- A pod CIDR must lie inside one of the cluster's pod subnets (`cluster.network.podSubnets`;
+  none configured: none accepted), be strictly smaller than that subnet and no shorter than
+  /16 (IPv4) or /48 (IPv6), and hold neither an address of this node nor of a discovery
+  service (the way back to discovery must never depend on a member's tunnel).
+
+What is admitted is then divided among members: ULAs and node addresses first, for every
+member, then pod CIDRs, so that no pod CIDR can take another member's node address. Within a
+phase, members that are up come first, then the rest by public key: when a dead node's
+address is reused by a new member, the new member gets it as soon as it answers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from kubespan.model import Member
+from kubespan.netaddr import IPAddress, IPNetwork, host_network
+
+MIN_POD_PREFIX = {4: 16, 6: 48}
+
+
+@dataclass(frozen=True)
+class AdmissionRules:
+    cluster_prefix: ipaddress.IPv6Network
+    pod_subnets: tuple[IPNetwork, ...]
+    own: tuple[IPAddress, ...]  # this node's addresses and ULA
+    protected: tuple[IPAddress, ...]  # the discovery services' addresses
+
+
+@dataclass(frozen=True)
+class Refusal:
+    member: str
+    claim: IPNetwork
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.claim} claimed by member {self.member} is not routed to it: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What a member may have, by phase: its ULA and node addresses, then its pod CIDRs."""
+
+    addresses: tuple[IPNetwork, ...]
+    pod_cidrs: tuple[IPNetwork, ...]
+
+
+def admit(member: Member, rules: AdmissionRules) -> tuple[Claims, list[Refusal]]:
+    info = member.info
+    refusals: list[Refusal] = []
+    addresses: list[IPNetwork] = []
+
+    def refuse(claim: IPNetwork, reason: str) -> None:
+        refusals.append(Refusal(info.hostname, claim, reason))
+
+    if info.ula not in rules.cluster_prefix:
+        refuse(host_network(info.ula), f"a ULA must lie in the cluster's {rules.cluster_prefix}")
+    elif info.ula in rules.own:
+        refuse(host_network(info.ula), "it is this node's ULA")
+    else:
+        addresses.append(host_network(info.ula))
+    for address in info.addresses:
+        reason = _address_problem(address, rules)
+        if reason:
+            refuse(host_network(address), reason)
+        else:
+            addresses.append(host_network(address))
+    pod_cidrs: list[IPNetwork] = []
+    for network in info.pod_cidrs:
+        reason = _pod_cidr_problem(network, rules)
+        if reason:
+            refuse(network, reason)
+        else:
+            pod_cidrs.append(network)
+    return Claims(tuple(addresses), tuple(pod_cidrs)), refusals
+
+
+def _address_problem(address: IPAddress, rules: AdmissionRules) -> str | None:
+    if address in rules.own:
+        return "it is this node's own address"
+    if (
+        address.is_unspecified
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or (address.version == 4 and address == ipaddress.IPv4Address("255.255.255.255"))
+    ):
+        return "not a unicast address another node can have"
+    if address.version == 6 and address in rules.cluster_prefix:
+        return f"node addresses must lie outside the cluster's {rules.cluster_prefix}"
+    return None
+
+
+def _pod_cidr_problem(network: IPNetwork, rules: AdmissionRules) -> str | None:
+    if network.prefixlen < MIN_POD_PREFIX[network.version]:
+        return f"a pod CIDR must be no shorter than /{MIN_POD_PREFIX[network.version]}"
+    if not rules.pod_subnets:
+        return "no pod subnets are configured (cluster.network.podSubnets)"
+    inside = [
+        subnet
+        for subnet in rules.pod_subnets
+        if subnet.version == network.version and network.subnet_of(subnet)  # type: ignore[arg-type]
+    ]
+    if not inside:
+        return "not inside the cluster's pod subnets (cluster.network.podSubnets)"
+    if all(network == subnet for subnet in inside):
+        return "a pod CIDR must be a part of a pod subnet, not all of it"
+    if any(address in network for address in rules.own):
+        return "it holds an address of this node"
+    if any(address in network for address in rules.protected):
+        return "it holds a discovery service's address"
+    if network.version == 6 and network.overlaps(rules.cluster_prefix):
+        return f"it overlaps the cluster's {rules.cluster_prefix}"
+    return None

@@ -1,0 +1,131 @@
+"""Who the members are: a pure fold over the sealed records discovery services hand out.
+
+The listing itself is not authenticated, and a service may restart empty, lag, or be hostile;
+so a member never leaves this node's view by being absent from a listing. A record counts
+only by what is sealed in it:
+
+- each node's records carry a strictly increasing version: a record older than the newest
+  seen for that node is ignored (no rollback), and of several services the newest wins;
+- a record with `leave` set removes the node, and is remembered (a tombstone) so that an
+  older record served again cannot bring the node back; a newer record (the node rejoined)
+  clears it;
+- a record holds until its sealed `valid_until`; a member whose record has expired is
+  removed only once its tunnel is also down: a handshake proves the node is alive and holds
+  its key, so a member that merely cannot reach discovery keeps its peer (fail closed: its
+  traffic stays in the tunnel);
+- a record that has already expired does not make a node a member.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from kubespan.model import MAX_HINTS, ListedRecord, Member, MemberRecord
+from kubespan.netaddr import Endpoint
+
+# Tombstones outlive the leave record's own expiry by this much: every older record of the
+# node expired no later than the leave record did, so after that none of them can count.
+TOMBSTONE_MARGIN_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Known:
+    record: MemberRecord
+    hints: tuple[Endpoint, ...] = ()
+
+    def member(self) -> Member:
+        return Member(self.record.info, self.record.endpoints + self.hints)
+
+
+@dataclass(frozen=True)
+class Departed:
+    public_key: str
+    version: int
+    forget_after: int
+
+
+@dataclass(frozen=True)
+class Membership:
+    known: Mapping[str, Known] = field(default_factory=dict)
+    departed: Mapping[str, Departed] = field(default_factory=dict)
+
+    def members(self) -> tuple[Member, ...]:
+        return tuple(self.known[node].member() for node in sorted(self.known))
+
+    def departed_keys(self) -> frozenset[str]:
+        """Keys of nodes that left, and are not members again under the same key."""
+        current = {k.record.info.public_key for k in self.known.values()}
+        return frozenset(d.public_key for d in self.departed.values()) - current
+
+
+def absorb(
+    membership: Membership, listed: Iterable[ListedRecord], own_node_id: str, now: float
+) -> tuple[Membership, list[str]]:
+    """Take in the records of a listing; the new membership and a line per change."""
+    known = dict(membership.known)
+    departed = dict(membership.departed)
+    changes: list[str] = []
+    for item in listed:
+        record = item.record
+        node = record.info.node_id
+        if node == own_node_id:
+            continue
+        tombstone = departed.get(node)
+        if tombstone is not None and record.version <= tombstone.version:
+            continue
+        have = known.get(node)
+        if have is not None and record.version < have.record.version:
+            continue  # an older record served again: rollback refused
+        if have is not None and record.version == have.record.version:
+            # The same record through another service: only its hints may add something.
+            merged = _merge_hints(have.hints, item.hints)
+            if merged != have.hints:
+                known[node] = Known(have.record, merged)
+            continue
+        name = record.info.hostname
+        if record.leave:
+            departed[node] = Departed(
+                record.info.public_key,
+                record.version,
+                max(record.valid_until, int(now)) + TOMBSTONE_MARGIN_SECONDS,
+            )
+            if known.pop(node, None) is not None:
+                changes.append(f"member {name} left the cluster (version {record.version})")
+            continue
+        if have is None and record.valid_until <= now:
+            continue  # expired before we ever knew it
+        departed.pop(node, None)
+        known[node] = Known(record, _merge_hints((), item.hints))
+        if have is None:
+            changes.append(f"member {name} joined (version {record.version})")
+        elif have.record.info != record.info or have.record.endpoints != record.endpoints:
+            changes.append(f"member {name} updated its record (version {record.version})")
+    return Membership(known, departed), changes
+
+
+def expire(membership: Membership, now: float, down_keys: set[str]) -> tuple[Membership, list[str]]:
+    """Remove members whose sealed record has expired and whose tunnel is down; forget
+    tombstones that can no longer matter."""
+    known = dict(membership.known)
+    changes: list[str] = []
+    for node, entry in membership.known.items():
+        record = entry.record
+        if record.valid_until <= now and record.info.public_key in down_keys:
+            del known[node]
+            changes.append(
+                f"member {record.info.hostname} removed: its record expired "
+                f"(valid until {record.valid_until}) and its tunnel is down"
+            )
+    departed = {n: d for n, d in membership.departed.items() if d.forget_after > now}
+    if not changes and len(departed) == len(membership.departed):
+        return membership, []
+    return Membership(known, departed), changes
+
+
+def _merge_hints(have: tuple[Endpoint, ...], new: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+    merged = list(have)
+    for endpoint in new:
+        if endpoint not in merged:
+            merged.append(endpoint)
+    return tuple(merged[-MAX_HINTS:])
