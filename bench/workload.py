@@ -45,6 +45,7 @@ def plan_input(group: tuple[Member, ...], observed: ObservedLink | None) -> Plan
         observed=observed,
         tracking={},
         now=1_000_000.0,
+        wall=1_000_000.0,
     )
 
 

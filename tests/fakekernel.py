@@ -36,6 +36,7 @@ from kubespan.plan.diff import (
     SetLinkUp,
     SetPeer,
 )
+from kubespan.plan.ruleset import RulesetSpec
 
 
 @dataclass
@@ -45,6 +46,7 @@ class FakeKernel:
     link: ObservedLink | None = None
     routing: ObservedRouting = field(default_factory=lambda: ObservedRouting(None, (), (), None))
     applied: list[str] = field(default_factory=list)
+    last_ruleset: RulesetSpec | None = None
 
     def observe_link(self, name: str) -> ObservedLink | None:
         return self.link
@@ -119,6 +121,7 @@ class FakeKernel:
     def _apply_dataplane(self, have: ObservedRouting, op: DataplaneOperation) -> ObservedRouting:
         match op:
             case ReplaceRuleset(spec=spec):
+                self.last_ruleset = spec
                 return replace(have, ruleset=expected_ruleset(spec))
             case DeleteRuleset():
                 return replace(have, ruleset=None)

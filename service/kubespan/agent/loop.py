@@ -137,6 +137,9 @@ class Agent:
         self._opened: dict[tuple[str, bytes, tuple[bytes, ...]], ListedRecord | None] = {}
         self.heard: set[str] = set()
         self.failed: set[str] = set()
+        self._started = self.clocks.monotonic()
+        self.listings_taken = 0
+        self.passes = 0
         self.tracking: dict[str, Tracking] = {}
         self.ready = False
         self.last_error: str | None = None
@@ -172,9 +175,9 @@ class Agent:
                     session.url,
                 )
             session.start()
-        started = self.clocks.monotonic()
+        self._started = self.clocks.monotonic()
         backoff = Backoff(base=1.0, cap=30.0, rng=self.rng)
-        next_pass = started
+        next_pass = self._started
         try:
             while True:
                 terminal = self._wait_inputs(next_pass)
@@ -198,19 +201,17 @@ class Agent:
                 backoff.reset()
                 self.last_error = None
                 next_pass = self.clocks.monotonic() + self.tick
-                if not self.ready and self._may_be_ready(started):
-                    self._become_ready()
         finally:
             for session in self.sessions:
                 session.stop()
 
-    def _may_be_ready(self, started: float) -> bool:
+    def _may_be_ready(self) -> bool:
         """Ready once the members discovery reports are applied; with members from the
         cache, once discovery answered, every service failed, or a short grace passed; and
         in any case after the timeout, so a dead discovery cannot block boot forever."""
         if not self.sessions or self.heard:
             return True
-        elapsed = self.clocks.monotonic() - started
+        elapsed = self.clocks.monotonic() - self._started
         if self.from_cache and (
             elapsed >= CACHE_READY_GRACE_SECONDS or all(s.url in self.failed for s in self.sessions)
         ):
@@ -269,6 +270,7 @@ class Agent:
         )
         self.heard.add(event.url)
         self.members_known = True
+        self.listings_taken += 1
         log.info(
             "discovery update url=%s revision=%d records=%d members=%d",
             event.url,
@@ -406,6 +408,8 @@ class Agent:
         observed = self.kernel.observe_link(LINK_NAME)
         routing = self.kernel.observe_routing(LINK_NAME)
         now, wall = self.clocks.monotonic(), self.clocks.wall()
+        down = {key for key, state in self._states.items() if state is PeerState.DOWN}
+        self._set_membership(*expire(self.membership, wall, down))
         members = self.membership.members() if self.members_known else None
         result = plan(
             PlanInput(
@@ -439,11 +443,12 @@ class Agent:
             self._log_applied(operation)
         self.tracking = dict(result.tracking)
         self._log_state_changes(result.reports)
-        down = {r.public_key for r in result.reports if r.state is PeerState.DOWN}
-        self._set_membership(*expire(self.membership, wall, down))
         if self.config.kubespan.harvest_extra_endpoints and members:
             self._harvest(result.reports)
+        if not self.ready and self._may_be_ready():
+            self._become_ready()
         self._publish(info, endpoints, result.reports)
+        self.passes += 1
         return operations
 
     def _publish(

@@ -108,16 +108,20 @@ def expire(membership: Membership, now: float, down_keys: set[str]) -> tuple[Mem
     """Remove members whose sealed record has expired and whose tunnel is down; forget
     tombstones that can no longer matter."""
     known = dict(membership.known)
+    departed = {n: d for n, d in membership.departed.items() if d.forget_after > now}
     changes: list[str] = []
     for node, entry in membership.known.items():
         record = entry.record
         if record.valid_until <= now and record.info.public_key in down_keys:
             del known[node]
+            # As final as a leave: only a newer record of the node brings it back.
+            departed[node] = Departed(
+                record.info.public_key, record.version, int(now) + TOMBSTONE_MARGIN_SECONDS
+            )
             changes.append(
                 f"member {record.info.hostname} removed: its record expired "
                 f"(valid until {record.valid_until}) and its tunnel is down"
             )
-    departed = {n: d for n, d in membership.departed.items() if d.forget_after > now}
     if not changes and len(departed) == len(membership.departed):
         return membership, []
     return Membership(known, departed), changes

@@ -1,0 +1,172 @@
+"""Sealed records: what a node says about itself, checked field by field when it comes back;
+sizes that tell the service nothing; one member's bad record harms nothing but itself."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import os
+from typing import Any
+
+import pytest
+
+from kubespan.crypto import ClusterKeys
+from kubespan.discovery.members import open_affiliate, seal_record
+from kubespan.discovery.payload import (
+    ENDPOINT_BYTES,
+    MAX_ADDRESSES,
+    MAX_ENDPOINTS,
+    MAX_POD_CIDRS,
+    SEALED_SIZES,
+    decode_endpoint,
+    decode_record,
+    encode_endpoint,
+    encode_record,
+)
+from kubespan.discovery.protocol import WireAffiliate
+from kubespan.model import AffiliateInfo, MemberRecord
+from kubespan.netaddr import Endpoint
+
+KEYS = ClusterKeys.derive("cluster", bytes(range(32)))
+
+
+def record(
+    hostname: str = "node1",
+    addresses: tuple[str, ...] = ("192.0.2.1",),
+    endpoints: tuple[str, ...] = ("192.0.2.1:51820",),
+    pod_cidrs: tuple[str, ...] = (),
+    version: int = 7,
+    leave: bool = False,
+) -> MemberRecord:
+    info = AffiliateInfo(
+        node_id="n0de1",
+        hostname=hostname,
+        public_key=base64.b64encode(bytes(32)).decode(),
+        ula=ipaddress.IPv6Address("fd00::1"),
+        addresses=tuple(ipaddress.ip_address(a) for a in addresses),
+        pod_cidrs=tuple(ipaddress.ip_network(n) for n in pod_cidrs),
+    )
+    return MemberRecord(
+        info, tuple(Endpoint.parse(e) for e in endpoints), version, 1_800_000_000, leave
+    )
+
+
+def test_a_record_round_trips() -> None:
+    original = record(
+        addresses=("192.0.2.1", "2001:db8::1"),
+        endpoints=("192.0.2.1:51820", "[2001:db8::1]:51820"),
+        pod_cidrs=("10.244.1.0/24",),
+        leave=True,
+    )
+    assert decode_record(encode_record(original)) == original
+
+
+def test_sealed_sizes_do_not_tell_family_or_hostname_length() -> None:
+    small = seal_record(KEYS, record(hostname="a"), os.urandom(24))
+    large = seal_record(
+        KEYS,
+        record(
+            hostname="a-much-longer-host-name.example.internal",
+            addresses=("2001:db8::1", "2001:db8::2", "2001:db8::3"),
+            endpoints=("[2001:db8::1]:51820", "[2001:db8::2]:51820"),
+        ),
+        os.urandom(24),
+    )
+    assert len(small.data) == len(large.data) == SEALED_SIZES[0]
+    v4, v6 = Endpoint.parse("192.0.2.1:1"), Endpoint.parse("[2001:db8::1]:1")
+    assert len(encode_endpoint(v4)) == len(encode_endpoint(v6)) == ENDPOINT_BYTES
+    assert decode_endpoint(encode_endpoint(v4)) == v4
+    assert decode_endpoint(encode_endpoint(v6)) == v6
+
+
+def test_the_largest_record_fits_the_largest_size() -> None:
+    biggest = record(
+        hostname=".".join(["h" * 63] * 3) + "." + "h" * 61,
+        addresses=tuple(f"2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}" for i in range(MAX_ADDRESSES)),
+        endpoints=tuple(
+            f"[2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}]:65535" for i in range(MAX_ENDPOINTS)
+        ),
+        pod_cidrs=tuple(f"2001:db8:ffff:{i:x}::/64" for i in range(MAX_POD_CIDRS)),
+        version=(1 << 63) - 1,
+    )
+    sealed = seal_record(KEYS, biggest, os.urandom(24))
+    assert len(sealed.data) in SEALED_SIZES
+    assert decode_record(encode_record(biggest)) == biggest
+
+
+def document(**changes: Any) -> bytes:
+    base = json.loads(encode_record(record()))
+    base.update(changes)
+    return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (document(node_id="n\udc00de"), "node_id"),
+        (document(node_id="node-1"), "node_id"),
+        (document(node_id="x" * 65), "node_id"),
+        (document(hostname="\x1b[2Jfake peer line"), "hostname"),
+        (document(hostname="a b"), "hostname"),
+        (document(hostname="a" * 64), "hostname"),
+        (document(public_key="AAAA"), "public_key"),
+        (document(ula="192.0.2.1"), "ula"),
+        (document(ula="fe80::1%eth0"), "ula"),
+        (document(addresses=["192.0.2.1"] * (MAX_ADDRESSES + 1)), "addresses"),
+        (document(addresses=[3232235777]), "addresses"),
+        (document(addresses=["192.168.001.001"]), "addresses"),
+        (document(pod_cidrs=["10.244.1.1/24"]), "pod_cidrs"),
+        (document(endpoints=["192.0.2.1:0"]), "endpoints"),
+        (document(endpoints=["[fe80::1%eth0]:51820"]), "endpoints"),
+        (document(version=0), "version"),
+        (document(version=True), "version"),
+        (document(version=1 << 64), "version"),
+        (document(version=...), "version"),
+        (document(valid_until=-1), "valid_until"),
+        (document(leave="yes"), "leave"),
+        (document(extra=1), "unknown field"),
+        (document(v=1), "payload version"),
+        (b"[" * 1000, "nested"),
+        (b" " * 5000, "larger"),
+        (b"\xff", "UTF-8"),
+    ],
+)
+def test_every_field_is_checked(raw: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        decode_record(raw)
+
+
+def test_a_bad_record_harms_only_its_affiliate() -> None:
+    good = seal_record(KEYS, record(), os.urandom(24))
+    bad_id = KEYS.affiliate_id("n0de1")
+    evil = KEYS.seal_data(bad_id, document(hostname="\x1b[2J"), os.urandom(24))
+    opened, problems = open_affiliate(KEYS, WireAffiliate(good.affiliate_id, good.data, (), 60))
+    assert opened is not None and opened.record == record() and problems == []
+    opened, problems = open_affiliate(KEYS, WireAffiliate(bad_id, evil, (), 60))
+    assert opened is None and "hostname" in problems[0]
+
+
+def test_a_record_moved_to_another_affiliate_id_is_refused() -> None:
+    sealed = seal_record(KEYS, record(), os.urandom(24))
+    other = KEYS.affiliate_id("someoneelse")
+    moved = KEYS.seal_data(other, encode_record(record()), os.urandom(24))
+    opened, problems = open_affiliate(KEYS, WireAffiliate(other, moved, (), 60))
+    assert opened is None and "does not match" in problems[0]
+    opened, problems = open_affiliate(KEYS, WireAffiliate(other, sealed.data, (), 60))
+    assert opened is None and "authentication" in problems[0]
+
+
+def test_listed_endpoints_beyond_the_record_are_hints() -> None:
+    sealed = seal_record(KEYS, record(), os.urandom(24))
+    harvested = KEYS.seal_endpoint(
+        sealed.affiliate_id, encode_endpoint(Endpoint.parse("203.0.113.9:40000"))
+    )
+    junk = b"\x01" + bytes(60)
+    listed = WireAffiliate(
+        sealed.affiliate_id, sealed.data, (*sealed.endpoints, harvested, junk), 9
+    )
+    opened, problems = open_affiliate(KEYS, listed)
+    assert opened is not None
+    assert opened.hints == (Endpoint.parse("203.0.113.9:40000"),)
+    assert len(problems) == 1 and "endpoint 2" in problems[0]
