@@ -5,6 +5,7 @@ by `make demo`."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,17 @@ from typing import Any
 
 from kubespan.config.render import new_config_document, to_yaml
 
-from kslab import Lab, NicSpec, Segment, Vm, VmSpec, cluster_identity, wait_until
+from kslab import (
+    Capture,
+    HostProcess,
+    Lab,
+    NicSpec,
+    Segment,
+    Vm,
+    VmSpec,
+    cluster_identity,
+    wait_until,
+)
 
 DISCOVERY_PORT = 3000
 
@@ -32,8 +43,41 @@ class Cluster:
     discovery_url: str
     cluster_id: str
     secret: str
+    discovery: HostProcess
+    discovery_argv: list[str]
     nodes: list[Vm] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+
+    def stop_discovery(self) -> None:
+        self.discovery.stop()
+
+    def start_discovery(self, name: str) -> None:
+        """Start the discovery service again (under a new process name), same flags."""
+        self.discovery = self.lab.spawn(name, self.discovery_argv)
+        host = self.discovery_url.split("//")[1]
+        self.lab.wait_tcp(host.rsplit(":", 1)[0], int(host.rsplit(":", 1)[1]))
+
+    def listed(self) -> int:
+        """How many members the discovery service lists (asked as a member would)."""
+        script = (
+            "import sys\n"
+            "from kubespan.crypto import ClusterKeys\n"
+            "from kubespan.discovery.client import DiscoveryClient\n"
+            "from kubespan.config.interpret import decode_key32\n"
+            "keys = ClusterKeys.derive(sys.argv[2], decode_key32(sys.argv[3]))\n"
+            "print(len(DiscoveryClient(sys.argv[1], keys).listing().affiliates))\n"
+        )
+        result = self.lab.run(
+            [sys.executable, "-c", script, self.discovery_url, self.cluster_id, self.secret],
+            check=False,
+        )
+        return int(result.stdout) if result.returncode == 0 and result.stdout.strip() else -1
+
+    def node_address(self, vm: Vm) -> str:
+        return str(self.lan.address(10 + int(vm.name.removeprefix("node"))).ip)
+
+    def node_address6(self, vm: Vm) -> str:
+        return str(self.lan.address6(10 + int(vm.name.removeprefix("node"))).ip)
 
     def config(self, **kubespan: Any) -> str:
         return machine_config(self.discovery_url, self.cluster_id, self.secret, **kubespan)
@@ -60,21 +104,20 @@ def start_cluster(lab: Lab, kubespan_bin: Path, state_dir: Path) -> Cluster:
     """One LAN segment, the discovery service on its host side, a fresh cluster identity."""
     lan = lab.add_segment("lan")
     host = str(lan.gateway.ip)
-    lab.spawn(
+    argv = [
+        str(kubespan_bin),
         "discovery",
-        [
-            str(kubespan_bin),
-            "discovery",
-            "serve",
-            "--listen",
-            f"{host}:{DISCOVERY_PORT}",
-            "--state-dir",
-            str(state_dir),
-        ],
-    )
+        "serve",
+        "--listen",
+        f"{host}:{DISCOVERY_PORT}",
+        "--state-dir",
+        str(state_dir),
+    ]
+    process = lab.spawn("discovery", argv)
     lab.wait_tcp(host, DISCOVERY_PORT)
     cluster_id, secret = cluster_identity()
-    return Cluster(lab, lan, f"http://{host}:{DISCOVERY_PORT}", cluster_id, secret)
+    url = f"http://{host}:{DISCOVERY_PORT}"
+    return Cluster(lab, lan, url, cluster_id, secret, process, argv)
 
 
 def node_status(vm: Vm) -> dict[str, Any] | None:
@@ -120,3 +163,46 @@ def wait_for_passes(vm: Vm, after: float, seconds: float) -> None:
         return document is not None and document["updated_at"] > after + seconds
 
     wait_until(published, seconds + 60, f"{vm.name} to keep reconciling for {seconds:g} s")
+
+
+def between(a: str, b: str) -> str:
+    """A capture filter for packets from `a` to `b` or back."""
+    return f"((src {a} and dst {b}) or (src {b} and dst {a}))"
+
+
+def assert_only_wireguard_between(capture: Capture, addresses: list[str], port: int = 51820) -> int:
+    """Zero plaintext packets between any two member addresses (IPv4 and IPv6) in the whole
+    capture. Allowed besides WireGuard's UDP: ICMP errors about WireGuard's own UDP (they quote
+    its ciphertext; e.g. port unreachable while a booting peer has no link yet) and, for IPv6,
+    neighbour discovery (link-layer control, ICMPv6 types 135 and 136). Returns how many
+    WireGuard packets went between them."""
+    about_wireguard = {
+        # ICMP header 8 bytes, the quoted IPv4 header 20: the quoted UDP ports at 28 and 30.
+        "ip": f"(icmp and (icmp[28:2] == {port} or icmp[30:2] == {port}))",
+        # ICMPv6 header 8 bytes after the IPv6 header 40, the quoted IPv6 header 40.
+        "ip6": f"(icmp6 and ip6[40] < 128 and (ip6[88:2] == {port} or ip6[90:2] == {port}))",
+    }
+    neighbour = {"ip": "", "ip6": " and not (icmp6 and (ip6[40] == 135 or ip6[40] == 136))"}
+    wireguard = 0
+    for index, a in enumerate(addresses):
+        for b in addresses[index + 1 :]:
+            if (":" in a) != (":" in b):
+                continue
+            family = "ip6" if ":" in a else "ip"
+            plain = capture.packets(
+                f"{family} and {between(a, b)} and not udp port {port}"
+                f" and not {about_wireguard[family]}{neighbour[family]}"
+            )
+            assert plain == [], f"plaintext between members {a} and {b}: {plain[:5]}"
+            wireguard += len(capture.packets(f"udp port {port} and {between(a, b)}"))
+    return wireguard
+
+
+def start_pingers(vms: list[Vm], targets: dict[str, list[str]]) -> None:
+    """Keep traffic flowing from each node to each of its targets (one ping a second, as a
+    transient unit), so that a capture sees what members send each other all along."""
+    for vm in vms:
+        for index, address in enumerate(targets[vm.name]):
+            vm.check(
+                ["systemd-run", f"--unit=pinger{index}", "ping", "-i", "1", "-W", "1", address]
+            )

@@ -72,9 +72,9 @@ def test_three_nodes_mesh_and_ping_over_the_tunnel(
 
     # Once meshed, further reconcile passes change nothing in the kernel.
     for vm in nodes:
-        applied = vm.journal("kubespan").count(" apply ")
+        applied = vm.journal("kubespan").count(" applied ")
         wait_for_passes(vm, after=statuses[vm.name]["updated_at"], seconds=10)
-        assert vm.journal("kubespan").count(" apply ") == applied
+        assert vm.journal("kubespan").count(" applied ") == applied
 
     with capsys.disabled():
         print(

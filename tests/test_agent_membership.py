@@ -8,7 +8,6 @@ import base64
 import ipaddress
 import json
 import logging
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from kubespan.identity import LinkHardware, load_or_create_identity
 from kubespan.model import ObservedLink
 from kubespan.plan.membership import Known, Membership
 
-from agents import config_text, wait_for
+from agents import config_text, running, wait_for
 from fakekernel import FakeKernel, local_address
 
 WALL0 = 1_800_000_000.0
@@ -151,16 +150,11 @@ def test_a_node_booting_while_discovery_is_down_is_ready_from_its_cache(
     # "Reboot": a new agent and an empty kernel; discovery (port 9) refuses connections.
     rebooted, kernel = node(tmp_path, "beta", 12, config)
     assert rebooted.from_cache
-    thread = threading.Thread(target=rebooted.run, daemon=True)
-    thread.start()
-    try:
+    with running(rebooted):
         wait_for(lambda: rebooted.ready, "READY from the cache", timeout=15)
         assert peers(kernel) == {alpha.identity.public_key_b64}
         status = json.loads((tmp_path / "beta" / "run" / STATUS_FILE).read_text())
         assert status["ready"] and len(status["peers"]) == 1
-    finally:
-        rebooted.stop()
-        thread.join(10)
 
 
 def test_without_cache_or_discovery_ready_waits_for_the_timeout(
@@ -169,15 +163,10 @@ def test_without_cache_or_discovery_ready_waits_for_the_timeout(
     config = config_text("http://127.0.0.1:9", cluster_id, cluster_secret)
     agent, _ = node(tmp_path, "lonely", 11, config)
     agent.ready_timeout = 8
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    try:
+    with running(agent):
         wait_for(lambda: agent.failed == {"http://127.0.0.1:9"}, "discovery to fail")
         assert not agent.ready  # nothing known: not ready on a failure alone
         wait_for(lambda: agent.ready, "READY after the timeout", timeout=15)
-    finally:
-        agent.stop()
-        thread.join(10)
 
 
 def test_a_damaged_cache_is_set_aside_and_the_agent_starts(
@@ -211,10 +200,8 @@ def test_plain_http_discovery_is_warned_about(
     agent, _ = node(
         tmp_path, "n", 11, config_text("http://127.0.0.1:9", cluster_id, cluster_secret)
     )
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    agent.stop()
-    thread.join(10)
+    with running(agent):
+        wait_for(lambda: "is plain http" in caplog.text, "the warning")
     assert "is plain http" in caplog.text and "use https" in caplog.text
 
 
@@ -253,15 +240,9 @@ def test_the_loop_outlives_unexpected_errors(
     agent, kernel = node(tmp_path, "n", 11, config)
     flaky = Flaky(addresses=kernel.addresses, hardware=kernel.hardware)
     agent.kernel = flaky
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    try:
+    with running(agent):
         wait_for(lambda: flaky.link is not None, "a pass that works", timeout=30)
-        assert thread.is_alive()
         assert "reconcile pass failed" in caplog.text
-    finally:
-        agent.stop()
-        thread.join(10)
 
 
 def test_refused_claims_are_shown_in_status(

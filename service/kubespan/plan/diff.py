@@ -175,9 +175,12 @@ def diff(
     observed: ObservedLink | None,
     routing: ObservedRouting | None = None,
 ) -> list[Operation]:
-    """Operations that turn what the kernel has into `desired`, touching only what differs:
-    the link, then routes and rules, then peers, and marking last, so that traffic is only
-    marked into the tunnel once everything it needs is in place."""
+    """Operations that turn what the kernel has into `desired`, touching only what differs,
+    in an order that never lets member traffic out in the clear: the link, then routes and
+    rules (marked traffic can only go into the tunnel or nowhere), then marking, and peers
+    last. A peer added before its marking could deliver a member's packet whose answer then
+    follows the main table unencrypted; marked traffic to a peer not yet configured is only
+    dropped (fail closed) for the moment it takes."""
     if observed is not None and observed.foreign:
         return blocked_by_foreign_link(desired, routing)
     ops: list[Operation] = list(diff_link(desired.link, observed))
@@ -185,6 +188,7 @@ def diff(
         desired.ruleset, desired.routing, desired.link.name, routing
     )
     ops.extend(routing_ops)
+    ops.extend(marking_ops)
     have = {p.public_key: p for p in observed.peers} if observed else {}
     wanted = {p.public_key for p in desired.peers}
     for key in sorted(set(have) - wanted):
@@ -193,7 +197,6 @@ def diff(
         change = diff_peer(desired.link, peer, have.get(peer.public_key))
         if change is not None:
             ops.append(change)
-    ops.extend(marking_ops)
     return ops
 
 

@@ -1,0 +1,114 @@
+"""Membership that fails closed, on the image: the discovery service loses its state, or is
+down while a node reboots, and the mesh stays whole. A capture runs on the underlay for the
+whole of each test and must hold zero plaintext packets between members, while every node
+keeps pinging every other node's addresses all along."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from kslab import Lab, Vm, wait_until
+from mesh import (
+    Cluster,
+    assert_only_wireguard_between,
+    node_status,
+    start_cluster,
+    start_pingers,
+    wait_for_mesh,
+)
+
+pytestmark = pytest.mark.vm
+
+
+def member_addresses(cluster: Cluster, vms: list[Vm]) -> list[str]:
+    return [cluster.node_address(vm) for vm in vms] + [cluster.node_address6(vm) for vm in vms]
+
+
+def ping_everyone(cluster: Cluster, vms: list[Vm], among: list[Vm] | None = None) -> None:
+    """From each of `vms`, ping every address of the others of `among` (default: `vms`)."""
+    addresses = member_addresses(cluster, among or vms)
+    start_pingers(
+        vms, {vm.name: [a for a in addresses if a not in _own(cluster, vm)] for vm in vms}
+    )
+
+
+def _own(cluster: Cluster, vm: Vm) -> tuple[str, str]:
+    return cluster.node_address(vm), cluster.node_address6(vm)
+
+
+def peers_removed(vm: Vm) -> list[str]:
+    return [line for line in vm.journal("kubespan").splitlines() if " remove" in line]
+
+
+def test_discovery_restarted_without_its_state_keeps_the_mesh(
+    lab: Lab, kubespan_bin: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "discovery"
+    cluster = start_cluster(lab, kubespan_bin, state)
+    capture = lab.capture("lan")
+    nodes = cluster.boot(3)
+    wait_for_mesh(nodes)
+    ping_everyone(cluster, nodes)
+    wait_until(lambda: cluster.listed() == 3, 60, "every node listed", interval=1.0)
+
+    cluster.stop_discovery()
+    shutil.rmtree(state)
+    restarted = time.monotonic()
+    cluster.start_discovery("discovery-empty")
+    wait_until(lambda: cluster.listed() == 3, 60, "every node back in the listing", 0.5)
+    relisted = time.monotonic() - restarted
+
+    # Nothing was removed anywhere, every tunnel is up, and members still reach each other.
+    for vm in nodes:
+        assert peers_removed(vm) == [], vm.name
+        status = node_status(vm)
+        assert status is not None and [p["state"] for p in status["peers"]] == ["up", "up"]
+        for address in member_addresses(cluster, nodes):
+            if address not in _own(cluster, vm):
+                vm.check(["ping", "-c", "2", "-W", "3", address])
+    capture.stop()
+    assert assert_only_wireguard_between(capture, member_addresses(cluster, nodes)) > 0
+    with capsys.disabled():
+        print(f"\nrelisted_after_empty_restart_s={relisted:.1f}")
+
+
+def test_a_node_rebooted_while_discovery_is_down_is_ready_from_its_cache(
+    lab: Lab, kubespan_bin: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster = start_cluster(lab, kubespan_bin, tmp_path / "discovery")
+    capture = lab.capture("lan")
+    nodes = cluster.boot(3)
+    wait_for_mesh(nodes)
+    ping_everyone(cluster, nodes)
+    node3 = nodes[2]
+    wait_until(
+        lambda: node3.exec(["test", "-s", "/var/lib/kubespan/peers.json"]).exit_code == 0,
+        60,
+        "node3's peer cache",
+    )
+
+    cluster.stop_discovery()
+    node3.reboot()
+    rebooted = time.monotonic()
+    node3.wait_unit("kubespan.service", "active", timeout=240)  # Type=notify: READY sent
+    ready = time.monotonic() - rebooted
+    status = node_status(node3)
+    assert status is not None and status["ready"]
+    assert "mesh configured from the peer cache" in node3.journal("kubespan")
+    wait_for_mesh(nodes)  # whole again, with discovery still down
+    ping_everyone(cluster, [node3], among=nodes)
+
+    cluster.start_discovery("discovery-back")
+    (node4,) = cluster.boot(1, first_host=14)
+    everyone = [*nodes, node4]
+    wait_for_mesh(everyone)
+    for vm in nodes:
+        assert peers_removed(vm) == [], vm.name
+    capture.stop()
+    assert assert_only_wireguard_between(capture, member_addresses(cluster, everyone)) > 0
+    with capsys.disabled():
+        print(f"\nready_from_cache_after_reboot_s={ready:.1f}")
