@@ -36,6 +36,7 @@ from workload import median_ms, members, plan_input
 INSIDE = "KUBESPAN_BENCH_INSIDE"
 SIZES = (10, 100, 1000)
 MTU = 1420
+LISTEN_PORT = 51820
 ULA_PREFIX = ipaddress.IPv6Network("fd00::/64")
 
 
@@ -122,13 +123,13 @@ class Bench:
     """The dataplane of the namespace this process runs in, and one reconcile of it."""
 
     def __init__(self, ipr: IPRoute) -> None:
-        self.dataplane = Dataplane(ipr)
+        self.dataplane = Dataplane()
         self.routing = routing_spec(MTU)
 
     def reconcile(self, result: Plan) -> int:
         """Plan the ruleset from the peers, observe, diff, apply; kernel operations run."""
         v4, v6 = member_set(result.desired.peers, result.reports, ULA_PREFIX, False)
-        spec = RulesetSpec(v4, v6, MTU)
+        spec = RulesetSpec(v4, v6, MTU, LISTEN_PORT)
         observed = self.dataplane.observe(LINK_NAME)
         before, after = diff_dataplane(spec, self.routing, LINK_NAME, observed)
         self.dataplane.apply([*before, *after])
