@@ -22,6 +22,7 @@ import ipaddress
 import json
 import sys
 import threading
+from dataclasses import replace
 from typing import Any
 
 from kubespan.apply.dataplane import Dataplane
@@ -109,12 +110,9 @@ class Helper:
 
 def broken_batch(spec: RulesetSpec) -> str | None:
     """An element of the wrong family makes libnftables refuse the whole batch."""
-    broken = spec.to_json()
-    for item in broken["nftables"]:
-        if "set" in item.get("add", {}) and item["add"]["set"]["name"] == "members_v4":
-            item["add"]["set"]["elem"] = [{"prefix": {"addr": "2001:db8::", "len": 64}}]
+    broken = replace(spec, members_v4=(ipaddress.ip_network("2001:db8::/64"),))
     try:
-        Nft().run(broken)
+        Nft().run(broken.batch())
     except ApplyError as error:
         return str(error)
     return None

@@ -5,14 +5,18 @@ changes do not wake us at all."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from dataplanelab import DRIFTS, SPEC, drift_command, snapshot, wired
+from netlink_capture import replay
 
-from netlab import DataplaneHelper, Netns, wait_until
+from netlab import REPO, DataplaneHelper, Netns, namespaces, run, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -97,3 +101,39 @@ def test_drift_is_repaired_by_an_event_within_a_second(
     assert len(repairs) == 1, helper.passes[seen:done]
     assert repairs[0]["error"] is None
     assert snapshot(node) == baseline
+
+
+def in_fresh_namespace(script: str, *args: str) -> Any:
+    """Run tests/`script` in a namespace of its own; its JSON output."""
+    with namespaces("probe") as ns:
+        env = f"PYTHONPATH={REPO / 'tests'}"
+        path = str(REPO / "tests" / script)
+        argv = ["ip", "netns", "exec", ns["probe"].name, "env", env, sys.executable, path]
+        return json.loads(run([*argv, *args]))
+
+
+def test_live_notifications_are_classified() -> None:
+    """The kernel's own notifications for each change (tests/netlink_capture.py), read as
+    KernelWatcher reads them: ours wake the agent, others' do not."""
+    for change, expected, given in replay(in_fresh_namespace("netlink_capture.py")):
+        assert given == expected, change
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("callback-raises", {"again": True}),
+        ("overflow", {"overflow": True}),
+        ("read-fails", {"resubscribed": True, "again": True}),
+        ("subscribing-fails", {"resubscribed": True, "again": True}),
+        ("idle", {}),
+    ],
+)
+def test_the_watcher_survives(scenario: str, expected: dict[str, bool]) -> None:
+    """A callback that raises, lost notifications (ENOBUFS), a failing read, a failing
+    subscription: the thread lives on and reports changes; stop() is prompt."""
+    result = in_fresh_namespace("netns_watch_probe.py", scenario)
+    assert {key: result[key] for key in expected} == expected
+    assert result.get("alive", True)
+    assert result["stopped"]
+    assert result["stop_seconds"] < 1.0

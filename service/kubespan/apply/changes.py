@@ -81,13 +81,15 @@ def classify_route(message: Message, state: WatchState) -> tuple[str | None, Wat
     if kind in (RTM_NEWLINK, RTM_DELLINK):
         return _link(message, state)
     if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-        return ("route in table 180" if _table(message, RTA_TABLE) == ROUTE_TABLE else None), state
+        ours = _table(message, RTA_TABLE) == ROUTE_TABLE
+        return (f"route in table {ROUTE_TABLE}" if ours else None), state
     if kind in (RTM_NEWRULE, RTM_DELRULE):
+        if _table(message, FRA_TABLE) == ROUTE_TABLE:
+            return f"rule for table {ROUTE_TABLE}", state
         attrs = attribute_map(_body(message, TABLE_HEADER.size))
-        ours = _table(message, FRA_TABLE) == ROUTE_TABLE or (
-            FRA_PRIORITY in attrs and u32(attrs[FRA_PRIORITY]) == RULE_PRIORITY
-        )
-        return ("rule for table 180" if ours else None), state
+        if FRA_PRIORITY in attrs and u32(attrs[FRA_PRIORITY]) == RULE_PRIORITY:
+            return f"rule at priority {RULE_PRIORITY}", state
+        return None, state
     if kind in (RTM_NEWNETCONF, RTM_DELNETCONF):
         attrs = attribute_map(_body(message, NETCONFMSG_SIZE))
         if NETCONFA_RP_FILTER not in attrs or NETCONFA_IFINDEX not in attrs:

@@ -1,9 +1,10 @@
 """Our nftables table, and proof of what it holds.
 
 How drift is noticed without guessing nft's output format: after applying a ruleset we list
-the table back and remember a digest of that listing (handles and counters stripped), with
-the nftables generation at which it was taken. Every committed nftables transaction, ours or
-anyone's, bumps the generation (one per netns), so:
+the table back and remember a digest of that listing (nft's own canonical text, without
+handles or counter values: apply.libnft), with the nftables generation at which it was
+taken. Every committed nftables transaction, ours or anyone's, bumps the generation (one
+counter per network namespace), so:
 
 - generation unchanged since we last proved the table: nothing in nftables changed, the
   table is ours as applied (no listing: a no-change pass costs one small netlink request);
@@ -22,12 +23,10 @@ pass of an agent replaces the table once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from kubespan.apply.libnft import Nft
 from kubespan.apply.netlink import NLM_F_ACK, Message, attribute_map, be32
@@ -35,7 +34,7 @@ from kubespan.apply.nlsocket import NetlinkSocket
 from kubespan.errors import ApplyError
 from kubespan.names import NFT_FAMILY, NFT_TABLE
 from kubespan.plan.dataplane import ObservedRuleset
-from kubespan.plan.ruleset import RulesetSpec, teardown_json
+from kubespan.plan.ruleset import RulesetSpec, teardown_batch
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,6 @@ NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
 NFNETLINK_V0 = 0
 NFGENMSG = struct.Struct("=BBH")  # family, version, resource id
-# Values the kernel changes on its own: object handles, and counters' state.
-VOLATILE = {"handle", "packets", "bytes"}
 
 
 def generation_request() -> tuple[int, bytes]:
@@ -64,20 +61,8 @@ def parse_generation(answer: list[Message]) -> int:
     raise ApplyError("the kernel did not report the nftables generation")
 
 
-def canonical_digest(listing: dict[str, Any]) -> str:
-    """A digest of a table's JSON listing without what the kernel varies by itself. Order is
-    kept (rule order matters), keys are sorted."""
-    items = [item for item in listing.get("nftables", []) if "metainfo" not in item]
-    text = json.dumps(_strip(items), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _strip(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
+def digest(listing: str) -> str:
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -113,7 +98,7 @@ class NftTable:
         listing = self._list()
         if listing is None:
             return None
-        if proven is not None and canonical_digest(listing) == proven.digest:
+        if proven is not None and digest(listing) == proven.digest:
             if self.generation() == before:  # the listing is of generation `before`
                 self._proven = Proven(proven.fingerprint, proven.digest, before)
             return ObservedRuleset(proven.fingerprint)
@@ -129,11 +114,11 @@ class NftTable:
     def replace(self, spec: RulesetSpec) -> None:
         before = self.generation()
         self._proven = None
-        self._nft.run(spec.to_json())
+        self._nft.run(spec.batch())
         listing = self._list()
         after = self.generation()
         if listing is not None and after == (before + 1) & 0xFFFFFFFF:
-            self._proven = Proven(spec.fingerprint, canonical_digest(listing), after)
+            self._proven = Proven(spec.fingerprint, digest(listing), after)
         else:
             log.info(
                 "unverified: another nftables change came with ours, table=%s %s "
@@ -146,10 +131,10 @@ class NftTable:
 
     def delete(self) -> None:
         self._proven = None
-        self._nft.run(teardown_json())
+        self._nft.run(teardown_batch())
 
-    def _list(self) -> dict[str, Any] | None:
+    def _list(self) -> str | None:
         try:
-            return self._nft.run(f"list table {NFT_FAMILY} {NFT_TABLE}") or {}
+            return self._nft.run(f"list table {NFT_FAMILY} {NFT_TABLE}")
         except ApplyError:
             return None  # no such table

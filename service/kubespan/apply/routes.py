@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from kubespan.apply.netlink import (
     NLM_F_ACK,
     NLM_F_CREATE,
-    NLM_F_DUMP,
     Message,
     NetlinkFormatError,
     attribute_map,
@@ -21,6 +20,7 @@ from kubespan.apply.netlink import (
     u32,
 )
 from kubespan.apply.nlsocket import NetlinkSocket
+from kubespan.apply.rtnl import FAMILIES, VERSIONS, dump, header_table
 from kubespan.names import ROUTE_TABLE
 from kubespan.netaddr import IPAddress, IPNetwork
 from kubespan.plan.routing import UNICAST, RouteSpec, route_type_name, route_type_number
@@ -45,10 +45,6 @@ RTA_PAD = 24
 RTAX_MTU = 2
 RTPROT_STATIC = 4
 RT_SCOPE_UNIVERSE = 0
-RT_TABLE_COMPAT = 252
-
-FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
-VERSIONS = {number: version for version, number in FAMILIES.items()}
 ADDRESS_SIZE = {4: 4, 6: 16}
 # Read into RouteSpec fields, or bookkeeping that does not change where a packet goes.
 HANDLED = {RTA_DST, RTA_SRC, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_METRICS, RTA_TABLE}
@@ -128,7 +124,7 @@ def encode_route(route: RouteSpec, oif: int | None) -> bytes:
         route.destination.prefixlen,
         0,
         0,
-        ROUTE_TABLE if ROUTE_TABLE < 256 else RT_TABLE_COMPAT,
+        header_table(ROUTE_TABLE),
         RTPROT_STATIC,
         RT_SCOPE_UNIVERSE,
         route_type_number(route.kind),
@@ -157,17 +153,11 @@ class Routes:
     def observe(self) -> tuple[RouteSpec, ...]:
         """Every route in table 180, IPv4 then IPv6, each in the kernel's order."""
         names = dict(socket.if_nameindex())
-        found = []
-        for family in FAMILIES.values():
-            request = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0) + encode_attribute(
-                RTA_TABLE, struct.pack("=I", ROUTE_TABLE)
-            )
-            for message in self._rtnl.request(RTM_GETROUTE, NLM_F_DUMP, request):
-                if message.type != RTM_NEWROUTE:
-                    continue
-                if (route := parse_route(message, names)) is not None:
-                    found.append(route)
-        return tuple(found)
+        table = encode_attribute(RTA_TABLE, struct.pack("=I", ROUTE_TABLE))  # a dump filter
+        messages = dump(
+            self._rtnl, RTM_GETROUTE, lambda f: RTMSG.pack(f, *[0] * 8) + table, RTM_NEWROUTE
+        )
+        return tuple(r for m in messages if (r := parse_route(m, names)) is not None)
 
     def replace(self, route: RouteSpec) -> None:
         oif = None

@@ -9,14 +9,12 @@ kernel's "exists" check ignores some flags (an inverted `not fwmark 0x40/0x60 lo
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 
 from kubespan.apply.netlink import (
     NLM_F_ACK,
     NLM_F_APPEND,
     NLM_F_CREATE,
-    NLM_F_DUMP,
     Message,
     NetlinkFormatError,
     attribute_map,
@@ -27,6 +25,7 @@ from kubespan.apply.netlink import (
     u32,
 )
 from kubespan.apply.nlsocket import NetlinkSocket
+from kubespan.apply.rtnl import FAMILIES, VERSIONS, dump, header_table
 from kubespan.names import ROUTE_TABLE
 from kubespan.plan.routing import RuleSpec
 
@@ -50,11 +49,8 @@ FRA_PAD = 18
 FRA_PROTOCOL = 21
 FR_ACT_TO_TBL = 1
 FIB_RULE_INVERT = 0x2
-RT_TABLE_COMPAT = 252  # the header's table when the real one only fits the attribute
 UNSET = 0xFFFFFFFF  # suppress_prefixlength / suppress_ifgroup: not set
 
-FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
-VERSIONS = {number: version for version, number in FAMILIES.items()}
 # Attributes described by name in `other`; the rest appear as attr<N>=<hex>.
 NAMED = {3: "iif", 4: "goto", 11: "realms", 12: "tun_id", 17: "oif", 19: "l3mdev"}
 NAMED.update({20: "uidrange", 22: "ipproto", 23: "sport", 24: "dport"})
@@ -131,7 +127,7 @@ def encode_rule(rule: RuleSpec) -> bytes:
         0,
         0,
         0,
-        rule.table if rule.table < 256 else RT_TABLE_COMPAT,
+        header_table(rule.table),
         0,
         0,
         FR_ACT_TO_TBL,
@@ -151,13 +147,9 @@ class Rules:
 
     def observe(self) -> tuple[RuleSpec, ...]:
         """Every rule that looks up table 180, IPv4 then IPv6, each in the kernel's order."""
-        found = []
-        for family in FAMILIES.values():
-            request = FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-            for message in self._rtnl.request(RTM_GETRULE, NLM_F_DUMP, request):
-                if message.type == RTM_NEWRULE and (rule := parse_rule(message)) is not None:
-                    found.append(rule)
-        return tuple(found)
+        request = FIB_RULE_HDR.pack  # family, then zeros: every rule of the family
+        messages = dump(self._rtnl, RTM_GETRULE, lambda f: request(f, *[0] * 8), RTM_NEWRULE)
+        return tuple(r for m in messages if (r := parse_rule(m)) is not None)
 
     def add(self, rule: RuleSpec) -> None:
         flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND

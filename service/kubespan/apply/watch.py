@@ -6,9 +6,11 @@ routes and rules, IPv4 netconf) and netfilter (nftables changes), and calls
 which). It blocks in select() when nothing happens, so it costs nothing then.
 
 It survives anything: a socket buffer overflow (ENOBUFS: notifications were lost) counts as a
-change; a malformed message counts as a change; any other error, in the sockets or in the
-callback, is logged and retried after a backoff, the sockets reopened if need be (and a change
-reported, since notifications may have been missed meanwhile). `stop()` returns promptly.
+change; a malformed message counts as a change; any other socket error is logged, and after a
+backoff the sockets are reopened and a change reported (notifications may have been missed
+meanwhile); a callback that raises is logged and given the same reasons again after a backoff
+(the sockets stay open meanwhile, so nothing is lost). `stop()` returns promptly unless the
+callback itself blocks.
 
     watcher = KernelWatcher(on_change=lambda reason: wake_the_reconcile_loop(reason))
     watcher.start()   # subscribed when this returns: no change after it goes unnoticed
@@ -87,37 +89,33 @@ class KernelWatcher:
 
     def _run(self) -> None:
         backoff = BACKOFF_FIRST
+        pending: set[str] = set()  # reasons not yet delivered
         while not self._stopping.is_set():
             try:
                 if not self._sockets:
                     self._open()
-                    self._notify({RESUBSCRIBED})
-                self._notify(self._read(self._wait()))
-                backoff = BACKOFF_FIRST
-            except Exception:  # the thread must not die: log, back off, go on
-                log.exception("watch: error, retrying in %.1f s", backoff)
+                    pending.add(RESUBSCRIBED)
+                # Block only when there is nothing to deliver; otherwise just collect.
+                pending |= self._read(list(self._sockets) if pending else self._wait())
+            except Exception:  # the thread must not die: log, back off, resubscribe
+                log.exception("watch: netlink error, resubscribing in %.1f s", backoff)
                 self._close()
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            try:
+                self._notify(pending)
+                pending = set()
+                backoff = BACKOFF_FIRST
+            except Exception:  # the callback's failure: keep the reasons, retry them
+                log.exception("watch: on_change failed, retrying in %.1f s", backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         self._close()
 
     def _open(self) -> None:
         self._close()
-        try:
-            for protocol, groups in (
-                (NETLINK_ROUTE, group_mask(RTNL_GROUPS)),
-                (NETLINK_NETFILTER, group_mask((NFNLGRP_NFTABLES,))),
-            ):
-                sock = socket.socket(
-                    socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol
-                )
-                self._sockets[sock] = protocol == NETLINK_NETFILTER
-                _enlarge(sock)
-                sock.bind((0, groups))
-                sock.setblocking(False)
-        except OSError:
-            self._close()
-            raise
+        self._sockets = dict(subscribe())
         try:
             self._state = WatchState(socket.if_nametoindex(self._link))
         except OSError:
@@ -165,6 +163,27 @@ class KernelWatcher:
         reason = "; ".join(sorted(reasons))
         log.debug("watch: change reason=%s", reason)
         self._on_change(reason)
+
+
+def subscribe() -> list[tuple[socket.socket, bool]]:
+    """Non-blocking sockets subscribed to what concerns us, each with whether it carries
+    nftables messages (netfilter) or rtnetlink ones."""
+    subscribed: list[tuple[socket.socket, bool]] = []
+    try:
+        for protocol, groups in (
+            (NETLINK_ROUTE, group_mask(RTNL_GROUPS)),
+            (NETLINK_NETFILTER, group_mask((NFNLGRP_NFTABLES,))),
+        ):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+            subscribed.append((sock, protocol == NETLINK_NETFILTER))
+            _enlarge(sock)
+            sock.bind((0, groups))
+            sock.setblocking(False)
+    except OSError:
+        for sock, _ in subscribed:
+            sock.close()
+        raise
+    return subscribed
 
 
 def _enlarge(sock: socket.socket) -> None:

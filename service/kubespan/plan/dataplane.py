@@ -156,9 +156,12 @@ def diff_rules(
     """Per family, exactly our rule looks up table 180. Otherwise: add ours (appended, even
     if an equal one exists, so a rule of ours is in place throughout), then delete every rule
     observed, most specific first. The kernel deletes the first rule that matches every
-    selector a request sets, and a foreign rule with fewer selectors than ours (`priority
-    32500 lookup 180`) matches ours too: deleting the most specific first, and the appended
-    rule being last at its priority, the one rule left is the one we added."""
+    selector a request sets, so a request for a foreign rule with fewer selectors than ours
+    (`priority 32500 lookup 180`) may take ours instead. Counting makes it right: one delete
+    per rule observed, the most specific first (a request can only take a rule with as many
+    selectors or more, and those are gone or go in the same round), and the rule we appended
+    last at its priority is the one left. tests/test_dataplane_diff.py checks every mixture
+    against a model of the kernel."""
     ops: list[DataplaneOperation] = []
     families = {rule.family for rule in wanted}
     for rule in wanted:

@@ -60,7 +60,7 @@ class RuleSpec:
     else. `other` describes every other selector or flag the kernel reported (source or
     destination prefix, interfaces, inversion, port or uid ranges, ...), so a foreign rule is
     never equal to ours. `raw` is the kernel's own message, kept (outside equality) so that a
-    foreign rule is deleted by echoing it: the kernel then matches on everything it holds."""
+    foreign rule is deleted by echoing it: the request then sets every selector it has."""
 
     family: int  # 4 or 6
     fwmark: int = MARK_TUNNEL
@@ -72,9 +72,8 @@ class RuleSpec:
 
     @property
     def specificity(self) -> int:
-        """How many selectors a delete request for this rule sets. The kernel deletes the
-        first rule that matches every selector set in the request, so deleting the most
-        specific rules first never removes a rule we did not mean to remove."""
+        """How many selectors a delete request for this rule sets: the order in which to
+        delete rules (plan.dataplane.diff_rules)."""
         return (self.fwmark != 0) + (self.mask != 0) + len(self.other)
 
     def render(self, action: str = "add") -> str:

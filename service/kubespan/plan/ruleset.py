@@ -40,9 +40,9 @@ Flannel 0x4000) pass through unchanged.
 from __future__ import annotations
 
 import hashlib
+import socket
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 from kubespan.names import MARK_MASK, MARK_TUNNEL, MARK_WIREGUARD, NFT_FAMILY, NFT_TABLE
 from kubespan.netaddr import IPNetwork
@@ -62,7 +62,7 @@ __all__ = [
     "RuleSpec",
     "RulesetSpec",
     "routing_spec",
-    "teardown_json",
+    "teardown_batch",
 ]
 
 TABLE = NFT_TABLE
@@ -89,15 +89,18 @@ class RulesetSpec:
     listen_port: int
 
     def render(self) -> str:
-        """The table in nft syntax: what an operator reads, and what the fingerprint covers."""
-        v4 = ", ".join(str(n) for n in self.members_v4)
-        v6 = ", ".join(str(n) for n in self.members_v6)
+        """The table in nft syntax: what an operator reads, what the fingerprint covers, and
+        (in `batch`) what is applied."""
+        return self._text
+
+    @cached_property
+    def _text(self) -> str:
         mark = f"meta mark set meta mark & {_KEEP_MARK:#010x} | {MARK_TUNNEL:#04x}"
         hook = f"priority {CHAIN_PRIORITY}; policy accept;"
         lines = [
             f"table {FAMILY} {TABLE} {{",
-            f"  set {SET_V4} {{ type ipv4_addr; flags interval; elements = {{ {v4} }} }}",
-            f"  set {SET_V6} {{ type ipv6_addr; flags interval; elements = {{ {v6} }} }}",
+            _set(SET_V4, "ipv4_addr", self.members_v4),
+            _set(SET_V6, "ipv6_addr", self.members_v6),
             f"  chain {CHAIN_PREROUTING} {{",
             f"    type filter hook prerouting {hook}",
             f"    ip daddr @{SET_V4} {mark}",
@@ -119,6 +122,11 @@ class RulesetSpec:
         ]
         return "\n".join(lines)
 
+    def batch(self) -> str:
+        """One nft script, one transaction, that replaces the table whole: add it (so that
+        the delete cannot fail), delete it, and create it anew."""
+        return f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n{self.render()}\n"
+
     @property
     def mss_v4(self) -> int:
         return self.mtu - MSS_OVERHEAD_V4
@@ -131,99 +139,18 @@ class RulesetSpec:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.render().encode()).hexdigest()[:32]
 
-    def to_json(self) -> dict[str, Any]:
-        """One batch that replaces the table whole: add (so delete cannot fail), delete, add."""
-        table = {"family": FAMILY, "name": TABLE}
-        commands: list[dict[str, Any]] = [
-            {"add": {"table": table}},
-            {"delete": {"table": table}},
-            {"add": {"table": table}},
-            {"add": {"set": _set(SET_V4, "ipv4_addr", self.members_v4)}},
-            {"add": {"set": _set(SET_V6, "ipv6_addr", self.members_v6)}},
-            {"add": {"chain": _chain(CHAIN_PREROUTING, "filter", "prerouting")}},
-            {"add": {"chain": _chain(CHAIN_OUTPUT, "route", "output")}},
-        ]
-        prerouting = [
-            [_daddr("ip", SET_V4), _set_mark()],
-            [_daddr("ip6", SET_V6), _set_mark()],
-        ]
-        output = [
-            [*_wireguard_own(self.listen_port), {"accept": None}],
-            [_match({"meta": {"key": "oifname"}}, "lo"), {"accept": None}],
-            _clamp("ip", SET_V4, self.mss_v4),
-            _clamp("ip6", SET_V6, self.mss_v6),
-            [_daddr("ip", SET_V4), _set_mark()],
-            [_daddr("ip6", SET_V6), _set_mark()],
-        ]
-        for chain, rules in ((CHAIN_PREROUTING, prerouting), (CHAIN_OUTPUT, output)):
-            for expr in rules:
-                rule = {"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr}
-                commands.append({"add": {"rule": rule}})
-        return {"nftables": commands}
+
+def teardown_batch() -> str:
+    return f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
 
 
-def teardown_json() -> dict[str, Any]:
-    table = {"family": FAMILY, "name": TABLE}
-    return {"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]}
+def _set(name: str, kind: str, networks: tuple[IPNetwork, ...]) -> str:
+    # nft refuses an empty `elements = { }`: an empty set has no elements clause.
+    elements = f" elements = {{ {', '.join(map(_prefix, networks))} }};" if networks else ""
+    return f"  set {name} {{ type {kind}; flags interval;{elements} }}"
 
 
-def _set(name: str, kind: str, networks: tuple[Any, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "family": FAMILY,
-        "table": TABLE,
-        "name": name,
-        "type": kind,
-        "flags": ["interval"],
-    }
-    if networks:
-        out["elem"] = [
-            {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in networks
-        ]
-    return out
-
-
-def _chain(name: str, kind: str, hook: str) -> dict[str, Any]:
-    return {
-        "family": FAMILY,
-        "table": TABLE,
-        "name": name,
-        "type": kind,
-        "hook": hook,
-        "prio": CHAIN_PRIORITY,
-        "policy": "accept",
-    }
-
-
-def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _mark() -> dict[str, Any]:
-    return {"meta": {"key": "mark"}}
-
-
-def _wireguard_own(listen_port: int) -> list[dict[str, Any]]:
-    """UDP from WireGuard's listen port with WireGuard's mark: what only its socket sends."""
-    return [
-        _match({"meta": {"key": "l4proto"}}, "udp"),
-        _match({"payload": {"protocol": "udp", "field": "sport"}}, listen_port),
-        _match({"&": [_mark(), MARK_MASK]}, MARK_WIREGUARD),
-    ]
-
-
-def _daddr(protocol: str, set_name: str) -> dict[str, Any]:
-    return _match({"payload": {"protocol": protocol, "field": "daddr"}}, f"@{set_name}")
-
-
-def _set_mark() -> dict[str, Any]:
-    return {"mangle": {"key": _mark(), "value": {"|": [{"&": [_mark(), _KEEP_MARK]}, MARK_TUNNEL]}}}
-
-
-def _clamp(protocol: str, set_name: str, mss: int) -> list[dict[str, Any]]:
-    maxseg = {"tcp option": {"name": "maxseg", "field": "size"}}
-    return [
-        _daddr(protocol, set_name),
-        _match({"payload": {"protocol": "tcp", "field": "flags"}}, "syn", op="in"),
-        _match(maxseg, mss, op=">"),
-        {"mangle": {"key": maxseg, "value": mss}},
-    ]
+def _prefix(network: IPNetwork) -> str:
+    # inet_ntop: three times as fast as str() on ipaddress objects, for thousands of members.
+    family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+    return f"{socket.inet_ntop(family, network.network_address.packed)}/{network.prefixlen}"
