@@ -119,7 +119,8 @@ def counter(node: Netns, name: str) -> int:
 def snapshot(node: Netns) -> str:
     """Everything of ours, as an operator would list it (no handles)."""
     return node.sh(
-        "nft list table inet kubespan; ip -4 rule; ip -6 rule; "
+        "nft list table inet kubespan 2>/dev/null || echo 'no table inet kubespan'; "
+        "ip -4 rule; ip -6 rule; "
         "ip -4 route show table 180; ip -6 route show table 180"
     )
 
@@ -147,6 +148,7 @@ DRIFTS = {
     ),
     "foreign route in table 180": "ip route add 203.0.113.0/24 via 192.0.2.1 table 180",
     "foreign rule for table 180": "ip rule add priority 32500 lookup 180",
+    "table deleted": "nft 'delete table inet kubespan'",
 }
 
 

@@ -32,8 +32,10 @@ class Recorder:
         self.fail = False
         self.hold = threading.Event()
         self.hold.set()
+        self.entered = threading.Event()
 
     def __call__(self, reason: str) -> None:
+        self.entered.set()
         self.hold.wait()
         with self.changed:
             self.reasons.append(reason)
@@ -107,28 +109,38 @@ def flaky_subscribe() -> list[tuple[socket.socket, bool]]:
     return [(flaky, index == 1) for index, flaky in enumerate(FLAKY)]  # type: ignore[misc]
 
 
+def resubscribed_then_heard(watcher: KernelWatcher, calls: Recorder, n: int) -> dict[str, Any]:
+    """The watcher reports that it resubscribed, then hears the next change (route `n`)."""
+    resubscribed = calls.wait(lambda r: RESUBSCRIBED in r)
+    calls.reasons.clear()
+    route(n)
+    return {
+        "resubscribed": resubscribed,
+        "again": calls.wait(lambda r: "table 180" in r),
+        "alive": watcher.alive,
+    }
+
+
 def read_fails(watcher: KernelWatcher, calls: Recorder) -> dict[str, Any]:
     FLAKY[0].broken = True
     route(1)  # the read fails: resubscribed, and a change reported
-    resubscribed = calls.wait(lambda r: RESUBSCRIBED in r)
-    calls.reasons.clear()
-    route(2)
-    return {
-        "resubscribed": resubscribed,
-        "again": calls.wait(lambda r: "table 180" in r),
-        "alive": watcher.alive,
-    }
+    return resubscribed_then_heard(watcher, calls, 2)
 
 
 def subscribing_fails(watcher: KernelWatcher, calls: Recorder) -> dict[str, Any]:
-    resubscribed = calls.wait(lambda r: RESUBSCRIBED in r)  # retried in the background
-    calls.reasons.clear()
+    return resubscribed_then_heard(watcher, calls, 1)  # subscribing retried in the background
+
+
+def blocked_callback(watcher: KernelWatcher, calls: Recorder) -> dict[str, Any]:
+    calls.hold.clear()
     route(1)
-    return {
-        "resubscribed": resubscribed,
-        "again": calls.wait(lambda r: "table 180" in r),
-        "alive": watcher.alive,
-    }
+    calls.entered.wait(DEADLINE)
+    started = time.monotonic()
+    watcher.stop(timeout=0.2)  # the callback is stuck: stop() must not wait for it
+    returned = time.monotonic() - started
+    calls.hold.set()
+    watcher._thread.join(DEADLINE)
+    return {"stop_returned": returned < 1.0, "ended": not watcher.alive}
 
 
 SCENARIOS = {
@@ -136,6 +148,7 @@ SCENARIOS = {
     "overflow": overflow,
     "read-fails": read_fails,
     "subscribing-fails": subscribing_fails,
+    "blocked-callback": blocked_callback,
 }
 
 

@@ -181,6 +181,7 @@ EXPECTED_REPAIR = {
     "element swapped": ["nft -f -  # replace table inet kubespan"],
     "rule replaced by accept": ["nft -f -  # replace table inet kubespan"],
     "chain policy drop": ["nft -f -  # replace table inet kubespan"],
+    "table deleted": ["nft -f -  # replace table inet kubespan"],
     "foreign route in table 180": [
         "ip -4 route del 203.0.113.0/24 via 192.0.2.1 dev eth0 table 180 metric 0"
     ],

@@ -71,15 +71,23 @@ class KernelWatcher:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop listening; returns within `timeout` (unless the callback blocks longer, the
+        thread has ended by then). Idempotent."""
         self._stopping.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_write, b"x")
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._thread.is_alive():
+            # Still inside the callback: closing its descriptors now would let their numbers
+            # be reused under it. It closes its sockets itself when the callback returns.
+            log.warning("watch: on_change still running after %.1f s; not waiting", timeout)
+            return
         self._close()
         for fd in (self._wake_read, self._wake_write):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._wake_read = self._wake_write = -1
 
     @property
     def alive(self) -> bool:
