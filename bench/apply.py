@@ -9,6 +9,8 @@ this host has no WireGuard module). Prints `name=value` lines:
   full_plan_ms_N       the whole pure planner (WireGuard peers included), for reference
   noop_ms              a reconcile pass over 1,000 unchanged members: plan, observe, diff
   noop_kernel_changes  kernel change events (nft monitor, ip monitor) during 20 such passes
+  noop_watch_wakeups   KernelWatcher callbacks during those passes (the monitor's own marker
+                       changes are not ours, so anything above 0 would be a wake-up storm)
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import threading
 import time
 import uuid
 
-from pyroute2 import IPRoute
-
 from kubespan.apply.dataplane import Dataplane
+from kubespan.apply.watch import KernelWatcher
 from kubespan.model import Member
 from kubespan.names import LINK_NAME
 from kubespan.plan.dataplane import diff_dataplane
@@ -36,6 +37,7 @@ from workload import median_ms, members, plan_input
 INSIDE = "KUBESPAN_BENCH_INSIDE"
 SIZES = (10, 100, 1000)
 MTU = 1420
+LISTEN_PORT = 51820
 ULA_PREFIX = ipaddress.IPv6Network("fd00::/64")
 
 
@@ -49,8 +51,9 @@ def outside() -> int:
         for argv in (
             ["ip", "link", "set", "lo", "up"],
             ["ip", "link", "add", "kubespan", "type", "veth", "peer", "name", "ks-peer"],
-            ["ip", "link", "set", "kubespan", "arp", "off", "up"],
-            ["ip", "link", "set", "ks-peer", "up"],
+            # No IPv6 link-local addresses: they appear late and would count as changes.
+            ["ip", "link", "set", "kubespan", "addrgenmode", "none", "arp", "off", "up"],
+            ["ip", "link", "set", "ks-peer", "addrgenmode", "none", "up"],
         ):
             subprocess.run(["ip", "-n", name, *argv[1:]], check=True)
         env = dict(os.environ, **{INSIDE: "1"})
@@ -121,14 +124,14 @@ def full_plan(group: tuple[Member, ...]) -> Plan:
 class Bench:
     """The dataplane of the namespace this process runs in, and one reconcile of it."""
 
-    def __init__(self, ipr: IPRoute) -> None:
-        self.dataplane = Dataplane(ipr)
+    def __init__(self) -> None:
+        self.dataplane = Dataplane()
         self.routing = routing_spec(MTU)
 
     def reconcile(self, result: Plan) -> int:
         """Plan the ruleset from the peers, observe, diff, apply; kernel operations run."""
         v4, v6 = member_set(result.desired.peers, result.reports, ULA_PREFIX, False)
-        spec = RulesetSpec(v4, v6, MTU)
+        spec = RulesetSpec(v4, v6, MTU, LISTEN_PORT)
         observed = self.dataplane.observe(LINK_NAME)
         before, after = diff_dataplane(spec, self.routing, LINK_NAME, observed)
         self.dataplane.apply([*before, *after])
@@ -146,37 +149,43 @@ class Bench:
 
         return median_ms(change, 40 if size < 1000 else 15)
 
-    def noop(self, size: int) -> tuple[float, int]:
+    def noop(self, size: int) -> tuple[float, int, int]:
         steady = full_plan(members(size, 0))
         self.reconcile(steady)
         monitor = Monitor()
+        wakeups: list[str] = []
+        watcher = KernelWatcher(wakeups.append)
         try:
             monitor.sync()
+            watcher.start()
             noop_ms = median_ms(lambda: self.reconcile(steady), 20)
             changes = monitor.sync()
         finally:
+            watcher.stop()
             monitor.close()
         for line in monitor.seen:
             print(f"# change seen: {line}", file=sys.stderr)
-        return noop_ms, changes
+        for reason in wakeups:
+            print(f"# watcher woke: {reason}", file=sys.stderr)
+        return noop_ms, changes, len(wakeups)
 
 
 def inside() -> int:
-    with IPRoute() as ipr:
-        bench = Bench(ipr)
-        baseline = None
-        for size in SIZES:
-            apply_ms = bench.apply_ms(size)
-            baseline = baseline or apply_ms
-            print(f"apply_ms_{size}={apply_ms:.2f}")
-            print(f"apply_ms_{size}_ratio_to_{SIZES[0]}={apply_ms / baseline:.1f}")
-            group = members(size)
-            full_ms = median_ms(lambda: full_plan(group), 5)  # noqa: B023
-            print(f"full_plan_ms_{size}={full_ms:.2f}", flush=True)
-        noop_ms, changes = bench.noop(SIZES[-1])
-        print(f"noop_ms={noop_ms:.2f}")
-        print(f"noop_kernel_changes={changes}")
-        bench.dataplane.close()
+    bench = Bench()
+    baseline = None
+    for size in SIZES:
+        apply_ms = bench.apply_ms(size)
+        baseline = baseline or apply_ms
+        print(f"apply_ms_{size}={apply_ms:.2f}")
+        print(f"apply_ms_{size}_ratio_to_{SIZES[0]}={apply_ms / baseline:.1f}")
+        group = members(size)
+        full_ms = median_ms(lambda: full_plan(group), 5)  # noqa: B023
+        print(f"full_plan_ms_{size}={full_ms:.2f}", flush=True)
+    noop_ms, changes, wakeups = bench.noop(SIZES[-1])
+    print(f"noop_ms={noop_ms:.2f}")
+    print(f"noop_kernel_changes={changes}")
+    print(f"noop_watch_wakeups={wakeups}")
+    bench.dataplane.close()
     return 0
 
 

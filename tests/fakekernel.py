@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from kubespan.identity import LinkHardware
 from kubespan.model import LocalAddress, ObservedLink, ObservedPeer
@@ -37,6 +38,8 @@ from kubespan.plan.diff import (
     SetPeer,
 )
 from kubespan.plan.ruleset import RulesetSpec
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -128,13 +131,15 @@ class FakeKernel:
             case AddRule(rule=rule):
                 return replace(have, rules=(*have.rules, rule))
             case DeleteRule(rule=rule):
-                return replace(have, rules=tuple(r for r in have.rules if r != rule))
+                return replace(have, rules=_without_first(have.rules, rule))
             case ReplaceRoute(route=route):
+                # The kernel replaces the first route under the key, or adds one.
                 assert route.link is None or self.link is not None, "route via a missing link"
-                kept = tuple(r for r in have.routes if r.key != route.key)
-                return replace(have, routes=(*kept, route))
+                keys = [r.key for r in have.routes]
+                at = keys.index(route.key) if route.key in keys else len(keys)
+                return replace(have, routes=(*have.routes[:at], route, *have.routes[at + 1 :]))
             case DeleteRoute(route=route):
-                return replace(have, routes=tuple(r for r in have.routes if r != route))
+                return replace(have, routes=_without_first(have.routes, route))
             case SetRpFilter(value=value):
                 assert self.link is not None, "rp_filter of a missing link"
                 return replace(have, rp_filter=value)
@@ -163,6 +168,15 @@ class FakeKernel:
                 out.append(replace(peer, allowed_ips=kept))
         out.append(updated)
         return tuple(sorted(out, key=lambda p: p.public_key))
+
+
+def _without_first(items: tuple[T, ...], item: T) -> tuple[T, ...]:
+    """What the kernel does on delete: the first equal object goes (routes and rules may
+    repeat)."""
+    if item not in items:
+        return items
+    at = items.index(item)
+    return (*items[:at], *items[at + 1 :])
 
 
 def local_address(interface: str, cidr: str, scope: int = 0, up: bool = True) -> LocalAddress:

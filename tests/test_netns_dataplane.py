@@ -1,98 +1,36 @@
-"""Selective encryption on the real host kernel, in network namespaces made by the test.
-
-The node namespace gets an underlay (`eth0` to a "world" namespace) and a stand-in for the
-WireGuard link (a veth named `kubespan` without ARP: the host kernel has no WireGuard). A
-foreign table in the style of Flannel marks traffic with 0x4000 and routes it by its own rule;
-it must keep working, and survive our teardown."""
+"""Selective encryption on the real host kernel, in network namespaces made by the test
+(topology in dataplanelab): what goes into the tunnel, what does not, and drift repaired."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
-from netlab import Netns, namespaces, veth
+from dataplanelab import (
+    DRIFTS,
+    LISTEN_PORT,
+    MEMBER_V4,
+    MEMBER_V6,
+    NON_MEMBER,
+    SERVICE,
+    SPEC,
+    counter,
+    drift_command,
+    send_udp,
+    snapshot,
+    wired,
+)
+
+from netlab import Netns
 
 pytestmark = pytest.mark.netns
-
-MEMBER_V4 = "203.0.113.5"
-MEMBER_V6 = "2001:db8:ffff::5"
-NON_MEMBER = "198.51.100.7"
-SPEC = {"members": [f"{MEMBER_V4}/32", "203.0.113.6/32", f"{MEMBER_V6}/128"], "mtu": 1420}
-
-FOREIGN = """
-table inet foreign {
-  chain output {
-    type route hook output priority mangle; policy accept;
-    ip daddr 198.51.100.0/24 meta mark set meta mark | 0x4000
-  }
-}
-table inet observer {
-  chain postrouting {
-    type filter hook postrouting priority 100; policy accept;
-    meta mark & 0x60 == 0x40 oifname "kubespan" udp dport 9 counter name to_tunnel
-    meta mark & 0x4000 == 0x4000 oifname "eth0" counter name foreign_marked
-    oifname "eth0" ip daddr 203.0.113.0/24 udp dport 9 counter name member_clear
-    oifname "eth0" ip6 daddr 2001:db8:ffff::/48 udp dport 9 counter name member_clear
-    oifname "eth0" ip daddr 198.51.100.7 udp dport 9 counter name non_member_clear
-  }
-  chain input {
-    type filter hook input priority 0; policy accept;
-    iifname "kubespan" udp dport 9 counter name from_tunnel
-  }
-  counter to_tunnel { }
-  counter foreign_marked { }
-  counter member_clear { }
-  counter non_member_clear { }
-  counter from_tunnel { }
-}
-"""
 
 
 @pytest.fixture
 def node() -> Iterator[Netns]:
-    with wired() as (node, _tunnel):
+    with wired() as (node, _tunnel, _pod):
         yield node
-
-
-@contextmanager
-def wired() -> Iterator[tuple[Netns, Netns]]:
-    with namespaces("node", "world", "tunnel") as ns:
-        node, world, tunnel = ns["node"], ns["world"], ns["tunnel"]
-        veth(node, "eth0", world, "w0")
-        veth(node, "kubespan", tunnel, "t0")
-        node.ip("link", "set", "kubespan", "arp", "off")
-        node.sh("sysctl -qw net.ipv4.conf.kubespan.rp_filter=1")  # strict, as some distros
-        node.ip("address", "add", "192.0.2.10/24", "dev", "eth0")
-        node.ip("address", "add", "2001:db8::10/64", "dev", "eth0", "nodad")
-        world.ip("address", "add", "192.0.2.1/24", "dev", "w0")
-        world.ip("address", "add", "2001:db8::1/64", "dev", "w0", "nodad")
-        node.ip("route", "add", "default", "via", "192.0.2.1")
-        node.ip("-6", "route", "add", "default", "via", "2001:db8::1")
-        # The foreign program's own policy route: marked traffic via table 200.
-        node.ip("route", "add", "default", "via", "192.0.2.1", "table", "200")
-        node.ip("rule", "add", "priority", "31000", "fwmark", "0x4000/0x4000", "lookup", "200")
-        node.sh(f"nft -f - <<'EOF'\n{FOREIGN}\nEOF")
-        yield node, tunnel
-
-
-def send_udp(node: Netns, address: str, count: int = 3, mark: int | None = None) -> None:
-    family = "socket.AF_INET6" if ":" in address else "socket.AF_INET"
-    set_mark = f"s.setsockopt(socket.SOL_SOCKET, 36, {mark})\n" if mark is not None else ""
-    script = (
-        "import socket\n"
-        f"s = socket.socket({family}, socket.SOCK_DGRAM)\n"
-        f"{set_mark}"
-        f"for _ in range({count}):\n"
-        f"    s.sendto(b'kubespan-test', ('{address}', 9))\n"
-    )
-    node.sh(f'python3 -c "{script}"')
-
-
-def counter(node: Netns, name: str) -> int:
-    out = node.sh(f"nft list counter inet observer {name}")
-    return int(out.split("packets")[1].split()[0])
 
 
 def test_members_go_to_the_tunnel_and_the_rest_is_untouched(node: Netns) -> None:
@@ -116,10 +54,51 @@ def test_members_go_to_the_tunnel_and_the_rest_is_untouched(node: Netns) -> None
     assert counter(node, "foreign_marked") == 3
     assert counter(node, "to_tunnel") == 6
 
-    # WireGuard's own packets (mark 0x20) to a member's address are never re-marked.
-    send_udp(node, MEMBER_V4, mark=0x20)
+
+def test_wireguards_own_packets_go_out_on_the_underlay(node: Netns) -> None:
+    """UDP from the listen port with mark 0x20, as the kernel WireGuard socket sends it to a
+    member's node address, is not re-marked (it would loop into the tunnel)."""
+    node.dataplane("apply", SPEC)
+    send_udp(node, MEMBER_V4, mark=0x20, source_port=LISTEN_PORT)
+    assert counter(node, "wireguard_underlay") == 3
+    assert counter(node, "to_tunnel") == 0
+
+
+@pytest.mark.parametrize("mark", [0x20, 0x539], ids=["wireguard-mark-other-port", "istio"])
+def test_a_foreign_mark_does_not_bypass_the_tunnel(node: Netns, mark: int) -> None:
+    """0x539 (Istio) has the bit 0x20: a mark alone must not pass as WireGuard's."""
+    node.dataplane("apply", SPEC)
+    send_udp(node, MEMBER_V4, mark=mark)
+    send_udp(node, MEMBER_V6, mark=mark)
     assert counter(node, "to_tunnel") == 6
-    assert counter(node, "member_clear") == 3
+    assert counter(node, "member_clear") == 0
+
+
+def test_service_traffic_to_a_member_is_encrypted() -> None:
+    """kube-proxy-style DNAT from a Service address to a member: marked after DNAT, so it
+    goes into the tunnel, from the node itself (output) and from a pod (forwarded)."""
+    with wired() as (node, _tunnel, pod):
+        node.dataplane("apply", SPEC)
+        send_udp(node, SERVICE, port=53)
+        assert counter(node, "to_tunnel") == 3
+        send_udp(pod, SERVICE, port=53)
+        assert counter(node, "to_tunnel") == 6
+        assert counter(node, "member_clear") == 0
+
+
+def test_forwarded_traffic_carrying_0x20_still_goes_into_the_tunnel() -> None:
+    """Only locally generated packets can be WireGuard's: a forwarded packet that another
+    program marked 0x20 is encrypted like any other."""
+    with wired() as (node, _tunnel, pod):
+        node.dataplane("apply", SPEC)
+        node.sh(
+            "nft 'add table inet meddler'; nft 'add chain inet meddler pre "
+            "{ type filter hook prerouting priority mangle; policy accept; }'; nft 'add rule "
+            'inet meddler pre iifname "pod0" meta mark set meta mark | 0x20\''
+        )
+        send_udp(pod, MEMBER_V4, source_port=LISTEN_PORT)
+        assert counter(node, "to_tunnel") == 3
+        assert counter(node, "member_clear") == 0
 
 
 def test_reapplying_changes_nothing(node: Netns) -> None:
@@ -131,6 +110,22 @@ def test_reapplying_changes_nothing(node: Netns) -> None:
     assert node.ip("rule", "show") == rules
 
 
+def test_other_programs_nftables_changes_are_not_drift(node: Netns) -> None:
+    node.dataplane("apply", SPEC)
+    node.sh("nft 'add table ip other'; nft 'add chain ip other c'; nft 'delete table ip other'")
+    assert node.dataplane("diff", SPEC)["operations"] == []
+
+
+def test_a_restarted_agent_replaces_the_table_once(node: Netns) -> None:
+    """Nothing is remembered across restarts, so the table cannot be proven ours: replaced
+    once, atomically; then it is proven again."""
+    node.dataplane("apply", SPEC)
+    node.close()  # the next request starts a new helper process: an agent restart
+    (first,) = node.dataplane("apply", SPEC)["operations"]
+    assert first.startswith("nft -f -  # replace table inet kubespan")
+    assert node.dataplane("apply", SPEC)["operations"] == []
+
+
 def test_teardown_removes_only_ours(node: Netns) -> None:
     foreign_before = node.sh("nft list table inet foreign")
     node.dataplane("apply", SPEC)
@@ -140,6 +135,9 @@ def test_teardown_removes_only_ours(node: Netns) -> None:
         "table",
         "inet",
         "foreign",
+        "table",
+        "ip",
+        "service",
         "table",
         "inet",
         "observer",
@@ -164,14 +162,14 @@ def test_a_refused_batch_leaves_the_previous_ruleset(node: Netns) -> None:
     assert node.sh("nft -j list table inet kubespan") == table
 
 
-def test_drift_is_repaired(node: Netns) -> None:
+def test_flushed_chain_deleted_rule_and_route_are_repaired(node: Netns) -> None:
     node.dataplane("apply", SPEC)
     node.sh("nft flush chain inet kubespan output")
     node.ip("rule", "del", "priority", "32500")
     node.ip("route", "del", "default", "table", "180", "dev", "kubespan")
     repaired = node.dataplane("apply", SPEC)["operations"]
     assert repaired == [
-        "ip -4 route replace default dev kubespan table 180 mtu 1420",
+        "ip -4 route replace default dev kubespan table 180 metric 1024 mtu 1420",
         "ip -4 rule add priority 32500 fwmark 0x40/0x60 lookup 180",
         repaired[-1],
     ]
@@ -179,10 +177,46 @@ def test_drift_is_repaired(node: Netns) -> None:
     assert node.dataplane("apply", SPEC)["operations"] == []
 
 
+EXPECTED_REPAIR = {
+    "element swapped": ["nft -f -  # replace table inet kubespan"],
+    "rule replaced by accept": ["nft -f -  # replace table inet kubespan"],
+    "chain policy drop": ["nft -f -  # replace table inet kubespan"],
+    "table deleted": ["nft -f -  # replace table inet kubespan"],
+    "foreign route in table 180": [
+        "ip -4 route del 203.0.113.0/24 via 192.0.2.1 dev eth0 table 180 metric 0"
+    ],
+    "foreign rule for table 180": [
+        "ip -4 rule add priority 32500 fwmark 0x40/0x60 lookup 180",
+        "ip -4 rule del priority 32500 fwmark 0x40/0x60 lookup 180",
+        "ip -4 rule del priority 32500 lookup 180",
+    ],
+}
+
+
+@pytest.mark.parametrize("drift", sorted(DRIFTS))
+def test_drift_is_detected_and_repaired_by_one_apply(node: Netns, drift: str) -> None:
+    node.dataplane("apply", SPEC)
+    baseline = snapshot(node)
+    node.sh(drift_command(node, drift))
+    assert snapshot(node) != baseline
+
+    planned = node.dataplane("diff", SPEC)["operations"]
+    assert [op[: len(want)] for op, want in zip(planned, EXPECTED_REPAIR[drift], strict=True)] == (
+        EXPECTED_REPAIR[drift]
+    )
+    assert node.dataplane("apply", SPEC)["operations"] == planned
+    assert snapshot(node) == baseline
+    assert node.dataplane("diff", SPEC)["operations"] == []
+    # And the repaired state does what it is for.
+    send_udp(node, "203.0.113.6")
+    assert counter(node, "to_tunnel") == 3
+    assert counter(node, "member_clear") == 0
+
+
 def test_decrypted_traffic_from_members_is_not_dropped() -> None:
     """Packets arriving on the link (as WireGuard delivers them, from a member's address, on
     an interface without an IPv4 address) reach the node: rp_filter must not drop them."""
-    with wired() as (node, tunnel):
+    with wired() as (node, tunnel, _pod):
         node.dataplane("apply", SPEC)
         mac = node.sh("cat /sys/class/net/kubespan/address").strip()
         tunnel.ip("address", "add", f"{MEMBER_V4}/32", "dev", "t0")

@@ -39,10 +39,11 @@ def setup_logging(verbose: bool) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from kubespan.agent.events import Stop
+    from kubespan.agent.events import KernelChanged, Stop
     from kubespan.agent.loop import Agent
     from kubespan.agent.supervisor import ConfigWatcher, Supervisor
     from kubespan.apply.kernel import Kernel
+    from kubespan.apply.watch import KernelWatcher
     from kubespan.config.sources import platform_sources, resolve, store_path
     from kubespan.identity import Identity, load_or_create_identity
 
@@ -91,11 +92,17 @@ def cmd_agent(args: argparse.Namespace) -> int:
         def make_agent(config: MachineConfig, node: Identity, queue_: queue.Queue[Any]) -> Agent:
             return Agent(config, node, kernel, args.runtime_dir, args.state_dir, events=queue_)
 
+        # Changes to our table, rules, routes, link or any address wake the loop at once
+        # (drift is repaired within a pass, not at the next tick). Subscribed before the
+        # first pass, so nothing after it goes unnoticed.
+        kernel_watcher = KernelWatcher(lambda reason: events.put(KernelChanged(reason)))
+        kernel_watcher.start()
         watcher.start()
         try:
             Supervisor(config, kernel, identity, make_agent, events).run()
         finally:
             watcher.stop()
+            kernel_watcher.stop()
     return 0
 
 

@@ -1,23 +1,23 @@
 """A minimal binding to libnftables (the nftables project's library), through ctypes.
 
 One `run()` is one batch: libnftables sends it to the kernel as a single transaction, so a
-batch that fails leaves the previous ruleset exactly as it was. Commands and output are JSON
-(libnftables-json(5)). We bind the C library directly instead of Debian's python3-nftables
-module so the same code runs in the project's virtualenv and in the image.
+batch that fails leaves the previous ruleset exactly as it was. Commands are nft scripts, as
+`nft -f` reads them; output is what `nft -s list ...` prints: stateless (no counter values)
+and without handles, so two listings of an unchanged table are the same text. No name is
+looked up (reverse DNS, services) while printing. We bind the C library directly instead of
+Debian's python3-nftables module so the same code runs in the project's virtualenv and in
+the image.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
-from typing import Any
 
 from kubespan.errors import ApplyError
 
 NFT_CTX_DEFAULT = 0
-NFT_CTX_OUTPUT_HANDLE = 1 << 3
-NFT_CTX_OUTPUT_JSON = 1 << 4
+NFT_CTX_OUTPUT_STATELESS = 1 << 2
 
 
 def _load() -> ctypes.CDLL:
@@ -47,7 +47,7 @@ class Nft:
     def __init__(self) -> None:
         self._lib = _load()
         self._ctx = self._lib.nft_ctx_new(NFT_CTX_DEFAULT)
-        self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_JSON | NFT_CTX_OUTPUT_HANDLE)
+        self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_STATELESS)
         self._lib.nft_ctx_buffer_output(self._ctx)
         self._lib.nft_ctx_buffer_error(self._ctx)
 
@@ -56,15 +56,11 @@ class Nft:
             self._lib.nft_ctx_free(self._ctx)
             self._ctx = None
 
-    def run(self, commands: dict[str, Any] | str) -> dict[str, Any] | None:
-        """Run a JSON command document (or one command in nft syntax); the JSON output."""
-        text = commands if isinstance(commands, str) else json.dumps(commands)
-        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, text.encode())
+    def run(self, script: str) -> str:
+        """Run an nft script as one transaction; what it printed (listings)."""
+        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, script.encode())
         output = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
         error = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
         if rc != 0:
             raise ApplyError(f"nftables refused the change: {error.decode().strip()}")
-        if not output.strip():
-            return None
-        result: dict[str, Any] = json.loads(output)
-        return result
+        return output.decode(errors="replace")

@@ -1,12 +1,19 @@
 """Diff the selective-encryption state (nftables table, ip rules, table 180, rp_filter)
-against what the kernel has. Operations render as the commands an operator would type."""
+against what the kernel has. Operations render as the commands an operator would type.
+
+Pure: the observation is a value. How the table is recognised without guessing nft's output
+format is the observer's business (apply.nfttable): it reports which of our rulesets the
+kernel provably holds, if any.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kubespan.names import NFT_FAMILY, NFT_TABLE
-from kubespan.plan.ruleset import RouteSpec, RoutingSpec, RulesetSpec, RuleSpec
+from kubespan.plan.routing import RouteSpec, RoutingSpec, RuleSpec
+from kubespan.plan.ruleset import RulesetSpec
 
 # Reverse-path filtering off on the link: the kernel's check (strict or loose) fails every
 # packet arriving on an interface that has no IPv4 address unless the reverse route points
@@ -17,16 +24,18 @@ RP_FILTER_OFF = 0
 
 @dataclass(frozen=True)
 class ObservedRuleset:
-    """What identifies our table's content: the fingerprint we wrote, and its shape, so that a
-    rule or element removed behind our back is noticed without comparing every expression."""
+    """Our table exists. `fingerprint` is that of the ruleset it is proven to hold, exactly
+    as we applied it (every chain, rule and element); None when it differs from what we
+    applied, or when we cannot tell (nothing applied since the agent started)."""
 
     fingerprint: str | None
-    rule_counts: tuple[tuple[str, int], ...]
-    set_sizes: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
 class ObservedRouting:
+    """`ruleset` None: no table. `rules`: every rule that looks up table 180, ours or not, in
+    the kernel's order. `routes`: every route in table 180, in the kernel's order."""
+
     ruleset: ObservedRuleset | None
     rules: tuple[RuleSpec, ...]
     routes: tuple[RouteSpec, ...]
@@ -99,11 +108,8 @@ DataplaneOperation = (
 
 
 def expected_ruleset(spec: RulesetSpec) -> ObservedRuleset:
-    return ObservedRuleset(
-        fingerprint=spec.fingerprint,
-        rule_counts=tuple(sorted(spec.rule_counts.items())),
-        set_sizes=tuple(sorted(spec.set_sizes.items())),
-    )
+    """What observing the kernel reports once `spec` has been applied."""
+    return ObservedRuleset(fingerprint=spec.fingerprint)
 
 
 def diff_dataplane(
@@ -115,25 +121,63 @@ def diff_dataplane(
     routing_ops: list[DataplaneOperation] = []
     if have.rp_filter != RP_FILTER_OFF:
         routing_ops.append(SetRpFilter(link, RP_FILTER_OFF))
-    # Routes are keyed by family and kind (via the link, or the unreachable floor): a changed
-    # route is replaced in place, never deleted first, so there is no gap.
-    wanted = {route.key: route for route in routing.routes}
-    for route in have.routes:
-        if route.key not in wanted:
-            routing_ops.append(DeleteRoute(route))
-    for route in routing.routes:
-        if route not in have.routes:
-            routing_ops.append(ReplaceRoute(route))
-    for rule in have.rules:
-        if rule not in routing.rules:
-            routing_ops.append(DeleteRule(rule))
-    for rule in routing.rules:
-        if rule not in have.rules:
-            routing_ops.append(AddRule(rule))
+    routing_ops += diff_routes(routing.routes, have.routes)
+    routing_ops += diff_rules(routing.rules, have.rules)
     marking_ops: list[DataplaneOperation] = []
     if have.ruleset != expected_ruleset(ruleset):
         marking_ops.append(ReplaceRuleset(ruleset))
     return routing_ops, marking_ops
+
+
+def diff_routes(
+    wanted: tuple[RouteSpec, ...], have: tuple[RouteSpec, ...]
+) -> list[DataplaneOperation]:
+    """Table 180 holds our routes and nothing else. A route of ours that differs is replaced
+    in place, never deleted first, so there is no gap. Where the kernel holds several routes
+    under one key (appended aliases, multipath siblings), all but one are deleted first, then
+    the survivor is replaced: the kernel deletes the first route a request matches, so the
+    deletes may hit another of the group than meant, but exactly one remains either way, and
+    the replace turns it into ours. Routes under keys we do not use are deleted."""
+    ops: list[DataplaneOperation] = []
+    for route in wanted:
+        group = [r for r in have if r.key == route.key]
+        if group == [route]:
+            continue
+        ops += [DeleteRoute(r) for r in group[1:]]
+        ops.append(ReplaceRoute(route))
+    keys = {route.key for route in wanted}
+    ops += [DeleteRoute(r) for r in have if r.key not in keys]
+    return ops
+
+
+def diff_rules(
+    wanted: tuple[RuleSpec, ...], have: tuple[RuleSpec, ...]
+) -> list[DataplaneOperation]:
+    """Per family, exactly our rule looks up table 180. Otherwise: add ours (appended, even
+    if an equal one exists, so a rule of ours is in place throughout), then delete every rule
+    observed, most specific first. The kernel deletes the first rule that matches every
+    selector a request sets, so a request for a foreign rule with fewer selectors than ours
+    (`priority 32500 lookup 180`) may take ours instead. Counting makes it right: one delete
+    per rule observed, the most specific first (a request can only take a rule with as many
+    selectors or more, and those are gone or go in the same round), and the rule we appended
+    last at its priority is the one left. tests/test_dataplane_diff.py checks every mixture
+    against a model of the kernel."""
+    ops: list[DataplaneOperation] = []
+    families = {rule.family for rule in wanted}
+    for rule in wanted:
+        mine = [r for r in have if r.family == rule.family]
+        if mine == [rule]:
+            continue
+        ops.append(AddRule(rule))
+        ops += rule_deletions(mine)
+    ops += rule_deletions(r for r in have if r.family not in families)
+    return ops
+
+
+def rule_deletions(rules: Iterable[RuleSpec]) -> list[DataplaneOperation]:
+    """Deletes of these rules, most specific first (see diff_rules)."""
+    ordered = sorted(rules, key=lambda rule: -rule.specificity)  # stable: kernel order kept
+    return [DeleteRule(rule) for rule in ordered]
 
 
 def dataplane_warnings(link: str, observed: ObservedRouting) -> list[str]:

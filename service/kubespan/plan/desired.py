@@ -337,7 +337,7 @@ def _desired(
     desired = DesiredState(
         link=link,
         peers=tuple(peers),
-        ruleset=RulesetSpec(v4, v6, link.mtu),
+        ruleset=RulesetSpec(v4, v6, link.mtu, link.listen_port),
         routing=routing_spec(link.mtu, link.name),
     )
     return Plan(desired, tracking, tuple(reports), tuple(warnings))

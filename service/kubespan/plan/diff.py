@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from kubespan.model import DesiredState, LinkSpec, ObservedLink, ObservedPeer, PeerSpec
 from kubespan.netaddr import Endpoint, IPNetwork, network_sort_key
 from kubespan.plan.dataplane import DataplaneOperation, ObservedRouting, SetRpFilter, diff_dataplane
+from kubespan.plan.routing import UNREACHABLE
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def blocked_by_foreign_link(
     traffic is still marked, and table 180 keeps only its unreachable floor, so it is
     refused rather than sent in the clear or into a link that is not ours (fail closed)."""
     floor_only = replace(
-        desired.routing, routes=tuple(r for r in desired.routing.routes if r.link is None)
+        desired.routing, routes=tuple(r for r in desired.routing.routes if r.kind == UNREACHABLE)
     )
     routing_ops, marking_ops = diff_dataplane(
         desired.ruleset, floor_only, desired.link.name, routing

@@ -1,38 +1,69 @@
-"""Selective encryption as data: the member set, the nftables table that marks traffic to
-members, and the policy routing that sends marked traffic into the tunnel.
+"""Selective encryption as data: the member set and the nftables table that marks traffic to
+members (policy routing, which sends marked traffic into the tunnel, is in plan.routing).
 
     table inet kubespan
       set members_v4/members_v6   every member's allowed IPs but the ULAs, prefixes collapsed
       chain prerouting (filter)   forwarded traffic (pods): mark members' traffic
-      chain output (route)        local traffic: same, after WireGuard's own packets and
-                                  loopback are let through, with TCP MSS clamped to the tunnel
-    ip rule  priority 32500 fwmark 0x40/0x60 lookup 180            (IPv4 and IPv6)
-    table 180: default dev kubespan mtu MTU, and an unreachable default behind it, so marked
-               traffic never falls through to the main table in the clear
+      chain output (route)        local traffic: WireGuard's own packets and loopback pass,
+                                  TCP MSS is clamped to the tunnel, members' traffic marked
 
-Only the bits 0x60 of the mark are touched: 0x20 is WireGuard's own encrypted packets (set
-by the device's fwmark), 0x40 forces a packet into the tunnel. Other programs' mark bits
-(Cilium 0xf00, Calico 0xffff0000, Flannel 0x4000) pass through unchanged.
+Where the chains run. Netfilter runs the chains of one hook in order of priority: conntrack
+(-200), mangle (-150), destination NAT (-100: kube-proxy's Service DNAT, on prerouting and
+on output), filter (0), source NAT (100, postrouting only). Both our chains run at filter
+priority, after destination NAT, so they see the address a packet really goes to:
+- a packet to a Service address whose backend is a member has been rewritten to the member by
+  the time we look, so it is marked (every packet of the connection: conntrack applies the NAT
+  binding at -100 on each one); replies whose destination conntrack un-NATs are rewritten at
+  the same point, before us;
+- in prerouting the routing decision comes after every prerouting chain, so our mark decides
+  the route of forwarded traffic;
+- in output the NAT chain re-routes a packet whose destination it rewrote, then our chain sets
+  the mark, and a `route` chain makes the kernel route the packet again when the mark changed:
+  local traffic moves to table 180 after DNAT, as forwarded traffic does;
+- conntrack (-200) and other programs' mangle chains (-150) have run before us; we neither
+  depend on nor change conntrack state, and keep every mark bit but 0x60.
+
+WireGuard's own packets. The kernel WireGuard socket marks its encrypted UDP with 0x20 (the
+device's fwmark) and sends it from the listen port, which no other socket can bind while the
+device holds it. A packet is let through unmarked only if it has both: the mark alone can be
+anyone's (Istio's 0x539 has the 0x20 bit, and such UDP to a member went out in the clear).
+Without the exception WireGuard's packets to a member's node address would loop into the
+tunnel. The prerouting chain has no such exception: WireGuard's packets are generated locally
+and never traverse prerouting, so a forwarded packet carrying 0x20 was marked by someone else
+and must be encrypted like any other traffic to a member.
+
+Only the bits 0x60 of the mark are touched: 0x20 is WireGuard's own encrypted packets, 0x40
+forces a packet into the tunnel. Other programs' mark bits (Cilium 0xf00, Calico 0xffff0000,
+Flannel 0x4000) pass through unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import socket
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
-from kubespan.names import (
-    LINK_NAME,
-    MARK_MASK,
-    MARK_TUNNEL,
-    MARK_WIREGUARD,
-    NFT_FAMILY,
-    NFT_TABLE,
-    ROUTE_TABLE,
-    RULE_PRIORITY,
-)
+from kubespan.names import MARK_MASK, MARK_TUNNEL, MARK_WIREGUARD, NFT_FAMILY, NFT_TABLE
 from kubespan.netaddr import IPNetwork
+from kubespan.plan.routing import (
+    UNREACHABLE_METRIC,
+    RouteSpec,
+    RoutingSpec,
+    RuleSpec,
+    routing_spec,
+)
+
+# Routing specs are re-exported: callers built them from this module before plan.routing.
+__all__ = [
+    "UNREACHABLE_METRIC",
+    "RouteSpec",
+    "RoutingSpec",
+    "RuleSpec",
+    "RulesetSpec",
+    "routing_spec",
+    "teardown_batch",
+]
 
 TABLE = NFT_TABLE
 FAMILY = NFT_FAMILY
@@ -40,12 +71,10 @@ SET_V4 = "members_v4"
 SET_V6 = "members_v6"
 CHAIN_PREROUTING = "prerouting"
 CHAIN_OUTPUT = "output"
-# mangle priority + 1: after conntrack and other mangle chains set their marks.
-CHAIN_PRIORITY = -149
+# filter: after destination NAT (-100), see the module docstring.
+CHAIN_PRIORITY = 0
 MSS_OVERHEAD_V4 = 52
 MSS_OVERHEAD_V6 = 72
-UNREACHABLE_METRIC = 0xFFFFFFFF
-FINGERPRINT_PREFIX = "kubespan fingerprint "
 
 _KEEP_MARK = 0xFFFFFFFF & ~MARK_MASK
 
@@ -57,26 +86,30 @@ class RulesetSpec:
     members_v4: tuple[IPNetwork, ...]
     members_v6: tuple[IPNetwork, ...]
     mtu: int
+    listen_port: int
 
     def render(self) -> str:
-        """The table in nft syntax: what an operator reads, and what the fingerprint covers."""
-        v4 = ", ".join(str(n) for n in self.members_v4)
-        v6 = ", ".join(str(n) for n in self.members_v6)
+        """The table in nft syntax: what an operator reads, what the fingerprint covers, and
+        (in `batch`) what is applied."""
+        return self._text
+
+    @cached_property
+    def _text(self) -> str:
         mark = f"meta mark set meta mark & {_KEEP_MARK:#010x} | {MARK_TUNNEL:#04x}"
-        own = f"meta mark & {MARK_MASK:#04x} == {MARK_WIREGUARD:#04x} accept"
+        hook = f"priority {CHAIN_PRIORITY}; policy accept;"
         lines = [
             f"table {FAMILY} {TABLE} {{",
-            f"  set {SET_V4} {{ type ipv4_addr; flags interval; elements = {{ {v4} }} }}",
-            f"  set {SET_V6} {{ type ipv6_addr; flags interval; elements = {{ {v6} }} }}",
+            _set(SET_V4, "ipv4_addr", self.members_v4),
+            _set(SET_V6, "ipv6_addr", self.members_v6),
             f"  chain {CHAIN_PREROUTING} {{",
-            f"    type filter hook prerouting priority {CHAIN_PRIORITY}; policy accept;",
-            f"    {own}",
+            f"    type filter hook prerouting {hook}",
             f"    ip daddr @{SET_V4} {mark}",
             f"    ip6 daddr @{SET_V6} {mark}",
             "  }",
             f"  chain {CHAIN_OUTPUT} {{",
-            f"    type route hook output priority {CHAIN_PRIORITY}; policy accept;",
-            f"    {own}",
+            f"    type route hook output {hook}",
+            f"    meta l4proto udp udp sport {self.listen_port} "
+            f"meta mark & {MARK_MASK:#04x} == {MARK_WIREGUARD:#04x} accept",
             '    oifname "lo" accept',
             f"    ip daddr @{SET_V4} tcp flags syn tcp option maxseg size > {self.mss_v4} "
             f"tcp option maxseg size set {self.mss_v4}",
@@ -88,6 +121,11 @@ class RulesetSpec:
             "}",
         ]
         return "\n".join(lines)
+
+    def batch(self) -> str:
+        """One nft script, one transaction, that replaces the table whole: add it (so that
+        the delete cannot fail), delete it, and create it anew."""
+        return f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n{self.render()}\n"
 
     @property
     def mss_v4(self) -> int:
@@ -101,169 +139,18 @@ class RulesetSpec:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.render().encode()).hexdigest()[:32]
 
-    @property
-    def rule_counts(self) -> dict[str, int]:
-        return {CHAIN_PREROUTING: 3, CHAIN_OUTPUT: 6}
 
-    @property
-    def set_sizes(self) -> dict[str, int]:
-        return {SET_V4: len(self.members_v4), SET_V6: len(self.members_v6)}
-
-    def to_json(self) -> dict[str, Any]:
-        """One batch that replaces the table whole: add (so delete cannot fail), delete, add."""
-        table = {"family": FAMILY, "name": TABLE}
-        commands: list[dict[str, Any]] = [
-            {"add": {"table": table}},
-            {"delete": {"table": table}},
-            {"add": {"table": table}},
-            {"add": {"set": _set(SET_V4, "ipv4_addr", self.members_v4)}},
-            {"add": {"set": _set(SET_V6, "ipv6_addr", self.members_v6)}},
-            {"add": {"chain": _chain(CHAIN_PREROUTING, "filter", "prerouting")}},
-            {"add": {"chain": _chain(CHAIN_OUTPUT, "route", "output")}},
-        ]
-        comment = FINGERPRINT_PREFIX + self.fingerprint
-        prerouting = [
-            [*_wireguard_own(), {"accept": None}],
-            [_daddr("ip", SET_V4), _set_mark()],
-            [_daddr("ip6", SET_V6), _set_mark()],
-        ]
-        output = [
-            [*_wireguard_own(), {"accept": None}],
-            [_match({"meta": {"key": "oifname"}}, "lo"), {"accept": None}],
-            _clamp("ip", SET_V4, self.mss_v4),
-            _clamp("ip6", SET_V6, self.mss_v6),
-            [_daddr("ip", SET_V4), _set_mark()],
-            [_daddr("ip6", SET_V6), _set_mark()],
-        ]
-        for chain, rules in ((CHAIN_PREROUTING, prerouting), (CHAIN_OUTPUT, output)):
-            for index, expr in enumerate(rules):
-                rule: dict[str, Any] = {
-                    "family": FAMILY,
-                    "table": TABLE,
-                    "chain": chain,
-                    "expr": expr,
-                }
-                if chain == CHAIN_PREROUTING and index == 0:
-                    rule["comment"] = comment
-                commands.append({"add": {"rule": rule}})
-        return {"nftables": commands}
+def teardown_batch() -> str:
+    return f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
 
 
-def teardown_json() -> dict[str, Any]:
-    table = {"family": FAMILY, "name": TABLE}
-    return {"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]}
+def _set(name: str, kind: str, networks: tuple[IPNetwork, ...]) -> str:
+    # nft refuses an empty `elements = { }`: an empty set has no elements clause.
+    elements = f" elements = {{ {', '.join(map(_prefix, networks))} }};" if networks else ""
+    return f"  set {name} {{ type {kind}; flags interval;{elements} }}"
 
 
-def _set(name: str, kind: str, networks: tuple[Any, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "family": FAMILY,
-        "table": TABLE,
-        "name": name,
-        "type": kind,
-        "flags": ["interval"],
-    }
-    if networks:
-        out["elem"] = [
-            {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}} for n in networks
-        ]
-    return out
-
-
-def _chain(name: str, kind: str, hook: str) -> dict[str, Any]:
-    return {
-        "family": FAMILY,
-        "table": TABLE,
-        "name": name,
-        "type": kind,
-        "hook": hook,
-        "prio": CHAIN_PRIORITY,
-        "policy": "accept",
-    }
-
-
-def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _mark() -> dict[str, Any]:
-    return {"meta": {"key": "mark"}}
-
-
-def _wireguard_own() -> list[dict[str, Any]]:
-    return [_match({"&": [_mark(), MARK_MASK]}, MARK_WIREGUARD)]
-
-
-def _daddr(protocol: str, set_name: str) -> dict[str, Any]:
-    return _match({"payload": {"protocol": protocol, "field": "daddr"}}, f"@{set_name}")
-
-
-def _set_mark() -> dict[str, Any]:
-    return {"mangle": {"key": _mark(), "value": {"|": [{"&": [_mark(), _KEEP_MARK]}, MARK_TUNNEL]}}}
-
-
-def _clamp(protocol: str, set_name: str, mss: int) -> list[dict[str, Any]]:
-    maxseg = {"tcp option": {"name": "maxseg", "field": "size"}}
-    return [
-        _daddr(protocol, set_name),
-        _match({"payload": {"protocol": "tcp", "field": "flags"}}, "syn", op="in"),
-        _match(maxseg, mss, op=">"),
-        {"mangle": {"key": maxseg, "value": mss}},
-    ]
-
-
-@dataclass(frozen=True)
-class RuleSpec:
-    """An ip rule. Ours are those at our priority that look up our table."""
-
-    family: int  # 4 or 6
-    fwmark: int = MARK_TUNNEL
-    mask: int = MARK_MASK
-    priority: int = RULE_PRIORITY
-    table: int = ROUTE_TABLE
-
-    def render(self, action: str = "add") -> str:
-        return (
-            f"ip -{self.family} rule {action} priority {self.priority} "
-            f"fwmark {self.fwmark:#x}/{self.mask:#x} lookup {self.table}"
-        )
-
-
-@dataclass(frozen=True)
-class RouteSpec:
-    """A default route in table 180: via the link, or (link None) unreachable, as the floor."""
-
-    family: int
-    link: str | None
-    mtu: int | None
-
-    @property
-    def key(self) -> tuple[int, bool]:
-        return self.family, self.link is None
-
-    def render(self, action: str = "replace") -> str:
-        if self.link is None:
-            return (
-                f"ip -{self.family} route {action} unreachable default table {ROUTE_TABLE} "
-                f"metric {UNREACHABLE_METRIC}"
-            )
-        return (
-            f"ip -{self.family} route {action} default dev {self.link} table {ROUTE_TABLE} "
-            f"mtu {self.mtu}"
-        )
-
-
-@dataclass(frozen=True)
-class RoutingSpec:
-    rules: tuple[RuleSpec, ...]
-    routes: tuple[RouteSpec, ...]
-
-
-def routing_spec(mtu: int, link: str = LINK_NAME) -> RoutingSpec:
-    return RoutingSpec(
-        rules=(RuleSpec(4), RuleSpec(6)),
-        routes=tuple(
-            route
-            for family in (4, 6)
-            for route in (RouteSpec(family, link, mtu), RouteSpec(family, None, None))
-        ),
-    )
+def _prefix(network: IPNetwork) -> str:
+    # inet_ntop: three times as fast as str() on ipaddress objects, for thousands of members.
+    family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+    return f"{socket.inet_ntop(family, network.network_address.packed)}/{network.prefixlen}"
