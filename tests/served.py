@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KUBESPAN = Path(sys.executable).parent / "kubespan"
-LISTENING = re.compile(r"listening url=(\S+) pid=(\d+)")
+LISTENING = re.compile(r"listening url=(\S+) pid=(\d+) metrics=(\S+)")
 
 
 @dataclass
@@ -21,42 +22,67 @@ class ServedProcess:
     url: str
     pid: int
     log: Path
+    metrics_url: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal the service and wait for it to exit; its exit status."""
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=timeout)
+
+
+def wait_listening(log: Path, process: subprocess.Popen[bytes], after: int = 0) -> re.Match[str]:
+    deadline = time.monotonic() + 20
+    while True:
+        match = LISTENING.search(log.read_text(errors="replace"), after)
+        if match:
+            return match
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"discovery service did not start:\n{log.read_text()}")
+        time.sleep(0.05)
 
 
 @contextmanager
-def served(tmp_path: Path, *extra: str) -> Iterator[ServedProcess]:
+def served(tmp_path: Path, *extra: str, listen: str = "127.0.0.1:0") -> Iterator[ServedProcess]:
+    """The service with its metrics on another loopback port; stopped (SIGTERM) at the end."""
     log = tmp_path / "discovery.log"
-    argv = [str(KUBESPAN), "-v", "discovery", "serve", "--listen", "127.0.0.1:0", *extra]
-    with log.open("wb") as out:
+    start = log.stat().st_size if log.exists() else 0
+    argv = [
+        str(KUBESPAN),
+        "-v",
+        "discovery",
+        "serve",
+        "--listen",
+        listen,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        *extra,
+    ]
+    with log.open("ab") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
+        match = wait_listening(log, process, start)
+        # The sockets are bound before the line is logged; wait for /healthz, not for luck.
+        import requests
+
         deadline = time.monotonic() + 20
         while True:
-            match = LISTENING.search(log.read_text())
-            if match:
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"discovery service did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        # uvicorn accepts connections once its loop runs; wait for /healthz, not for luck.
-        import requests
-        from urllib3.exceptions import InsecureRequestWarning
-
-        while True:
             try:
-                # Only "is it answering": the TLS test checks certificates with its own client.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", InsecureRequestWarning)
-                    requests.get(f"{match.group(1)}/healthz", timeout=2, verify=False)  # noqa: S501
+                requests.get(f"{match.group(3)}/healthz", timeout=2)
                 break
             except requests.RequestException:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        yield ServedProcess(match.group(1), int(match.group(2)), log)
+        with warnings.catch_warnings():
+            yield ServedProcess(
+                match.group(1), int(match.group(2)), log, match.group(3), process
+            )
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

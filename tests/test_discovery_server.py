@@ -61,7 +61,9 @@ def raw(
     """A request signed with `keys`, sent to `cluster` (default: the keys' own)."""
     target = target.replace("{cluster}", cluster or keys.cluster_address)
     stamp = int(time.time() if timestamp is None else timestamp)
-    headers = sign(keys.signing_key, method, target, body, stamp, nonce or os.urandom(16))
+    headers = sign(
+        keys.signing_key, method, target, body, stamp, nonce or os.urandom(16), service_url=url
+    )
     return requests.request(
         method, url + target, data=body or None, headers=headers.as_dict(), timeout=10
     )
@@ -205,7 +207,7 @@ SIGNED_BAD = [
     (
         "PUT",
         "/v1/clusters/{cluster}/affiliates/a",
-        json.dumps({"data": base64.b64encode(bytes(3000)).decode(), "ttl": 5}).encode(),
+        json.dumps({"data": base64.b64encode(bytes(4097)).decode(), "ttl": 5}).encode(),
         413,
         "data",
     ),
@@ -217,6 +219,14 @@ SIGNED_BAD = [
         "endpoints",
     ),
     ("PUT", "/v1/clusters/{cluster}/affiliates/a", b"x" * 70000, 413, "body"),
+    ("PUT", "/v1/clusters/{cluster}/affiliates/a", b"[" * 30000, 400, "body"),
+    ("PUT", "/v1/clusters/{cluster}/affiliates/a", b'{"ttl": ' + b"9" * 5000 + b"}", 400, "body"),
+    ("GET", "/v1/clusters/{cluster}/affiliates?since=%C2%B2", b"", 400, "since"),
+    ("GET", "/v1/clusters/{cluster}/affiliates?since=1&since=2", b"", 400, "since"),
+    ("GET", "/v1/clusters/{cluster}/affiliates?wait=nan", b"", 400, "wait"),
+    ("GET", "/v1/clusters/{cluster}/affiliates?wait=%EF%BC%91", b"", 400, "wait"),
+    ("GET", "/v1/clusters/{cluster}/hello%0A", b"", 404, "path"),
+    ("DELETE", "/v1/clusters/{cluster}/affiliates/a%0A", b"", 400, "affiliate"),
     (
         "PUT",
         "/v1/clusters/{cluster}/affiliates/bad.id",
@@ -306,7 +316,15 @@ def test_trusted_proxy_forwarded_address() -> None:
     with discovery_server(settings=Settings(rate=0, trusted_proxies=trusted)) as server:
         keys = new_keys()
         target = f"/v1/clusters/{keys.cluster_address}/hello"
-        headers = sign(keys.signing_key, "GET", target, b"", int(time.time()), os.urandom(16))
+        headers = sign(
+            keys.signing_key,
+            "GET",
+            target,
+            b"",
+            int(time.time()),
+            os.urandom(16),
+            service_url=server.url,
+        )
         response = requests.get(
             server.url + target,
             headers={**headers.as_dict(), "x-forwarded-for": "203.0.113.200"},
@@ -319,9 +337,10 @@ def test_health_ready_metrics_and_openapi() -> None:
     keys = new_keys()
     with discovery_server() as server:
         register(DiscoveryClient(server.url, keys), info("alpha", "192.0.2.1"))
-        assert requests.get(f"{server.url}/healthz", timeout=5).json() == {"status": "ok"}
-        assert requests.get(f"{server.url}/readyz", timeout=5).json() == {"ready": True}
-        metrics = requests.get(f"{server.url}/metrics", timeout=5).text
+        ops = server.metrics_url
+        assert requests.get(f"{ops}/healthz", timeout=5).json() == {"status": "ok"}
+        assert requests.get(f"{ops}/readyz", timeout=5).json() == {"ready": True}
+        metrics = requests.get(f"{ops}/metrics", timeout=5).text
         assert "kubespan_discovery_affiliates 1" in metrics
         assert 'kubespan_discovery_requests_total{method="PUT",route="put",code="200"} 1' in metrics
         document = requests.get(f"{server.url}/openapi.json", timeout=5).json()

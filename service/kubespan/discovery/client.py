@@ -120,6 +120,7 @@ class DiscoveryClient:
             payload,
             int(self.clock()),
             self.random_bytes(NONCE_BYTES),
+            service_url=self.base_url,
         )
         headers = signed.as_dict()
         if payload:
