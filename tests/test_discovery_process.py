@@ -129,20 +129,94 @@ def test_tls_and_restart_keeps_members(tmp_path: Path) -> None:
     assert re.search(r"restored snapshot .* affiliates=1", service.log.read_text())
 
 
+def tls_pair(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 def test_bad_command_line_is_refused_clearly(tmp_path: Path) -> None:
     from served import KUBESPAN
 
-    for argv, message in (
-        (["--listen", "nowhere"], "expected HOST:PORT"),
-        (["--listen", "127.0.0.1:0", "--trusted-proxy", "10.0.0.0/99"], "--trusted-proxy"),
-        (["--listen", "127.0.0.1:0", "--tls-cert", str(tmp_path / "x")], "go together"),
-    ):
+    cert, _ = tls_pair(tmp_path, "one")
+    _, other_key = tls_pair(tmp_path, "two")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    cases: list[tuple[list[str], str, int]] = [
+        (["--listen", "nowhere"], "expected ADDRESS:PORT", 2),
+        (["--listen", "127.0.0.1:99999"], "port from 0 to 65535", 2),
+        (["--listen", "127.0.0.1:\u00b2"], "expected ADDRESS:PORT", 2),
+        (["--listen", "localhost:3000"], "is not an IP address", 2),
+        (["--listen", "::1:3000"], "in brackets", 2),
+        (["--listen", "0.0.0.0:0"], "--public-url", 2),
+        (["--trusted-proxy", "10.0.0.0/99"], "--trusted-proxy", 2),
+        (["--tls-cert", str(tmp_path / "x")], "go together", 2),
+        (["--tls-cert", str(cert), "--tls-key", str(other_key)], "cannot be used together", 2),
+        (["--tls-cert", str(tmp_path / "x"), "--tls-key", str(other_key)], "no such file", 2),
+        (["--public-url", "ftp://x"], "--public-url", 2),
+        (["--metrics-listen", "1.2.3.4"], "--metrics-listen", 2),
+        (["--rate-limit", "nan"], "not a plain decimal", 2),
+        (["--max-connections", "1e9"], "not a plain decimal", 2),
+        (["--state-dir", str(a_file)], "not a directory", 1),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((["--state-dir", str(locked / "sub")], "cannot create", 1))
+    for argv, message, code in cases:
+        if "--listen" not in argv:
+            argv = ["--listen", "127.0.0.1:0", *argv]
         result = subprocess.run(
             [str(KUBESPAN), "discovery", "serve", *argv],
             check=False,
             capture_output=True,
             text=True,
+            timeout=30,
         )
-        assert result.returncode == 2
-        assert message in result.stderr
+        assert result.returncode == code, (argv, result.stderr)
+        assert message in result.stderr, (argv, result.stderr)
         assert "Traceback" not in result.stderr
+        assert "listening" not in result.stderr
+        # One line says what is wrong (argparse's own errors follow its usage text).
+        assert message in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_an_unwritable_state_directory_is_refused_at_start(tmp_path: Path) -> None:
+    from served import KUBESPAN
+
+    state = tmp_path / "state"
+    state.mkdir()
+    # A directory in the way of the snapshot's name makes every write fail, even for root.
+    (state / "discovery-state.json").mkdir()
+    result = subprocess.run(
+        [str(KUBESPAN), "discovery", "serve", "--listen", "127.0.0.1:0", "--state-dir", str(state)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "--state-dir" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "listening" not in result.stderr

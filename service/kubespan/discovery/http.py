@@ -34,7 +34,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -232,6 +232,7 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self.queue: deque[Request | _Refuse] = deque()
         self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
         self.first_request = True
         self.in_head = False
         self.keep_alive = True
@@ -242,23 +243,23 @@ class _Connection(asyncio.Protocol):
     # --- lifecycle -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.raw_transport = self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.raw_transport = self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         self.peer = unmap(peername[0]) if isinstance(peername, tuple) and peername else None
         if self.peer is not None and not self.server.exempt(self.peer):
             self.source = source_key(self.peer)
         if not self.server._admit(self):
             self.closed = True
-            transport.abort()
+            self.raw_transport.abort()
             return
         self._arm(self.limits.head_timeout)
         self.server._set_waiting(self, True)
         if self.server.ssl_context is None:
             self.ready = True
             return
-        transport.pause_reading()
-        self.loop.create_task(self._start_tls(self.server.ssl_context))
+        self.raw_transport.pause_reading()
+        self.task = self.loop.create_task(self._start_tls(self.server.ssl_context))
 
     async def _start_tls(self, context: ssl.SSLContext) -> None:
         assert self.raw_transport is not None
@@ -275,8 +276,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.closed or upgraded is None:
             return
-        assert isinstance(upgraded, asyncio.Transport)
-        self.transport = upgraded
+        self.transport = cast(asyncio.Transport, upgraded)
         self.ready = True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -434,7 +434,8 @@ class _Connection(asyncio.Protocol):
             self._refuse_now(item)
             return
         self.handling = True
-        self.loop.create_task(self._handle(item, self.keep_alive))
+        # Referenced while it runs: the loop keeps only weak references to tasks.
+        self.task = self.loop.create_task(self._handle(item, self.keep_alive))
 
     async def _handle(self, request: Request, keep_alive: bool) -> None:
         try:
