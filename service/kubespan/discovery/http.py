@@ -238,6 +238,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
         self.broken = False  # the parser failed: nothing more is parsed
         self.draining = False  # refused: our answer is sent, the client's rest is discarded
+        self.head_fed = 0  # bytes given to the parser since the last complete head
         self._reset_message()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -329,6 +330,28 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or not self.ready or self.broken:
             return  # (also while draining after a refusal: discarded)
+        # The parser keeps a header it has not seen the end of in its own memory: a request
+        # head is fed to it at most MAX_HEAD_BYTES at a time, and refused beyond that.
+        while data and not self.broken and not self.closed:
+            if self.in_body:
+                self._feed(data)
+                return
+            room = self.limits.max_head_bytes - self.head_fed
+            if room <= 0:
+                self._queue(
+                    _Refuse(
+                        431,
+                        "headers",
+                        f"request line and headers exceed {self.limits.max_head_bytes} bytes",
+                    )
+                )
+                self.broken = True
+                return
+            piece, data = data[:room], data[room:]
+            self.head_fed += len(piece)
+            self._feed(piece)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
             return
@@ -383,6 +406,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.in_body = True
+        self.head_fed = 0
         length = self.headers.get("content-length")
         if length is not None and (
             not length.isascii() or not length.isdigit() or len(length) > 12
