@@ -21,6 +21,14 @@ class RunningServer:
     metrics_url: str
     app: DiscoveryApp
     loop: asyncio.AbstractEventLoop
+    stop_event: asyncio.Event
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        """Stop the service as SIGTERM would (idempotent)."""
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+            self.thread.join(timeout=15)
 
 
 @contextmanager
@@ -54,12 +62,17 @@ def discovery_server(
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("discovery server did not start within 10 s")
         time.sleep(0.01)
+    running = RunningServer(
+        f"http://127.0.0.1:{port}",
+        f"http://127.0.0.1:{ops.getsockname()[1]}",
+        app,
+        loop,
+        stop,
+        thread,
+    )
     try:
-        yield RunningServer(
-            f"http://127.0.0.1:{port}", f"http://127.0.0.1:{ops.getsockname()[1]}", app, loop
-        )
+        yield running
     finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=15)
+        running.stop()
         api.close()
         ops.close()
