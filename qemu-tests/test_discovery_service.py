@@ -62,6 +62,7 @@ def test_the_unit_runs_hardened_and_keeps_state(lab: Lab, tmp_path: Path) -> Non
     url = f"http://{host}:3000"
     # /etc is read-only in this image: configure the unit with a runtime drop-in, as an
     # operator would with /etc/kubespan/discovery.env.
+    vm.check(["mkdir", "-p", "/run/systemd/system/kubespan-discovery.service.d"])
     vm.write_file(
         "/run/systemd/system/kubespan-discovery.service.d/lab.conf",
         (
@@ -86,8 +87,9 @@ def test_the_unit_runs_hardened_and_keeps_state(lab: Lab, tmp_path: Path) -> Non
     # In the service's own view of the file system /var is read-only (ProtectSystem=strict),
     # even for root, but for its state directory; outside that view /var is writable.
     enter = ["nsenter", "-t", str(pid), "-m", "--"]
-    assert vm.exec(["touch", "/var/tmp/probe"]).exit_code == 0
-    assert vm.exec([*enter, "touch", "/var/tmp/probe2"]).exit_code != 0
+    probe = "/var/lib/probe"
+    assert vm.exec(["touch", probe]).exit_code == 0
+    assert vm.exec([*enter, "touch", probe + "2"]).exit_code != 0
     assert vm.exec([*enter, "touch", f"{STATE}/probe"]).exit_code == 0
     vm.check(["rm", f"{STATE}/probe"])
 

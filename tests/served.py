@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import requests
 
 KUBESPAN = Path(sys.executable).parent / "kubespan"
 LISTENING = re.compile(r"listening url=(\S+) pid=(\d+) metrics=(\S+)")
@@ -63,8 +67,6 @@ def served(tmp_path: Path, *extra: str, listen: str = "127.0.0.1:0") -> Iterator
     try:
         match = wait_listening(log, process, start)
         # The sockets are bound before the line is logged; wait for /healthz, not for luck.
-        import requests
-
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -75,9 +77,7 @@ def served(tmp_path: Path, *extra: str, listen: str = "127.0.0.1:0") -> Iterator
                     raise
                 time.sleep(0.05)
         with warnings.catch_warnings():
-            yield ServedProcess(
-                match.group(1), int(match.group(2)), log, match.group(3), process
-            )
+            yield ServedProcess(match.group(1), int(match.group(2)), log, match.group(3), process)
     finally:
         if process.poll() is None:
             process.terminate()
@@ -86,3 +86,53 @@ def served(tmp_path: Path, *extra: str, listen: str = "127.0.0.1:0") -> Iterator
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tls_pair(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+class SourceAdapter(requests.adapters.HTTPAdapter):
+    """Connections from a chosen loopback address (127.0.0.0/8 is all ours)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        pool_kwargs["source_address"] = (self.source, 0)
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)

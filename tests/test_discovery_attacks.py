@@ -10,7 +10,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from kubespan.discovery.client import DiscoveryClient
 from kubespan.discovery.signing import sign
 from kubespan.errors import DiscoveryError, DiscoveryRejected
 
-from served import ServedProcess, served
+from served import ServedProcess, SourceAdapter, served
 
 
 def rss(pid: int) -> int:
@@ -66,18 +66,14 @@ def slow_connections(
             if distinct_sources:
                 sock.bind((f"127.1.{index // 250}.{index % 250 + 1}", 0))
             sock.setblocking(False)
-            try:
+            with suppress(BlockingIOError):  # connecting in the background
                 sock.connect((host, int(port)))
-            except BlockingIOError:
-                pass
             sockets.append(sock)
         for sock in sockets:
             sock.setblocking(True)
             sock.settimeout(5)
-            try:
+            with suppress(OSError):  # refused (per-source limit): that is the point
                 sock.sendall(b"GET /v1/clusters/x/hello HTTP/1.1\r\nHost: a\r\nX-Slow: ")
-            except OSError:
-                pass  # refused (per-source limit): that is the point
         yield sockets
 
 
@@ -109,19 +105,19 @@ def test_a_thousand_slow_heads_neither_stop_it_nor_stay(tmp_path: Path) -> None:
 
 
 def test_one_source_cannot_take_more_than_its_share_of_connections(tmp_path: Path) -> None:
-    with served(tmp_path, "--rate-limit", "0", "--max-connections-per-source", "100") as service:
-        with slow_connections(service, 300, distinct_sources=False):
-            deadline = time.monotonic() + 10
-            while metric(service, "kubespan_discovery_connections_refused_total") < 200:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-            # Another source is served as if nothing happened.
-            keys = ClusterKeys.derive("other", os.urandom(32))
-            session = requests.Session()
-            session.mount("http://", SourceAdapter("127.2.0.1"))
-            client = DiscoveryClient(service.url, keys, session=session)
-            assert str(client.hello()) == "127.2.0.1"
-            assert healthy(service)
+    flags = ("--rate-limit", "0", "--max-connections-per-source", "100")
+    with served(tmp_path, *flags) as service, slow_connections(service, 300, False):
+        deadline = time.monotonic() + 10
+        while metric(service, "kubespan_discovery_connections_refused_total") < 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        # Another source is served as if nothing happened.
+        keys = ClusterKeys.derive("other", os.urandom(32))
+        session = requests.Session()
+        session.mount("http://", SourceAdapter("127.2.0.1"))
+        client = DiscoveryClient(service.url, keys, session=session)
+        assert str(client.hello()) == "127.2.0.1"
+        assert healthy(service)
 
 
 def test_a_full_table_evicts_the_slowest_not_the_working(tmp_path: Path) -> None:
@@ -291,17 +287,6 @@ def test_minting_cluster_keys_stops_at_the_quotas(
     with capsys.disabled():
         print(
             f"\nminting: {quota - 10} maximal affiliates stored={stored / 2**20:.1f} MiB "
-            f"rss_growth={grown / 2**20:.1f} MiB per_affiliate={grown / (quota - 10) / 1024:.1f} KiB"
+            f"rss_growth={grown / 2**20:.1f} MiB "
+            f"per_affiliate={grown / (quota - 10) / 1024:.1f} KiB"
         )
-
-
-class SourceAdapter(requests.adapters.HTTPAdapter):
-    """Connections from a chosen loopback address."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        super().__init__()
-
-    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
-        kwargs["source_address"] = (self.source, 0)
-        super().init_poolmanager(*args, **kwargs)  # type: ignore[no-untyped-call]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+from functools import partial
 from pathlib import Path
 
 from agents import config_text, make_agent, running, wait_for
@@ -31,16 +32,18 @@ def test_a_node_joins_through_the_surviving_service(tmp_path: Path) -> None:
         keys = {a.identity.public_key_b64 for a in (alpha, beta, gamma)}
         with running(alpha), running(beta):
             wait_for(
-                lambda: peers(alpha_kernel) == {beta.identity.public_key_b64}
-                and peers(beta_kernel) == {alpha.identity.public_key_b64},
+                lambda: (
+                    peers(alpha_kernel) == {beta.identity.public_key_b64}
+                    and peers(beta_kernel) == {alpha.identity.public_key_b64}
+                ),
                 "alpha and beta to mesh through both services",
             )
             first.stop()  # the first service dies with everything it knew
             with running(gamma):
                 for agent, kernel in ((alpha, alpha_kernel), (beta, beta_kernel)):
+                    others = keys - {agent.identity.public_key_b64}
                     wait_for(
-                        lambda kernel=kernel, agent=agent: peers(kernel)
-                        == keys - {agent.identity.public_key_b64},
+                        partial(lambda k, want: peers(k) == want, kernel, others),
                         f"{agent.hostname()} to see the new node through the second service",
                     )
                 wait_for(

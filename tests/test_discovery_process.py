@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,7 +25,7 @@ from kubespan.discovery.view import ClusterView
 from kubespan.model import AffiliateInfo
 from kubespan.netaddr import Endpoint
 
-from served import ServedProcess, served
+from served import ServedProcess, free_port, served, tls_pair
 
 
 def node(index: int) -> AffiliateInfo:
@@ -94,31 +93,7 @@ def test_the_service_holds_no_plaintext_anywhere(tmp_path: Path) -> None:
 
 
 def test_tls_and_restart_keeps_members(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = tls_pair(tmp_path, "tls")
     keys = ClusterKeys.derive("cluster", os.urandom(32))
     state = tmp_path / "state"
     args = ("--state-dir", str(state), "--tls-cert", str(cert), "--tls-key", str(key))
@@ -135,33 +110,6 @@ def test_tls_and_restart_keeps_members(tmp_path: Path) -> None:
         remaining = client.listing().affiliates[0].ttl
         assert 500 < remaining <= 600
     assert re.search(r"restored snapshot .* affiliates=1", service.log.read_text())
-
-
-def tls_pair(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def test_bad_command_line_is_refused_clearly(tmp_path: Path) -> None:
@@ -192,9 +140,8 @@ def test_bad_command_line_is_refused_clearly(tmp_path: Path) -> None:
     ]
     if os.geteuid() != 0:  # root writes anywhere
         cases.append((["--state-dir", str(locked / "sub")], "cannot create", 1))
-    for argv, message, code in cases:
-        if "--listen" not in argv:
-            argv = ["--listen", "127.0.0.1:0", *argv]
+    for flags, message, code in cases:
+        argv = flags if "--listen" in flags else ["--listen", "127.0.0.1:0", *flags]
         result = subprocess.run(
             [str(KUBESPAN), "discovery", "serve", *argv],
             check=False,
@@ -394,10 +341,3 @@ def test_dual_stack_listener_unmaps_and_metrics_stay_off_the_api(tmp_path: Path)
         for path in ("/metrics", "/healthz", "/readyz"):
             assert requests.get(url + path, timeout=5).status_code == 404
         assert requests.get(f"{service.metrics_url}/metrics", timeout=5).status_code == 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

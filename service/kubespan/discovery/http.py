@@ -277,7 +277,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.closed or upgraded is None:
             return
-        self.transport = cast(asyncio.Transport, upgraded)
+        self.transport = upgraded
         self.ready = True
 
     def connection_lost(self, exc: Exception | None) -> None:
