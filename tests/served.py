@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -17,7 +18,28 @@ from typing import Any
 
 import requests
 
+from kubespan.crypto import ClusterKeys
+from kubespan.discovery.signing import sign
+
 KUBESPAN = Path(sys.executable).parent / "kubespan"
+
+
+def signed_headers(
+    keys: ClusterKeys, method: str, target: str, service_url: str, body: bytes = b""
+) -> dict[str, str]:
+    """Headers signing one request, now, with a fresh nonce, for the service at the URL."""
+    headers = sign(
+        keys.signing_key,
+        method,
+        target,
+        body,
+        int(time.time()),
+        os.urandom(16),
+        service_url=service_url,
+    )
+    return headers.as_dict()
+
+
 LISTENING = re.compile(r"listening url=(\S+) pid=(\d+) metrics=(\S+)")
 
 

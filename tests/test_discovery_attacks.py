@@ -19,10 +19,9 @@ import requests
 from kubespan.crypto import ClusterKeys
 from kubespan.discovery import limits
 from kubespan.discovery.client import DiscoveryClient
-from kubespan.discovery.signing import sign
 from kubespan.errors import DiscoveryError, DiscoveryRejected
 
-from served import ServedProcess, SourceAdapter, served
+from served import ServedProcess, SourceAdapter, served, signed_headers
 
 
 def rss(pid: int) -> int:
@@ -154,15 +153,7 @@ def test_huge_heads_and_bodies_are_refused_early_and_cost_nothing(tmp_path: Path
             (b'{"ttl": ' + b"9" * 5000 + b"}", 400),
             (b'{"data": "eA==", "ttl": 1e400}', 400),
         ):
-            headers = sign(
-                keys.signing_key,
-                "PUT",
-                target,
-                body,
-                int(time.time()),
-                os.urandom(16),
-                service_url=service.url,
-            ).as_dict()
+            headers = signed_headers(keys, "PUT", target, service.url, body)
             response = requests.put(service.url + target, data=body, headers=headers, timeout=30)
             assert response.status_code == status, response.text
             assert "field" in response.json()["error"]
@@ -182,15 +173,7 @@ def test_forwarded_for_is_not_believed_without_trusted_proxy(tmp_path: Path) -> 
         target = f"/v1/clusters/{keys.cluster_address}/hello"
         codes = []
         for index in range(40):
-            headers = sign(
-                keys.signing_key,
-                "GET",
-                target,
-                b"",
-                int(time.time()),
-                os.urandom(16),
-                service_url=service.url,
-            ).as_dict()
+            headers = signed_headers(keys, "GET", target, service.url)
             headers["x-forwarded-for"] = f"203.0.113.{index}"
             response = requests.get(service.url + target, headers=headers, timeout=10)
             codes.append(response.status_code)
@@ -210,15 +193,7 @@ def test_a_flood_from_one_ipv6_64_is_limited_as_one_source(tmp_path: Path) -> No
         target = f"/v1/clusters/{keys.cluster_address}/hello"
 
         def hello(source: str) -> int:
-            headers = sign(
-                keys.signing_key,
-                "GET",
-                target,
-                b"",
-                int(time.time()),
-                os.urandom(16),
-                service_url=service.url,
-            ).as_dict()
+            headers = signed_headers(keys, "GET", target, service.url)
             headers["x-forwarded-for"] = source
             return requests.get(service.url + target, headers=headers, timeout=10).status_code
 

@@ -9,7 +9,9 @@ import os
 from functools import partial
 from pathlib import Path
 
-from agents import config_text, make_agent, running, wait_for
+from kubespan.config.render import new_config_document, to_yaml
+
+from agents import make_agent, running, wait_for
 from fakekernel import FakeKernel
 from servers import discovery_server
 
@@ -22,10 +24,10 @@ def test_a_node_joins_through_the_surviving_service(tmp_path: Path) -> None:
     cluster_id = base64.b64encode(os.urandom(32)).decode()
     secret = base64.b64encode(os.urandom(32)).decode()
     with discovery_server() as first, discovery_server() as second:
-        both = config_text(first.url, cluster_id, secret).replace(
-            f"endpoint: {first.url}".encode(),
-            f"endpoints: [{first.url}, {second.url}]".encode(),
-        )
+        document = new_config_document(first.url, cluster_id, secret)
+        registries = document["cluster"]["discovery"]["registries"]
+        registries["service"] = {"endpoints": [first.url, second.url]}
+        both = to_yaml(document).encode()
         alpha, alpha_kernel = make_agent(tmp_path, "alpha", 11, both)
         beta, beta_kernel = make_agent(tmp_path, "beta", 12, both)
         gamma, gamma_kernel = make_agent(tmp_path, "gamma", 13, both)

@@ -20,12 +20,11 @@ import pytest
 from kubespan.crypto import ClusterKeys
 from kubespan.discovery.client import DiscoveryClient
 from kubespan.discovery.members import open_listing, seal_registration
-from kubespan.discovery.signing import sign
 from kubespan.discovery.view import ClusterView
 from kubespan.model import AffiliateInfo
 from kubespan.netaddr import Endpoint
 
-from served import ServedProcess, free_port, served, tls_pair
+from served import ServedProcess, free_port, served, signed_headers, tls_pair
 
 
 def node(index: int) -> AffiliateInfo:
@@ -181,9 +180,7 @@ def signed_request(url: str, keys: ClusterKeys, method: str, target: str, body: 
     """A signed request, prepared but not sent (so it can be sent again: a replay)."""
     import requests
 
-    headers = sign(
-        keys.signing_key, method, target, body, int(time.time()), os.urandom(16), service_url=url
-    ).as_dict()
+    headers = signed_headers(keys, method, target, url, body)
     return requests.Request(method, url + target, data=body or None, headers=headers).prepare()
 
 

@@ -25,6 +25,7 @@ from kubespan.errors import DiscoveryError, DiscoveryRejected
 from kubespan.model import AffiliateInfo
 from kubespan.netaddr import Endpoint
 
+from served import signed_headers
 from servers import discovery_server
 
 
@@ -316,18 +317,10 @@ def test_trusted_proxy_forwarded_address() -> None:
     with discovery_server(settings=Settings(rate=0, trusted_proxies=trusted)) as server:
         keys = new_keys()
         target = f"/v1/clusters/{keys.cluster_address}/hello"
-        headers = sign(
-            keys.signing_key,
-            "GET",
-            target,
-            b"",
-            int(time.time()),
-            os.urandom(16),
-            service_url=server.url,
-        )
+        headers = signed_headers(keys, "GET", target, server.url)
         response = requests.get(
             server.url + target,
-            headers={**headers.as_dict(), "x-forwarded-for": "203.0.113.200"},
+            headers={**headers, "x-forwarded-for": "203.0.113.200"},
             timeout=10,
         )
         assert response.json() == {"client_address": "203.0.113.200"}

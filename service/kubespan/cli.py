@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubespan import __version__
+from kubespan.discovery import limits
 from kubespan.errors import ConfigError, KubespanError
 
 if TYPE_CHECKING:
@@ -332,6 +333,25 @@ def cmd_gen_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# The numeric flags of `discovery serve`: flag, type, lowest, highest, default, metavar, help.
+_SERVE_NUMBERS: tuple[tuple[str, type[float] | type[int], float, float, float, str, str], ...] = (
+    ("--rate-limit", float, 0, 1e6, limits.RATE_PER_SOURCE, "PER_S",
+     "requests per second per source, an IPv4 address or IPv6 /64 (0: no limit)"),
+    ("--burst", float, 1, 1e6, limits.BURST_PER_SOURCE, "N", "burst per source"),
+    ("--max-connections", int, 16, 1_000_000, limits.MAX_CONNECTIONS, "N", "connections in all"),
+    ("--max-connections-per-source", int, 1, 1_000_000, limits.MAX_CONNECTIONS_PER_SOURCE, "N",
+     "connections from one IPv4 address or IPv6 /64 (trusted proxies: unlimited)"),
+    ("--max-affiliates", int, 1, 10_000_000, limits.MAX_AFFILIATES_TOTAL, "N",
+     "affiliates of all clusters"),
+    ("--max-stored-mib", int, 1, 1_000_000, limits.MAX_STORED_BYTES >> 20, "MIB",
+     "blob bytes held (data and endpoints) for all clusters together"),
+    ("--new-clusters-per-hour", float, 0, 1e6, limits.NEW_CLUSTERS_PER_SOURCE_PER_HOUR, "N",
+     "clusters one source may create per hour (0: no limit)"),
+    ("--snapshot-interval", float, 0.1, 86400, limits.SNAPSHOT_INTERVAL_SECONDS, "S",
+     "seconds between snapshots"),
+)  # fmt: skip
+
+
 def add_serve_parser(commands: Any) -> None:
     serve = commands.add_parser(
         "serve",
@@ -358,16 +378,6 @@ def add_serve_parser(commands: Any) -> None:
         "--state-dir", type=Path, default=None, help="where to keep snapshots (default: memory)"
     )
     serve.add_argument(
-        "--rate-limit",
-        type=_number(float, 0, 1e6),
-        default=15.0,
-        metavar="PER_S",
-        help="requests per second per source, an IPv4 address or IPv6 /64 (0: no limit)",
-    )
-    serve.add_argument(
-        "--burst", type=_number(float, 1, 1e6), default=60.0, help="burst per source"
-    )
-    serve.add_argument(
         "--trusted-proxy",
         action="append",
         default=[],
@@ -376,40 +386,10 @@ def add_serve_parser(commands: Any) -> None:
     )
     serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", type=Path, help="the certificate's private key")
-    serve.add_argument(
-        "--max-connections", type=_number(int, 16, 1_000_000), default=4096, metavar="N"
-    )
-    serve.add_argument(
-        "--max-connections-per-source",
-        type=_number(int, 1, 1_000_000),
-        default=256,
-        metavar="N",
-        help="connections from one IPv4 address or IPv6 /64 (trusted proxies: unlimited)",
-    )
-    serve.add_argument(
-        "--max-affiliates", type=_number(int, 1, 10_000_000), default=20_000, metavar="N"
-    )
-    serve.add_argument(
-        "--max-stored-mib",
-        type=_number(int, 1, 1_000_000),
-        default=128,
-        metavar="MIB",
-        help="blob bytes held (data and endpoints) for all clusters together",
-    )
-    serve.add_argument(
-        "--new-clusters-per-hour",
-        type=_number(float, 0, 1e6),
-        default=10.0,
-        metavar="N",
-        help="clusters one source may create per hour (0: no limit)",
-    )
-    serve.add_argument(
-        "--snapshot-interval",
-        type=_number(float, 0.1, 86400),
-        default=60.0,
-        metavar="S",
-        help="seconds between snapshots",
-    )
+    for flag, kind, low, high, default, metavar, text in _SERVE_NUMBERS:
+        serve.add_argument(
+            flag, type=_number(kind, low, high), default=default, metavar=metavar, help=text
+        )
     serve.set_defaults(func=cmd_discovery_serve)
 
 
