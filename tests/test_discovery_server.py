@@ -221,6 +221,7 @@ SIGNED_BAD = [
     ),
     ("PUT", "/v1/clusters/{cluster}/affiliates/a", b"x" * 70000, 413, "body"),
     ("PUT", "/v1/clusters/{cluster}/affiliates/a", b"[" * 30000, 400, "body"),
+    ("PUT", "/v1/clusters/{cluster}/affiliates/a", b"[" * 50000, 413, "body"),
     ("PUT", "/v1/clusters/{cluster}/affiliates/a", b'{"ttl": ' + b"9" * 5000 + b"}", 400, "body"),
     ("GET", "/v1/clusters/{cluster}/affiliates?since=%C2%B2", b"", 400, "since"),
     ("GET", "/v1/clusters/{cluster}/affiliates?since=1&since=2", b"", 400, "since"),
