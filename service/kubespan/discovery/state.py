@@ -82,7 +82,7 @@ class Cluster:
 
 
 class Registry:
-    def __init__(self, epoch: int = 1, quotas: Quotas | None = None) -> None:
+    def __init__(self, epoch: int = 0, quotas: Quotas | None = None) -> None:
         self.clusters: dict[str, Cluster] = {}
         self.quotas = quotas or Quotas()
         self.epoch = epoch
