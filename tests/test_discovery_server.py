@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -391,3 +392,51 @@ def test_snapshots_are_taken_while_running_and_expiry_reaches_watchers(tmp_path:
         # cluster once the last member is gone).
         view.apply(client.listing(since=view.revision, wait=10))
         assert view.affiliates == {}
+
+
+def request_bytes(url: str, keys: ClusterKeys, method: str, target: str) -> bytes:
+    headers = signed_headers(keys, method, target, url)
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        "host: test",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_a_long_poll_whose_client_left_stops_waiting() -> None:
+    keys = new_keys()
+    with discovery_server() as server:
+        revision = register(DiscoveryClient(server.url, keys), info("alpha", "192.0.2.1"))
+        target = f"/v1/clusters/{keys.cluster_address}/affiliates?since={revision}&wait=50"
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request_bytes(server.url, keys, "GET", target))
+            deadline = time.monotonic() + 10
+            while not server.app.watching(keys.cluster_address):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while server.app.watching(keys.cluster_address):
+            assert time.monotonic() < deadline, "the long poll outlived its connection"
+            time.sleep(0.01)
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    keys = new_keys()
+    with discovery_server() as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        hello = f"/v1/clusters/{keys.cluster_address}/hello"
+        both = request_bytes(server.url, keys, "GET", hello) + request_bytes(
+            server.url, keys, "GET", "/nowhere"
+        )
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(both)
+            data = b""
+            while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+        first, second = data.split(b"HTTP/1.1 ")[1:]
+        assert first.startswith(b"200") and b"127.0.0.1" in first
+        assert second.startswith(b"404")

@@ -284,6 +284,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._disarm()
         self.server._gone(self)
+        if self.task is not None and not self.task.done():
+            # A long poll of a client that went away stops waiting: nothing outlives the
+            # connection that asked for it.
+            self.task.cancel()
 
     def close(self) -> None:
         if not self.closed:
@@ -320,7 +324,9 @@ class _Connection(asyncio.Protocol):
             self.abort()
         elif self.in_head or self.in_body:
             self.server.counters.refused["timeout"] += 1
-            self._refuse_now(_Refuse(408, "request", "not received in time"))
+            # Queued, not written at once: an answer to an earlier request may be pending.
+            self.broken = True
+            self._queue(_Refuse(408, "request", "not received in time"))
         else:
             self.server.counters.refused["idle" if not self.write_paused else "slow_reader"] += 1
             self.abort()
@@ -479,13 +485,16 @@ class _Connection(asyncio.Protocol):
         self.handling = False
         if self.closed:
             return
-        close = not keep_alive or self.server.closing
+        # After HEAD the client reads no body: the connection cannot carry another answer.
+        close = not keep_alive or self.server.closing or request.method == "HEAD"
         self._write(encode_response(response, close))
         if close:
             self.close()
             return
         self.server._set_waiting(self, True)
-        if not self.write_paused:
+        if self.in_head or self.in_body:
+            self._arm(self.limits.head_timeout)  # a next request is already arriving
+        elif not self.write_paused:
             self._arm(self.limits.idle_timeout)
         if self.queue:
             self._next()
