@@ -440,3 +440,26 @@ def test_pipelined_requests_are_answered_in_order() -> None:
         first, second = data.split(b"HTTP/1.1 ")[1:]
         assert first.startswith(b"200") and b"127.0.0.1" in first
         assert second.startswith(b"404")
+
+
+def test_an_unexpected_error_is_one_json_500_one_log_line_and_counted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = new_keys()
+    with discovery_server() as server:
+
+        def broken(*_args: object) -> int:
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(server.app.registry, "delete", broken)
+        with caplog.at_level(logging.ERROR):
+            response = raw(server.url, keys, "DELETE", "/v1/clusters/{cluster}/affiliates/a")
+        assert response.status_code == 500
+        assert response.json() == {"error": {"field": "server", "message": "internal error"}}
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "\n" not in errors[0].getMessage()
+        assert "KeyError" in errors[0].getMessage() and errors[0].exc_info is None
+        metrics = requests.get(f"{server.metrics_url}/metrics", timeout=5).text
+        assert "kubespan_discovery_internal_errors_total 1" in metrics
+        # The service goes on: the next request on a new connection is answered.
+        assert DiscoveryClient(server.url, keys).hello() is not None
