@@ -1,4 +1,4 @@
-"""Load on the discovery service, as it runs in production (its own process, uvicorn).
+"""Load on the discovery service, as it runs in production (its own process).
 
 Prints `name=value` lines:
 
