@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import ssl
 import time
@@ -58,7 +57,6 @@ __all__ = [
     "tune_loop",
 ]
 
-log = logging.getLogger(__name__)
 
 
 class HttpServer:
