@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 
-
 class HttpServer:
     """Serves `handler` on listening sockets; `exempt(peer)` tells trusted proxies, whose
     connections carry many clients and are not limited per source."""
