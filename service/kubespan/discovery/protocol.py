@@ -255,3 +255,35 @@ def parse_listing(body: Any) -> Listing:
     if not isinstance(reset, bool):
         raise ValueError("listing's reset is not a boolean")
     return Listing(body["revision"], tuple(out), tuple(removed), reset)
+
+
+def route(path: str, method: str) -> tuple[str, str, str | None]:
+    """(route name, cluster, affiliate) of a /v1 path; 404/405 otherwise."""
+    if not path.startswith(API_PREFIX + "/"):
+        raise BadRequest("path", "not found", status=404)
+    parts = path[len(API_PREFIX) + 1 :].split("/")
+    if len(parts) < 3 or parts[0] != "clusters":
+        raise BadRequest("path", "not found", status=404)
+    cluster = check_id("cluster", parts[1])
+    rest = parts[2:]
+    if rest == ["hello"]:
+        allow(method, "GET")
+        return "hello", cluster, None
+    if rest == ["affiliates"]:
+        allow(method, "GET")
+        return "list", cluster, None
+    if len(rest) == 2 and rest[0] == "affiliates":
+        affiliate = check_id("affiliate", rest[1])
+        allow(method, "PUT", "DELETE")
+        return ("put" if method == "PUT" else "delete"), cluster, affiliate
+    if len(rest) == 3 and rest[0] == "affiliates" and rest[2] == "endpoints":
+        allow(method, "POST")
+        return "endpoints", cluster, check_id("affiliate", rest[1])
+    raise BadRequest("path", "not found", status=404)
+
+
+def allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise BadRequest(
+            "method", f"{method} is not allowed here", status=405, allow=", ".join(allowed)
+        )

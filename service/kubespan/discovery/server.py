@@ -23,15 +23,15 @@ from kubespan.discovery.forwarded import client_address, is_trusted, source_key
 from kubespan.discovery.http import HttpLimits, HttpServer, Request, Response, error_body
 from kubespan.discovery.metrics import Metrics
 from kubespan.discovery.protocol import (
-    API_PREFIX,
     BadRequest,
-    check_id,
+    allow,
     listing_body,
     parse_body,
     parse_post_endpoints,
     parse_put,
     parse_query,
     parse_watch,
+    route,
 )
 from kubespan.discovery.ratelimit import RateLimiter
 from kubespan.discovery.replay import ReplayGuard
@@ -279,7 +279,7 @@ class DiscoveryApp:
         method = request.method
         path, _, query = request.target.partition("?")
         if path == "/openapi.json":
-            _allow(method, "GET")
+            allow(method, "GET")
             return "openapi", Response(200, openapi_document())
         source = client_address(
             request.peer, request.headers.get("x-forwarded-for"), self.settings.trusted_proxies
@@ -294,7 +294,7 @@ class DiscoveryApp:
                 status=429,
                 retry=max(1, round(self.limiter.retry_after(key))),
             )
-        route, cluster, affiliate = _route(path, method)
+        name, cluster, affiliate = route(path, method)
         try:
             timestamp, nonce = verify(
                 cluster,
@@ -319,7 +319,7 @@ class DiscoveryApp:
         if not self.replays.check_and_remember(cluster, nonce, timestamp, now):
             self.metrics.reject("replay")
             raise BadRequest("x-kubespan-nonce", "was already used (a replayed request)", 401)
-        return route, await self._dispatch(route, cluster, affiliate, request.body, query, source)
+        return name, await self._dispatch(name, cluster, affiliate, request.body, query, source)
 
     async def _dispatch(
         self,
@@ -378,7 +378,7 @@ class DiscoveryApp:
         """Health and metrics, served only on the operations address."""
         path = request.target.partition("?")[0]
         try:
-            _allow(request.method, "GET")
+            allow(request.method, "GET")
             if path == "/healthz":
                 return json_response(200, {"status": "ok"})
             if path == "/readyz":
@@ -408,38 +408,6 @@ class DiscoveryApp:
 def _settle(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _route(path: str, method: str) -> tuple[str, str, str | None]:
-    """(route name, cluster, affiliate) of a /v1 path; 404/405 otherwise."""
-    if not path.startswith(API_PREFIX + "/"):
-        raise BadRequest("path", "not found", status=404)
-    parts = path[len(API_PREFIX) + 1 :].split("/")
-    if len(parts) < 3 or parts[0] != "clusters":
-        raise BadRequest("path", "not found", status=404)
-    cluster = check_id("cluster", parts[1])
-    rest = parts[2:]
-    if rest == ["hello"]:
-        _allow(method, "GET")
-        return "hello", cluster, None
-    if rest == ["affiliates"]:
-        _allow(method, "GET")
-        return "list", cluster, None
-    if len(rest) == 2 and rest[0] == "affiliates":
-        affiliate = check_id("affiliate", rest[1])
-        _allow(method, "PUT", "DELETE")
-        return ("put" if method == "PUT" else "delete"), cluster, affiliate
-    if len(rest) == 3 and rest[0] == "affiliates" and rest[2] == "endpoints":
-        _allow(method, "POST")
-        return "endpoints", cluster, check_id("affiliate", rest[1])
-    raise BadRequest("path", "not found", status=404)
-
-
-def _allow(method: str, *allowed: str) -> None:
-    if method not in allowed:
-        raise BadRequest(
-            "method", f"{method} is not allowed here", status=405, allow=", ".join(allowed)
-        )
 
 
 def openapi_document() -> bytes:
