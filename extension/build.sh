@@ -1,6 +1,6 @@
 #!/bin/bash
 # Build the kubespan system extension: an erofs image holding, under /usr, the kubespan
-# package with all its Python dependencies (wheels for the guest: CPython 3.11, x86_64,
+# package with all its Python dependencies (the discovery service's included) (wheels for the guest: CPython 3.11, x86_64,
 # glibc 2.36), the `kubespan` command, its systemd unit and tmpfiles entry, and the
 # extension-release file systemd-sysext matches against the base image.
 # Usage: build.sh OUTPUT.raw   (run from anywhere; PYTHON defaults to .venv/bin/python)
@@ -32,7 +32,7 @@ tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*
     --target "$root$site" --only-binary=:all: \
     --platform manylinux_2_36_x86_64 --platform manylinux2014_x86_64 \
     --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
-    "$work"/wheels/kubespan-*.whl
+    "$(echo "$work"/wheels/kubespan-*.whl)[server]"
 rm -rf "$root$site/bin"
 # The root file system is read-only: precompile, and never check sources again at run time.
 "$python" -m compileall -q -j0 --invalidation-mode unchecked-hash -s "$root" -p / "$root$site"
@@ -43,6 +43,9 @@ install -D -m 0644 "$here/kubespan.service" "$root/usr/lib/systemd/system/kubesp
 mkdir -p "$root/usr/lib/systemd/system/multi-user.target.wants"
 ln -s ../kubespan.service "$root/usr/lib/systemd/system/multi-user.target.wants/kubespan.service"
 install -D -m 0644 "$here/kubespan.tmpfiles" "$root/usr/lib/tmpfiles.d/kubespan.conf"
+# The discovery service's unit: shipped, not enabled (a node is not a discovery service).
+install -D -m 0644 "$repo/deploy/discovery/kubespan-discovery.service" \
+    "$root/usr/lib/systemd/system/kubespan-discovery.service"
 install -D -m 0644 "$here/kubespan.sysctl" "$root/usr/lib/sysctl.d/60-kubespan.conf"
 install -D -m 0644 "$here/extension-release" \
     "$root/usr/lib/extension-release.d/extension-release.kubespan"

@@ -2,7 +2,7 @@
 # extension's own files or the project metadata change.
 EXTENSION := $(BUILD)/extension/kubespan.raw
 EXTENSION_INPUTS := pyproject.toml $(wildcard README.md LICENSE) \
-	$(shell find service extension machineconfig-schema -type f \
+	$(shell find service extension machineconfig-schema deploy -type f \
 		-not -path '*/__pycache__/*' -not -path '*.egg-info/*' 2>/dev/null)
 
 $(EXTENSION): $(EXTENSION_INPUTS) | host-deps $(BIN)/kubespan

@@ -121,6 +121,14 @@ class Netns:
     def ip(self, *args: str) -> str:
         return run(["ip", "-n", self.name, *args])
 
+    def python(self, script: str, *args: str, stdin: str = "") -> str:
+        """Run a Python script (a file, or `-c` code as the first arg) in the namespace."""
+        env_path = f"PYTHONPATH={REPO / 'tests'}"
+        return run(
+            ["ip", "netns", "exec", self.name, "env", env_path, sys.executable, script, *args],
+            stdin=stdin,
+        )
+
     @property
     def helper(self) -> DataplaneHelper:
         if self._helper is None:

@@ -2,48 +2,77 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import uvicorn
-
-from kubespan.discovery import snapshot
-from kubespan.discovery.server import DiscoveryApp, Settings, bind
-from kubespan.discovery.state import Registry
+from kubespan.discovery.daemon import bind, run_service
+from kubespan.discovery.server import DiscoveryApp, Settings
+from kubespan.discovery.signing import authority
 
 
 @dataclass
 class RunningServer:
     url: str
+    metrics_url: str
     app: DiscoveryApp
-    server: uvicorn.Server
+    loop: asyncio.AbstractEventLoop
+    stop_event: asyncio.Event
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        """Stop the service as SIGTERM would (idempotent)."""
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+            self.thread.join(timeout=15)
 
 
 @contextmanager
 def discovery_server(
     state_dir: Path | None = None, settings: Settings | None = None
 ) -> Iterator[RunningServer]:
-    """The service on 127.0.0.1 in a thread; no rate limit unless `settings` sets one."""
-    sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    registry = snapshot.load(state_dir, time.time()) if state_dir else Registry()
-    app = DiscoveryApp(registry, settings or Settings(state_dir=state_dir, rate=0))
-    config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    """The service on 127.0.0.1 in a thread; no rate limit unless `settings` sets one. Its
+    names default to its own address, as `kubespan discovery serve` does."""
+    api, ops = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
+    port = api.getsockname()[1]
+    chosen = settings or Settings(state_dir=state_dir, rate=0)
+    if not chosen.services:
+        chosen = replace(chosen, services=(authority("127.0.0.1", port),))
+    app = DiscoveryApp.open(chosen)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    done = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(run_service(app, api, ops, None, stop))
+        finally:
+            loop.close()
+            done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
-    while not server.started:
+    while not app.ready:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("discovery server did not start within 10 s")
         time.sleep(0.01)
+    running = RunningServer(
+        f"http://127.0.0.1:{port}",
+        f"http://127.0.0.1:{ops.getsockname()[1]}",
+        app,
+        loop,
+        stop,
+        thread,
+    )
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", app, server)
+        yield running
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+        running.stop()
+        api.close()
+        ops.close()

@@ -45,6 +45,7 @@ def member(
         (member(addresses=("224.0.0.1",)), "not a unicast address"),
         (member(addresses=("255.255.255.255",)), "not a unicast address"),
         (member(addresses=("fd00:aa::7",)), "node addresses must lie outside"),
+        (member(addresses=("10.244.9.9",)), "a discovery service's address"),
         (member(pod_cidrs=("0.0.0.0/0",)), "no shorter than /16"),
         (member(pod_cidrs=("0.0.0.0/1",)), "no shorter than /16"),
         (member(pod_cidrs=("::/0",)), "no shorter than /48"),

@@ -20,6 +20,7 @@ from kubespan.agent.session import ListingEvent
 from kubespan.agent.status import STATUS_FILE
 from kubespan.config import parse_config
 from kubespan.discovery.listing import parse_listing_answer
+from kubespan.discovery.payload import sign_record
 from kubespan.identity import LinkHardware, load_or_create_identity
 from kubespan.model import ObservedLink
 from kubespan.plan.membership import Known, Membership
@@ -140,7 +141,7 @@ def test_a_node_booting_while_discovery_is_down_is_ready_from_its_cache(
     time = FakeTime()
     alpha, _ = node(tmp_path, "alpha", 11, config, time)
     alpha.reconcile()
-    beta, _ = node(tmp_path, "beta", 12, config)
+    beta, _ = node(tmp_path, "beta", 12, config, time)
     with hostile_service() as service:
         assert alpha.registration is not None
         service.current[alpha.registration.affiliate_id] = stored(alpha)
@@ -148,7 +149,7 @@ def test_a_node_booting_while_discovery_is_down_is_ready_from_its_cache(
     assert (tmp_path / "beta" / "state" / "peers.json").exists()
 
     # "Reboot": a new agent and an empty kernel; discovery (port 9) refuses connections.
-    rebooted, kernel = node(tmp_path, "beta", 12, config)
+    rebooted, kernel = node(tmp_path, "beta", 12, config, time)
     assert rebooted.from_cache
     with running(rebooted):
         wait_for(lambda: rebooted.ready, "READY from the cache", timeout=15)
@@ -254,10 +255,14 @@ def test_refused_claims_are_shown_in_status(
     beta, _ = node(tmp_path, "beta", 12, config)
     assert alpha.registration is not None
     record = alpha.registration.record
-    greedy = replace(
-        record,
-        info=replace(record.info, pod_cidrs=(ipaddress.ip_network("0.0.0.0/1"),)),
-        version=record.version + 1,
+    greedy = sign_record(
+        replace(
+            record,
+            info=replace(record.info, pod_cidrs=(ipaddress.ip_network("0.0.0.0/1"),)),
+            version=record.version + 1,
+        ),
+        alpha.identity.private_key,
+        bytes(64),
     )
     known = Membership({record.info.node_id: Known(greedy)})
     save_membership(beta.state_dir, known, beta.keys.cluster_address)

@@ -18,7 +18,7 @@ def test_parses_ordinary_json() -> None:
     ("raw", "message"),
     [
         (b"[" * 100_000, "nested deeper than 32"),
-        (b"{" * 33 + b"}" * 33, "nested deeper than 32"),
+        (b"[" * 33 + b"]" * 33, "nested deeper than 32"),
         (b'{"ttl": ' + b"9" * 5000 + b"}", "more than 20 digits"),
         (b"[NaN]", "NaN is not JSON"),
         (b"Infinity", "Infinity is not JSON"),
@@ -34,8 +34,16 @@ def test_refuses_hostile_input(raw: bytes, message: str) -> None:
 
 def test_brackets_inside_strings_do_not_count() -> None:
     raw = b'["' + b"[" * 1000 + b'\\"' + b'"]'
-    assert nesting_depth(raw, 32) == 1
+    assert nesting_depth(loads(raw, 10_000), 32) == 1
     assert loads(raw, 10_000) == ["[" * 1000 + '"']
+
+
+def test_unterminated_strings_are_refused() -> None:
+    """A regular-expression pre-scan backtracked exponentially on these (26 bytes took
+    seconds, a megabyte would never end); the parser refuses them in linear time."""
+    for size in (24, 1 << 20):
+        with pytest.raises(ValueError, match="not JSON"):
+            loads(b'["' + b"a" * size, 2 << 20)
 
 
 def test_depth_at_the_limit_is_accepted() -> None:

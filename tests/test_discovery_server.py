@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import requests
 from kubespan.crypto import ClusterKeys
 from kubespan.discovery import snapshot
 from kubespan.discovery.client import DiscoveryClient
-from kubespan.discovery.members import open_listing, seal_registration
+from kubespan.discovery.members import open_listing
 from kubespan.discovery.payload import encode_endpoint
 from kubespan.discovery.server import Settings
 from kubespan.discovery.signing import sign
@@ -25,7 +26,9 @@ from kubespan.discovery.view import ClusterView
 from kubespan.errors import DiscoveryError, DiscoveryRejected
 from kubespan.model import AffiliateInfo
 from kubespan.netaddr import Endpoint
+from nodes import member_info, seal
 
+from served import signed_headers
 from servers import discovery_server
 
 
@@ -34,18 +37,12 @@ def new_keys() -> ClusterKeys:
 
 
 def info(name: str, address: str) -> AffiliateInfo:
-    return AffiliateInfo(
-        node_id="id" + name.replace("-", ""),
-        hostname=name,
-        public_key=base64.b64encode(os.urandom(32)).decode(),
-        ula=ipaddress.IPv6Address("fd00::1"),
-        addresses=(ipaddress.ip_address(address),),
-    )
+    return member_info(name, (ipaddress.ip_address(address),))
 
 
 def register(client: DiscoveryClient, node: AffiliateInfo) -> int:
     endpoints = tuple(Endpoint(a, 51820) for a in node.addresses)
-    sealed = seal_registration(client.keys, node, endpoints, os.urandom(24))
+    sealed = seal(client.keys, node, endpoints)
     return client.put(sealed.affiliate_id, sealed.data, list(sealed.endpoints), 60)
 
 
@@ -62,7 +59,9 @@ def raw(
     """A request signed with `keys`, sent to `cluster` (default: the keys' own)."""
     target = target.replace("{cluster}", cluster or keys.cluster_address)
     stamp = int(time.time() if timestamp is None else timestamp)
-    headers = sign(keys.signing_key, method, target, body, stamp, nonce or os.urandom(16))
+    headers = sign(
+        keys.signing_key, method, target, body, stamp, nonce or os.urandom(16), service_url=url
+    )
     return requests.request(
         method, url + target, data=body or None, headers=headers.as_dict(), timeout=10
     )
@@ -96,7 +95,7 @@ def test_other_clusters_blobs_are_ignored_not_fatal() -> None:
         register(client, info("alpha", "192.0.2.1"))
         intruder = ClusterKeys.derive("cluster", os.urandom(32))
         node = info("mallory", "192.0.2.66")
-        sealed = seal_registration(intruder, node, (), os.urandom(24))
+        sealed = seal(intruder, node, ())
         client.put(sealed.affiliate_id, sealed.data, [], 60)
         members, problems = open_listing(keys, client.listing())
         assert [m.info.hostname for m in members] == ["alpha"]
@@ -109,7 +108,7 @@ def test_a_blob_moved_to_another_affiliate_is_detected() -> None:
     with discovery_server() as server:
         client = DiscoveryClient(server.url, keys)
         node = info("alpha", "192.0.2.1")
-        sealed = seal_registration(keys, node, (), os.urandom(24))
+        sealed = seal(keys, node, ())
         client.put("someone-else", sealed.data, list(sealed.endpoints), 60)
         members, problems = open_listing(keys, client.listing())
         assert members == ()
@@ -206,7 +205,7 @@ SIGNED_BAD = [
     (
         "PUT",
         "/v1/clusters/{cluster}/affiliates/a",
-        json.dumps({"data": base64.b64encode(bytes(3000)).decode(), "ttl": 5}).encode(),
+        json.dumps({"data": base64.b64encode(bytes(4097)).decode(), "ttl": 5}).encode(),
         413,
         "data",
     ),
@@ -218,6 +217,15 @@ SIGNED_BAD = [
         "endpoints",
     ),
     ("PUT", "/v1/clusters/{cluster}/affiliates/a", b"x" * 70000, 413, "body"),
+    ("PUT", "/v1/clusters/{cluster}/affiliates/a", b"[" * 30000, 400, "body"),
+    ("PUT", "/v1/clusters/{cluster}/affiliates/a", b"[" * 50000, 413, "body"),
+    ("PUT", "/v1/clusters/{cluster}/affiliates/a", b'{"ttl": ' + b"9" * 5000 + b"}", 400, "body"),
+    ("GET", "/v1/clusters/{cluster}/affiliates?since=%C2%B2", b"", 400, "since"),
+    ("GET", "/v1/clusters/{cluster}/affiliates?since=1&since=2", b"", 400, "since"),
+    ("GET", "/v1/clusters/{cluster}/affiliates?wait=nan", b"", 400, "wait"),
+    ("GET", "/v1/clusters/{cluster}/affiliates?wait=%EF%BC%91", b"", 400, "wait"),
+    ("GET", "/v1/clusters/{cluster}/hello%0A", b"", 404, "path"),
+    ("DELETE", "/v1/clusters/{cluster}/affiliates/a%0A", b"", 400, "affiliate"),
     (
         "PUT",
         "/v1/clusters/{cluster}/affiliates/bad.id",
@@ -307,10 +315,10 @@ def test_trusted_proxy_forwarded_address() -> None:
     with discovery_server(settings=Settings(rate=0, trusted_proxies=trusted)) as server:
         keys = new_keys()
         target = f"/v1/clusters/{keys.cluster_address}/hello"
-        headers = sign(keys.signing_key, "GET", target, b"", int(time.time()), os.urandom(16))
+        headers = signed_headers(keys, "GET", target, server.url)
         response = requests.get(
             server.url + target,
-            headers={**headers.as_dict(), "x-forwarded-for": "203.0.113.200"},
+            headers={**headers, "x-forwarded-for": "203.0.113.200"},
             timeout=10,
         )
         assert response.json() == {"client_address": "203.0.113.200"}
@@ -320,9 +328,10 @@ def test_health_ready_metrics_and_openapi() -> None:
     keys = new_keys()
     with discovery_server() as server:
         register(DiscoveryClient(server.url, keys), info("alpha", "192.0.2.1"))
-        assert requests.get(f"{server.url}/healthz", timeout=5).json() == {"status": "ok"}
-        assert requests.get(f"{server.url}/readyz", timeout=5).json() == {"ready": True}
-        metrics = requests.get(f"{server.url}/metrics", timeout=5).text
+        ops = server.metrics_url
+        assert requests.get(f"{ops}/healthz", timeout=5).json() == {"status": "ok"}
+        assert requests.get(f"{ops}/readyz", timeout=5).json() == {"ready": True}
+        metrics = requests.get(f"{ops}/metrics", timeout=5).text
         assert "kubespan_discovery_affiliates 1" in metrics
         assert 'kubespan_discovery_requests_total{method="PUT",route="put",code="200"} 1' in metrics
         document = requests.get(f"{server.url}/openapi.json", timeout=5).json()
@@ -366,7 +375,7 @@ def test_snapshots_are_taken_while_running_and_expiry_reaches_watchers(tmp_path:
     with discovery_server(tmp_path, settings) as server:
         client = DiscoveryClient(server.url, keys)
         node = info("short-lived", "192.0.2.5")
-        sealed = seal_registration(keys, node, (), os.urandom(24))
+        sealed = seal(keys, node, ())
         client.put(sealed.affiliate_id, sealed.data, [], 1)
         view = ClusterView()
         view.apply(client.listing())
@@ -379,3 +388,74 @@ def test_snapshots_are_taken_while_running_and_expiry_reaches_watchers(tmp_path:
         # cluster once the last member is gone).
         view.apply(client.listing(since=view.revision, wait=10))
         assert view.affiliates == {}
+
+
+def request_bytes(url: str, keys: ClusterKeys, method: str, target: str) -> bytes:
+    headers = signed_headers(keys, method, target, url)
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        "host: test",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_a_long_poll_whose_client_left_stops_waiting() -> None:
+    keys = new_keys()
+    with discovery_server() as server:
+        revision = register(DiscoveryClient(server.url, keys), info("alpha", "192.0.2.1"))
+        target = f"/v1/clusters/{keys.cluster_address}/affiliates?since={revision}&wait=50"
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request_bytes(server.url, keys, "GET", target))
+            deadline = time.monotonic() + 10
+            while not server.app.watching(keys.cluster_address):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while server.app.watching(keys.cluster_address):
+            assert time.monotonic() < deadline, "the long poll outlived its connection"
+            time.sleep(0.01)
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    keys = new_keys()
+    with discovery_server() as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        hello = f"/v1/clusters/{keys.cluster_address}/hello"
+        both = request_bytes(server.url, keys, "GET", hello) + request_bytes(
+            server.url, keys, "GET", "/nowhere"
+        )
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(both)
+            data = b""
+            while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+        first, second = data.split(b"HTTP/1.1 ")[1:]
+        assert first.startswith(b"200") and b"127.0.0.1" in first
+        assert second.startswith(b"404")
+
+
+def test_an_unexpected_error_is_one_json_500_one_log_line_and_counted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = new_keys()
+    with discovery_server() as server:
+
+        def broken(*_args: object) -> int:
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(server.app.registry, "delete", broken)
+        with caplog.at_level(logging.ERROR):
+            response = raw(server.url, keys, "DELETE", "/v1/clusters/{cluster}/affiliates/a")
+        assert response.status_code == 500
+        assert response.json() == {"error": {"field": "server", "message": "internal error"}}
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "\n" not in errors[0].getMessage()
+        assert "KeyError" in errors[0].getMessage() and errors[0].exc_info is None
+        metrics = requests.get(f"{server.metrics_url}/metrics", timeout=5).text
+        assert "kubespan_discovery_internal_errors_total 1" in metrics
+        # The service goes on: the next request on a new connection is answered.
+        assert DiscoveryClient(server.url, keys).hello() is not None

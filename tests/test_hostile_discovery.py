@@ -5,7 +5,6 @@ record is missing puts it back at once."""
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import json
 import logging
@@ -20,8 +19,9 @@ import pytest
 
 from hostile import Answer, Hostile, Stored, blob, hostile_service
 from kubespan.agent.loop import Agent
-from kubespan.discovery.payload import encode_record
-from kubespan.model import AffiliateInfo, MemberRecord
+from kubespan.discovery.payload import encode_record, sign_record
+from kubespan.model import MemberRecord
+from nodes import member_info, private_key, resign
 
 from agents import config_text, make_agent, running, wait_for
 from fakekernel import FakeKernel, local_address
@@ -205,46 +205,34 @@ def test_malformed_members_harm_only_themselves(
         keys = nodes[0][0].keys
         before = snapshot(nodes)
 
-        def evil_record(node_id: str, listed_as: str) -> Stored:
-            info = AffiliateInfo(
-                node_id=node_id,
-                hostname="spoofed",
-                public_key=base64.b64encode(os.urandom(32)).decode(),
-                ula=ipaddress.IPv6Address("fd00::1"),
-                addresses=(ipaddress.ip_address("192.0.2.200"),),
+        rogue = member_info("rogue", (ipaddress.ip_address("192.0.2.200"),))
+        template = json.loads(
+            encode_record(
+                sign_record(MemberRecord(rogue, (), 1, 1 << 39), private_key(rogue), bytes(64))
             )
-            record = MemberRecord(info, (), 1, 1 << 39)
-            affiliate = keys.affiliate_id(listed_as)
-            plain = encode_record(record)
-            return Stored(blob(keys.seal_data(affiliate, plain, os.urandom(24))), [])
+        )
 
-        def evil_json(name: str, field: str, raw_json: str) -> tuple[str, Stored]:
-            # Sealed with the cluster's keys (a member gone rogue), but not a valid record.
-            affiliate = keys.affiliate_id(name)
-            info = AffiliateInfo(
-                name,
-                "x",
-                base64.b64encode(bytes(32)).decode(),
-                ipaddress.IPv6Address("fd00::2"),
-                (),
-            )
-            document = json.loads(encode_record(MemberRecord(info, (), 1, 1 << 39)))
-            document[field] = "@@"
-            raw = json.dumps(document).replace('"@@"', raw_json).encode()
-            return affiliate, Stored(blob(keys.seal_data(affiliate, raw, os.urandom(24))), [])
+        def sealed_as(affiliate: str, plain: bytes) -> Stored:
+            # Sealed with the cluster's keys and signed with the rogue's own key (a member
+            # gone rogue), so that what is refused is the content.
+            return Stored(blob(keys.seal_data(affiliate, plain, os.urandom(24))), [])
 
         junk = {
             "garbage": Stored(blob(os.urandom(300)), [blob(os.urandom(59))]),
-            keys.affiliate_id("spoof"): evil_record("other", "spoof"),
+            # The rogue's genuine record, listed as another node's: the ids do not match.
+            keys.affiliate_id("victim"): sealed_as(
+                keys.affiliate_id("victim"), resign(template, private_key(rogue))
+            ),
         }
-        for name, field, raw_json in (
-            ("rogue1", "node_id", '"\\ud800"'),
-            ("rogue2", "hostname", '"\\u001b[2J"'),
-            ("rogue3", "addresses", "[[[[[[]]]]]]"),
-            ("rogue4", "version", "1e400"),
+        for name, field, value in (
+            ("rogue1", "node_id", "\ud800"),
+            ("rogue2", "hostname", "\u001b[2J"),
+            ("rogue3", "addresses", [[[[[[]]]]]]),
+            ("rogue4", "version", 1.5),
         ):
-            affiliate, stored = evil_json(name, field, raw_json)
-            junk[affiliate] = stored
+            affiliate = keys.affiliate_id(name)
+            plain = resign({**template, field: value}, private_key(rogue))
+            junk[affiliate] = sealed_as(affiliate, plain)
 
         def malformed(h: Hostile) -> Answer:
             body = json.loads(h.honest_body({**h.current, **junk}))

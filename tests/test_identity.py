@@ -126,3 +126,19 @@ def test_first_physical_interface_by_name() -> None:
     )
     assert first_physical_mac(links) == parse_mac("52:54:00:00:00:01")
     assert first_physical_mac(links[:2]) is None
+
+
+def test_the_node_id_is_derived_from_the_wireguard_key(tmp_path: Path) -> None:
+    from kubespan.identity import node_id_for
+
+    identity = load_or_create_identity(tmp_path)
+    assert identity.node_id == node_id_for(identity.public_key)
+    assert identity.node_id.isalnum() and len(identity.node_id) <= 64
+    # A file written before, with a random node id, is rewritten with the derived one.
+    path = tmp_path / "identity.json"
+    document = json.loads(path.read_text())
+    document["node_id"] = "RandomOldNodeId42"
+    path.write_text(json.dumps(document))
+    again = load_or_create_identity(tmp_path)
+    assert again == identity
+    assert json.loads(path.read_text())["node_id"] == identity.node_id

@@ -3,7 +3,6 @@ sealed expiry with a dead tunnel removes a member, and the peer cache keeps all 
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import json
 import stat
@@ -18,16 +17,32 @@ from kubespan.agent.peercache import (
     load_membership,
     save_membership,
 )
+from kubespan.discovery.payload import sign_record
+from kubespan.identity import Identity, identity_from_key
 from kubespan.model import AffiliateInfo, ListedRecord, MemberRecord
 from kubespan.netaddr import Endpoint
-from kubespan.plan.membership import TOMBSTONE_MARGIN_SECONDS, Membership, absorb, expire
+from kubespan.plan.membership import (
+    MAX_RECORD_LIFETIME_SECONDS,
+    TOMBSTONE_MARGIN_SECONDS,
+    Membership,
+    absorb,
+    expire,
+)
 
 NOW = 1_800_000_000.0
 OWN = "self"
 
 
+def identity(n: int) -> Identity:
+    return identity_from_key(bytes([n]) * 32)
+
+
 def key(n: int) -> str:
-    return base64.b64encode(bytes([n]) * 32).decode()
+    return identity(n).public_key_b64
+
+
+def node(n: int) -> str:
+    return identity(n).node_id
 
 
 def rec(
@@ -39,14 +54,15 @@ def rec(
 ) -> ListedRecord:
     address = address or f"192.0.2.{n}"
     info = AffiliateInfo(
-        node_id=f"node{n}",
+        node_id=node(n),
         hostname=f"node{n}",
         public_key=key(n),
         ula=ipaddress.IPv6Address(f"fd00::{n}"),
         addresses=(ipaddress.ip_address(address),),
     )
     endpoint = Endpoint(ipaddress.ip_address(address), 51820)
-    return ListedRecord(MemberRecord(info, (endpoint,), version, int(valid_until), leave))
+    unsigned = MemberRecord(info, (endpoint,), version, int(valid_until), leave)
+    return ListedRecord(sign_record(unsigned, identity(n).private_key, bytes(64)))
 
 
 def fold(*listings: tuple[ListedRecord, ...], now: float = NOW) -> Membership:
@@ -57,7 +73,7 @@ def fold(*listings: tuple[ListedRecord, ...], now: float = NOW) -> Membership:
 
 
 def addresses(membership: Membership) -> dict[str, str]:
-    return {m.info.node_id: str(m.info.addresses[0]) for m in membership.members()}
+    return {m.info.hostname: str(m.info.addresses[0]) for m in membership.members()}
 
 
 def test_absence_from_a_listing_removes_nobody() -> None:
@@ -190,3 +206,24 @@ def test_an_expired_member_returns_only_with_a_newer_record() -> None:
     assert not replayed.known
     back, changes = absorb(pruned, (rec(1, 6, valid_until=NOW + 2000),), OWN, NOW + 100)
     assert "node1" in addresses(back) and changes == ["member node1 joined (version 6)"]
+
+
+def test_records_that_hold_for_more_than_a_day_are_ignored() -> None:
+    far = NOW + MAX_RECORD_LIFETIME_SECONDS + 60
+    membership, changes = absorb(Membership(), (rec(1, 5, valid_until=far),), OWN, NOW)
+    assert not membership.known and "more than a day" in changes[0]
+    left, _ = absorb(fold((rec(1, 5),)), (rec(1, 6, valid_until=far, leave=True),), OWN, NOW)
+    assert "node1" in addresses(left)  # nor can such a leave leave a tombstone for ever
+
+
+def test_what_a_listing_can_make_a_node_keep_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kubespan.plan.membership as module
+
+    monkeypatch.setattr(module, "MAX_MEMBERS", 3)
+    monkeypatch.setattr(module, "MAX_TOMBSTONES", 2)
+    membership, changes = absorb(Membership(), tuple(rec(n, 5) for n in range(1, 6)), OWN, NOW)
+    assert len(membership.known) == 3 and len(changes) == 5
+    assert sum("already knows 3" in c for c in changes) == 2
+    leaves = tuple(rec(n, 6, leave=True, valid_until=NOW + n) for n in range(1, 6))
+    gone, _ = absorb(membership, leaves, OWN, NOW)
+    assert len(gone.departed) == 2 and set(gone.departed) == {node(4), node(5)}

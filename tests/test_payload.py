@@ -3,7 +3,6 @@ sizes that tell the service nothing; one member's bad record harms nothing but i
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import json
 import os
@@ -23,12 +22,17 @@ from kubespan.discovery.payload import (
     decode_record,
     encode_endpoint,
     encode_record,
+    sign_record,
 )
 from kubespan.discovery.protocol import WireAffiliate
+from kubespan.identity import generate_identity
 from kubespan.model import AffiliateInfo, MemberRecord
 from kubespan.netaddr import Endpoint
+from nodes import resign
 
 KEYS = ClusterKeys.derive("cluster", bytes(range(32)))
+NODE = generate_identity(os.urandom)
+OTHER = generate_identity(os.urandom)
 
 
 def record(
@@ -40,16 +44,17 @@ def record(
     leave: bool = False,
 ) -> MemberRecord:
     info = AffiliateInfo(
-        node_id="n0de1",
+        node_id=NODE.node_id,
         hostname=hostname,
-        public_key=base64.b64encode(bytes(32)).decode(),
+        public_key=NODE.public_key_b64,
         ula=ipaddress.IPv6Address("fd00::1"),
         addresses=tuple(ipaddress.ip_address(a) for a in addresses),
         pod_cidrs=tuple(ipaddress.ip_network(n) for n in pod_cidrs),
     )
-    return MemberRecord(
+    unsigned = MemberRecord(
         info, tuple(Endpoint.parse(e) for e in endpoints), version, 1_800_000_000, leave
     )
+    return sign_record(unsigned, NODE.private_key, os.urandom(64))
 
 
 def test_a_record_round_trips() -> None:
@@ -95,10 +100,12 @@ def test_the_largest_record_fits_the_largest_size() -> None:
     assert decode_record(encode_record(biggest)) == biggest
 
 
-def document(**changes: Any) -> bytes:
+def document(signer: bytes | None = None, **changes: Any) -> bytes:
+    """A record's plaintext with `changes`, signed again (by `signer`, default the node's own
+    key) so that what is tested is the field check, not the signature."""
     base = json.loads(encode_record(record()))
     base.update(changes)
-    return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
+    return resign({k: v for k, v in base.items() if v is not ...}, signer or NODE.private_key)
 
 
 @pytest.mark.parametrize(
@@ -126,6 +133,17 @@ def document(**changes: Any) -> bytes:
         (document(valid_until=-1), "valid_until"),
         (document(leave="yes"), "leave"),
         (document(extra=1), "unknown field"),
+        (document(OTHER.private_key), "signature does not verify"),
+        (document(public_key=OTHER.public_key_b64), "signature does not verify"),
+        (
+            document(OTHER.private_key, public_key=OTHER.public_key_b64),
+            "node_id is not the one of the record's public_key",
+        ),
+        (document(public_key=NODE.public_key_b64[:-1] + "x"), "canonical base64"),
+        (
+            json.dumps({**json.loads(encode_record(record())), "sig": "AAAA"}).encode(),
+            "no signature of 64 bytes",
+        ),
         (document(v=1), "payload version"),
         (b"[" * 1000, "nested"),
         (b" " * 5000, "larger"),
@@ -138,18 +156,19 @@ def test_every_field_is_checked(raw: bytes, message: str) -> None:
 
 
 def test_a_bad_record_harms_only_its_affiliate() -> None:
-    good = seal_record(KEYS, record(), os.urandom(24))
-    bad_id = KEYS.affiliate_id("n0de1")
+    original = record()
+    good = seal_record(KEYS, original, os.urandom(24))
+    bad_id = KEYS.affiliate_id(NODE.node_id)
     evil = KEYS.seal_data(bad_id, document(hostname="\x1b[2J"), os.urandom(24))
     opened, problems = open_affiliate(KEYS, WireAffiliate(good.affiliate_id, good.data, (), 60))
-    assert opened is not None and opened.record == record() and problems == []
+    assert opened is not None and opened.record == original and problems == []
     opened, problems = open_affiliate(KEYS, WireAffiliate(bad_id, evil, (), 60))
     assert opened is None and "hostname" in problems[0]
 
 
 def test_a_record_moved_to_another_affiliate_id_is_refused() -> None:
     sealed = seal_record(KEYS, record(), os.urandom(24))
-    other = KEYS.affiliate_id("someoneelse")
+    other = KEYS.affiliate_id(OTHER.node_id)
     moved = KEYS.seal_data(other, encode_record(record()), os.urandom(24))
     opened, problems = open_affiliate(KEYS, WireAffiliate(other, moved, (), 60))
     assert opened is None and "does not match" in problems[0]

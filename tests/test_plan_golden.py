@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kubespan.config import KubeSpanConfig
-from kubespan.model import AffiliateInfo, Member, PeerState
+from kubespan.model import AffiliateInfo, Member
 from kubespan.netaddr import Endpoint
 from kubespan.plan.dataplane import ReplaceRuleset
 from kubespan.plan.desired import PlanInput, plan
@@ -49,7 +49,6 @@ class Transcript:
     def __init__(self) -> None:
         self.kernel = FakeKernel()
         self.tracking: dict[str, Tracking] = {}
-        self.up: frozenset[str] = frozenset()
         self.lines: list[str] = []
 
     def step(
@@ -76,12 +75,10 @@ class Transcript:
                 now=now,
                 wall=now,
                 pod_subnets=POD_SUBNETS,
-                up_keys=self.up,
                 departed_keys=frozenset(key(n) for n in departed),
             )
         )
         self.tracking = dict(result.tracking)
-        self.up = frozenset(r.public_key for r in result.reports if r.state is PeerState.UP)
         operations = diff(result.desired, observed, routing)
         self.kernel.apply(operations)
         self.lines.append(f"## {title}")
@@ -122,6 +119,12 @@ def test_mesh_lifecycle_transcript() -> None:
     t.step("node2's sealed leave record: removed", (a_moved,), t0 + 22.5, departed=(2,))
     c = member(3, ["192.0.2.11", "203.0.113.3"], ["203.0.113.3:51820"])
     t.step("node3 claims node1's address: node1 keeps it", (a_moved, c), t0 + 23)
+    grinder = member(0, ["192.0.2.11"], ["198.51.100.66:51820"])
+    t.step(
+        "node0's key sorts first, and it claims node1's address: node1, which holds it, keeps it",
+        (a_moved, c, grinder),
+        t0 + 24,
+    )
     t.check("mesh_lifecycle")
 
 

@@ -8,12 +8,14 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubespan import __version__
+from kubespan.discovery import limits
 from kubespan.errors import ConfigError, KubespanError
 
 if TYPE_CHECKING:
@@ -146,39 +148,111 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_discovery_serve(args: argparse.Namespace) -> int:
+    from kubespan.discovery.daemon import UsageError
+
+    try:
+        return _discovery_serve(args)
+    except UsageError as error:
+        print(f"kubespan: {error}", file=sys.stderr)
+        return 2
+
+
+def _discovery_serve(args: argparse.Namespace) -> int:
+    """Every flag is checked, the TLS key loaded and the sockets bound before the service
+    says it is listening; each mistake is one line and exit status 2 (1 for the system's)."""
+    from kubespan.discovery import daemon
+    from kubespan.discovery.http import HttpLimits
+    from kubespan.discovery.server import Settings
+    from kubespan.discovery.snapshot import StateDirError
+    from kubespan.discovery.state import Quotas
+
+    listen = daemon.parse_listen(args.listen, "--listen")
+    metrics = None
+    if args.metrics_listen is not None:
+        metrics = daemon.parse_listen(args.metrics_listen, "--metrics-listen")
+    proxies, names = _proxies_and_names(args)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise daemon.UsageError("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert is not None:
+        tls = daemon.tls_context(args.tls_cert, args.tls_key)
+    http_limits = daemon.descriptor_budget(
+        HttpLimits(
+            max_connections=args.max_connections,
+            max_per_source=args.max_connections_per_source,
+        )
+    )
+    quotas = Quotas(
+        max_affiliates=args.max_affiliates,
+        max_stored_bytes=args.max_stored_mib * 1024 * 1024,
+        new_clusters_per_hour=args.new_clusters_per_hour,
+    )
+    sockets = []
+    try:
+        for address, flag in ((listen, "--listen"), (metrics, "--metrics-listen")):
+            if address is not None:
+                try:
+                    sockets.append(daemon.bind(address.host, address.port))
+                except OSError as error:
+                    raise daemon.UsageError(
+                        f"{flag} {address.host}:{address.port}: cannot listen: {error.strerror}"
+                    ) from None
+        api_socket, ops_socket = sockets[0], (sockets[1] if metrics is not None else None)
+        bound_port = api_socket.getsockname()[1]
+        settings = Settings(
+            state_dir=args.state_dir,
+            rate=args.rate_limit,
+            burst=max(args.burst, 1.0),
+            trusted_proxies=proxies,
+            snapshot_interval=args.snapshot_interval,
+            services=tuple(names) or daemon.default_names(listen, bound_port),
+            quotas=quotas,
+            http=http_limits,
+        )
+        try:
+            return daemon.serve(settings, listen, api_socket, ops_socket, tls)
+        except StateDirError as error:
+            print(f"kubespan: --state-dir: {error}", file=sys.stderr)
+            return 1
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _proxies_and_names(args: argparse.Namespace) -> tuple[tuple[Any, ...], list[str]]:
     import ipaddress
 
-    from kubespan.discovery.server import Settings, bind, serve
+    from kubespan.discovery import limits
+    from kubespan.discovery.daemon import UsageError
+    from kubespan.discovery.signing import canonical_authority
 
-    host, sep, port = args.listen.rpartition(":")
-    if not sep or not port.isdigit():
-        print(f"kubespan: --listen {args.listen!r}: expected HOST:PORT", file=sys.stderr)
-        return 2
     try:
         proxies = tuple(ipaddress.ip_network(p, strict=False) for p in args.trusted_proxy)
     except ValueError as error:
-        print(f"kubespan: --trusted-proxy: {error}", file=sys.stderr)
-        return 2
-    if (args.tls_cert is None) != (args.tls_key is None):
-        print("kubespan: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
-    for path in (args.tls_cert, args.tls_key):
-        if path is not None and not path.is_file():
-            print(f"kubespan: {path}: no such file", file=sys.stderr)
-            return 2
-    try:
-        sock = bind(host.strip("[]"), int(port))
-    except OSError as error:
-        print(f"kubespan: cannot listen on {args.listen}: {error.strerror}", file=sys.stderr)
-        return 1
-    settings = Settings(
-        state_dir=args.state_dir,
-        rate=args.rate_limit,
-        burst=max(args.burst, 1.0),
-        trusted_proxies=proxies,
-    )
-    serve(sock, settings, args.tls_cert, args.tls_key)
-    return 0
+        raise UsageError(f"--trusted-proxy: {error}") from None
+    names: list[str] = []
+    for url in args.public_url:
+        try:
+            names.append(canonical_authority(url))
+        except ValueError as error:
+            raise UsageError(f"--public-url {url!r}: {error}") from None
+    if len(names) > limits.MAX_PUBLIC_NAMES:
+        raise UsageError(f"--public-url: at most {limits.MAX_PUBLIC_NAMES} names")
+    return proxies, names
+
+
+def _number(kind: type[float] | type[int], low: float, high: float) -> Any:
+    """An argparse type: ASCII decimal in [low, high] (float() would take "nan" and "1e9")."""
+
+    def parse(text: str) -> float | int:
+        if not re.fullmatch(r"[0-9]{1,12}" + (r"(\.[0-9]{1,6})?" if kind is float else ""), text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a plain decimal number")
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not between {low:g} and {high:g}")
+        return value
+
+    return parse
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
@@ -266,6 +340,66 @@ def cmd_gen_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# The numeric flags of `discovery serve`: flag, type, lowest, highest, default, metavar, help.
+_SERVE_NUMBERS: tuple[tuple[str, type[float] | type[int], float, float, float, str, str], ...] = (
+    ("--rate-limit", float, 0, 1e6, limits.RATE_PER_SOURCE, "PER_S",
+     "requests per second per source, an IPv4 address or IPv6 /64 (0: no limit)"),
+    ("--burst", float, 1, 1e6, limits.BURST_PER_SOURCE, "N", "burst per source"),
+    ("--max-connections", int, 16, 1_000_000, limits.MAX_CONNECTIONS, "N", "connections in all"),
+    ("--max-connections-per-source", int, 1, 1_000_000, limits.MAX_CONNECTIONS_PER_SOURCE, "N",
+     "connections from one IPv4 address or IPv6 /64 (trusted proxies: unlimited)"),
+    ("--max-affiliates", int, 1, 10_000_000, limits.MAX_AFFILIATES_TOTAL, "N",
+     "affiliates of all clusters"),
+    ("--max-stored-mib", int, 1, 1_000_000, limits.MAX_STORED_BYTES >> 20, "MIB",
+     "blob bytes held (data and endpoints) for all clusters together"),
+    ("--new-clusters-per-hour", float, 0, 1e6, limits.NEW_CLUSTERS_PER_SOURCE_PER_HOUR, "N",
+     "clusters one source may create per hour (0: no limit)"),
+    ("--snapshot-interval", float, 0.1, 86400, limits.SNAPSHOT_INTERVAL_SECONDS, "S",
+     "seconds between snapshots"),
+)  # fmt: skip
+
+
+def add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the discovery service",
+        description="The discovery service. Deployment, TLS, proxies, HA and backups: "
+        "docs/discovery.md.",
+    )
+    serve.add_argument("--listen", default="127.0.0.1:3000", help="ADDRESS:PORT of the API")
+    serve.add_argument(
+        "--public-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a URL nodes use to reach this service (repeatable); requests must be signed for "
+        "one of them. Default: the --listen address (required when it is a wildcard)",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="ADDRESS:PORT",
+        help="serve /healthz, /readyz and /metrics here (default: not at all; never on the API)",
+    )
+    serve.add_argument(
+        "--state-dir", type=Path, default=None, help="where to keep snapshots (default: memory)"
+    )
+    serve.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="believe X-Forwarded-For from these addresses, and only these (repeatable)",
+    )
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
+    serve.add_argument("--tls-key", type=Path, help="the certificate's private key")
+    for flag, kind, low, high, default, metavar, text in _SERVE_NUMBERS:
+        serve.add_argument(
+            flag, type=_number(kind, low, high), default=default, metavar=metavar, help=text
+        )
+    serve.set_defaults(func=cmd_discovery_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubespan", description="Encrypted node mesh over kernel WireGuard."
@@ -297,27 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     discovery = commands.add_parser("discovery", help="the discovery service")
     discovery_commands = discovery.add_subparsers(dest="discovery_command", required=True)
-    serve = discovery_commands.add_parser("serve", help="run the discovery service")
-    serve.add_argument("--listen", default="127.0.0.1:3000", help="HOST:PORT to listen on")
-    serve.add_argument("--state-dir", type=Path, default=None, help="where to keep snapshots")
-    serve.add_argument(
-        "--rate-limit",
-        type=float,
-        default=15.0,
-        metavar="PER_S",
-        help="requests per second per source address (0: no limit)",
-    )
-    serve.add_argument("--burst", type=float, default=60.0, help="burst per source address")
-    serve.add_argument(
-        "--trusted-proxy",
-        action="append",
-        default=[],
-        metavar="CIDR",
-        help="believe X-Forwarded-For from these addresses (repeatable)",
-    )
-    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
-    serve.add_argument("--tls-key", type=Path, help="the certificate's private key")
-    serve.set_defaults(func=cmd_discovery_serve)
+    add_serve_parser(discovery_commands)
 
     config = commands.add_parser("config", help="machine config tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)

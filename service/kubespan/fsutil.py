@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -12,12 +14,21 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
     The file is created with `mode` from the start (never briefly world-readable).
     """
+    atomic_write_chunks(path, (data,), mode)
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes], mode: int = 0o600) -> None:
+    """`atomic_write` of content produced piece by piece (a large snapshot is never held
+    whole in memory). The temporary file gets a fresh random name (mkstemp, created 0600),
+    so a stale one left by a crash, or by another process with the same PID in another
+    container, never blocks a write."""
     directory = path.parent
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         tmp.chmod(mode)

@@ -1,9 +1,13 @@
 """A node's identity: node id and WireGuard keypair (persisted), and its ULA overlay address.
 
-The node id and private key are generated once and kept in `identity.json` under the state
-directory (mode 0600, written atomically). The ULA address is recomputed at every start from
-the cluster id and the MAC of the first physical interface, as the reference system does, so
-operators recognise the addresses.
+The private key is generated once and kept in `identity.json` under the state directory
+(mode 0600, written atomically). The node id is derived from the WireGuard public key (a hash
+of it, in base62), so that a record naming a node id can be checked against the key that
+signed it (discovery/payload.py): no member can speak for another node id. An identity file
+whose node id was random (written before) is rewritten with the derived one.
+
+The ULA address is recomputed at every start from the cluster id and the MAC of the first
+physical interface, as the reference system does, so operators recognise the addresses.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nacl.public import PrivateKey
@@ -38,6 +42,7 @@ RandomBytes = Callable[[int], bytes]
 class Identity:
     node_id: str
     private_key: bytes = field(repr=False)
+    stored_node_id: str = field(default="", compare=False)  # as the file had it
 
     @property
     def public_key(self) -> bytes:
@@ -70,11 +75,23 @@ def clamp_private_key(raw: bytes) -> bytes:
     return bytes(key)
 
 
+def node_id_for(public_key: bytes) -> str:
+    """The node id that belongs to a WireGuard public key."""
+    return base62(hashlib.sha256(b"kubespan node id\0" + public_key).digest())
+
+
+def identity_from_key(private_key: bytes) -> Identity:
+    key = clamp_private_key(private_key)
+    return Identity(node_id_for(bytes(PrivateKey(key).public_key)), key)
+
+
 def generate_identity(random_bytes: RandomBytes) -> Identity:
-    return Identity(
-        node_id=base62(random_bytes(32)),
-        private_key=clamp_private_key(random_bytes(32)),
-    )
+    return identity_from_key(random_bytes(32))
+
+
+def _write_identity(path: Path, identity: Identity) -> None:
+    document = {"version": 1, "node_id": identity.node_id, "private_key": identity.private_key_b64}
+    atomic_write(path, json.dumps(document, indent=2).encode() + b"\n", mode=0o600)
 
 
 def load_or_create_identity(state_dir: Path, random_bytes: RandomBytes = os.urandom) -> Identity:
@@ -85,18 +102,24 @@ def load_or_create_identity(state_dir: Path, random_bytes: RandomBytes = os.uran
     except FileNotFoundError:
         ensure_private_dir(state_dir)
         identity = generate_identity(random_bytes)
-        document = {
-            "version": 1,
-            "node_id": identity.node_id,
-            "private_key": identity.private_key_b64,
-        }
-        atomic_write(path, json.dumps(document, indent=2).encode() + b"\n", mode=0o600)
+        _write_identity(path, identity)
         log.info("created node identity node_id=%s file=%s", identity.node_id, path)
         return identity
     except OSError as error:
         raise StateFileError(f"{path}: cannot read identity: {error.strerror}") from None
     _tighten_mode(path)
-    return parse_identity(raw, str(path))
+    identity = parse_identity(raw, str(path))
+    if identity.stored_node_id != identity.node_id:
+        log.info(
+            "node id is now derived from the WireGuard key; rewriting file=%s node_id=%s",
+            path,
+            identity.node_id,
+        )
+        try:
+            _write_identity(path, identity)
+        except OSError as error:
+            log.warning("cannot rewrite the identity file=%s error=%s", path, error.strerror)
+    return identity
 
 
 def parse_identity(raw: bytes, file: str) -> Identity:
@@ -119,7 +142,8 @@ def parse_identity(raw: bytes, file: str) -> Identity:
         key = b""
     if len(key) != 32:
         raise StateFileError(f"{file}: field private_key: must be base64 of 32 bytes")
-    return Identity(node_id=node_id, private_key=clamp_private_key(key))
+    identity = identity_from_key(key)
+    return replace(identity, stored_node_id=node_id)
 
 
 def _tighten_mode(path: Path) -> None:

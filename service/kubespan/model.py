@@ -37,6 +37,8 @@ class MemberRecord:
     version: int
     valid_until: int  # Unix seconds, the node's own clock
     leave: bool = False
+    # XEdDSA by the node's WireGuard key over everything above (discovery/payload.py).
+    signature: bytes = field(default=b"", repr=False)
 
 
 # Endpoints other members saw a node at (harvested), kept per node beside its own.

@@ -39,7 +39,12 @@ from kubespan.agent.status import status_document, write_status
 from kubespan.config import MachineConfig
 from kubespan.crypto import ClusterKeys
 from kubespan.discovery.members import Registration, open_affiliate, seal_record
-from kubespan.discovery.payload import MAX_ADDRESSES, MAX_ENDPOINTS, valid_hostname
+from kubespan.discovery.payload import (
+    MAX_ADDRESSES,
+    MAX_ENDPOINTS,
+    sign_record,
+    valid_hostname,
+)
 from kubespan.errors import ApplyError
 from kubespan.identity import Identity, LinkHardware, fallback_mac, first_physical_mac, node_ula
 from kubespan.identity import ula_prefix as cluster_ula_prefix
@@ -59,7 +64,7 @@ from kubespan.plan.diff import Operation, SetPeer, diff, link_warnings
 from kubespan.plan.harvest import Harvest, harvest_candidates
 from kubespan.plan.local import advertised_addresses, advertised_endpoints, excluded
 from kubespan.plan.membership import Membership, absorb, expire
-from kubespan.plan.peerstate import Tracking
+from kubespan.plan.peerstate import Tracking, given_up
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,13 @@ READY_TIMEOUT_SECONDS = 30.0
 # every discovery service has already failed.
 CACHE_READY_GRACE_SECONDS = 5.0
 REFRESH_SECONDS = TTL_SECONDS / 2
+
+
+def _records(membership: Membership) -> tuple[object, ...]:
+    return (
+        {node: known.record for node, known in membership.known.items()},
+        membership.departed,
+    )
 
 
 class KernelPort(Protocol):
@@ -204,6 +216,8 @@ class Agent:
         finally:
             for session in self.sessions:
                 session.stop()
+            for session in self.sessions:
+                session.join(2.0)  # a thread stuck in a request ends at its deadline
 
     def _may_be_ready(self) -> bool:
         """Ready once the members discovery reports are applied; with members from the
@@ -282,10 +296,16 @@ class Agent:
 
     def _set_membership(self, membership: Membership, changes: list[str]) -> None:
         for change in changes:
-            log.info("%s", change)
+            if "record ignored" in change:
+                self._report_once(change)  # served again with every listing: said once
+            else:
+                log.info("%s", change)
         if membership == self.membership:
             return
+        records_changed = _records(membership) != _records(self.membership)
         self.membership = membership
+        if not records_changed:
+            return  # only harvested hints moved: not worth a write (they come back)
         try:
             save_membership(self.state_dir, membership, self.keys.cluster_address)
         except OSError as error:
@@ -308,6 +328,7 @@ class Agent:
 
     def _harvest(self, reports: tuple[PeerReport, ...]) -> None:
         now = self.clocks.monotonic()
+        self._harvested = {h: t for h, t in self._harvested.items() if now - t < REFRESH_SECONDS}
         members = self.membership.members()
         for node_id, endpoint in harvest_candidates(
             members, reports, self._harvested, now, REFRESH_SECONDS
@@ -339,9 +360,14 @@ class Agent:
         record = MemberRecord(
             info, endpoints, self.versions.next(wall), int(wall) + TTL_SECONDS, leave=True
         )
-        registration = seal_record(self.keys, record, self.random_bytes(24))
+        registration = self._seal(record)
         for session in self.sessions:
             session.leave(registration)
+
+    def _seal(self, record: MemberRecord) -> Registration:
+        """Sign with this node's WireGuard key, then seal for the cluster."""
+        signed = sign_record(record, self.identity.private_key, self.random_bytes(64))
+        return seal_record(self.keys, signed, self.random_bytes(24))
 
     def _report_once(self, message: str) -> None:
         if message not in self._reported:
@@ -390,7 +416,7 @@ class Agent:
         wall = self.clocks.wall()
         record = MemberRecord(info, endpoints, self.versions.next(wall), int(wall) + TTL_SECONDS)
         try:
-            self.registration = seal_record(self.keys, record, self.random_bytes(24))
+            self.registration = self._seal(record)
         except ValueError as error:
             self._report_once(f"cannot register: {error}")
             return
@@ -408,7 +434,11 @@ class Agent:
         observed = self.kernel.observe_link(LINK_NAME)
         routing = self.kernel.observe_routing(LINK_NAME)
         now, wall = self.clocks.monotonic(), self.clocks.wall()
-        down = {key for key, state in self._states.items() if state is PeerState.DOWN}
+        down = {
+            key
+            for key, state in self._states.items()
+            if key in self.tracking and given_up(now, self.tracking[key], state)
+        }
         self._set_membership(*expire(self.membership, wall, down))
         members = self.membership.members() if self.members_known else None
         result = plan(
@@ -426,7 +456,6 @@ class Agent:
                 wall=wall,
                 pod_subnets=self.config.cluster.pod_subnets,
                 protected=self.protected_addresses(),
-                up_keys=frozenset(k for k, s in self._states.items() if s is PeerState.UP),
                 departed_keys=self.membership.departed_keys(),
             )
         )

@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from kubespan import boundedjson
-from kubespan.discovery.payload import decode_record, encode_record, parse_address
-from kubespan.errors import StateFileError
+from kubespan.discovery.payload import (
+    MAX_RECORD_VERSION,
+    decode_record,
+    encode_record,
+    parse_address,
+)
 from kubespan.fsutil import atomic_write, ensure_private_dir
 from kubespan.netaddr import Endpoint
 from kubespan.plan.membership import Departed, Known, Membership
@@ -100,7 +104,7 @@ def _hint(text: Any) -> Endpoint:
 
 def save_membership(state_dir: Path, membership: Membership, cluster: str) -> None:
     ensure_private_dir(state_dir)
-    data = json.dumps(cache_document(membership, cluster), indent=1).encode()
+    data = json.dumps(cache_document(membership, cluster), separators=(",", ":")).encode()
     atomic_write(state_dir / PEERS_FILE, data, mode=0o600)
 
 
@@ -150,7 +154,12 @@ class VersionCounter:
         except FileNotFoundError:
             return 0
         except OSError as error:
-            raise StateFileError(f"{self.path}: cannot read: {error.strerror}") from None
+            log.error(
+                "cannot read the record version file=%s error=%s; continuing from the clock",
+                self.path,
+                error.strerror,
+            )
+            return 0
         try:
             document = boundedjson.loads(raw, 4096)
             if not isinstance(document, dict):
@@ -165,7 +174,9 @@ class VersionCounter:
             return 0
 
     def next(self, wall_now: float) -> int:
-        version = max(self.last + 1, int(wall_now * 1000))
+        version = min(max(self.last + 1, int(wall_now * 1000)), MAX_RECORD_VERSION)
+        if version == self.last:
+            log.error("record versions are exhausted file=%s; remove it", self.path)
         try:
             ensure_private_dir(self.path.parent)
             atomic_write(self.path, json.dumps({"version": version}).encode(), mode=0o600)

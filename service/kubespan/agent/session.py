@@ -13,6 +13,7 @@ on; every wait is cut short by `stop()`, whatever a server says in a Retry-After
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
 import random
@@ -27,6 +28,7 @@ from typing import Any
 from kubespan.agent.backoff import Backoff
 from kubespan.crypto import ClusterKeys
 from kubespan.discovery.client import DiscoveryClient
+from kubespan.discovery.listing import MAX_LISTED_AFFILIATES
 from kubespan.discovery.members import Registration
 from kubespan.discovery.payload import encode_endpoint, parse_address
 from kubespan.discovery.protocol import Listing
@@ -42,6 +44,9 @@ WATCH_WAIT_SECONDS = 30.0
 # services (or a lagging replica) disagreeing must not turn into a request storm.
 REREGISTER_GAP_SECONDS = 5.0
 LEAVE_DEADLINE_SECONDS = 5.0
+# Between two listing requests: a service that answers at once, again and again, cannot
+# make the watcher spin (changes are still seen within this).
+LISTING_GAP_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,18 @@ class SessionFailed:
     failure from every service)."""
 
     url: str
+
+
+def usable_public_address(address: IPAddress) -> bool:
+    """Whether an address the service says it sees this node at can be an endpoint."""
+    return not (
+        address.is_unspecified
+        or address.is_loopback
+        or address.is_multicast
+        or address.is_link_local
+        or address.is_reserved
+        or (address.version == 4 and address == ipaddress.IPv4Address("255.255.255.255"))
+    )
 
 
 def service_addresses(url: str) -> tuple[IPAddress, ...]:
@@ -104,7 +121,13 @@ class DiscoverySession:
         self.random_bytes = random_bytes
         self.monotonic = monotonic
         self.reflexive: IPAddress | None = None
-        self.addresses: tuple[IPAddress, ...] = ()
+        # The service's own addresses (members may never claim them): known at once for an
+        # IP literal, resolved in the registrar thread for a host name.
+        host = urllib.parse.urlsplit(url).hostname or ""
+        try:
+            self.addresses: tuple[IPAddress, ...] = (parse_address(host, "host"),)
+        except ValueError:
+            self.addresses = ()
         self.last_error: str | None = None
         self.last_answer: float | None = None  # wall clock, for status
         self.revision: int | None = None
@@ -245,8 +268,15 @@ class DiscoverySession:
                 log.warning("harvest report failed url=%s error=%s", self.url, error)
 
     def _hello(self, client: DiscoveryClient) -> None:
-        self.addresses = service_addresses(self.url)
+        self.addresses = service_addresses(self.url) or self.addresses
         address = client.hello()
+        if address is not None and not usable_public_address(address):
+            log.warning(
+                "discovery url=%s says this node is at %s, which cannot be; ignored",
+                self.url,
+                address,
+            )
+            address = None
         if address != self.reflexive:
             log.info("discovery sees this node at url=%s address=%s", self.url, address)
             self.reflexive = address
@@ -286,10 +316,20 @@ class DiscoverySession:
                 backoff.reset()
                 self._answered()
                 first = view.revision is None
-                if view.apply(listing) or first or problems:
+                changed = view.apply(listing)
+                if len(view.affiliates) > MAX_LISTED_AFFILIATES:
+                    # Deltas that add up to more than any cluster holds: start over with a
+                    # whole listing rather than keep growing.
+                    delay = backoff.next_delay()
+                    self._failed(f"watch: listing grew past {MAX_LISTED_AFFILIATES}", delay)
+                    view = ClusterView()
+                    self._stopping.wait(delay)
+                    continue
+                if changed or first or problems:
                     self.revision = view.revision
                     self.events.put(ListingEvent(self.url, view.listing(), tuple(problems)))
                 self._check_own(view)
+                self._stopping.wait(LISTING_GAP_SECONDS)
             except DiscoveryError as error:
                 delay = backoff.next_delay()
                 self._failed(f"watch: {error}", delay)

@@ -142,7 +142,10 @@ class Supervisor:
                 outcome: Terminal = agent.run()
                 previous = agent
                 if isinstance(outcome, ConfigChanged) and leaves_mesh(self.config, outcome.config):
-                    agent.leave()
+                    try:
+                        agent.leave()
+                    except Exception:  # leaving is best effort; the teardown must still run
+                        log.exception("could not publish the leave record")
                     previous = None
             else:
                 outcome = self._idle()

@@ -1,11 +1,13 @@
-"""HTTP client of the discovery service (requests): signs every request for its cluster,
-retries idempotent requests with exponential backoff and jitter. One instance per thread.
+"""HTTP client of the discovery service: signs every request for its cluster and for the
+service's own URL, retries idempotent requests with exponential backoff and jitter. One
+instance per thread.
 
-The service (or anyone on an http:// path to it) may be hostile, so every answer is bounded:
-redirects are never followed (they would carry the signed headers elsewhere), bodies are read
-up to a cap and parsed with bounded nesting, and a Retry-After is believed only as a short
-run of ASCII digits, capped. Every wait goes through `sleep`, which the caller makes
-interruptible so that stopping never waits on a server's say-so.
+The service (or anyone on an http:// path to it) may be hostile, so every answer is bounded
+(transport.py): a hard deadline per exchange, redirects never followed (they would carry the
+signed headers elsewhere), bodies read up to a cap and parsed with bounded nesting, no cookie
+kept, and a Retry-After believed only as a short run of ASCII digits, capped. Every wait goes
+through `sleep`, which the caller makes interruptible so that stopping never waits on a
+server's say-so.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
-
-import requests
 
 from kubespan import boundedjson
 from kubespan.crypto import ClusterKeys
@@ -25,18 +25,18 @@ from kubespan.discovery.listing import parse_listing_answer
 from kubespan.discovery.payload import parse_address
 from kubespan.discovery.protocol import API_PREFIX, Listing, encode_blob
 from kubespan.discovery.signing import NONCE_BYTES, sign
+from kubespan.discovery.transport import Transport
 from kubespan.errors import DiscoveryError, DiscoveryRejected
 from kubespan.netaddr import IPAddress
 
-CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 10.0
+# A whole exchange, from connecting to the last byte of the answer (a long poll adds its wait).
+EXCHANGE_DEADLINE = 15.0
 ATTEMPTS = 3
 # The largest honest answer is a listing of 1,024 members at 4 KiB each, base64, with
 # harvested endpoints: well under this.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_ANSWER_DEPTH = 6
 MAX_RETRY_AFTER = 60.0
-_CHUNK = 64 * 1024
 
 
 class DiscoveryClient:
@@ -44,24 +44,27 @@ class DiscoveryClient:
         self,
         base_url: str,
         keys: ClusterKeys,
-        session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
         sleep: Callable[[float], object] = time.sleep,
         rng: random.Random | None = None,
         verify: bool | str = True,
+        source_address: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """`verify`: check the service's certificate (True), against this CA file (a path),
+        or not at all (False, tests only). `source_address` and `headers` serve tests that
+        play several clients or a proxy."""
         self.base_url = base_url.rstrip("/")
         self.keys = keys
-        self.session = session or requests.Session()
+        self.transport = Transport(self.base_url, verify, source_address, headers)
         self.clock = clock
         self.random_bytes = random_bytes
         self.sleep = sleep
         self.rng = rng or random.Random()
-        self.verify = verify
 
     def close(self) -> None:
-        self.session.close()
+        self.transport.close()
 
     @property
     def cluster_path(self) -> str:
@@ -134,10 +137,9 @@ class DiscoveryClient:
         """Send, retrying what failed in transit (every request here is idempotent); a 4xx is
         an answer and is not retried, except 429 after the time the service asks for."""
         payload = b"" if document is None else json.dumps(document).encode()
-        timeout = (CONNECT_TIMEOUT, READ_TIMEOUT + extra_timeout)
-        attempts = ATTEMPTS
+        timeout, attempts = EXCHANGE_DEADLINE + extra_timeout, ATTEMPTS
         if deadline is not None:
-            timeout, attempts = (deadline, deadline), 1
+            timeout, attempts = deadline, 1
         delay = 0.5
         for attempt in range(1, attempts + 1):
             try:
@@ -153,9 +155,7 @@ class DiscoveryClient:
             delay *= 2
         raise AssertionError("unreachable")
 
-    def _send(
-        self, method: str, target: str, payload: bytes, timeout: tuple[float, float]
-    ) -> dict[str, Any]:
+    def _send(self, method: str, target: str, payload: bytes, deadline: float) -> dict[str, Any]:
         # Signed at each attempt: a fresh timestamp and nonce, never a replay of our own.
         signed = sign(
             self.keys.signing_key,
@@ -164,64 +164,38 @@ class DiscoveryClient:
             payload,
             int(self.clock()),
             self.random_bytes(NONCE_BYTES),
+            service_url=self.base_url,
         )
         headers = signed.as_dict()
         if payload:
             headers["content-type"] = "application/json"
-        try:
-            response = self.session.request(
-                method,
-                self.base_url + target,
-                data=payload or None,
-                headers=headers,
-                timeout=timeout,
-                verify=self.verify,
-                allow_redirects=False,
-                stream=True,
-            )
-            try:
-                raw = _read_capped(response)
-            finally:
-                response.close()
-        except requests.RequestException as error:
-            raise DiscoveryError(f"{self.base_url}: {type(error).__name__}: {error}") from None
-        status = response.status_code
+        answer = self.transport.exchange(
+            method, target, payload, headers, deadline, MAX_ANSWER_BYTES
+        )
+        status = answer.status
         if 300 <= status < 400:
             raise DiscoveryError(
                 f"{self.base_url}: answered {method} {target} with a redirect (HTTP {status}); "
                 "not followed: it would carry this request's signature elsewhere"
             )
         try:
-            body = boundedjson.loads(raw, MAX_ANSWER_BYTES, MAX_ANSWER_DEPTH)
+            body = boundedjson.loads(answer.body, MAX_ANSWER_BYTES, MAX_ANSWER_DEPTH)
         except ValueError:
             body = None
         if 400 <= status < 500:
             detail = body.get("error", {}) if isinstance(body, dict) else {}
             detail = detail if isinstance(detail, dict) else {}
-            field, message = detail.get("field"), detail.get("message", response.reason)
+            field, message = detail.get("field"), detail.get("message", answer.reason)
             rejected = DiscoveryRejected(
                 status,
                 field[:64] if isinstance(field, str) else None,
                 str(message)[:200],
             )
-            rejected.retry_after = parse_retry_after(response.headers.get("retry-after"))
+            rejected.retry_after = parse_retry_after(answer.headers.get("retry-after"))
             raise rejected
         if status != 200 or not isinstance(body, dict):
             raise DiscoveryError(f"{self.base_url}: HTTP {status} for {method} {target}")
         return body
-
-
-def _read_capped(response: requests.Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_content(_CHUNK):
-        size += len(chunk)
-        if size > MAX_ANSWER_BYTES:
-            raise DiscoveryError(
-                f"{response.url}: answer is larger than {MAX_ANSWER_BYTES} bytes; refused"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_retry_after(value: str | None) -> float:

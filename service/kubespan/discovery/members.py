@@ -3,6 +3,8 @@ module's callers: the service sees only the blobs made here."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kubespan.crypto import ClusterKeys
@@ -12,6 +14,7 @@ from kubespan.discovery.payload import (
     decode_record,
     encode_endpoint,
     encode_record,
+    sign_record,
 )
 from kubespan.discovery.protocol import Listing, WireAffiliate
 from kubespan.errors import CryptoError
@@ -73,13 +76,17 @@ def seal_registration(
     keys: ClusterKeys,
     info: AffiliateInfo,
     endpoints: tuple[Endpoint, ...],
-    nonce: bytes,
+    private_key: bytes,
     version: int = 1,
     valid_until: int = MAX_VALID_UNTIL,
+    random_bytes: Callable[[int], bytes] = os.urandom,
 ) -> Registration:
-    """Seal a record from its parts (tools and tests; the agent seals its own records with
-    versions from its counter and a real expiry)."""
-    return seal_record(keys, MemberRecord(info, endpoints, version, valid_until), nonce)
+    """Sign and seal a record from its parts (tools and tests; the agent seals its own
+    records with versions from its counter and a real expiry). `private_key` is the node's
+    WireGuard key."""
+    record = MemberRecord(info, endpoints, version, valid_until)
+    signed = sign_record(record, private_key, random_bytes(64))
+    return seal_record(keys, signed, random_bytes(24))
 
 
 def open_listing(keys: ClusterKeys, listing: Listing) -> tuple[tuple[Member, ...], list[str]]:

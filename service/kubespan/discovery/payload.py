@@ -4,7 +4,14 @@ Record (payload version 2), sealed with the data key:
 
     {"v": 2, "node_id", "hostname", "public_key", "ula", "addresses", "pod_cidrs",
      "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"],
-     "version": strictly increasing per node, "valid_until": Unix seconds, "leave": bool}
+     "version": strictly increasing per node, "valid_until": Unix seconds, "leave": bool,
+     "sig": XEdDSA signature, base64}
+
+Every member holds the cluster secret, so sealing alone cannot tell members apart: the record
+is also signed with the node's WireGuard private key (xeddsa.py), over "kubespan-record-v2",
+a zero byte and the record's canonical JSON without "sig"; and its node id must be the one
+derived from that key (identity.node_id_for). So a record speaks only for the holder of its
+WireGuard key: no member can take over, shadow or remove another.
 
 The node's own endpoints are inside the record, so they carry its version like the rest: an
 older record served again cannot bring back old endpoints. The plaintext is padded with
@@ -24,10 +31,12 @@ import binascii
 import ipaddress
 import json
 import re
+from dataclasses import replace
 from typing import Any
 
-from kubespan import boundedjson
+from kubespan import boundedjson, xeddsa
 from kubespan.crypto import SEALED_OVERHEAD
+from kubespan.identity import node_id_for
 from kubespan.model import AffiliateInfo, MemberRecord
 from kubespan.netaddr import Endpoint, IPAddress, IPNetwork
 
@@ -55,8 +64,10 @@ _FIELDS = frozenset(
         "version",
         "valid_until",
         "leave",
+        "sig",
     }
 )
+SIGNED_PREFIX = b"kubespan-record-v2\0"
 _NODE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9-]{1,63}")
 
@@ -70,10 +81,9 @@ def valid_node_id(node_id: str) -> bool:
     return _NODE_ID.fullmatch(node_id) is not None
 
 
-def encode_record(record: MemberRecord) -> bytes:
-    """The padded plaintext of a record; ValueError when it cannot fit the largest size."""
+def _document(record: MemberRecord) -> dict[str, Any]:
     info = record.info
-    document = {
+    return {
         "v": PAYLOAD_VERSION,
         "node_id": info.node_id,
         "hostname": info.hostname,
@@ -86,7 +96,26 @@ def encode_record(record: MemberRecord) -> bytes:
         "valid_until": record.valid_until,
         "leave": record.leave,
     }
-    raw = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+
+def canonical(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+
+def sign_record(record: MemberRecord, private_key: bytes, random: bytes) -> MemberRecord:
+    """The record signed with the node's WireGuard private key (64 fresh random bytes)."""
+    message = SIGNED_PREFIX + canonical(_document(record))
+    return replace(record, signature=xeddsa.sign(private_key, message, random))
+
+
+def encode_record(record: MemberRecord) -> bytes:
+    """The padded plaintext of a signed record; ValueError when it is not signed or cannot
+    fit the largest size."""
+    if len(record.signature) != xeddsa.SIGNATURE_BYTES:
+        raise ValueError("record is not signed")
+    document = _document(record)
+    document["sig"] = base64.b64encode(record.signature).decode()
+    raw = canonical(document)
     for sealed_size in SEALED_SIZES:
         size = sealed_size - SEALED_OVERHEAD
         if len(raw) <= size:
@@ -113,10 +142,16 @@ def decode_record(raw: bytes) -> MemberRecord:
         raise ValueError("hostname holds characters other than letters, digits, '-' and '.'")
     public_key = _string(document, "public_key", 44)
     try:
-        if len(base64.b64decode(public_key, validate=True)) != 32:
-            raise ValueError
+        key = base64.b64decode(public_key, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("public_key is not a base64 WireGuard key") from None
+        key = b""
+    if len(key) != 32 or base64.b64encode(key).decode() != public_key:
+        raise ValueError("public_key is not a WireGuard key in canonical base64")
+    signature = _signature(document.pop("sig", None))
+    if not xeddsa.verify(key, SIGNED_PREFIX + canonical(document), signature):
+        raise ValueError("signature does not verify for the record's public_key")
+    if node_id != node_id_for(key):
+        raise ValueError("node_id is not the one of the record's public_key")
     ula = parse_address(_string(document, "ula", 45), "ula")
     if not isinstance(ula, ipaddress.IPv6Address):
         raise ValueError("ula is not an IPv6 address")
@@ -131,7 +166,17 @@ def decode_record(raw: bytes) -> MemberRecord:
     if not isinstance(leave, bool):
         raise ValueError("leave is not a boolean")
     info = AffiliateInfo(node_id, hostname, public_key, ula, addresses, pod_cidrs)
-    return MemberRecord(info, tuple(dict.fromkeys(endpoints)), version, valid_until, leave)
+    return MemberRecord(info, endpoints, version, valid_until, leave, signature)
+
+
+def _signature(value: Any) -> bytes:
+    try:
+        raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != xeddsa.SIGNATURE_BYTES:
+        raise ValueError("record has no signature of 64 bytes, base64")
+    return raw
 
 
 def _integer(document: dict[str, Any], name: str, low: int, high: int) -> int:

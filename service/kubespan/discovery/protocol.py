@@ -9,12 +9,15 @@ public key (base64url), `{id}` an opaque affiliate id; the service sees nothing 
   PUT    /v1/clusters/{cluster}/affiliates/{id}          <- {"data", "endpoints", "ttl"}
   POST   /v1/clusters/{cluster}/affiliates/{id}/endpoints <- {"endpoints", "ttl"} (harvested)
   DELETE /v1/clusters/{cluster}/affiliates/{id}
-  GET    /healthz, /readyz, /metrics, /openapi.json
+  GET    /openapi.json
+  GET    /healthz, /readyz, /metrics                     on the --metrics-listen address only
 
 A Listing is {"revision", "reset", "affiliates": [{"id", "data", "endpoints", "ttl"}],
 "removed": [id]}: with reset true it is the whole cluster, otherwise the affiliates that
 changed (in full) and the ids that left since the revision asked for. Blobs travel as
-standard base64. Errors are 4xx with {"error": {"field": ..., "message": ...}}.
+standard base64. Errors are 4xx with {"error": {"field": ..., "message": ...}} (507 when the
+service is full). Everything the server reads is parsed strictly: ASCII digits for numbers,
+whole-string matches for ids, bounded JSON (size, depth, integer digits).
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from kubespan import boundedjson
 from kubespan.discovery import limits
 
 API_PREFIX = "/v1"
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+_ID_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{1,{limits.MAX_ID_LENGTH}}}", re.ASCII)
+_QUERY_WORD = re.compile(r"[A-Za-z0-9._-]{1,32}", re.ASCII)
+_REVISION = re.compile(r"[0-9]{1,18}", re.ASCII)
+_SECONDS = re.compile(r"[0-9]{1,3}(\.[0-9]{1,6})?", re.ASCII)
 
 
 class BadRequest(Exception):
@@ -78,7 +85,7 @@ class Listing:
 
 
 def check_id(field: str, value: str) -> str:
-    if not value or len(value) > limits.MAX_ID_LENGTH or not _ID_PATTERN.match(value):
+    if not _ID_PATTERN.fullmatch(value):
         raise BadRequest(field, f"must be 1 to {limits.MAX_ID_LENGTH} characters of [A-Za-z0-9_-]")
     return value
 
@@ -145,24 +152,53 @@ def parse_post_endpoints(body: Any) -> PostEndpoints:
     return PostEndpoints(endpoints, _ttl(fields))
 
 
+def parse_body(body: bytes) -> Any:
+    """A request body as JSON, bounded in size, depth and integer digits."""
+    try:
+        return boundedjson.loads(body, limits.MAX_BODY_BYTES, limits.MAX_BODY_DEPTH)
+    except ValueError as error:
+        raise BadRequest("body", f"must be valid JSON: {error}") from None
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """`a=1&b=2` of plain words only: nothing our clients send needs percent-encoding, so
+    anything else is refused rather than decoded."""
+    if not query:
+        return {}
+    pairs = query.split("&", limits.MAX_QUERY_PARAMETERS)
+    if len(pairs) > limits.MAX_QUERY_PARAMETERS:
+        raise BadRequest("query", f"at most {limits.MAX_QUERY_PARAMETERS} parameters")
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not _QUERY_WORD.fullmatch(name):
+            raise BadRequest("query", "parameter names are plain words")
+        if not sep or not _QUERY_WORD.fullmatch(value):
+            raise BadRequest(name, "must be a plain value (digits, letters, '.', '_', '-')")
+        if name in out:
+            raise BadRequest(name, "is given more than once")
+        out[name] = value
+    return out
+
+
 def parse_watch(query: dict[str, str]) -> tuple[int | None, float]:
+    unknown = sorted(set(query) - {"since", "wait"})
+    if unknown:
+        raise BadRequest(unknown[0], "unknown query parameter")
     since: int | None = None
     wait = 0.0
     if "since" in query:
         text = query["since"]
-        if not text.isdigit() or len(text) > 18:
-            raise BadRequest("since", "must be a non-negative integer revision")
+        if not _REVISION.fullmatch(text):
+            raise BadRequest("since", "must be a non-negative integer revision (ASCII digits)")
         since = int(text)
     if "wait" in query:
-        try:
-            wait = float(query["wait"])
-        except ValueError:
-            raise BadRequest("wait", "must be a number of seconds") from None
-        if not 0 <= wait <= limits.MAX_WAIT_SECONDS:
+        text = query["wait"]
+        if not _SECONDS.fullmatch(text):
+            raise BadRequest("wait", "must be a decimal number of seconds (ASCII digits)")
+        wait = float(text)
+        if wait > limits.MAX_WAIT_SECONDS:
             raise BadRequest("wait", f"must be between 0 and {limits.MAX_WAIT_SECONDS:g}")
-    unknown = sorted(set(query) - {"since", "wait"})
-    if unknown:
-        raise BadRequest(unknown[0], "unknown query parameter")
     return since, wait
 
 
@@ -219,3 +255,35 @@ def parse_listing(body: Any) -> Listing:
     if not isinstance(reset, bool):
         raise ValueError("listing's reset is not a boolean")
     return Listing(body["revision"], tuple(out), tuple(removed), reset)
+
+
+def route(path: str, method: str) -> tuple[str, str, str | None]:
+    """(route name, cluster, affiliate) of a /v1 path; 404/405 otherwise."""
+    if not path.startswith(API_PREFIX + "/"):
+        raise BadRequest("path", "not found", status=404)
+    parts = path[len(API_PREFIX) + 1 :].split("/")
+    if len(parts) < 3 or parts[0] != "clusters":
+        raise BadRequest("path", "not found", status=404)
+    cluster = check_id("cluster", parts[1])
+    rest = parts[2:]
+    if rest == ["hello"]:
+        allow(method, "GET")
+        return "hello", cluster, None
+    if rest == ["affiliates"]:
+        allow(method, "GET")
+        return "list", cluster, None
+    if len(rest) == 2 and rest[0] == "affiliates":
+        affiliate = check_id("affiliate", rest[1])
+        allow(method, "PUT", "DELETE")
+        return ("put" if method == "PUT" else "delete"), cluster, affiliate
+    if len(rest) == 3 and rest[0] == "affiliates" and rest[2] == "endpoints":
+        allow(method, "POST")
+        return "endpoints", cluster, check_id("affiliate", rest[1])
+    raise BadRequest("path", "not found", status=404)
+
+
+def allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise BadRequest(
+            "method", f"{method} is not allowed here", status=405, allow=", ".join(allowed)
+        )

@@ -1,8 +1,11 @@
-"""Per-source request rate limits: a token bucket per client address. Pure, `now` passed in."""
+"""Token buckets per source (an IPv4 address or an IPv6 /64, see forwarded.source_key): the
+request rate, and the rate at which one source may create clusters. Pure, `now` passed in."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from kubespan.discovery import limits
 
 
 @dataclass
@@ -14,7 +17,7 @@ class _Bucket:
 class RateLimiter:
     """`rate` requests per second on average, bursts up to `burst`; rate 0 disables it."""
 
-    MAX_SOURCES = 100_000
+    MAX_SOURCES = limits.MAX_SOURCES_TRACKED
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
@@ -28,6 +31,10 @@ class RateLimiter:
         if bucket is None:
             if len(self._buckets) >= self.MAX_SOURCES:
                 self.forget_idle(now)
+            while len(self._buckets) >= self.MAX_SOURCES:
+                # Memory stays bounded even when every tracked source is busy: the oldest
+                # tracked source starts afresh.
+                del self._buckets[next(iter(self._buckets))]
             bucket = self._buckets[source] = _Bucket(self.burst, now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now

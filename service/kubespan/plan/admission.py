@@ -5,8 +5,9 @@ software, or be misconfigured): a claim is refused when routing it to the member
 traffic that is not the member's into its tunnel.
 
 - A ULA must lie in the cluster's /64, and not be this node's.
-- A node address must be a unicast address that is neither this node's own, nor loopback,
-  link-local, multicast or unspecified, nor inside the cluster's ULA /64.
+- A node address must be a unicast address that is neither this node's own, nor a discovery
+  service's, nor loopback, link-local, multicast or unspecified, nor inside the cluster's
+  ULA /64.
 - A pod CIDR must lie inside one of the cluster's pod subnets (`cluster.network.podSubnets`;
   none configured: none accepted), be strictly smaller than that subnet and no shorter than
   /16 (IPv4) or /48 (IPv6), and hold neither an address of this node nor of a discovery
@@ -88,6 +89,8 @@ def admit(member: Member, rules: AdmissionRules) -> tuple[Claims, list[Refusal]]
 def _address_problem(address: IPAddress, rules: AdmissionRules) -> str | None:
     if address in rules.own:
         return "it is this node's own address"
+    if address in rules.protected:
+        return "it is a discovery service's address (run discovery on its own address)"
     if (
         address.is_unspecified
         or address.is_loopback

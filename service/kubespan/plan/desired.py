@@ -41,7 +41,6 @@ class PlanInput:
     wall: float  # wall clock: only to estimate the age of handshakes found at start
     pod_subnets: tuple[IPNetwork, ...] = ()
     protected: tuple[IPAddress, ...] = ()  # the discovery services' addresses
-    up_keys: frozenset[str] = frozenset()  # peers up at the previous pass
     departed_keys: frozenset[str] = frozenset()  # nodes whose sealed leave we saw
 
 
@@ -138,7 +137,9 @@ def allowed_ips(
     members: tuple[Member, ...], plan_input: PlanInput
 ) -> tuple[dict[str, tuple[IPNetwork, ...]], dict[str, list[str]], list[str]]:
     """Each member's admitted ULA, node addresses and pod CIDRs (admission.py); overlaps
-    divided in two phases, addresses before pod CIDRs, up members first. Returns the allowed
+    divided in two phases, addresses before pod CIDRs; within a phase, a claim the kernel
+    already routes to that member comes first (incumbents keep what they have: a new claim,
+    whatever its key, cannot pull an address away), then by public key. Returns the allowed
     IPs per key, the refused claims per key, and the overlap warnings."""
     rules = AdmissionRules(
         cluster_prefix=link_spec(plan_input).address.network,
@@ -155,17 +156,28 @@ def allowed_ips(
         claims, refusals = admit(member, rules)
         admitted[member.info.public_key] = claims
         refused[member.info.public_key] = [str(r) for r in refusals]
-    order = sorted(members, key=lambda m: (m.info.public_key not in plan_input.up_keys,))
+    # What the kernel routes to each peer now: a member keeps what it holds.
+    held = {
+        (peer.public_key, network)
+        for peer in (plan_input.observed.peers if plan_input.observed else ())
+        for network in peer.allowed_ips
+    }
     mine: dict[str, list[IPNetwork]] = {m.info.public_key: [] for m in members}
     warnings: list[str] = []
     for phase in ("addresses", "pod_cidrs"):
-        for member in order:
+        wanted = [
+            (member, network)
+            for member in members
+            for network in getattr(admitted[member.info.public_key], phase)
+        ]
+        # Sorting is stable: within each rank, members keep their order (by public key).
+        wanted.sort(key=lambda claim: (claim[0].info.public_key, claim[1]) not in held)
+        for member, network in wanted:
             key = member.info.public_key
-            for network in getattr(admitted[key], phase):
-                pieces, warning = claimed.take(network, member.info.hostname)
-                mine[key].extend(pieces)
-                if warning:
-                    warnings.append(warning)
+            pieces, warning = claimed.take(network, member.info.hostname)
+            mine[key].extend(pieces)
+            if warning:
+                warnings.append(warning)
     out = {key: tuple(sorted(nets, key=network_sort_key)) for key, nets in mine.items()}
     return out, refused, warnings
 

@@ -27,6 +27,12 @@ from kubespan.netaddr import Endpoint
 # Tombstones outlive the leave record's own expiry by this much: every older record of the
 # node expired no later than the leave record did, so after that none of them can count.
 TOMBSTONE_MARGIN_SECONDS = 3600
+# A record may hold for a day at most (the service's longest TTL), plus clock skew: longer
+# would let a node that died linger, and its tombstone be kept, for ever.
+MAX_RECORD_LIFETIME_SECONDS = 24 * 3600 + 3600
+# Bounds on what one listing (or a member minting node identities) can make this node keep.
+MAX_MEMBERS = 2048
+MAX_TOMBSTONES = 4096
 
 
 @dataclass(frozen=True)
@@ -68,22 +74,21 @@ def absorb(
     changes: list[str] = []
     for item in listed:
         record = item.record
-        node = record.info.node_id
-        if node == own_node_id:
-            continue
-        tombstone = departed.get(node)
-        if tombstone is not None and record.version <= tombstone.version:
-            continue
+        node, name = record.info.node_id, record.info.hostname
         have = known.get(node)
-        if have is not None and record.version < have.record.version:
-            continue  # an older record served again: rollback refused
+        if node == own_node_id or _stale(record, have, departed.get(node)):
+            continue
         if have is not None and record.version == have.record.version:
             # The same record through another service: only its hints may add something.
             merged = _merge_hints(have.hints, item.hints)
             if merged != have.hints:
                 known[node] = Known(have.record, merged)
             continue
-        name = record.info.hostname
+        refusal = _refusal(record, have, len(known), now)
+        if refusal is not None:
+            if refusal:
+                changes.append(f"member {name}: record ignored, {refusal}")
+            continue
         if record.leave:
             departed[node] = Departed(
                 record.info.public_key,
@@ -93,15 +98,41 @@ def absorb(
             if known.pop(node, None) is not None:
                 changes.append(f"member {name} left the cluster (version {record.version})")
             continue
-        if have is None and record.valid_until <= now:
-            continue  # expired before we ever knew it
         departed.pop(node, None)
         known[node] = Known(record, _merge_hints((), item.hints))
         if have is None:
             changes.append(f"member {name} joined (version {record.version})")
         elif have.record.info != record.info or have.record.endpoints != record.endpoints:
             changes.append(f"member {name} updated its record (version {record.version})")
-    return Membership(known, departed), changes
+    return Membership(known, _bounded(departed)), changes
+
+
+def _stale(record: MemberRecord, have: Known | None, tombstone: Departed | None) -> bool:
+    """Not newer than what is known: an older record served again (rollback refused), or a
+    record of a node that left, from before it left."""
+    if tombstone is not None and record.version <= tombstone.version:
+        return True
+    return have is not None and record.version < have.record.version
+
+
+def _refusal(record: MemberRecord, have: Known | None, count: int, now: float) -> str | None:
+    """Why a newer record is not taken in, if it is not ("" when silently: an expired record
+    of a node never known)."""
+    if record.valid_until > now + MAX_RECORD_LIFETIME_SECONDS:
+        return "it holds for more than a day"
+    if have is None and not record.leave and record.valid_until <= now:
+        return ""
+    if have is None and not record.leave and count >= MAX_MEMBERS:
+        return f"this node already knows {MAX_MEMBERS} members"
+    return None
+
+
+def _bounded(departed: dict[str, Departed]) -> dict[str, Departed]:
+    """At most MAX_TOMBSTONES, those that would be forgotten soonest dropped first."""
+    if len(departed) <= MAX_TOMBSTONES:
+        return departed
+    kept = sorted(departed.items(), key=lambda item: item[1].forget_after)[-MAX_TOMBSTONES:]
+    return dict(kept)
 
 
 def expire(membership: Membership, now: float, down_keys: set[str]) -> tuple[Membership, list[str]]:
@@ -124,7 +155,7 @@ def expire(membership: Membership, now: float, down_keys: set[str]) -> tuple[Mem
             )
     if not changes and len(departed) == len(membership.departed):
         return membership, []
-    return Membership(known, departed), changes
+    return Membership(known, _bounded(departed)), changes
 
 
 def _merge_hints(have: tuple[Endpoint, ...], new: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:

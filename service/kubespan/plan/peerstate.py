@@ -49,10 +49,17 @@ class Tracking:
     cycles: int = 0  # full cycles of candidates without a handshake
     seen_candidates: frozenset[Endpoint] = frozenset()
     trials: int = 1  # endpoints tried since the peer was last up (or first known)
+    known_since: float = 0.0  # when this peer was first tracked (monotonic)
 
     @property
     def first_trial(self) -> bool:
         return self.trials <= 1
+
+
+def given_up(now: float, tracking: Tracking, state: PeerState) -> bool:
+    """Down after a fair chance: tracked for DOWN_AFTER at least (a first 15 s trial that
+    fails proves nothing about a node whose second endpoint works)."""
+    return state is PeerState.DOWN and now - tracking.known_since >= DOWN_AFTER
 
 
 def dwell(cycles: int) -> float:
@@ -150,6 +157,7 @@ def decide_endpoint(
         cycles,
         everything,
         tracking.trials + 1,
+        tracking.known_since,
     )
     return EndpointDecision(moved, state, following)
 
@@ -173,15 +181,22 @@ def _first(
         if handshake is not None:
             # With a handshake: judge it by the handshake's age, not by a new trial.
             adopted = Tracking(
-                observed_endpoint, now - DOWN_AFTER, None, handshake, seen, done, 0, everything
-            )
+                observed_endpoint, now - DOWN_AFTER, None, handshake, seen, done, 0, everything,
+                known_since=now,
+            )  # fmt: skip
             return EndpointDecision(adopted, peer_state(now, adopted), None)
         if observed_endpoint in everything or not candidates:
-            resumed = Tracking(observed_endpoint, now, None, None, None, done, 0, everything)
+            resumed = Tracking(
+                observed_endpoint, now, None, None, None, done, 0, everything, known_since=now
+            )
             return EndpointDecision(resumed, PeerState.UNKNOWN, None)
     if not candidates:
-        waiting = Tracking(None, now, handshake, handshake, seen, (), 0, everything)
+        waiting = Tracking(
+            None, now, handshake, handshake, seen, (), 0, everything, known_since=now
+        )
         return EndpointDecision(waiting, PeerState.UNKNOWN, None)
     first = candidates[0]
-    started = Tracking(first, now, handshake, handshake, seen, (first,), 0, everything)
+    started = Tracking(
+        first, now, handshake, handshake, seen, (first,), 0, everything, known_since=now
+    )
     return EndpointDecision(started, PeerState.UNKNOWN, first)
