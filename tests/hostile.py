@@ -25,6 +25,7 @@ class Answer:
     status: int = 200
     body: bytes = b"{}"
     headers: dict[str, str] = field(default_factory=dict)
+    trickle: float = 0.0  # seconds between bytes of the body (a slow answer)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Hostile:
         self.puts: list[str] = []
         self.listings = 0
         self.listing: ListingOverride | None = None
+        self.request_headers: list[dict[str, str]] = []
+        self.closing = threading.Event()
         self.url = ""
 
     # --- what the test uses ------------------------------------------------------------------
@@ -120,6 +123,7 @@ def hostile_service() -> Iterator[Hostile]:
         def _answer(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             body = self.rfile.read(length) if length else b""
+            hostile.request_headers.append({k.lower(): v for k, v in self.headers.items()})
             answer = hostile.handle(self.command, self.path, body, self.client_address[0])
             self.send_response(answer.status)
             headers: dict[str, Any] = {"content-type": "application/json", **answer.headers}
@@ -127,7 +131,14 @@ def hostile_service() -> Iterator[Hostile]:
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(answer.body)
+            if not answer.trickle:
+                self.wfile.write(answer.body)
+                return
+            for byte in answer.body:
+                if hostile.closing.wait(answer.trickle):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
 
         do_GET = do_PUT = do_POST = do_DELETE = _answer
 
@@ -142,6 +153,7 @@ def hostile_service() -> Iterator[Hostile]:
     try:
         yield hostile
     finally:
+        hostile.closing.set()
         with hostile.lock:
             hostile.lock.notify_all()
         server.shutdown()

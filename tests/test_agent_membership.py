@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hostile import Stored, hostile_service
+from kubespan.agent.events import KernelChanged
 from kubespan.agent.loop import Agent, Clocks
 from kubespan.agent.peercache import save_membership
 from kubespan.agent.session import ListingEvent
@@ -27,6 +27,7 @@ from kubespan.plan.membership import Known, Membership
 
 from agents import config_text, running, wait_for
 from fakekernel import FakeKernel, local_address
+from hostile import Stored, hostile_service
 
 WALL0 = 1_800_000_000.0
 
@@ -274,3 +275,19 @@ def test_refused_claims_are_shown_in_status(
         "0.0.0.0/1 claimed by member alpha is not routed to it: a pod CIDR must be no shorter "
         "than /16"
     ]
+
+
+def test_a_kernel_change_wakes_the_loop_before_its_tick(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    """The KernelWatcher's callback puts KernelChanged on the agent's queue (cli.py); the loop
+    runs a pass on it at once, not at its next tick."""
+    config = config_text("http://127.0.0.1:9", cluster_id, cluster_secret)
+    agent, _ = node(tmp_path, "n", 11, config)
+    agent.tick = 3600.0
+    agent.sessions = []  # nothing else to wake the loop
+    with running(agent):
+        wait_for(lambda: agent.passes >= 1, "the first pass")
+        before = agent.passes
+        agent.events.put(KernelChanged("nftables table inet kubespan"))
+        wait_for(lambda: agent.passes > before, "a pass on the kernel change", timeout=10)

@@ -23,8 +23,8 @@ from kubespan.discovery.members import open_listing
 from kubespan.discovery.view import ClusterView
 from kubespan.model import AffiliateInfo
 from kubespan.netaddr import Endpoint
-from nodes import member_info, seal
 
+from nodes import member_info, seal
 from served import ServedProcess, free_port, served, signed_headers, tls_pair
 
 

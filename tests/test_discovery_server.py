@@ -26,8 +26,8 @@ from kubespan.discovery.view import ClusterView
 from kubespan.errors import DiscoveryError, DiscoveryRejected
 from kubespan.model import AffiliateInfo
 from kubespan.netaddr import Endpoint
-from nodes import member_info, seal
 
+from nodes import member_info, seal
 from served import signed_headers
 from servers import discovery_server
 

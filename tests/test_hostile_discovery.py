@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from hostile import Answer, Hostile, Stored, blob, hostile_service
 from kubespan.agent.loop import Agent
 from kubespan.discovery.payload import encode_record, sign_record
 from kubespan.model import MemberRecord
-from nodes import member_info, private_key, resign
 
 from agents import config_text, make_agent, running, wait_for
 from fakekernel import FakeKernel, local_address
+from hostile import Answer, Hostile, Stored, blob, hostile_service
+from nodes import member_info, private_key, resign
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 

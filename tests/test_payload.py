@@ -28,6 +28,7 @@ from kubespan.discovery.protocol import WireAffiliate
 from kubespan.identity import generate_identity
 from kubespan.model import AffiliateInfo, MemberRecord
 from kubespan.netaddr import Endpoint
+
 from nodes import resign
 
 KEYS = ClusterKeys.derive("cluster", bytes(range(32)))

@@ -93,13 +93,16 @@ class Transport:
         """Send one request and read its whole answer within `deadline` seconds."""
         connection = self._connect(deadline)
         expired = threading.Event()
+        # http.client hands the socket over to the response (and forgets it) when the answer
+        # closes the connection: keep our own reference for the watchdog.
+        held: list[socket.socket] = []
 
         def abort() -> None:
             expired.set()
-            sock = connection.sock
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            for sock in (*held, connection.sock):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
 
         watchdog = threading.Timer(deadline, abort)
         watchdog.daemon = True
@@ -111,10 +114,14 @@ class Transport:
                 body=body or None,
                 headers={**self._headers, **headers, "accept-encoding": "identity"},
             )
+            if connection.sock is not None:
+                held.append(connection.sock)
             response = connection.getresponse()
             if response.getheader("content-encoding", "identity").lower() != "identity":
                 raise DiscoveryError(f"{self.base_url}: answered with an encoded body; refused")
             payload = _read_capped(response, max_body, self.base_url)
+            if expired.is_set():  # the watchdog cut the answer short: it is not complete
+                raise OSError("deadline")
             answer = Answer(
                 response.status,
                 response.reason,
