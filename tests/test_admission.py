@@ -71,7 +71,7 @@ def test_admitted_claims_by_phase() -> None:
         ),
         RULES,
     )
-    assert refusals == []
+    assert refusals == ()
     assert [str(n) for n in claims.addresses] == [
         "fd00:aa::1/128",
         "192.0.2.1/32",

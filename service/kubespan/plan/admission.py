@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 
 from kubespan.model import Member
 from kubespan.netaddr import IPAddress, IPNetwork, host_network
@@ -56,7 +57,14 @@ class Claims:
     pod_cidrs: tuple[IPNetwork, ...]
 
 
-def admit(member: Member, rules: AdmissionRules) -> tuple[Claims, list[Refusal]]:
+@lru_cache(maxsize=1 << 14)
+def admit(member: Member, rules: AdmissionRules) -> tuple[Claims, tuple[Refusal, ...]]:
+    """Cached: a member's claims are judged again only when its record or the rules change
+    (a pass for 1,000 members would otherwise spend most of its time here)."""
+    return _admit(member, rules)
+
+
+def _admit(member: Member, rules: AdmissionRules) -> tuple[Claims, tuple[Refusal, ...]]:
     info = member.info
     refusals: list[Refusal] = []
     addresses: list[IPNetwork] = []
@@ -83,7 +91,7 @@ def admit(member: Member, rules: AdmissionRules) -> tuple[Claims, list[Refusal]]
             refuse(network, reason)
         else:
             pod_cidrs.append(network)
-    return Claims(tuple(addresses), tuple(pod_cidrs)), refusals
+    return Claims(tuple(addresses), tuple(pod_cidrs)), tuple(refusals)
 
 
 def _address_problem(address: IPAddress, rules: AdmissionRules) -> str | None:
