@@ -46,6 +46,7 @@ def member(
         (member(addresses=("255.255.255.255",)), "not a unicast address"),
         (member(addresses=("fd00:aa::7",)), "node addresses must lie outside"),
         (member(addresses=("10.244.9.9",)), "a discovery service's address"),
+        (member(addresses=("10.244.3.3",)), "lies in the cluster's pod subnets"),
         (member(pod_cidrs=("0.0.0.0/0",)), "no shorter than /16"),
         (member(pod_cidrs=("0.0.0.0/1",)), "no shorter than /16"),
         (member(pod_cidrs=("::/0",)), "no shorter than /48"),
@@ -85,3 +86,12 @@ def test_without_pod_subnets_no_pod_cidr_is_routed() -> None:
     rules = AdmissionRules(CLUSTER, (), RULES.own, ())
     _, refusals = admit(member(pod_cidrs=("10.244.1.0/24",)), rules)
     assert "no pod subnets are configured" in refusals[0].reason
+
+
+def test_with_node_subnets_outside_addresses_are_refused() -> None:
+    rules = AdmissionRules(
+        CLUSTER, RULES.pod_subnets, RULES.own, (), (ipaddress.ip_network("192.0.2.0/24"),)
+    )
+    claims, refusals = admit(member(addresses=("192.0.2.7", "8.8.8.8")), rules)
+    assert [str(n) for n in claims.addresses] == ["fd00:aa::1/128", "192.0.2.7/32"]
+    assert "node subnets" in refusals[0].reason and str(refusals[0].claim) == "8.8.8.8/32"

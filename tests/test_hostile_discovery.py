@@ -244,11 +244,14 @@ def test_malformed_members_harm_only_themselves(
         took_listing(nodes)
         assert snapshot(nodes) == before
         assert all(threads_alive(a) for a, _ in nodes)
-        for reason in ("node_id is not", "hostname holds", "nested deeper", "version is", "match"):
-            assert reason in caplog.text, reason
-        problems = [r for r in caplog.records if "ignored" in r.getMessage()]
-        count = len(problems)
+        summaries = [
+            r.getMessage() for r in caplog.records if "listed items refused" in r.getMessage()
+        ]
+        assert summaries and all(" 8 listed items refused" in m for m in summaries), summaries
         hostile.serve(malformed)
         took_listing(nodes)
-        assert len([r for r in caplog.records if "ignored" in r.getMessage()]) == count  # once
+        # One summary line a minute per service, however the refused items vary.
+        assert len([r for r in caplog.records if "listed items refused" in r.getMessage()]) == len(
+            summaries
+        )
     no_tracebacks(caplog)

@@ -125,6 +125,13 @@ def test_mesh_lifecycle_transcript() -> None:
         (a_moved, c, grinder),
         t0 + 24,
     )
+    twin_a = member(4, ["203.0.113.44"], ["203.0.113.44:51820"])
+    twin_b = member(5, ["203.0.113.44", "203.0.113.55"], ["203.0.113.55:51820"])
+    t.step(
+        "two new members claim one address nobody holds: held back, routed to neither",
+        (a_moved, c, grinder, twin_a, twin_b),
+        t0 + 25,
+    )
     t.check("mesh_lifecycle")
 
 
@@ -187,7 +194,7 @@ def test_pod_cidrs_overlaps_and_collapsing_transcript() -> None:
     t.step(
         "default-route halves and prefixes outside the pod subnets are refused", everyone, t0 + 4
     )
-    t.step("node addresses are claimed before any pod CIDR", (*everyone, thief, victim), t0 + 5)
+    t.step("a node address inside the pod subnets is refused", (*everyone, thief, victim), t0 + 5)
     t.check("pod_cidrs_overlaps")
 
 

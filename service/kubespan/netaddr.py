@@ -57,3 +57,16 @@ def network_sort_key(network: IPNetwork) -> tuple[int, int, int]:
 
 def address_sort_key(address: IPAddress) -> tuple[int, int]:
     return (address.version, int(address))
+
+
+def reachable_unicast(address: IPAddress) -> bool:
+    """Whether another host could send to `address`: not unspecified, loopback, multicast,
+    link-local (no zone to go with it), reserved or the IPv4 broadcast address."""
+    return not (
+        address.is_unspecified
+        or address.is_loopback
+        or address.is_multicast
+        or address.is_link_local
+        or address.is_reserved
+        or (address.version == 4 and address == ipaddress.IPv4Address("255.255.255.255"))
+    )

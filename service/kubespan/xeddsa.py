@@ -45,8 +45,12 @@ def edwards_public_key(x25519_public: bytes) -> bytes:
     point without an image."""
     if len(x25519_public) != 32:
         raise ValueError("an X25519 public key is 32 bytes")
-    u = int.from_bytes(x25519_public, "little") & ((1 << 255) - 1)
-    if (u + 1) % FIELD_PRIME == 0:
+    u = int.from_bytes(x25519_public, "little")
+    # Only the canonical encoding (top bit clear, u < p) counts: otherwise one private key
+    # would stand behind several public keys, and so several node ids.
+    if u >= FIELD_PRIME:
+        raise ValueError("this X25519 public key is not canonical")
+    if u + 1 == FIELD_PRIME:
         raise ValueError("this X25519 public key has no Edwards form")
     y = (u - 1) * pow(u + 1, FIELD_PRIME - 2, FIELD_PRIME) % FIELD_PRIME
     return y.to_bytes(32, "little")

@@ -75,6 +75,10 @@ READY_TIMEOUT_SECONDS = 30.0
 # every discovery service has already failed.
 CACHE_READY_GRACE_SECONDS = 5.0
 REFRESH_SECONDS = TTL_SECONDS / 2
+PROBLEM_LOG_INTERVAL_SECONDS = 60.0
+# The peer cache is rewritten at most this often (a service can change records many times
+# a second); what changed meanwhile is written at the next pass after that.
+CACHE_WRITE_INTERVAL_SECONDS = 5.0
 
 
 def _records(membership: Membership) -> tuple[object, ...]:
@@ -156,6 +160,9 @@ class Agent:
         self.ready = False
         self.last_error: str | None = None
         self._reported: set[str] = set()
+        self._problems_logged: dict[str, float] = {}
+        self._cache_dirty = False
+        self._cache_saved_at = -CACHE_WRITE_INTERVAL_SECONDS
         self._warnings: tuple[str, ...] = ()
         self._states: dict[str, PeerState] = {}
         self._harvested: dict[Harvest, float] = {}
@@ -214,6 +221,7 @@ class Agent:
                 self.last_error = None
                 next_pass = self.clocks.monotonic() + self.tick
         finally:
+            self._save_cache(force=True)
             for session in self.sessions:
                 session.stop()
             for session in self.sessions:
@@ -263,22 +271,21 @@ class Agent:
 
     def _absorb_listing(self, event: ListingEvent) -> None:
         listed: list[ListedRecord] = []
-        for problem in event.problems:
-            self._report_once(f"discovery {event.url}: {problem}")
+        problems = list(event.problems)
         opened: dict[tuple[str, bytes, tuple[bytes, ...]], ListedRecord | None] = {}
         for affiliate in event.listing.affiliates:
             key = (affiliate.id, affiliate.data, affiliate.endpoints)
             if key in self._opened:
                 result = self._opened[key]
             else:
-                result, problems = open_affiliate(self.keys, affiliate)
-                for problem in problems:
-                    self._report_once(f"discovery {event.url}: {problem}")
+                result, found = open_affiliate(self.keys, affiliate)
+                problems.extend(found)
             opened[key] = result
             if result is not None:
                 listed.append(result)
         # Keep the opened records of this listing only: the cache stays as large as a cluster.
         self._opened = {k: v for k, v in {**self._opened, **opened}.items() if k in opened}
+        self._report_problems(event.url, problems)
         membership, changes = absorb(
             self.membership, listed, self.identity.node_id, self.clocks.wall()
         )
@@ -294,6 +301,21 @@ class Agent:
         )
         self._set_membership(membership, changes)
 
+    def _report_problems(self, url: str, problems: list[str]) -> None:
+        """What a listing held that was refused: one line, with a count and the first few,
+        and no more than one such line a minute per service (a hostile service could
+        otherwise fill the journal with lines that each differ)."""
+        if not problems:
+            return
+        now = self.clocks.monotonic()
+        last = self._problems_logged.get(url)
+        if last is not None and now - last < PROBLEM_LOG_INTERVAL_SECONDS:
+            return
+        self._problems_logged[url] = now
+        shown = "; ".join(problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        log.warning("discovery %s: %d listed items refused: %s%s", url, len(problems), shown, more)
+
     def _set_membership(self, membership: Membership, changes: list[str]) -> None:
         for change in changes:
             if "record ignored" in change:
@@ -302,17 +324,25 @@ class Agent:
                 log.info("%s", change)
         if membership == self.membership:
             return
-        records_changed = _records(membership) != _records(self.membership)
+        if _records(membership) != _records(self.membership):
+            self._cache_dirty = True  # only harvested hints moving is not worth a write
         self.membership = membership
-        if not records_changed:
-            return  # only harvested hints moved: not worth a write (they come back)
+        self._save_cache()
+
+    def _save_cache(self, force: bool = False) -> None:
+        now = self.clocks.monotonic()
+        if not self._cache_dirty or (
+            not force and now - self._cache_saved_at < CACHE_WRITE_INTERVAL_SECONDS
+        ):
+            return
         try:
-            save_membership(self.state_dir, membership, self.keys.cluster_address)
+            save_membership(self.state_dir, self.membership, self.keys.cluster_address)
         except OSError as error:
             self._report_once(
                 f"cannot write the peer cache under {self.state_dir}: {error.strerror}; a "
                 "restart while discovery is down would start without members"
             )
+        self._cache_dirty, self._cache_saved_at = False, now
 
     def _become_ready(self) -> None:
         self.ready = True
@@ -455,6 +485,7 @@ class Agent:
                 now=now,
                 wall=wall,
                 pod_subnets=self.config.cluster.pod_subnets,
+                node_subnets=self.config.cluster.node_subnets,
                 protected=self.protected_addresses(),
                 departed_keys=self.membership.departed_keys(),
             )
@@ -476,6 +507,7 @@ class Agent:
             self._harvest(result.reports)
         if not self.ready and self._may_be_ready():
             self._become_ready()
+        self._save_cache()
         self._publish(info, endpoints, result.reports)
         self.passes += 1
         return operations

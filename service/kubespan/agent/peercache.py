@@ -50,6 +50,7 @@ def cache_document(membership: Membership, cluster: str) -> dict[str, Any]:
                 "public_key": d.public_key,
                 "version": d.version,
                 "forget_after": d.forget_after,
+                "was_member": d.was_member,
             }
             for node, d in sorted(membership.departed.items())
         },
@@ -83,7 +84,12 @@ def parse_cache(document: Any, cluster: str) -> Membership:
         key = item.get("public_key")
         if not isinstance(key, str):
             raise ValueError(f"departed[{node!r}] is malformed")
-        gone[str(node)] = Departed(key, _count(item, "version"), _count(item, "forget_after"))
+        was_member = item.get("was_member", True)
+        if not isinstance(was_member, bool):
+            raise ValueError(f"departed[{node!r}] is malformed")
+        gone[str(node)] = Departed(
+            key, _count(item, "version"), _count(item, "forget_after"), was_member
+        )
     return Membership(known, gone)
 
 

@@ -13,11 +13,9 @@ on; every wait is cut short by `stop()`, whatever a server says in a Retry-After
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import queue
 import random
-import socket
 import threading
 import time
 import urllib.parse
@@ -34,7 +32,7 @@ from kubespan.discovery.payload import encode_endpoint, parse_address
 from kubespan.discovery.protocol import Listing
 from kubespan.discovery.view import ClusterView
 from kubespan.errors import DiscoveryError
-from kubespan.netaddr import Endpoint, IPAddress
+from kubespan.netaddr import Endpoint, IPAddress, reachable_unicast
 
 log = logging.getLogger(__name__)
 
@@ -70,40 +68,6 @@ class SessionFailed:
     url: str
 
 
-def usable_public_address(address: IPAddress) -> bool:
-    """Whether an address the service says it sees this node at can be an endpoint."""
-    return not (
-        address.is_unspecified
-        or address.is_loopback
-        or address.is_multicast
-        or address.is_link_local
-        or address.is_reserved
-        or (address.version == 4 and address == ipaddress.IPv4Address("255.255.255.255"))
-    )
-
-
-def service_addresses(url: str) -> tuple[IPAddress, ...]:
-    """The addresses the service's host name resolves to (an IP literal is itself)."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    try:
-        return (parse_address(host, "host"),)
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return ()
-    found: list[IPAddress] = []
-    for info in infos:
-        try:
-            address = parse_address(str(info[4][0]), "host")
-        except ValueError:
-            continue
-        if address not in found:
-            found.append(address)
-    return tuple(found)
-
-
 class DiscoverySession:
     def __init__(
         self,
@@ -121,8 +85,9 @@ class DiscoverySession:
         self.random_bytes = random_bytes
         self.monotonic = monotonic
         self.reflexive: IPAddress | None = None
-        # The service's own addresses (members may never claim them): known at once for an
-        # IP literal, resolved in the registrar thread for a host name.
+        # The service's own address, which members may never claim, when the URL names it:
+        # what a host name resolves to is not believed (whoever answers DNS for it could
+        # otherwise make members' addresses unroutable, and their traffic go in the clear).
         host = urllib.parse.urlsplit(url).hostname or ""
         try:
             self.addresses: tuple[IPAddress, ...] = (parse_address(host, "host"),)
@@ -268,9 +233,8 @@ class DiscoverySession:
                 log.warning("harvest report failed url=%s error=%s", self.url, error)
 
     def _hello(self, client: DiscoveryClient) -> None:
-        self.addresses = service_addresses(self.url) or self.addresses
         address = client.hello()
-        if address is not None and not usable_public_address(address):
+        if address is not None and not reachable_unicast(address):
             log.warning(
                 "discovery url=%s says this node is at %s, which cannot be; ignored",
                 self.url,

@@ -44,6 +44,7 @@ class ClusterConfig:
     secret: bytes = field(default=b"", repr=False)
     discovery: DiscoveryConfig = DiscoveryConfig()
     pod_subnets: tuple[IPNetwork, ...] = ()
+    node_subnets: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,10 @@ def effective_document(config: MachineConfig, show_secret: bool = False) -> dict
         "cluster": {
             "id": config.cluster.id,
             "secret": secret if config.cluster.secret else None,
-            "network": {"podSubnets": [str(n) for n in config.cluster.pod_subnets]},
+            "network": {
+                "podSubnets": [str(n) for n in config.cluster.pod_subnets],
+                "nodeSubnets": [str(n) for n in config.cluster.node_subnets],
+            },
             "discovery": {
                 "enabled": discovery.enabled,
                 "registries": {

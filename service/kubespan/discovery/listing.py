@@ -11,11 +11,13 @@ from typing import Any
 
 from kubespan.discovery.protocol import Listing, WireAffiliate
 
-MAX_LISTED_AFFILIATES = 4096
-MAX_LISTED_ENDPOINTS = 128
+# What an honest service can list for one cluster (its limits.py), and no more: a view of
+# 1,024 records of 4 KiB with 64 endpoints of 128 bytes stays near 12 MiB.
+MAX_LISTED_AFFILIATES = 1024
+MAX_LISTED_ENDPOINTS = 64
 MAX_REVISION = (1 << 63) - 1
-MAX_DATA_TEXT = 8192  # base64 of the largest sealed record, with room
-MAX_ENDPOINT_TEXT = 256
+MAX_DATA_TEXT = 5464  # base64 of the largest sealed record, 4,096 bytes
+MAX_ENDPOINT_TEXT = 172  # base64 of the largest endpoint blob the service takes, 128 bytes
 _ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 

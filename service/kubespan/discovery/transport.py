@@ -116,6 +116,10 @@ class Transport:
             )
             if connection.sock is not None:
                 held.append(connection.sock)
+            if expired.is_set():
+                # Connecting took all the time (addresses tried one by one): the watchdog
+                # found no socket to cut, so stop here rather than wait on a slow answer.
+                raise OSError("deadline")
             response = connection.getresponse()
             if response.getheader("content-encoding", "identity").lower() != "identity":
                 raise DiscoveryError(f"{self.base_url}: answered with an encoded body; refused")

@@ -7,16 +7,14 @@ traffic that is not the member's into its tunnel.
 - A ULA must lie in the cluster's /64, and not be this node's.
 - A node address must be a unicast address that is neither this node's own, nor a discovery
   service's, nor loopback, link-local, multicast or unspecified, nor inside the cluster's
-  ULA /64.
+  ULA /64 or its pod subnets; and inside `cluster.network.nodeSubnets` when that is set
+  (without it, a member could name any outside address, a public resolver say, as its own).
 - A pod CIDR must lie inside one of the cluster's pod subnets (`cluster.network.podSubnets`;
   none configured: none accepted), be strictly smaller than that subnet and no shorter than
   /16 (IPv4) or /48 (IPv6), and hold neither an address of this node nor of a discovery
   service (the way back to discovery must never depend on a member's tunnel).
 
-What is admitted is then divided among members: ULAs and node addresses first, for every
-member, then pod CIDRs, so that no pod CIDR can take another member's node address. Within a
-phase, members that are up come first, then the rest by public key: when a dead node's
-address is reused by a new member, the new member gets it as soon as it answers.
+What is admitted is then divided among members by claims.py.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from kubespan.model import Member
-from kubespan.netaddr import IPAddress, IPNetwork, host_network
+from kubespan.netaddr import IPAddress, IPNetwork, host_network, reachable_unicast
 
 MIN_POD_PREFIX = {4: 16, 6: 48}
 
@@ -37,6 +35,7 @@ class AdmissionRules:
     pod_subnets: tuple[IPNetwork, ...]
     own: tuple[IPAddress, ...]  # this node's addresses and ULA
     protected: tuple[IPAddress, ...]  # the discovery services' addresses
+    node_subnets: tuple[IPNetwork, ...] = ()  # where node addresses may lie (empty: anywhere)
 
 
 @dataclass(frozen=True)
@@ -99,16 +98,16 @@ def _address_problem(address: IPAddress, rules: AdmissionRules) -> str | None:
         return "it is this node's own address"
     if address in rules.protected:
         return "it is a discovery service's address (run discovery on its own address)"
-    if (
-        address.is_unspecified
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_multicast
-        or (address.version == 4 and address == ipaddress.IPv4Address("255.255.255.255"))
-    ):
+    if not reachable_unicast(address):
         return "not a unicast address another node can have"
     if address.version == 6 and address in rules.cluster_prefix:
         return f"node addresses must lie outside the cluster's {rules.cluster_prefix}"
+    if any(address.version == n.version and address in n for n in rules.pod_subnets):
+        return "it lies in the cluster's pod subnets: pods' addresses are not node addresses"
+    if rules.node_subnets and not any(
+        address.version == n.version and address in n for n in rules.node_subnets
+    ):
+        return "not inside the cluster's node subnets (cluster.network.nodeSubnets)"
     return None
 
 

@@ -18,7 +18,8 @@ from kubespan.model import (
 )
 from kubespan.names import LINK_NAME, MARK_WIREGUARD
 from kubespan.netaddr import Endpoint, IPAddress, IPNetwork, host_network, network_sort_key
-from kubespan.plan.admission import AdmissionRules, Claims, admit
+from kubespan.plan.admission import AdmissionRules, admit
+from kubespan.plan.claims import Claim, Division, divide
 from kubespan.plan.ipset import IntervalSet, collapse, network_range, range_networks
 from kubespan.plan.peerstate import DOWN_AFTER, Tracking, decide_endpoint
 from kubespan.plan.ruleset import RulesetSpec, routing_spec
@@ -40,6 +41,7 @@ class PlanInput:
     now: float  # monotonic: every duration is measured on it
     wall: float  # wall clock: only to estimate the age of handshakes found at start
     pod_subnets: tuple[IPNetwork, ...] = ()
+    node_subnets: tuple[IPNetwork, ...] = ()  # empty: node addresses anywhere (unicast)
     protected: tuple[IPAddress, ...] = ()  # the discovery services' addresses
     departed_keys: frozenset[str] = frozenset()  # nodes whose sealed leave we saw
 
@@ -99,87 +101,38 @@ def unique_members(
     return tuple(by_key.values()), warnings
 
 
-class _Claimed:
-    """Ranges already routed somewhere, per family, and to whom (for the warnings)."""
-
-    def __init__(self) -> None:
-        self.sets = {4: IntervalSet(), 6: IntervalSet()}
-        self.owners: dict[tuple[int, int, int], str] = {}
-
-    def take(self, network: IPNetwork, owner: str) -> tuple[list[IPNetwork], str | None]:
-        """The parts of `network` still free (now claimed by `owner`), and a warning when
-        that is not all of it."""
-        version = network.version
-        start, end = network_range(network)
-        free = self.sets[version].uncovered(start, end)
-        self.sets[version].add(start, end)
-        if free == [(start, end)]:
-            self.owners[(version, start, end)] = owner
-            return [network], None
-        if not free:
-            holder = self.owners.get((version, start, end))
-            where = (
-                "this node"
-                if holder == "this node"
-                else f"member {holder}"
-                if holder
-                else "earlier members"
-            )
-            return [], f"{network} of member {owner} is already routed to {where}; not routing it"
-        pieces = [n for a, b in free for n in range_networks(version, a, b)]
-        return pieces, (
-            f"{network} of member {owner} overlaps ranges routed to other members; routing "
-            f"only {', '.join(str(n) for n in pieces)} to it"
-        )
-
-
 def allowed_ips(
     members: tuple[Member, ...], plan_input: PlanInput
-) -> tuple[dict[str, tuple[IPNetwork, ...]], dict[str, list[str]], list[str]]:
-    """Each member's admitted ULA, node addresses and pod CIDRs (admission.py); overlaps
-    divided in two phases, addresses before pod CIDRs; within a phase, a claim the kernel
-    already routes to that member comes first (incumbents keep what they have: a new claim,
-    whatever its key, cannot pull an address away), then by public key. Returns the allowed
-    IPs per key, the refused claims per key, and the overlap warnings."""
+) -> tuple[dict[str, tuple[IPNetwork, ...]], dict[str, list[str]], Division]:
+    """Each member's admitted ULA, node addresses and pod CIDRs (admission.py), divided so
+    that no member can pull another's (claims.py). Returns the allowed IPs per key, the
+    refused claims per key, and the division (held-back ranges, warnings)."""
     rules = AdmissionRules(
         cluster_prefix=link_spec(plan_input).address.network,
         pod_subnets=plan_input.pod_subnets,
         own=(*plan_input.own_addresses, plan_input.ula),
         protected=plan_input.protected,
+        node_subnets=plan_input.node_subnets,
     )
-    claimed = _Claimed()
-    for address in rules.own:
-        claimed.take(host_network(address), "this node")
-    admitted: dict[str, Claims] = {}
-    refused: dict[str, list[str]] = {}
-    for member in members:
-        claims, refusals = admit(member, rules)
-        admitted[member.info.public_key] = claims
-        refused[member.info.public_key] = [str(r) for r in refusals]
     # What the kernel routes to each peer now: a member keeps what it holds.
     held = {
         (peer.public_key, network)
         for peer in (plan_input.observed.peers if plan_input.observed else ())
         for network in peer.allowed_ips
     }
-    mine: dict[str, list[IPNetwork]] = {m.info.public_key: [] for m in members}
-    warnings: list[str] = []
-    for phase in ("addresses", "pod_cidrs"):
-        wanted = [
-            (member, network)
-            for member in members
-            for network in getattr(admitted[member.info.public_key], phase)
-        ]
-        # Sorting is stable: within each rank, members keep their order (by public key).
-        wanted.sort(key=lambda claim: (claim[0].info.public_key, claim[1]) not in held)
-        for member, network in wanted:
-            key = member.info.public_key
-            pieces, warning = claimed.take(network, member.info.hostname)
-            mine[key].extend(pieces)
-            if warning:
-                warnings.append(warning)
-    out = {key: tuple(sorted(nets, key=network_sort_key)) for key, nets in mine.items()}
-    return out, refused, warnings
+    claims: list[Claim] = []
+    refused: dict[str, list[str]] = {}
+    for member in members:
+        key = member.info.public_key
+        admitted, refusals = admit(member, rules)
+        refused[key] = [str(r) for r in refusals]
+        claims.extend(
+            Claim(key, member.info.hostname, network, (key, network) in held)
+            for network in (*admitted.addresses, *admitted.pod_cidrs)
+        )
+    division = divide(claims, rules.own)
+    routes = {m.info.public_key: tuple(division.routed.get(m.info.public_key, ())) for m in members}
+    return routes, refused, division
 
 
 def member_set(
@@ -187,13 +140,15 @@ def member_set(
     reports: tuple[PeerReport, ...],
     cluster_prefix: ipaddress.IPv6Network,
     bypass_down_peers: bool,
+    held_back: tuple[IPNetwork, ...] = (),
 ) -> tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]:
     """Destinations whose traffic goes into the tunnel: every peer's allowed IPs but the ULAs
-    (those route over the link by its /64). Fail closed: a peer that is down stays in the set
-    unless bypass is allowed."""
+    (those route over the link by its /64), and ranges held back because members dispute
+    them (always: no peer has them, so their traffic waits). Fail closed: a peer that is down
+    stays in the set unless bypass is allowed."""
     up = {r.public_key for r in reports if r.state is PeerState.UP}
-    v4: list[IPNetwork] = []
-    v6: list[IPNetwork] = []
+    v4: list[IPNetwork] = [n for n in held_back if n.version == 4]
+    v6: list[IPNetwork] = [n for n in held_back if n.version == 6]
     for peer in peers:
         if bypass_down_peers and peer.public_key not in up:
             continue
@@ -260,33 +215,42 @@ def plan(plan_input: PlanInput) -> Plan:
     if plan_input.members is None:
         return _desired(plan_input, *kept_peers(plan_input), [])
     warnings: list[str] = []
-    peers, reports, tracking = member_peers(plan_input, plan_input.members, warnings)
+    held_back: list[IPNetwork] = []
+    peers, reports, tracking = member_peers(plan_input, plan_input.members, warnings, held_back)
     known = {p.public_key for p in peers} | {plan_input.public_key}
     kept, kept_reports, kept_tracking = kept_peers(plan_input, known)
     if kept:
-        # Behind every member, so they never take a member's ranges.
-        taken = _Claimed()
-        for address in (*plan_input.own_addresses, plan_input.ula):
-            taken.take(host_network(address), "this node")
-        for peer in peers:
-            for network in peer.allowed_ips:
-                taken.take(network, peer.name)
+        # Behind every member (and what is held back), so they never take a member's ranges.
+        taken = {4: IntervalSet(), 6: IntervalSet()}
+        others = [p.allowed_ips for p in peers]
+        own = [host_network(a) for a in (*plan_input.own_addresses, plan_input.ula)]
+        for network in (*own, *held_back, *(n for nets in others for n in nets)):
+            taken[network.version].add(*network_range(network))
         for peer in kept:
-            allowed = [n for net in peer.allowed_ips for n in taken.take(net, peer.name)[0]]
+            allowed = [
+                piece
+                for network in peer.allowed_ips
+                for start, end in taken[network.version].uncovered(*network_range(network))
+                for piece in range_networks(network.version, start, end)
+            ]
             peers.append(replace(peer, allowed_ips=tuple(sorted(allowed, key=network_sort_key))))
         reports.extend(kept_reports)
         tracking.update(kept_tracking)
-    return _desired(plan_input, peers, reports, tracking, warnings)
+    return _desired(plan_input, peers, reports, tracking, warnings, tuple(held_back))
 
 
 def member_peers(
-    plan_input: PlanInput, discovered: tuple[Member, ...], warnings: list[str]
+    plan_input: PlanInput,
+    discovered: tuple[Member, ...],
+    warnings: list[str],
+    held_back: list[IPNetwork],
 ) -> Peers:
     """One peer per member: allowed IPs, and the endpoint to try next if it must change."""
     members, duplicates = unique_members(discovered, plan_input.public_key)
     warnings.extend(duplicates)
-    routes, refused, overlaps = allowed_ips(members, plan_input)
-    warnings.extend(overlaps)
+    routes, refused, division = allowed_ips(members, plan_input)
+    warnings.extend(division.warnings)
+    held_back.extend(division.held_back)
     for lines in refused.values():
         warnings.extend(lines)
     observed_peers: dict[str, ObservedPeer] = {}
@@ -338,6 +302,7 @@ def _desired(
     reports: list[PeerReport],
     tracking: dict[str, Tracking],
     warnings: list[str],
+    held_back: tuple[IPNetwork, ...] = (),
 ) -> Plan:
     link = link_spec(plan_input)
     v4, v6 = member_set(
@@ -345,6 +310,7 @@ def _desired(
         tuple(reports),
         link.address.network,
         plan_input.config.allow_down_peer_bypass,
+        held_back,
     )
     desired = DesiredState(
         link=link,

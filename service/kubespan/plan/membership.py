@@ -22,14 +22,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kubespan.model import MAX_HINTS, ListedRecord, Member, MemberRecord
-from kubespan.netaddr import Endpoint
+from kubespan.netaddr import Endpoint, reachable_unicast
 
 # Tombstones outlive the leave record's own expiry by this much: every older record of the
 # node expired no later than the leave record did, so after that none of them can count.
 TOMBSTONE_MARGIN_SECONDS = 3600
-# A record may hold for a day at most (the service's longest TTL), plus clock skew: longer
-# would let a node that died linger, and its tombstone be kept, for ever.
-MAX_RECORD_LIFETIME_SECONDS = 24 * 3600 + 3600
+# A record may hold for an hour at most (agents seal them for 30 minutes and reseal every 15),
+# clock skew included: longer would let a node that died, or one minted to crowd others out,
+# linger.
+MAX_RECORD_LIFETIME_SECONDS = 3600
 # Bounds on what one listing (or a member minting node identities) can make this node keep.
 MAX_MEMBERS = 2048
 MAX_TOMBSTONES = 4096
@@ -41,7 +42,10 @@ class Known:
     hints: tuple[Endpoint, ...] = ()
 
     def member(self) -> Member:
-        return Member(self.record.info, self.record.endpoints + self.hints)
+        """The member, with only the endpoints a node could send to: a member naming
+        loopback or multicast would have every node send handshakes there."""
+        endpoints = self.record.endpoints + self.hints
+        return Member(self.record.info, tuple(e for e in endpoints if reachable_unicast(e.address)))
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Departed:
     public_key: str
     version: int
     forget_after: int
+    was_member: bool = True  # False: a leave record of a node never known here
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ def absorb(
                 record.info.public_key,
                 record.version,
                 max(record.valid_until, int(now)) + TOMBSTONE_MARGIN_SECONDS,
+                have is not None or (node in departed and departed[node].was_member),
             )
             if known.pop(node, None) is not None:
                 changes.append(f"member {name} left the cluster (version {record.version})")
@@ -119,7 +125,7 @@ def _refusal(record: MemberRecord, have: Known | None, count: int, now: float) -
     """Why a newer record is not taken in, if it is not ("" when silently: an expired record
     of a node never known)."""
     if record.valid_until > now + MAX_RECORD_LIFETIME_SECONDS:
-        return "it holds for more than a day"
+        return "it holds for more than an hour"
     if have is None and not record.leave and record.valid_until <= now:
         return ""
     if have is None and not record.leave and count >= MAX_MEMBERS:
@@ -128,11 +134,13 @@ def _refusal(record: MemberRecord, have: Known | None, count: int, now: float) -
 
 
 def _bounded(departed: dict[str, Departed]) -> dict[str, Departed]:
-    """At most MAX_TOMBSTONES, those that would be forgotten soonest dropped first."""
+    """At most MAX_TOMBSTONES: those of nodes never known here go first (anyone can make
+    leave records for made-up nodes, to push out the tombstone of one that really left),
+    then those that would be forgotten soonest."""
     if len(departed) <= MAX_TOMBSTONES:
         return departed
-    kept = sorted(departed.items(), key=lambda item: item[1].forget_after)[-MAX_TOMBSTONES:]
-    return dict(kept)
+    ranked = sorted(departed.items(), key=lambda item: (item[1].was_member, item[1].forget_after))
+    return dict(ranked[-MAX_TOMBSTONES:])
 
 
 def expire(membership: Membership, now: float, down_keys: set[str]) -> tuple[Membership, list[str]]:
