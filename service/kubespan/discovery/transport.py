@@ -138,7 +138,8 @@ class Transport:
         except DiscoveryError:
             self.close()
             raise
-        except (OSError, http.client.HTTPException, ValueError) as error:
+        # AttributeError: an SSL socket shut down by the watchdog mid-read loses its state.
+        except (OSError, http.client.HTTPException, ValueError, AttributeError) as error:
             self.close()
             if expired.is_set():
                 raise DiscoveryError(
