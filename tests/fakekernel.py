@@ -8,6 +8,7 @@ It proves nothing about the real kernel: the VM suite does that.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -30,6 +31,7 @@ from kubespan.plan.diff import (
     ConfigureDevice,
     CreateLink,
     LinkOperation,
+    NudgePeer,
     Operation,
     RemoveAddress,
     RemovePeer,
@@ -49,10 +51,15 @@ class FakeKernel:
     link: ObservedLink | None = None
     routing: ObservedRouting = field(default_factory=lambda: ObservedRouting(None, (), (), None))
     applied: list[str] = field(default_factory=list)
+    nudged: list[str] = field(default_factory=list)
+    probed: list[ipaddress.IPv6Address] = field(default_factory=list)
     last_ruleset: RulesetSpec | None = None
 
     def observe_link(self, name: str) -> ObservedLink | None:
         return self.link
+
+    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> None:
+        self.probed.extend(targets)
 
     def observe_routing(self, link: str) -> ObservedRouting:
         rp_filter = self.routing.rp_filter if self.link is not None else None
@@ -82,9 +89,20 @@ class FakeKernel:
             self._apply(op)
 
     def handshake(self, public_key: str, when: float) -> None:
+        """The peer completed a handshake (92 bytes received: its response)."""
+        self.receive(public_key, 92, when)
+
+    def receive(self, public_key: str, size: int, handshake: float | None = None) -> None:
+        """Authenticated bytes from the peer (and a new handshake time, if given)."""
         assert self.link is not None
         peers = tuple(
-            replace(p, last_handshake=when) if p.public_key == public_key else p
+            replace(
+                p,
+                rx_bytes=p.rx_bytes + size,
+                last_handshake=p.last_handshake if handshake is None else handshake,
+            )
+            if p.public_key == public_key
+            else p
             for p in self.link.peers
         )
         self.link = replace(self.link, peers=peers)
@@ -119,6 +137,9 @@ class FakeKernel:
                 link = replace(link, peers=self._set_peer(link.peers, op))
             case RemovePeer(public_key=key):
                 link = replace(link, peers=tuple(p for p in link.peers if p.public_key != key))
+            case NudgePeer(public_key=key):
+                assert any(p.public_key == key for p in link.peers), "nudge of a missing peer"
+                self.nudged.append(key)
         self.link = link
 
     def _apply_dataplane(self, have: ObservedRouting, op: DataplaneOperation) -> ObservedRouting:

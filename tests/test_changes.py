@@ -45,6 +45,7 @@ def test_the_samples_cover_both_sockets_and_every_reason() -> None:
         "rule for table 180",
         "rule at priority 32500",
         "address",
+        "default route",
         "rp_filter",
     }
 

@@ -196,9 +196,14 @@ def test_a_flood_from_one_ipv6_64_is_limited_as_one_source(tmp_path: Path) -> No
             return requests.get(service.url + target, headers=headers, timeout=10).status_code
 
         network = ipaddress.IPv6Network("2001:db8:1:2::/64")
+        started = time.monotonic()
         codes = [hello(str(network[index * 7919 + 1])) for index in range(200)]
-        assert codes.count(200) <= 12
-        assert codes.count(429) >= 188
+        # One source's budget: the burst, and what refilled meanwhile (a loaded machine
+        # takes longer); 200 sources would have had every request answered.
+        budget = 10 + int(5 * (time.monotonic() - started)) + 1
+        assert budget < 100
+        assert codes.count(200) <= budget
+        assert codes.count(429) >= 200 - budget
         assert hello("2001:db8:1:3::1") == 200  # the next /64 is someone else
         assert hello("::ffff:192.0.2.1") == 200
         assert healthy(service)

@@ -50,6 +50,11 @@ class Transcript:
         self.kernel = FakeKernel()
         self.tracking: dict[str, Tracking] = {}
         self.lines: list[str] = []
+        self.alive: set[str] = set()  # peers heard from (keepalives, answers) at every step
+
+    def handshake(self, public_key: str, when: float) -> None:
+        self.kernel.handshake(public_key, when)
+        self.alive.add(public_key)
 
     def step(
         self,
@@ -59,6 +64,9 @@ class Transcript:
         config: KubeSpanConfig = ENABLED,
         departed: tuple[int, ...] = (),
     ) -> None:
+        for public_key in self.alive:
+            if self.kernel.link and any(p.public_key == public_key for p in self.kernel.link.peers):
+                self.kernel.receive(public_key, 32)
         observed = self.kernel.observe_link("kubespan")
         routing = self.kernel.observe_routing("kubespan")
         result = plan(
@@ -87,8 +95,12 @@ class Transcript:
             self.lines.append(op.render())
             if isinstance(op, ReplaceRuleset):
                 self.lines.extend(f"    {line}" for line in op.spec.render().splitlines())
+        names = {p.public_key: p.name for p in result.desired.peers}
+        self.lines.extend(f"nudge {names[k]}" for k in result.nudges)
+        self.lines.extend(f"probe {a}" for a in result.probes)
         self.lines.extend(
-            f"state {r.name}: {r.state.value} endpoint {r.endpoint}" for r in result.reports
+            f"state {r.name}: {r.state.value} endpoint {r.endpoint} ({r.why})"
+            for r in result.reports
         )
         self.lines.append("")
 
@@ -109,11 +121,11 @@ def test_mesh_lifecycle_transcript() -> None:
     t.step("same inputs again: nothing changes", (), t0 + 1)
     t.step("two members appear", (a, b), t0 + 2)
     t.step("same inputs again: nothing changes", (a, b), t0 + 3)
-    t.kernel.handshake(key(1), t0 + 5)
+    t.handshake(key(1), t0 + 5)
     t.step("node1 handshakes; node2 is still in its trial", (a, b), t0 + 10)
-    t.step("node2 has not answered for 15 s: next candidate", (a, b), t0 + 18)
+    t.step("node2 has not answered for 5 s: next candidate", (a, b), t0 + 18)
     a_moved = member(1, ["192.0.2.11", "2001:db8::1"], ["192.0.2.11:51820"])
-    t.kernel.handshake(key(2), t0 + 20)
+    t.handshake(key(2), t0 + 20)
     t.step("node1's address changes: only its allowed IPs are replaced", (a_moved, b), t0 + 21)
     t.step("node2 is missing from discovery: kept (absence proves nothing)", (a_moved,), t0 + 22)
     t.step("node2's sealed leave record: removed", (a_moved,), t0 + 22.5, departed=(2,))
@@ -163,9 +175,9 @@ def test_fail_closed_and_bypass_transcript() -> None:
     bypass = KubeSpanConfig(enabled=True, allow_down_peer_bypass=True)
     t0 = 3_000_000.0
     t.step("fail closed (default): members are in the set whatever their state", (a, b), t0)
-    t.kernel.handshake(key(1), t0 + 1)
+    t.handshake(key(1), t0 + 1)
     t.step("with bypass: only node1, which is up, stays in the set", (a, b), t0 + 2, bypass)
-    t.kernel.handshake(key(2), t0 + 3)
+    t.handshake(key(2), t0 + 3)
     t.step("node2 comes up: back in the set", (a, b), t0 + 4, bypass)
     t.step("bypass turned off again: the set holds both, unchanged", (a, b), t0 + 5)
     t.step("after 300 s without handshakes both are down; fail closed keeps them", (a, b), t0 + 305)
@@ -235,7 +247,7 @@ def test_restart_keeps_kernel_peers_until_discovery_answers() -> None:
     b = member(2, ["192.0.2.2"], ["192.0.2.2:51820"])
     t0 = 6_000_000.0
     t.step("mesh with two members", (a, b), t0)
-    t.kernel.handshake(key(1), t0 + 5)
+    t.handshake(key(1), t0 + 5)
     t.tracking = {}
     t.step("the agent restarts: discovery has not answered, the kernel's peers stay", None, t0 + 10)
     t.step("still no answer: nothing changes", None, t0 + 20)

@@ -56,11 +56,12 @@ class ListedRecord:
 
 @dataclass(frozen=True)
 class Member:
-    """Another node of the cluster: its record's data and every endpoint to try, its own in
-    its order first, then those other members saw it at (harvested)."""
+    """Another node of the cluster: its record's data, the endpoints it announces (in its
+    order), and those other members saw it at (harvested)."""
 
     info: AffiliateInfo
     endpoints: tuple[Endpoint, ...]
+    hints: tuple[Endpoint, ...] = ()
 
 
 class PeerState(Enum):

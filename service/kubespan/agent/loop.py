@@ -13,13 +13,14 @@ cache and is READY once those peers are applied.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import queue
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from kubespan.agent.session import (
     SessionFailed,
 )
 from kubespan.agent.status import status_document, write_status
+from kubespan.apply.changes import DEFAULT_ROUTE
 from kubespan.config import MachineConfig
 from kubespan.crypto import ClusterKeys
 from kubespan.discovery.members import Registration, open_affiliate, seal_record
@@ -60,11 +62,11 @@ from kubespan.names import LINK_NAME
 from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
 from kubespan.plan.desired import PeerReport, PlanInput, plan
-from kubespan.plan.diff import Operation, SetPeer, diff, link_warnings
+from kubespan.plan.diff import NudgePeer, Operation, SetPeer, diff, link_warnings
 from kubespan.plan.harvest import Harvest, harvest_candidates
-from kubespan.plan.local import advertised_addresses, advertised_endpoints, excluded
+from kubespan.plan.local import advertised_endpoints, excluded, underlay_networks
 from kubespan.plan.membership import Membership, absorb, expire
-from kubespan.plan.peerstate import Tracking, given_up
+from kubespan.plan.peerstate import Timing, Tracking, given_up
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,11 @@ PROBLEM_LOG_INTERVAL_SECONDS = 60.0
 # The peer cache is rewritten at most this often (a service can change records many times
 # a second); what changed meanwhile is written at the next pass after that.
 CACHE_WRITE_INTERVAL_SECONDS = 5.0
+# A change of this node's addresses or default route is acted on once nothing has changed
+# for this long (an interface coming up brings several notifications).
+ROAM_SETTLE_SECONDS = 1.0
+# Passes asked for by time (trials, probes) come no closer than this.
+MIN_PASS_GAP_SECONDS = 0.2
 
 
 def _records(membership: Membership) -> tuple[object, ...]:
@@ -96,6 +103,7 @@ class KernelPort(Protocol):
     def local_addresses(self) -> tuple[LocalAddress, ...]: ...
     def link_hardware(self) -> tuple[LinkHardware, ...]: ...
     def apply(self, operations: list[Operation]) -> None: ...
+    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> None: ...
     def teardown(self) -> list[str]: ...
 
 
@@ -166,12 +174,22 @@ class Agent:
         self._warnings: tuple[str, ...] = ()
         self._states: dict[str, PeerState] = {}
         self._harvested: dict[Harvest, float] = {}
+        self._init_paths(config)
         self.prefix = cluster_ula_prefix(config.cluster.id)
         mac = first_physical_mac(kernel.link_hardware())
         if mac is None:
             log.warning("no physical interface with a MAC; deriving the ULA host part from node id")
             mac = fallback_mac(identity.node_id)
         self.ula = node_ula(config.cluster.id, mac)
+
+    def _init_paths(self, config: MachineConfig) -> None:
+        """What the agent tracks about its own way out and when to look again."""
+        self.timing = Timing(trial=float(config.kubespan.endpoint_trial_seconds))
+        self._underlay: tuple[IPAddress, ...] | None = None
+        self._underlay_changed_at: float | None = None
+        self._wake_at: float | None = None
+        self.mapped: tuple[Endpoint, ...] = ()  # the NAT mappings STUN reported
+        self.nat_status: dict[str, Any] | None = None
 
     def stop(self) -> None:
         self.events.put(Stop())
@@ -219,7 +237,10 @@ class Agent:
                     continue
                 backoff.reset()
                 self.last_error = None
-                next_pass = self.clocks.monotonic() + self.tick
+                now = self.clocks.monotonic()
+                next_pass = now + self.tick
+                if self._wake_at is not None:
+                    next_pass = min(next_pass, max(self._wake_at, now + MIN_PASS_GAP_SECONDS))
         finally:
             self._save_cache(force=True)
             for session in self.sessions:
@@ -266,6 +287,8 @@ class Agent:
             self.failed.add(event.url)
         elif isinstance(event, KernelChanged):
             log.debug("kernel changed: %s", event.reason)
+            if event.reason == DEFAULT_ROUTE:
+                self._underlay_changed_at = self.clocks.monotonic()
         elif isinstance(event, ReflexiveEvent):
             pass  # the pass below reads the new address from the session
 
@@ -406,9 +429,13 @@ class Agent:
             self._reported.add(message)
             log.warning("%s", message)
 
-    def local_info(self) -> tuple[AffiliateInfo, tuple[Endpoint, ...]]:
+    def local_info(
+        self, networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] | None = None
+    ) -> tuple[AffiliateInfo, tuple[Endpoint, ...]]:
         kubespan = self.config.kubespan
-        addresses = advertised_addresses(self.kernel.local_addresses(), self.prefix)
+        if networks is None:
+            networks = underlay_networks(self.kernel.local_addresses(), self.prefix)
+        addresses = tuple(dict.fromkeys(n.ip for n in networks))
         addresses = tuple(
             a for a in addresses if not excluded(a, kubespan.exclude_advertised_networks)
         )
@@ -418,7 +445,8 @@ class Agent:
             )
             addresses = addresses[:MAX_ADDRESSES]
         reflexive = next((s.reflexive for s in self.sessions if s.reflexive), None)
-        endpoints = advertised_endpoints(addresses, reflexive, kubespan)[:MAX_ENDPOINTS]
+        endpoints = advertised_endpoints(addresses, reflexive, kubespan, self.mapped)
+        endpoints = endpoints[:MAX_ENDPOINTS]
         name = self.hostname()
         if not valid_hostname(name):
             safe = "".join(c if c.isalnum() or c in "-." else "-" for c in name)[:253]
@@ -454,16 +482,39 @@ class Agent:
         for session in self.sessions:
             session.set_registration(self.registration)
 
+    def _roamed(self, addresses: tuple[IPAddress, ...], now: float) -> bool:
+        """Whether this node's underlay (its addresses, its default route) changed and has
+        settled: then its NAT mapping is learned again and every peer hears from it at once,
+        so they follow it to its new address without waiting for discovery."""
+        if self._underlay is not None and addresses != self._underlay:
+            self._underlay_changed_at = now
+        self._underlay = addresses
+        changed = self._underlay_changed_at
+        if changed is None or now - changed < ROAM_SETTLE_SECONDS:
+            return False
+        self._underlay_changed_at = None
+        log.info(
+            "underlay changed: addresses=%s; learning the NAT mapping again, nudging peers",
+            ",".join(str(a) for a in addresses) or "(none)",
+        )
+        self._on_roam()
+        return True
+
+    def _on_roam(self) -> None:
+        """Ask for the public endpoint again (STUN); set up by the agent's shell."""
+
     def protected_addresses(self) -> tuple[IPAddress, ...]:
         return tuple(a for s in self.sessions for a in s.addresses)
 
     def reconcile(self) -> list[Operation]:
         """One pass; returns the operations applied (none when nothing changed)."""
-        info, endpoints = self.local_info()
+        networks = underlay_networks(self.kernel.local_addresses(), self.prefix)
+        info, endpoints = self.local_info(networks)
         self._register(info, endpoints)
         observed = self.kernel.observe_link(LINK_NAME)
         routing = self.kernel.observe_routing(LINK_NAME)
         now, wall = self.clocks.monotonic(), self.clocks.wall()
+        roamed = self._roamed(info.addresses, now)
         down = {
             key
             for key, state in self._states.items()
@@ -488,6 +539,9 @@ class Agent:
                 node_subnets=self.config.cluster.node_subnets,
                 protected=self.protected_addresses(),
                 departed_keys=self.membership.departed_keys(),
+                local_networks=networks,
+                timing=self.timing,
+                nudge_all=roamed,
             )
         )
         self._warnings = (
@@ -498,10 +552,22 @@ class Agent:
         for warning in self._warnings:
             self._report_once(warning)
         operations = diff(result.desired, observed, routing)
+        link = result.desired.link
+        by_key = {p.public_key: p for p in result.desired.peers}
+        operations.extend(
+            NudgePeer(link.name, key, by_key[key].name, by_key[key].keepalive)
+            for key in result.nudges
+        )
         for operation in operations:
             self.kernel.apply([operation])
             self._log_applied(operation)
         self.tracking = dict(result.tracking)
+        if result.probes:
+            self.kernel.probe(result.probes)
+        self._wake_at = result.wake_at
+        if self._underlay_changed_at is not None:
+            settle = self._underlay_changed_at + ROAM_SETTLE_SECONDS
+            self._wake_at = min(self._wake_at or settle, settle)
         self._log_state_changes(result.reports)
         if self.config.kubespan.harvest_extra_endpoints and members:
             self._harvest(result.reports)
@@ -524,6 +590,7 @@ class Agent:
             self.clocks.wall(),
             warnings=self._warnings,
             last_error=self.last_error,
+            nat=self.nat_status,
         )
         write_status(self.runtime_dir, document)
         up = sum(1 for r in reports if r.state is PeerState.UP)
@@ -532,7 +599,7 @@ class Agent:
     @staticmethod
     def _log_applied(operation: Operation) -> None:
         # Endpoint trials are routine (debug); every other change is news (info).
-        routine = (
+        routine = isinstance(operation, NudgePeer) or (
             isinstance(operation, SetPeer)
             and operation.allowed_ips is None
             and operation.preshared_key is None
@@ -544,10 +611,11 @@ class Agent:
         for report in reports:
             if self._states.get(report.public_key) != report.state:
                 log.info(
-                    "peer %s state=%s endpoint=%s key=%s",
+                    "peer %s state=%s endpoint=%s why=%r key=%s",
                     report.name,
                     report.state.value,
                     report.endpoint,
+                    report.why,
                     report.public_key,
                 )
         self._states = {r.public_key: r.state for r in reports}

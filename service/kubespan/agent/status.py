@@ -24,6 +24,7 @@ def status_document(
     now: float,
     warnings: tuple[str, ...] = (),
     last_error: str | None = None,
+    nat: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "version": 1,
@@ -38,6 +39,8 @@ def status_document(
             "ula": str(info.ula),
             "addresses": [str(a) for a in info.addresses],
             "endpoints": [str(e) for e in endpoints],
+            # What STUN says of the WireGuard port: {"mapped": [...], "mapping": ...}.
+            "nat": nat or {"mapped": [], "mapping": "unknown", "reflectors": []},
         },
         "peers": [
             {
@@ -50,6 +53,11 @@ def status_document(
                 "rx_bytes": r.rx_bytes,
                 "tx_bytes": r.tx_bytes,
                 "refused": list(r.refused),
+                "why": r.why,
+                "candidates": [
+                    {"endpoint": str(c.endpoint), "kind": c.kind.value, "reason": c.reason}
+                    for c in r.candidates
+                ],
             }
             for r in sorted(reports, key=lambda r: (r.name, r.public_key))
         ],
@@ -87,6 +95,13 @@ def _bytes(count: int) -> str:
     return f"{count} B"
 
 
+def _nat_line(nat: dict[str, Any]) -> str:
+    mapped = ", ".join(printable(e) for e in nat.get("mapped", [])) or "(not learned)"
+    return (
+        f"  NAT mapping of the WireGuard port: {mapped}, {printable(nat.get('mapping', 'unknown'))}"
+    )
+
+
 def render_status(document: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     node = document["node"]
@@ -94,6 +109,7 @@ def render_status(document: dict[str, Any], now: float | None = None) -> str:
         f"node {printable(node['name'])}  {printable(node['ula'])}  "
         f"key {printable(node['public_key'])}",
         f"  endpoints: {', '.join(printable(e) for e in node['endpoints']) or '(none)'}",
+        _nat_line(node.get("nat") or {}),
         f"  status updated {_age(document['updated_at'], now)}, "
         f"{'ready' if document.get('ready') else 'starting'}",
     ]
@@ -127,6 +143,13 @@ def render_status(document: dict[str, Any], now: float | None = None) -> str:
     for row in rows:
         lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
     for peer in peers:
+        if peer.get("why"):
+            lines.append(f"  {printable(peer['name'], 64)}: {printable(peer['why'])}")
+        for index, candidate in enumerate(peer.get("candidates", []), 1):
+            lines.append(
+                f"    {index}. {printable(candidate['endpoint'])} "
+                f"{printable(candidate['kind'])}: {printable(candidate['reason'])}"
+            )
         for refusal in peer.get("refused", []):
             lines.append(f"  refused: {printable(refusal, 400)}")
     return "\n".join(lines)

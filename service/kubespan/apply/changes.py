@@ -2,7 +2,8 @@
 
 Ours are: our nftables table (`inet kubespan`), routes in table 180, rules that look up
 table 180 or sit at priority 32500, the link named `kubespan` (and rp_filter on it or on
-`all`), and any address (the agent advertises the node's addresses). Everything else, above
+`all`), any address (the agent advertises the node's addresses), and default routes in
+the main table (the way out, hence the NAT mapping, may have changed). Everything else, above
 all other programs' frequent nftables changes (kube-proxy rewrites its tables often), is
 read as far as its table name and dropped.
 """
@@ -39,6 +40,9 @@ IFLA_IFNAME = 3
 # rtmsg and fib_rule_hdr are both 12 bytes with the (8-bit) table at offset 4.
 TABLE_HEADER = struct.Struct("=BBBBBBBBI")
 RTA_TABLE = 15
+RT_TABLE_MAIN = 254
+# The node's way out changed: its public address and NAT mapping may have too (roaming).
+DEFAULT_ROUTE = "default route"
 FRA_PRIORITY = 6
 FRA_TABLE = 15
 NETCONFMSG_SIZE = 4  # struct netconfmsg (one byte), aligned
@@ -81,8 +85,12 @@ def classify_route(message: Message, state: WatchState) -> tuple[str | None, Wat
     if kind in (RTM_NEWLINK, RTM_DELLINK):
         return _link(message, state)
     if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-        ours = _table(message, RTA_TABLE) == ROUTE_TABLE
-        return (f"route in table {ROUTE_TABLE}" if ours else None), state
+        table = _table(message, RTA_TABLE)
+        if table == ROUTE_TABLE:
+            return f"route in table {ROUTE_TABLE}", state
+        if table == RT_TABLE_MAIN and message.payload[1] == 0:  # destination length 0
+            return DEFAULT_ROUTE, state
+        return None, state
     if kind in (RTM_NEWRULE, RTM_DELRULE):
         if _table(message, FRA_TABLE) == ROUTE_TABLE:
             return f"rule for table {ROUTE_TABLE}", state

@@ -12,6 +12,7 @@ from pyroute2 import IPRoute, WireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kubespan.apply.dataplane import Dataplane
+from kubespan.apply.probe import TunnelProber
 from kubespan.apply.wgparse import parse_device
 from kubespan.errors import ApplyError
 from kubespan.identity import LinkHardware
@@ -23,6 +24,7 @@ from kubespan.plan.diff import (
     ConfigureDevice,
     CreateLink,
     LinkOperation,
+    NudgePeer,
     Operation,
     RemoveAddress,
     RemovePeer,
@@ -43,6 +45,7 @@ class Kernel:
         self._ipr = IPRoute()
         self._wg: WireGuard | None = None
         self._dataplane: Dataplane | None = None
+        self._prober = TunnelProber()
 
     def __enter__(self) -> Kernel:
         return self
@@ -50,7 +53,12 @@ class Kernel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> None:
+        """Liveness probes through the tunnel (apply/probe.py); never raises."""
+        self._prober.send(targets)
+
     def close(self) -> None:
+        self._prober.close()
         if self._dataplane is not None:
             self._dataplane.close()
         self._ipr.close()
@@ -193,6 +201,16 @@ class Kernel:
                 self.wireguard.set(op.name, peer=_peer_request(op))
             case RemovePeer(name=name, public_key=key):
                 self.wireguard.set(name, peer={"public_key": key, "remove": True})
+            case NudgePeer(name=name, public_key=key, keepalive=keepalive):
+                for interval in (0, keepalive):
+                    self.wireguard.set(
+                        name,
+                        peer={
+                            "public_key": key,
+                            "persistent_keepalive": interval,
+                            "update_only": True,
+                        },
+                    )
 
 
 def _peer_request(op: SetPeer) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kubespan.config.model import (
+    DEFAULT_ENDPOINT_TRIAL_SECONDS,
     DEFAULT_LISTEN_PORT,
     DEFAULT_MTU,
     ClusterConfig,
@@ -110,6 +111,22 @@ def parse_service_url(text: str) -> str:
     return text.strip().rstrip("/")
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """`host:port` or `[IPv6]:port`, the host a DNS name or an IP address."""
+    host, separator, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    elif not host or ":" in host or not separator:
+        raise ValueError(f"{text!r} is not HOST:PORT (IPv6 as [ADDRESS]:PORT)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+    return host, int(port)
+
+
 def _kubespan(reader: _Reader) -> KubeSpanConfig:
     return KubeSpanConfig(
         enabled=reader.typed((*KUBESPAN, "enabled"), bool, False),
@@ -127,6 +144,10 @@ def _kubespan(reader: _Reader) -> KubeSpanConfig:
         extra_announced_endpoints=reader.each(
             (*KUBESPAN, "extraAnnouncedEndpoints"), Endpoint.parse
         ),
+        endpoint_trial_seconds=reader.typed(
+            (*KUBESPAN, "endpointTrialSeconds"), int, DEFAULT_ENDPOINT_TRIAL_SECONDS
+        ),
+        stun_servers=reader.each((*KUBESPAN, "stunServers"), parse_host_port),
     )
 
 

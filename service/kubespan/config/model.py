@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from kubespan.netaddr import Endpoint, IPNetwork
 
 DEFAULT_MTU = 1420
+DEFAULT_ENDPOINT_TRIAL_SECONDS = 5
 DEFAULT_LISTEN_PORT = 51820
 
 
@@ -29,6 +30,8 @@ class KubeSpanConfig:
     endpoint_filters: tuple[EndpointFilter, ...] = ()
     exclude_advertised_networks: tuple[IPNetwork, ...] = ()
     extra_announced_endpoints: tuple[Endpoint, ...] = ()
+    endpoint_trial_seconds: int = DEFAULT_ENDPOINT_TRIAL_SECONDS
+    stun_servers: tuple[tuple[str, int], ...] = ()  # (host, port) beside discovery's own
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ def effective_document(config: MachineConfig, show_secret: bool = False) -> dict
                         ],
                     },
                     "extraAnnouncedEndpoints": [str(e) for e in kubespan.extra_announced_endpoints],
+                    "endpointTrialSeconds": kubespan.endpoint_trial_seconds,
+                    "stunServers": [
+                        f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in kubespan.stun_servers
+                    ],
                 }
             }
         },

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from kubespan.config import KubeSpanConfig
 from kubespan.model import (
@@ -19,9 +19,17 @@ from kubespan.model import (
 from kubespan.names import LINK_NAME, MARK_WIREGUARD
 from kubespan.netaddr import Endpoint, IPAddress, IPNetwork, host_network, network_sort_key
 from kubespan.plan.admission import AdmissionRules, admit
+from kubespan.plan.candidates import Candidate, LocalNetwork, rank_candidates
 from kubespan.plan.claims import Claim, Division, divide
 from kubespan.plan.ipset import IntervalSet, collapse, network_range, range_networks
-from kubespan.plan.peerstate import DOWN_AFTER, Tracking, decide_endpoint
+from kubespan.plan.peerstate import (
+    DOWN_AFTER,
+    EndpointDecision,
+    Sighting,
+    Timing,
+    Tracking,
+    decide_endpoint,
+)
 from kubespan.plan.ruleset import RulesetSpec, routing_spec
 
 
@@ -44,6 +52,11 @@ class PlanInput:
     node_subnets: tuple[IPNetwork, ...] = ()  # empty: node addresses anywhere (unicast)
     protected: tuple[IPAddress, ...] = ()  # the discovery services' addresses
     departed_keys: frozenset[str] = frozenset()  # nodes whose sealed leave we saw
+    local_networks: tuple[LocalNetwork, ...] = ()  # this node's addresses with prefixes
+    timing: Timing = field(default_factory=Timing)
+    # This node's underlay changed: make every peer hear from us at once (they follow our
+    # authenticated packets to the new address).
+    nudge_all: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,8 @@ class PeerReport:
     rx_bytes: int
     tx_bytes: int
     refused: tuple[str, ...] = ()
+    candidates: tuple[Candidate, ...] = ()  # in the order they are tried
+    why: str = ""  # why the current endpoint
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,9 @@ class Plan:
     tracking: Mapping[str, Tracking]
     reports: tuple[PeerReport, ...]
     warnings: tuple[str, ...]
+    nudges: tuple[str, ...] = ()  # public keys of peers WireGuard must send to at once
+    probes: tuple[ipaddress.IPv6Address, ...] = ()  # ULAs to probe through the tunnel now
+    wake_at: float | None = None  # the next pass needed by time alone (monotonic)
 
 
 def link_spec(plan_input: PlanInput) -> LinkSpec:
@@ -160,7 +178,46 @@ def member_set(
     return collapse(v4, 4), collapse(v6, 6)
 
 
-Peers = tuple[list[PeerSpec], list[PeerReport], dict[str, Tracking]]
+@dataclass
+class Peers:
+    """What one pass decides for each peer, gathered as the peers are planned."""
+
+    peers: list[PeerSpec] = field(default_factory=list)
+    reports: list[PeerReport] = field(default_factory=list)
+    tracking: dict[str, Tracking] = field(default_factory=dict)
+    nudges: list[str] = field(default_factory=list)
+    probes: list[ipaddress.IPv6Address] = field(default_factory=list)
+    wake_at: float | None = None
+
+    def decided(
+        self, key: str, decision: EndpointDecision, seen: ObservedPeer | None, nudge_all: bool
+    ) -> None:
+        self.tracking[key] = decision.tracking
+        # A peer being created sends at once by itself (its keepalive goes from off to on).
+        if seen is not None and (decision.nudge or nudge_all):
+            self.nudges.append(key)
+        if decision.wake_at is not None:
+            self.wake_at = min(self.wake_at or decision.wake_at, decision.wake_at)
+
+    def extend(self, other: Peers) -> None:
+        self.peers.extend(other.peers)
+        self.reports.extend(other.reports)
+        self.tracking.update(other.tracking)
+        self.nudges.extend(other.nudges)
+        self.probes.extend(other.probes)
+        if other.wake_at is not None:
+            self.wake_at = min(self.wake_at or other.wake_at, other.wake_at)
+
+
+def sighting(seen: ObservedPeer | None) -> Sighting:
+    if seen is None:
+        return Sighting(None, None, 0)
+    return Sighting(seen.endpoint, seen.last_handshake, seen.rx_bytes)
+
+
+# Peers kept without a member record are never probed (their ULA is unknown): judged by
+# WireGuard's own bound only.
+KEPT_TIMING = Timing(quiet=DOWN_AFTER)
 
 
 def kept_peers(plan_input: PlanInput, known: set[str] | None = None) -> Peers:
@@ -168,9 +225,7 @@ def kept_peers(plan_input: PlanInput, known: set[str] | None = None) -> Peers:
     no member is known at all (`known` None: unknown is not empty); otherwise those that
     did not leave and carry this cluster's preshared key, until they have been down for
     DOWN_AFTER (a handshake under that key proves a member, whatever discovery says)."""
-    peers: list[PeerSpec] = []
-    reports: list[PeerReport] = []
-    tracking: dict[str, Tracking] = {}
+    out = Peers()
     for seen in plan_input.observed.peers if plan_input.observed else ():
         key = seen.public_key
         if known is not None and (
@@ -184,8 +239,8 @@ def kept_peers(plan_input: PlanInput, known: set[str] | None = None) -> Peers:
             plan_input.wall,
             (),
             plan_input.tracking.get(key),
-            seen.endpoint,
-            seen.last_handshake,
+            sighting(seen),
+            KEPT_TIMING,
         )
         if (
             known is not None
@@ -193,10 +248,10 @@ def kept_peers(plan_input: PlanInput, known: set[str] | None = None) -> Peers:
             and plan_input.now - decision.tracking.since >= DOWN_AFTER
         ):
             continue
-        tracking[key] = decision.tracking
+        out.decided(key, replace(decision, nudge=False), seen, plan_input.nudge_all)
         name = f"({key[:8]}…)"
-        peers.append(PeerSpec(key, name, seen.allowed_ips, None, seen.keepalive))
-        reports.append(
+        out.peers.append(PeerSpec(key, name, seen.allowed_ips, None, seen.keepalive))
+        out.reports.append(
             PeerReport(
                 key,
                 name,
@@ -206,37 +261,39 @@ def kept_peers(plan_input: PlanInput, known: set[str] | None = None) -> Peers:
                 seen.last_handshake,
                 seen.rx_bytes,
                 seen.tx_bytes,
+                why=decision.tracking.why,
             )
         )
-    return peers, reports, tracking
+    return out
 
 
 def plan(plan_input: PlanInput) -> Plan:
     if plan_input.members is None:
-        return _desired(plan_input, *kept_peers(plan_input), [])
+        return _desired(plan_input, kept_peers(plan_input), [])
     warnings: list[str] = []
     held_back: list[IPNetwork] = []
-    peers, reports, tracking = member_peers(plan_input, plan_input.members, warnings, held_back)
-    known = {p.public_key for p in peers} | {plan_input.public_key}
-    kept, kept_reports, kept_tracking = kept_peers(plan_input, known)
-    if kept:
+    planned = member_peers(plan_input, plan_input.members, warnings, held_back)
+    known = {p.public_key for p in planned.peers} | {plan_input.public_key}
+    kept = kept_peers(plan_input, known)
+    if kept.peers:
         # Behind every member (and what is held back), so they never take a member's ranges.
         taken = {4: IntervalSet(), 6: IntervalSet()}
-        others = [p.allowed_ips for p in peers]
+        others = [p.allowed_ips for p in planned.peers]
         own = [host_network(a) for a in (*plan_input.own_addresses, plan_input.ula)]
         for network in (*own, *held_back, *(n for nets in others for n in nets)):
             taken[network.version].add(*network_range(network))
-        for peer in kept:
+        for index, peer in enumerate(kept.peers):
             allowed = [
                 piece
                 for network in peer.allowed_ips
                 for start, end in taken[network.version].uncovered(*network_range(network))
                 for piece in range_networks(network.version, start, end)
             ]
-            peers.append(replace(peer, allowed_ips=tuple(sorted(allowed, key=network_sort_key))))
-        reports.extend(kept_reports)
-        tracking.update(kept_tracking)
-    return _desired(plan_input, peers, reports, tracking, warnings, tuple(held_back))
+            kept.peers[index] = replace(
+                peer, allowed_ips=tuple(sorted(allowed, key=network_sort_key))
+            )
+        planned.extend(kept)
+    return _desired(plan_input, planned, warnings, tuple(held_back))
 
 
 def member_peers(
@@ -257,22 +314,23 @@ def member_peers(
     if plan_input.observed is not None:
         observed_peers = {p.public_key: p for p in plan_input.observed.peers}
 
-    peers: list[PeerSpec] = []
-    reports: list[PeerReport] = []
-    tracking: dict[str, Tracking] = {}
+    out = Peers()
     for member in members:
         key = member.info.public_key
         seen = observed_peers.get(key)
+        ranked = rank_candidates(member, plan_input.local_networks)
         decision = decide_endpoint(
             plan_input.now,
             plan_input.wall,
-            member.endpoints,
+            tuple(c.endpoint for c in ranked),
             plan_input.tracking.get(key),
-            seen.endpoint if seen else None,
-            seen.last_handshake if seen else None,
+            sighting(seen),
+            plan_input.timing,
         )
-        tracking[key] = decision.tracking
-        peers.append(
+        out.decided(key, decision, seen, plan_input.nudge_all)
+        if decision.probe:
+            out.probes.append(member.info.ula)
+        out.peers.append(
             PeerSpec(
                 public_key=key,
                 name=member.info.hostname,
@@ -280,7 +338,7 @@ def member_peers(
                 endpoint=decision.set_endpoint,
             )
         )
-        reports.append(
+        out.reports.append(
             PeerReport(
                 public_key=key,
                 name=member.info.hostname,
@@ -291,31 +349,39 @@ def member_peers(
                 rx_bytes=seen.rx_bytes if seen else 0,
                 tx_bytes=seen.tx_bytes if seen else 0,
                 refused=tuple(refused[key]),
+                candidates=ranked,
+                why=decision.tracking.why,
             )
         )
-    return peers, reports, tracking
+    return out
 
 
 def _desired(
     plan_input: PlanInput,
-    peers: list[PeerSpec],
-    reports: list[PeerReport],
-    tracking: dict[str, Tracking],
+    planned: Peers,
     warnings: list[str],
     held_back: tuple[IPNetwork, ...] = (),
 ) -> Plan:
     link = link_spec(plan_input)
     v4, v6 = member_set(
-        tuple(peers),
-        tuple(reports),
+        tuple(planned.peers),
+        tuple(planned.reports),
         link.address.network,
         plan_input.config.allow_down_peer_bypass,
         held_back,
     )
     desired = DesiredState(
         link=link,
-        peers=tuple(peers),
+        peers=tuple(planned.peers),
         ruleset=RulesetSpec(v4, v6, link.mtu, link.listen_port),
         routing=routing_spec(link.mtu, link.name),
     )
-    return Plan(desired, tracking, tuple(reports), tuple(warnings))
+    return Plan(
+        desired,
+        planned.tracking,
+        tuple(planned.reports),
+        tuple(warnings),
+        tuple(planned.nudges),
+        tuple(planned.probes),
+        planned.wake_at,
+    )

@@ -110,6 +110,25 @@ class RemovePeer:
         return f"wg set {self.name} peer {self.public_key} remove"
 
 
+@dataclass(frozen=True)
+class NudgePeer:
+    """Make WireGuard send to the peer at once: persistent keepalive off, then on again (the
+    kernel sends a keepalive, or starts a handshake when there is no session, when it goes
+    from off to on). Starts an endpoint trial, and tells peers where we are after we moved."""
+
+    name: str
+    public_key: str
+    label: str
+    keepalive: int
+
+    def render(self) -> str:
+        return (
+            f"wg set {self.name} peer {self.public_key} persistent-keepalive 0 "
+            f"&& wg set {self.name} peer {self.public_key} persistent-keepalive {self.keepalive}"
+            f"  # {self.label}"
+        )
+
+
 LinkOperation = (
     CreateLink
     | SetLinkMtu
@@ -119,6 +138,7 @@ LinkOperation = (
     | ConfigureDevice
     | SetPeer
     | RemovePeer
+    | NudgePeer
 )
 Operation = LinkOperation | DataplaneOperation
 

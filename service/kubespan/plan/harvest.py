@@ -25,7 +25,7 @@ def harvest_candidates(
     refresh: float,
     budget: int = 8,
 ) -> list[Harvest]:
-    advertised = {m.info.public_key: (m.info.node_id, set(m.endpoints)) for m in members}
+    advertised = {m.info.public_key: (m.info.node_id, {*m.endpoints, *m.hints}) for m in members}
     out: list[Harvest] = []
     for report in sorted(reports, key=lambda r: r.public_key):
         if report.state is not PeerState.UP or report.endpoint is None:

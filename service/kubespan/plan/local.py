@@ -13,11 +13,12 @@ RT_SCOPE_UNIVERSE = 0
 _SKIPPED_KINDS = frozenset({"wireguard"})
 
 
-def advertised_addresses(
+def underlay_networks(
     local: tuple[LocalAddress, ...], cluster_prefix: ipaddress.IPv6Network
-) -> tuple[IPAddress, ...]:
-    """Global-scope addresses of links that are up, our overlay excluded; stable order."""
-    out: set[IPAddress] = set()
+) -> tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]:
+    """Global-scope addresses, with their prefixes, of links that are up, our overlay
+    excluded; stable order."""
+    out: set[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = set()
     for entry in local:
         address = entry.address.ip
         if (
@@ -32,8 +33,16 @@ def advertised_addresses(
             or (address.version == 6 and address in cluster_prefix)
         ):
             continue
-        out.add(address)
-    return tuple(sorted(out, key=address_sort_key))
+        out.add(entry.address)
+    return tuple(sorted(out, key=lambda n: (*address_sort_key(n.ip), n.network.prefixlen)))
+
+
+def advertised_addresses(
+    local: tuple[LocalAddress, ...], cluster_prefix: ipaddress.IPv6Network
+) -> tuple[IPAddress, ...]:
+    """Global-scope addresses of links that are up, our overlay excluded; stable order."""
+    addresses = {n.ip for n in underlay_networks(local, cluster_prefix)}
+    return tuple(sorted(addresses, key=address_sort_key))
 
 
 def filter_endpoint_addresses(
@@ -59,13 +68,26 @@ def advertised_endpoints(
     addresses: tuple[IPAddress, ...],
     reflexive: IPAddress | None,
     config: KubeSpanConfig,
+    mapped: tuple[Endpoint, ...] = (),
 ) -> tuple[Endpoint, ...]:
-    """Own addresses, then the public address discovery saw; filtered; then extra endpoints."""
-    candidates = list(addresses)
-    if reflexive is not None and reflexive not in candidates:
-        candidates.append(reflexive)
-    kept = filter_endpoint_addresses(tuple(candidates), config.endpoint_filters)
-    endpoints = [Endpoint(address, config.listen_port) for address in kept]
+    """Own addresses, then the NAT mappings of the WireGuard port learned by STUN (`mapped`),
+    then, for a family STUN gave nothing for, the public address discovery saw (its port
+    assumed); filtered by address; then extra endpoints. Peers rank host addresses first
+    and keep the rest in this order (plan/candidates.py)."""
+    endpoints = [Endpoint(a, config.listen_port) for a in addresses]
+    endpoints.extend(e for e in mapped if e not in endpoints)
+    if reflexive is not None and all(e.address.version != reflexive.version for e in mapped):
+        guessed = Endpoint(reflexive, config.listen_port)
+        if guessed not in endpoints:
+            endpoints.append(guessed)
+    if config.endpoint_filters:
+        unique = tuple(dict.fromkeys(e.address for e in endpoints))
+        order = {
+            a: i for i, a in enumerate(filter_endpoint_addresses(unique, config.endpoint_filters))
+        }
+        endpoints = sorted(
+            (e for e in endpoints if e.address in order), key=lambda e: order[e.address]
+        )
     for extra in config.extra_announced_endpoints:
         if extra not in endpoints:
             endpoints.append(extra)

@@ -44,8 +44,11 @@ class Known:
     def member(self) -> Member:
         """The member, with only the endpoints a node could send to: a member naming
         loopback or multicast would have every node send handshakes there."""
-        endpoints = self.record.endpoints + self.hints
-        return Member(self.record.info, tuple(e for e in endpoints if reachable_unicast(e.address)))
+        return Member(
+            self.record.info,
+            tuple(e for e in self.record.endpoints if reachable_unicast(e.address)),
+            tuple(e for e in self.hints if reachable_unicast(e.address)),
+        )
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,37 @@
-"""Peer health from handshakes, and rotation through a peer's endpoint candidates.
+"""Peer health from what the kernel counts, and trials of a peer's ranked endpoint candidates.
 
-Durations are measured on the monotonic clock: a wall-clock step (NTP, a VM restored from a
-snapshot) neither freezes a dead endpoint as `unknown` nor rotates off a working one. The
-kernel reports the last handshake as a wall-clock time, so it is used only as a value: a
-handshake is *new* when that value changed, and the monotonic time at which a change was
-first observed stands for its age.
+Evidence is anything authenticated from the peer: its receive counter grew, or its last
+handshake changed. The kernel gives no time for either, so a change first seen at one pass
+is dated to the pass before (the packet came after it): an estimate that errs early, which
+can only make a probe come sooner, never keep a dead path alive longer.
 
-State, measured from the last endpoint change T0 (WireGuard's timers give the bounds): within
-TRIAL of T0 a peer is up once a new handshake came after T0, else unknown (on the very first
-trial) or down (on later ones: it already failed once); until DOWN_AFTER it is up once a new
-handshake came after T0, else down; later it is up while its last new handshake was observed
-less than DOWN_AFTER ago.
+A **trial** sets an endpoint at T0 and makes WireGuard send at once (`nudge`: persistent
+keepalive off and on again, which starts a handshake when there is no session) and sends a
+liveness probe through the tunnel (data: answered by the peer, and a handshake is started if
+needed). The peer is up once evidence dated T0 or later arrives; a trial without any after
+`trial` seconds has failed and the next candidate is tried. The first trial of a peer is
+`unknown` until then; later ones are `down` at once (it failed before). After a full cycle
+has failed, trials back off and are no longer nudged: WireGuard's own retries reach them.
+
+A peer that is up stays up while it is heard from. After `quiet` seconds of silence it is
+probed (ICMPv6 echo to its ULA, every `probe_interval`); a probe unanswered for
+`probe_timeout` means the path is dead: rotation resumes at once, best candidate first. So a
+path is found dead at most quiet + probe_timeout after the last packet (12 s by default), not
+after WireGuard's 275 s. While the peer is up its endpoint is never written: WireGuard moves it
+to wherever the peer's authenticated packets come from (roaming), and we must not undo that.
 
 Rotation remembers endpoints, not positions: it tries the candidates not yet tried in this
-cycle, in the order given, so a candidate list that changes mid-rotation loses nothing and
-repeats nothing, and an agent restarted mid-trial carries on from the endpoint the kernel has.
-A peer that stays dead backs off: each full cycle of candidates multiplies the time spent on
-each one (15 s, 1 min, 4 min, ... up to 20 min), so a hundred dead peers cost a few kernel
-changes an hour, not thousands; they stay in the member set all the while (fail closed). A
-handshake, or a candidate never seen before, ends the backoff. An endpoint WireGuard learned
-from the peer's own packets (roaming) is kept while the peer is up.
+cycle, in rank order, so a candidate list that changes mid-rotation loses nothing and repeats
+nothing, and an agent restarted mid-trial carries on from the endpoint the kernel has. A
+candidate never seen before, while the peer is not up, is tried at once: both sides of a pair
+behind NATs learn each other's mapping from discovery at about the same moment and start
+sending to it together, which is what opens endpoint-independent NATs for each other (hole
+punching). A peer that stays dead backs off: each full cycle multiplies the time spent on each
+candidate (5 s, then 1 min, 4 min, 16 min, up to 20 min), so a hundred dead peers cost a few kernel
+changes an hour; they stay in the member set all the while (fail closed).
+
+Durations are measured on the monotonic clock; the wall clock only dates a handshake found at
+start (bounded both ways, so a clock step makes it neither younger than now nor ancient).
 """
 
 from __future__ import annotations
@@ -29,11 +41,31 @@ from dataclasses import dataclass, replace
 from kubespan.model import PeerState
 from kubespan.netaddr import Endpoint
 
-ENDPOINT_TRIAL = 15.0
-# WireGuard reject-after (180 s) + rekey-timeout (5 s) + rekey-attempt (90 s).
+ENDPOINT_TRIAL = 5.0
+# Heard from within this long: up, whatever else (WireGuard reject-after 180 s + rekey-timeout
+# 5 s + rekey-attempt 90 s); also the bound when probes cannot be sent or answered.
 DOWN_AFTER = 275.0
 DWELL_GROWTH = 4.0
+BACKOFF_FIRST = 60.0
 DWELL_CAP = 1200.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    trial: float = ENDPOINT_TRIAL  # how long one candidate gets to show evidence
+    quiet: float = 7.0  # silence after which an up peer is probed
+    probe_timeout: float = 5.0  # an unanswered probe this old: the path is dead
+    probe_interval: float = 2.0  # probes repeat this often while unanswered
+    poll: float = 0.5  # passes this often while a trial is undecided
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """What the kernel says about the peer at this pass."""
+
+    endpoint: Endpoint | None
+    last_handshake: float | None  # wall clock, as the kernel reports it
+    rx_bytes: int
 
 
 @dataclass(frozen=True)
@@ -41,47 +73,26 @@ class Tracking:
     """What the planner remembers about one peer between passes (monotonic times)."""
 
     endpoint: Endpoint | None  # under trial: set by us, or found in the kernel
-    since: float  # T0: when it was set
-    handshake_at_change: float | None  # the kernel's last-handshake value at T0
-    handshake: float | None  # the kernel's last-handshake value last observed
-    handshake_seen: float | None  # when that value was first observed (or estimated)
+    since: float  # T0: when that trial started
+    handshake: float | None = None  # the kernel's last-handshake value last observed
+    rx_bytes: int = 0  # the kernel's receive counter last observed
+    heard: float | None = None  # estimated time of the last evidence from the peer
+    observed_at: float = 0.0  # the pass that recorded the values above
     tried: tuple[Endpoint, ...] = ()  # candidates tried in this cycle, in order
-    cycles: int = 0  # full cycles of candidates without a handshake
+    cycles: int = 0  # full cycles of candidates without evidence
     seen_candidates: frozenset[Endpoint] = frozenset()
     trials: int = 1  # endpoints tried since the peer was last up (or first known)
-    known_since: float = 0.0  # when this peer was first tracked (monotonic)
+    known_since: float = 0.0  # when this peer was first tracked
+    probe_since: float | None = None  # first probe sent after `heard`
+    probed_at: float | None = None  # last probe sent
+    why: str = ""  # why this endpoint: shown in status
 
     @property
     def first_trial(self) -> bool:
         return self.trials <= 1
 
-
-def given_up(now: float, tracking: Tracking, state: PeerState) -> bool:
-    """Down after a fair chance: tracked for DOWN_AFTER at least (a first 15 s trial that
-    fails proves nothing about a node whose second endpoint works)."""
-    return state is PeerState.DOWN and now - tracking.known_since >= DOWN_AFTER
-
-
-def dwell(cycles: int) -> float:
-    """How long each candidate is tried after `cycles` failed full cycles."""
-    return float(min(DWELL_CAP, ENDPOINT_TRIAL * DWELL_GROWTH ** min(cycles, 16)))
-
-
-def peer_state(now: float, tracking: Tracking) -> PeerState:
-    elapsed = now - tracking.since
-    new_since_change = (
-        tracking.handshake is not None and tracking.handshake != tracking.handshake_at_change
-    )
-    if elapsed < ENDPOINT_TRIAL:
-        if new_since_change:
-            return PeerState.UP
-        return PeerState.UNKNOWN if tracking.first_trial else PeerState.DOWN
-    if elapsed < DOWN_AFTER:
-        return PeerState.UP if new_since_change else PeerState.DOWN
-    seen = tracking.handshake_seen
-    if seen is not None and now - seen < DOWN_AFTER:
-        return PeerState.UP
-    return PeerState.DOWN
+    def alive_since_trial(self) -> bool:
+        return self.heard is not None and self.heard >= self.since
 
 
 @dataclass(frozen=True)
@@ -89,22 +100,70 @@ class EndpointDecision:
     tracking: Tracking
     state: PeerState
     set_endpoint: Endpoint | None  # None: leave the kernel's endpoint as it is
+    nudge: bool = False  # make WireGuard send to the endpoint at once
+    probe: bool = False  # send a liveness probe through the tunnel now
+    wake_at: float | None = None  # the next time this decision may change by itself
 
 
-def observe_handshake(
-    previous: Tracking | None, last_handshake: float | None, now: float, wall_now: float
-) -> tuple[float | None, float | None]:
-    """(value, monotonic time first seen) of the kernel's last handshake."""
-    if previous is not None and last_handshake == previous.handshake:
-        return previous.handshake, previous.handshake_seen
-    if last_handshake is None:
-        return None, None
+def dwell(cycles: int, trial: float = ENDPOINT_TRIAL) -> float:
+    """How long each candidate is tried after `cycles` failed full cycles: one trial in the
+    first cycle, then a minute, growing to DWELL_CAP."""
+    if cycles == 0:
+        return trial
+    return float(min(DWELL_CAP, max(trial, BACKOFF_FIRST * DWELL_GROWTH ** min(cycles - 1, 16))))
+
+
+def given_up(now: float, tracking: Tracking, state: PeerState) -> bool:
+    """Down after a fair chance: tracked for DOWN_AFTER at least (a first trial that fails
+    proves nothing about a node whose second endpoint works)."""
+    return state is PeerState.DOWN and now - tracking.known_since >= DOWN_AFTER
+
+
+def dead_path(now: float, tracking: Tracking, timing: Timing) -> bool:
+    """Heard from since its trial, but silent since: probed in vain, or for DOWN_AFTER."""
+    heard = tracking.heard
+    if heard is None:
+        return False
+    if now - heard >= DOWN_AFTER:
+        return True
+    since = tracking.probe_since
+    return since is not None and since > heard and now - since >= timing.probe_timeout
+
+
+def peer_state(now: float, tracking: Tracking, timing: Timing = Timing()) -> PeerState:
+    if not tracking.alive_since_trial():
+        if now - tracking.since < timing.trial and tracking.first_trial:
+            return PeerState.UNKNOWN
+        return PeerState.DOWN
+    return PeerState.DOWN if dead_path(now, tracking, timing) else PeerState.UP
+
+
+def observe(
+    previous: Tracking | None, sighting: Sighting, now: float, wall_now: float
+) -> Tracking | None:
+    """The tracking with this pass's kernel values; None for a peer not tracked yet."""
     if previous is None:
-        # Found at start: its age is all the wall clock can tell. Bounded both ways, so a
-        # clock step makes it neither younger than now nor older than "long gone".
-        age = min(max(wall_now - last_handshake, 0.0), 2 * DOWN_AFTER)
-        return last_handshake, now - age
-    return last_handshake, now
+        return None
+    grew = sighting.rx_bytes > previous.rx_bytes
+    handshook = (
+        sighting.last_handshake is not None and sighting.last_handshake != previous.handshake
+    )
+    heard = previous.observed_at if grew or handshook else previous.heard
+    return replace(
+        previous,
+        handshake=sighting.last_handshake,
+        rx_bytes=sighting.rx_bytes,  # a counter that went back: the peer was recreated
+        heard=heard,
+        observed_at=now,
+    )
+
+
+def _found_heard(sighting: Sighting, now: float, wall_now: float) -> float | None:
+    """When a peer found at start was last heard from: all the wall clock can tell."""
+    if sighting.last_handshake is None:
+        return None
+    age = min(max(wall_now - sighting.last_handshake, 0.0), 2 * DOWN_AFTER)
+    return now - age
 
 
 def decide_endpoint(
@@ -112,91 +171,185 @@ def decide_endpoint(
     wall_now: float,
     candidates: tuple[Endpoint, ...],
     previous: Tracking | None,
-    observed_endpoint: Endpoint | None,
-    last_handshake: float | None,
+    sighting: Sighting,
+    timing: Timing = Timing(),
 ) -> EndpointDecision:
-    """Keep a working endpoint; when the current one has had its time, try the next."""
-    handshake, seen = observe_handshake(previous, last_handshake, now, wall_now)
+    """Keep a working endpoint; probe a quiet one; when a trial fails or a path dies, try
+    the next candidate (best first)."""
     everything = frozenset(candidates)
-    if previous is None:
-        return _first(now, candidates, observed_endpoint, handshake, seen, everything)
-    tracking = replace(previous, handshake=handshake, handshake_seen=seen)
-    state = peer_state(now, tracking)
-    fresh = everything - tracking.seen_candidates
+    tracking = observe(previous, sighting, now, wall_now)
+    if tracking is None:
+        return _first(now, wall_now, candidates, sighting, everything, timing)
+    state = peer_state(now, tracking, timing)
+    fresh = [c for c in candidates if c not in tracking.seen_candidates]
     tracking = replace(tracking, seen_candidates=tracking.seen_candidates | everything)
     if state is PeerState.UP:
         if tracking.cycles or len(tracking.tried) > 1 or tracking.trials > 1:
             tracking = replace(tracking, cycles=0, tried=tuple(tracking.tried[-1:]), trials=1)
-        return EndpointDecision(tracking, state, None)
+        if sighting.endpoint is not None and sighting.endpoint != tracking.endpoint:
+            tracking = replace(
+                tracking,
+                endpoint=sighting.endpoint,
+                why="roamed: WireGuard follows the peer's authenticated packets",
+            )
+        elif tracking.why.startswith("trial"):
+            tracking = replace(tracking, why="works: the peer answered here")
+        return _keep_alive(now, tracking, state, timing)
+    if tracking.alive_since_trial():
+        # Was up, the path died: start over from the best candidate, now.
+        failed = sighting.endpoint or tracking.endpoint
+        restart = replace(tracking, tried=(failed,) if failed else (), cycles=0, trials=1)
+        return _next(now, restart, candidates, sighting, state, timing, "the path died")
     if not candidates:
-        return EndpointDecision(tracking, state, None)
+        return _undecided(now, tracking, state, timing)
     if fresh:
+        retrial = tracking.cycles > 0
         tracking = replace(tracking, cycles=0)
+        rank = candidates.index(tracking.endpoint) if tracking.endpoint in everything else None
+        in_trial = now - tracking.since < timing.trial
+        if retrial or not in_trial or rank is None or candidates.index(fresh[0]) < rank:
+            # A new way to reach it: try it now (the peer does the same with ours: hole
+            # punching), unless a better candidate is on its first trial.
+            return _start(
+                now, tracking, fresh[0], tracking.tried, 0, state, "new candidate", timing
+            )
     current_usable = tracking.endpoint in everything
-    if observed_endpoint is None and current_usable:
+    if sighting.endpoint is None and current_usable:
         # The kernel lost the endpoint (its peer was recreated): put it back, same trial.
-        return EndpointDecision(tracking, state, tracking.endpoint)
-    if current_usable and now - tracking.since < dwell(tracking.cycles):
-        return EndpointDecision(tracking, state, None)
+        return EndpointDecision(
+            tracking, state, tracking.endpoint, nudge=True, wake_at=now + timing.poll
+        )
+    if current_usable and now - tracking.since < dwell(tracking.cycles, timing.trial):
+        return _undecided(now, tracking, state, timing)
+    return _next(now, tracking, candidates, sighting, state, timing, "the last trial failed")
+
+
+def _next(
+    now: float,
+    tracking: Tracking,
+    candidates: tuple[Endpoint, ...],
+    sighting: Sighting,
+    state: PeerState,
+    timing: Timing,
+    cause: str,
+) -> EndpointDecision:
+    if not candidates:
+        return _undecided(now, tracking, state, timing)
     untried = [c for c in candidates if c not in tracking.tried]
     tried, cycles = tracking.tried, tracking.cycles
     if not untried:
         untried, tried, cycles = list(candidates), (), cycles + 1
-    following = untried[0]
-    if following == observed_endpoint and len(candidates) == 1:
-        # Nothing else to try: stay, with no kernel change, until a handshake comes.
-        stay = replace(tracking, tried=(following,), cycles=cycles)
-        return EndpointDecision(stay, state, None)
-    moved = Tracking(
-        following,
-        now,
-        handshake,
-        handshake,
-        seen,
-        (*tried, following),
-        cycles,
-        everything,
-        tracking.trials + 1,
-        tracking.known_since,
+    return _start(now, tracking, untried[0], tried, cycles, state, cause, timing, sighting.endpoint)
+
+
+def _start(
+    now: float,
+    tracking: Tracking,
+    endpoint: Endpoint,
+    tried: tuple[Endpoint, ...],
+    cycles: int,
+    state: PeerState,
+    cause: str,
+    timing: Timing,
+    kernel_endpoint: Endpoint | None = None,
+) -> EndpointDecision:
+    """A new trial of `endpoint` from now: set it (unless the kernel has it), nudge, probe."""
+    started = replace(
+        tracking,
+        endpoint=endpoint,
+        since=now,
+        tried=(*tried, endpoint),
+        cycles=cycles,
+        trials=tracking.trials + 1,
+        probe_since=None,
+        probed_at=now,
+        why=f"trial: {cause}",
     )
-    return EndpointDecision(moved, state, following)
+    if state is PeerState.UP:
+        state = PeerState.DOWN
+    set_endpoint = None if endpoint == kernel_endpoint else endpoint
+    # Backed-off cycles need no nudge: their trials outlast WireGuard's own attempts (every
+    # 5 s while retrying, every 25 s from persistent keepalive), so dead peers cost one
+    # kernel change per trial.
+    return EndpointDecision(
+        started, state, set_endpoint, nudge=cycles == 0, probe=True, wake_at=now + timing.poll
+    )
+
+
+def _undecided(
+    now: float, tracking: Tracking, state: PeerState, timing: Timing
+) -> EndpointDecision:
+    """Waiting on a trial (or the dwell of a dead peer): probe now and then while the trial
+    is young, and look again soon."""
+    in_trial = now - tracking.since < timing.trial
+    probe = in_trial and (
+        tracking.probed_at is None or now - tracking.probed_at >= timing.probe_interval
+    )
+    if probe:
+        tracking = replace(tracking, probed_at=now)
+    end = tracking.since + (timing.trial if in_trial else dwell(tracking.cycles, timing.trial))
+    wake = min(end, now + timing.poll) if in_trial else end
+    return EndpointDecision(tracking, state, None, probe=probe, wake_at=max(wake, now))
+
+
+def _keep_alive(
+    now: float, tracking: Tracking, state: PeerState, timing: Timing
+) -> EndpointDecision:
+    """An up peer: probe it once it has been quiet, until it answers."""
+    heard = tracking.heard if tracking.heard is not None else now
+    if now - heard < timing.quiet:
+        settled = replace(tracking, probe_since=None)
+        return EndpointDecision(settled, state, None, wake_at=heard + timing.quiet)
+    since = tracking.probe_since
+    if since is not None and since <= heard:
+        since = None  # answered since: a new round of probes
+    last = tracking.probed_at
+    probe = since is None or last is None or now - last >= timing.probe_interval
+    if probe:
+        tracking = replace(tracking, probe_since=now if since is None else since, probed_at=now)
+    assert tracking.probe_since is not None and tracking.probed_at is not None
+    wake = min(
+        tracking.probe_since + timing.probe_timeout, tracking.probed_at + timing.probe_interval
+    )
+    return EndpointDecision(tracking, state, None, probe=probe, wake_at=max(wake, now))
 
 
 def _first(
     now: float,
+    wall_now: float,
     candidates: tuple[Endpoint, ...],
-    observed_endpoint: Endpoint | None,
-    handshake: float | None,
-    seen: float | None,
+    sighting: Sighting,
     everything: frozenset[Endpoint],
+    timing: Timing,
 ) -> EndpointDecision:
-    if observed_endpoint is not None:
+    found = sighting.endpoint
+    base = Tracking(
+        None,
+        now,
+        handshake=sighting.last_handshake,
+        rx_bytes=sighting.rx_bytes,
+        observed_at=now,
+        seen_candidates=everything,
+        known_since=now,
+    )
+    if found is not None:
         # Found in the kernel (an earlier run of the agent): carry on from that endpoint;
         # the candidates before it were tried before (rotation goes on after it).
-        done = (
-            candidates[: candidates.index(observed_endpoint) + 1]
-            if observed_endpoint in everything
-            else (observed_endpoint,)
-        )
-        if handshake is not None:
-            # With a handshake: judge it by the handshake's age, not by a new trial.
-            adopted = Tracking(
-                observed_endpoint, now - DOWN_AFTER, None, handshake, seen, done, 0, everything,
-                known_since=now,
-            )  # fmt: skip
-            return EndpointDecision(adopted, peer_state(now, adopted), None)
-        if observed_endpoint in everything or not candidates:
-            resumed = Tracking(
-                observed_endpoint, now, None, None, None, done, 0, everything, known_since=now
+        done = candidates[: candidates.index(found) + 1] if found in everything else (found,)
+        heard = _found_heard(sighting, now, wall_now)
+        if heard is not None:
+            # With a handshake: judge it by its age (probed at once if it is quiet).
+            adopted = replace(
+                base, endpoint=found, since=heard, heard=heard, tried=done, why="found in kernel"
             )
-            return EndpointDecision(resumed, PeerState.UNKNOWN, None)
+            state = peer_state(now, adopted, timing)
+            if state is PeerState.UP:
+                return _keep_alive(now, adopted, state, timing)
+            return _next(now, adopted, candidates, sighting, state, timing, "found dead")
+        if found in everything or not candidates:
+            resumed = replace(base, endpoint=found, tried=done, why="found in kernel")
+            return _undecided(now, resumed, PeerState.UNKNOWN, timing)
     if not candidates:
-        waiting = Tracking(
-            None, now, handshake, handshake, seen, (), 0, everything, known_since=now
-        )
-        return EndpointDecision(waiting, PeerState.UNKNOWN, None)
-    first = candidates[0]
-    started = Tracking(
-        first, now, handshake, handshake, seen, (first,), 0, everything, known_since=now
-    )
-    return EndpointDecision(started, PeerState.UNKNOWN, first)
+        return EndpointDecision(base, PeerState.UNKNOWN, None)
+    first = replace(base, trials=0)
+    return _start(now, first, candidates[0], (), 0, PeerState.UNKNOWN, "best candidate", timing)
