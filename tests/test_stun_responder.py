@@ -4,12 +4,14 @@ advertisement and the client's reading of it, the command line."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import queue
 import random
 import re
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -250,3 +252,34 @@ def test_a_wildcard_reflector_answers_from_the_address_asked(tmp_path: Path, wil
         answers = probe(51820, reflectors).answers
         assert all(a.mapped is not None for a in answers), answers
         assert {a.mapped.port for a in answers if a.mapped} == {51820}
+
+
+def test_a_bad_reflector_list_costs_the_reflectors_only(tmp_path: Path) -> None:
+    """A service (or anyone on an http:// path) sending a hostile `stun` list: the node
+    keeps its address and goes on registering; the list is refused with its reason."""
+    answer = {"client_address": "192.0.2.7", "stun": [{"port": "3478"}] * 3}
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        client = DiscoveryClient(url, new_keys())
+        serving = threading.Thread(target=_answer_once, args=(listener, answer), daemon=True)
+        serving.start()
+        hello = client.hello_info()
+        serving.join(WAIT)
+    assert hello.client_address == ipaddress.ip_address("192.0.2.7")
+    assert hello.stun == ()
+    assert hello.stun_problem is not None
+    assert "hello's stun[0].port is not a port number" in hello.stun_problem
+
+
+def _answer_once(listener: socket.socket, document: dict[str, Any]) -> None:
+    connection, _ = listener.accept()
+    with connection:
+        connection.settimeout(WAIT)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += connection.recv(4096)
+        body = json.dumps(document).encode()
+        head = f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        connection.sendall(head.encode() + body)

@@ -238,6 +238,8 @@ class DiscoverySession:
     def _hello(self, client: DiscoveryClient) -> None:
         hello = client.hello_info()
         address = hello.client_address
+        if hello.stun_problem is not None:
+            log.warning("stun reflectors refused url=%s error=%s", self.url, hello.stun_problem)
         # Reflectors named without an address are at the service's own address: the one
         # in its URL, or else the one this request reached (a host name's).
         at = self.addresses or ((hello.service_address,) if hello.service_address else ())

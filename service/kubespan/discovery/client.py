@@ -56,6 +56,9 @@ class Hello:
     stun: tuple[StunReflector, ...]
     # The service's address this answer came from (resolves reflectors without address).
     service_address: IPAddress | None = None
+    # Why the service's `stun` list was refused (then `stun` is empty): a bad list costs the
+    # reflectors, never the address or the registration that follows.
+    stun_problem: str | None = None
 
     def reflectors(self, service_addresses: Sequence[IPAddress]) -> tuple[Endpoint, ...]:
         """The reflectors as endpoints, those without address at each service address."""
@@ -113,11 +116,12 @@ class DiscoveryClient:
             service_address = parse_address(peer, "peer") if peer else None
         except ValueError:
             service_address = None
-        return Hello(
-            self._client_address(body.get("client_address")),
-            parse_stun_reflectors(body.get("stun"), self.base_url),
-            service_address,
-        )
+        client_address = self._client_address(body.get("client_address"))
+        try:
+            stun = parse_stun_reflectors(body.get("stun"), self.base_url)
+        except DiscoveryError as error:
+            return Hello(client_address, (), service_address, str(error))
+        return Hello(client_address, stun, service_address)
 
     def _client_address(self, address: object) -> IPAddress | None:
         if address is None:
