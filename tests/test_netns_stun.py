@@ -49,6 +49,34 @@ table inet stunlab_filter {
 }
 """
 
+# On the nodes: count what leaves from the WireGuard port, by mark.
+NODE_RULES = """
+table inet stunlab_count {
+    counter wireguard_marked {}
+    counter unmarked {}
+    chain output {
+        type filter hook output priority filter; policy accept;
+        udp sport 51820 meta mark 0x20 counter name wireguard_marked
+        udp sport 51820 meta mark != 0x20 counter name unmarked
+    }
+}
+"""
+
+
+def nft(namespace: Netns, rules: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", namespace.name, "nft", "-f", "-"],
+        input=rules,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+
+
+def packets(namespace: Netns, counter: str) -> int:
+    listed = namespace.sh(f"nft -j list counter inet stunlab_count {counter}")
+    return int(json.loads(listed)["nftables"][1]["counter"]["packets"])
+
 
 @pytest.fixture
 def lab() -> Iterator[dict[str, Netns]]:
@@ -69,13 +97,9 @@ def lab() -> Iterator[dict[str, Netns]]:
             node.ip("addr", "add", f"10.0.0.{index}/24", "dev", "eth0")
             node.ip("route", "add", "default", "via", "10.0.0.1")
         router.sh("sysctl -qw net.ipv4.ip_forward=1")
-        subprocess.run(
-            ["ip", "netns", "exec", router.name, "nft", "-f", "-"],
-            input=ROUTER_RULES,
-            text=True,
-            check=True,
-            capture_output=True,
-        )
+        nft(router, ROUTER_RULES)
+        for name in ("node1", "node2"):
+            nft(ns[name], NODE_RULES)
         with DiscoveryIn(public):
             yield ns
 
@@ -140,6 +164,11 @@ def test_two_nodes_behind_one_nat_learn_distinct_public_ports(lab: dict[str, Net
             assert all(m and m.startswith(f"{ROUTER_PUBLIC}:") for m in probe["mapped"].values())
         # A second probe finds the same mapping: the NAT keeps it.
         assert result["probes"][0]["mapped"] == result["probes"][1]["mapped"]
+
+    # Every request left with WireGuard's own mark (so kubespan's rules leave it alone).
+    for name in ("node1", "node2"):
+        assert packets(lab[name], "wireguard_marked") >= 4
+        assert packets(lab[name], "unmarked") == 0
 
     # node1 came first: masquerade kept its port for both reflectors (endpoint-independent).
     node1 = first["probes"][0]
