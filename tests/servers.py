@@ -13,6 +13,7 @@ from pathlib import Path
 from kubespan.discovery.daemon import bind, run_service
 from kubespan.discovery.server import DiscoveryApp, Settings
 from kubespan.discovery.signing import authority
+from kubespan.discovery.stunserver import StunAdvert, bind_udp
 
 
 @dataclass
@@ -23,6 +24,7 @@ class RunningServer:
     loop: asyncio.AbstractEventLoop
     stop_event: asyncio.Event
     thread: threading.Thread
+    stun_port: int | None = None  # the STUN reflector's UDP port on 127.0.0.1
 
     def stop(self) -> None:
         """Stop the service as SIGTERM would (idempotent)."""
@@ -33,15 +35,21 @@ class RunningServer:
 
 @contextmanager
 def discovery_server(
-    state_dir: Path | None = None, settings: Settings | None = None
+    state_dir: Path | None = None, settings: Settings | None = None, stun: bool = False
 ) -> Iterator[RunningServer]:
     """The service on 127.0.0.1 in a thread; no rate limit unless `settings` sets one. Its
-    names default to its own address, as `kubespan discovery serve` does."""
+    names default to its own address, as `kubespan discovery serve` does. With `stun`, its
+    STUN reflector on a free UDP port, advertised as at the service's address."""
     api, ops = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
+    reflector = bind_udp("127.0.0.1", 0) if stun else None
+    stun_port = reflector.getsockname()[1] if reflector else None
     port = api.getsockname()[1]
     chosen = settings or Settings(state_dir=state_dir, rate=0)
     if not chosen.services:
         chosen = replace(chosen, services=(authority("127.0.0.1", port),))
+    if stun_port is not None and not chosen.stun:
+        chosen = replace(chosen, stun=(StunAdvert(None, stun_port),))
+    reflectors = (reflector,) if reflector else ()
     app = DiscoveryApp.open(chosen)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -50,7 +58,7 @@ def discovery_server(
     def run() -> None:
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(run_service(app, api, ops, None, stop))
+            loop.run_until_complete(run_service(app, api, ops, None, stop, reflectors))
         finally:
             loop.close()
             done.set()
@@ -69,6 +77,7 @@ def discovery_server(
         loop,
         stop,
         thread,
+        stun_port,
     )
     try:
         yield running
@@ -76,3 +85,5 @@ def discovery_server(
         running.stop()
         api.close()
         ops.close()
+        if reflector is not None:
+            reflector.close()

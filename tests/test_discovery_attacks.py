@@ -176,7 +176,7 @@ def test_forwarded_for_is_not_believed_without_trusted_proxy(tmp_path: Path) -> 
             response = requests.get(service.url + target, headers=headers, timeout=10)
             codes.append(response.status_code)
             if response.status_code == 200:
-                assert response.json() == {"client_address": "127.0.0.1"}
+                assert response.json()["client_address"] == "127.0.0.1"
         assert codes.count(200) <= 12
         assert 429 in codes
 

@@ -321,7 +321,7 @@ def test_trusted_proxy_forwarded_address() -> None:
             headers={**headers, "x-forwarded-for": "203.0.113.200"},
             timeout=10,
         )
-        assert response.json() == {"client_address": "203.0.113.200"}
+        assert response.json() == {"client_address": "203.0.113.200", "stun": []}
 
 
 def test_health_ready_metrics_and_openapi() -> None:

@@ -187,7 +187,8 @@ def _discovery_serve(args: argparse.Namespace) -> int:
         max_stored_bytes=args.max_stored_mib * 1024 * 1024,
         new_clusters_per_hour=args.new_clusters_per_hour,
     )
-    sockets = []
+    stun = daemon.stun_sockets(listen, args.stun_listen, args.stun_advertise, args.no_stun)
+    sockets = list(stun.sockets)
     try:
         for address, flag in ((listen, "--listen"), (metrics, "--metrics-listen")):
             if address is not None:
@@ -197,7 +198,8 @@ def _discovery_serve(args: argparse.Namespace) -> int:
                     raise daemon.UsageError(
                         f"{flag} {address.host}:{address.port}: cannot listen: {error.strerror}"
                     ) from None
-        api_socket, ops_socket = sockets[0], (sockets[1] if metrics is not None else None)
+        served = sockets[len(stun.sockets) :]
+        api_socket, ops_socket = served[0], (served[1] if metrics is not None else None)
         bound_port = api_socket.getsockname()[1]
         settings = Settings(
             state_dir=args.state_dir,
@@ -208,9 +210,10 @@ def _discovery_serve(args: argparse.Namespace) -> int:
             services=tuple(names) or daemon.default_names(listen, bound_port),
             quotas=quotas,
             http=http_limits,
+            stun=stun.adverts,
         )
         try:
-            return daemon.serve(settings, listen, api_socket, ops_socket, tls)
+            return daemon.serve(settings, listen, api_socket, ops_socket, tls, stun.sockets)
         except StateDirError as error:
             print(f"kubespan: --state-dir: {error}", file=sys.stderr)
             return 1
@@ -390,6 +393,25 @@ def add_serve_parser(commands: Any) -> None:
         default=[],
         metavar="CIDR",
         help="believe X-Forwarded-For from these addresses, and only these (repeatable)",
+    )
+    serve.add_argument(
+        "--stun-listen",
+        action="append",
+        default=[],
+        metavar="ADDRESS:PORT",
+        help="answer STUN binding requests on this UDP address (repeatable). Default: the "
+        f"--listen address, port {limits.STUN_DEFAULT_PORT}, skipped with a warning if taken",
+    )
+    serve.add_argument(
+        "--stun-advertise",
+        action="append",
+        default=[],
+        metavar="[ADDRESS]:PORT",
+        help="a STUN reflector to name to nodes (repeatable; `:PORT` is this service's own "
+        "address as the node reached it). Default: `:PORT` for each --stun-listen port",
+    )
+    serve.add_argument(
+        "--no-stun", action="store_true", help="no STUN reflector, and none advertised"
     )
     serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", type=Path, help="the certificate's private key")

@@ -59,7 +59,7 @@ umoci config --image "$work/oci:latest" \
     --config.cmd --listen --config.cmd '[::]:3000' \
     --config.cmd --metrics-listen --config.cmd '[::]:9091' \
     --config.cmd --state-dir --config.cmd "$state" \
-    --config.exposedports 3000/tcp --config.exposedports 9091/tcp \
+    --config.exposedports 3000/tcp --config.exposedports 3478/udp --config.exposedports 9091/tcp \
     --config.volume "$state" \
     --config.label org.opencontainers.image.title=kubespan-discovery \
     --config.label org.opencontainers.image.description="kubespan discovery service"

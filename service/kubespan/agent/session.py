@@ -85,6 +85,8 @@ class DiscoverySession:
         self.random_bytes = random_bytes
         self.monotonic = monotonic
         self.reflexive: IPAddress | None = None
+        # The STUN reflectors the service names (resolved: see _hello); replaced whole.
+        self.stun_reflectors: tuple[Endpoint, ...] = ()
         # The service's own address, which members may never claim, when the URL names it:
         # what a host name resolves to is not believed (whoever answers DNS for it could
         # otherwise make members' addresses unroutable, and their traffic go in the clear).
@@ -162,6 +164,7 @@ class DiscoverySession:
             "revision": self.revision,
             "registered": self._sent is not None,
             "public_address": str(self.reflexive) if self.reflexive else None,
+            "stun_reflectors": [str(r) for r in self.stun_reflectors],
             "last_error": self.last_error,
             "last_answer": self.last_answer,
         }
@@ -233,7 +236,21 @@ class DiscoverySession:
                 log.warning("harvest report failed url=%s error=%s", self.url, error)
 
     def _hello(self, client: DiscoveryClient) -> None:
-        address = client.hello()
+        hello = client.hello_info()
+        address = hello.client_address
+        if hello.stun_problem is not None:
+            log.warning("stun reflectors refused url=%s error=%s", self.url, hello.stun_problem)
+        # Reflectors named without an address are at the service's own address: the one
+        # in its URL, or else the one this request reached (a host name's).
+        at = self.addresses or ((hello.service_address,) if hello.service_address else ())
+        reflectors = hello.reflectors(at)
+        if reflectors != self.stun_reflectors:
+            log.info(
+                "discovery names stun reflectors url=%s reflectors=%s",
+                self.url,
+                ",".join(str(r) for r in reflectors) or "-",
+            )
+            self.stun_reflectors = reflectors
         if address is not None and not reachable_unicast(address):
             log.warning(
                 "discovery url=%s says this node is at %s, which cannot be; ignored",

@@ -16,7 +16,8 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kubespan import boundedjson
@@ -27,7 +28,7 @@ from kubespan.discovery.protocol import API_PREFIX, Listing, encode_blob
 from kubespan.discovery.signing import NONCE_BYTES, sign
 from kubespan.discovery.transport import Transport
 from kubespan.errors import DiscoveryError, DiscoveryRejected
-from kubespan.netaddr import IPAddress
+from kubespan.netaddr import Endpoint, IPAddress, reachable_unicast
 
 # A whole exchange, from connecting to the last byte of the answer (a long poll adds its wait).
 EXCHANGE_DEADLINE = 15.0
@@ -37,6 +38,38 @@ ATTEMPTS = 3
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_ANSWER_DEPTH = 6
 MAX_RETRY_AFTER = 60.0
+MAX_STUN_REFLECTORS = 8
+
+
+@dataclass(frozen=True)
+class StunReflector:
+    """A STUN reflector the service names: at `address`, or (None) at the service's own
+    address as this node reaches it."""
+
+    address: IPAddress | None
+    port: int
+
+
+@dataclass(frozen=True)
+class Hello:
+    client_address: IPAddress | None
+    stun: tuple[StunReflector, ...]
+    # The service's address this answer came from (resolves reflectors without address).
+    service_address: IPAddress | None = None
+    # Why the service's `stun` list was refused (then `stun` is empty): a bad list costs the
+    # reflectors, never the address or the registration that follows.
+    stun_problem: str | None = None
+
+    def reflectors(self, service_addresses: Sequence[IPAddress]) -> tuple[Endpoint, ...]:
+        """The reflectors as endpoints, those without address at each service address."""
+        found: dict[Endpoint, None] = {}
+        for reflector in self.stun:
+            if reflector.address is not None:
+                found[Endpoint(reflector.address, reflector.port)] = None
+                continue
+            for address in service_addresses:
+                found[Endpoint(address, reflector.port)] = None
+        return tuple(found)
 
 
 class DiscoveryClient:
@@ -71,8 +104,26 @@ class DiscoveryClient:
         return f"{API_PREFIX}/clusters/{self.keys.cluster_address}"
 
     def hello(self) -> IPAddress | None:
+        """This node's address as the service sees it."""
+        return self.hello_info().client_address
+
+    def hello_info(self) -> Hello:
+        """This node's address as the service sees it, and the service's STUN reflectors
+        (none from a service that predates them)."""
         body = self._request("GET", f"{self.cluster_path}/hello")
-        address = body.get("client_address")
+        peer = self.transport.peer_address
+        try:
+            service_address = parse_address(peer, "peer") if peer else None
+        except ValueError:
+            service_address = None
+        client_address = self._client_address(body.get("client_address"))
+        try:
+            stun = parse_stun_reflectors(body.get("stun"), self.base_url)
+        except DiscoveryError as error:
+            return Hello(client_address, (), service_address, str(error))
+        return Hello(client_address, stun, service_address)
+
+    def _client_address(self, address: object) -> IPAddress | None:
         if address is None:
             return None
         if not isinstance(address, str) or len(address) > 64:
@@ -196,6 +247,41 @@ class DiscoveryClient:
         if status != 200 or not isinstance(body, dict):
             raise DiscoveryError(f"{self.base_url}: HTTP {status} for {method} {target}")
         return body
+
+
+def parse_stun_reflectors(value: object, base_url: str) -> tuple[StunReflector, ...]:
+    """The `stun` list of a hello answer: at most MAX_STUN_REFLECTORS entries, each
+    {"port": 1-65535} with an optional "address" (an IP literal another host could reach);
+    anything else is refused whole, with a message naming what was wrong."""
+    if value is None:
+        return ()
+    where = f"{base_url}: hello's stun"
+    if not isinstance(value, list):
+        raise DiscoveryError(f"{where} is not a list")
+    if len(value) > MAX_STUN_REFLECTORS:
+        raise DiscoveryError(
+            f"{where} names {len(value)} reflectors, at most {MAX_STUN_REFLECTORS}"
+        )
+    reflectors: dict[StunReflector, None] = {}
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict) or not set(entry) <= {"address", "port"}:
+            raise DiscoveryError(f"{where}[{index}] is not {{address?, port}}")
+        port = entry.get("port")
+        if type(port) is not int or not 1 <= port <= 65535:
+            raise DiscoveryError(f"{where}[{index}].port is not a port number")
+        text = entry.get("address")
+        address = None
+        if text is not None:
+            if not isinstance(text, str) or len(text) > 64:
+                raise DiscoveryError(f"{where}[{index}].address is not an IP address")
+            try:
+                address = parse_address(text, "address")
+            except ValueError:
+                raise DiscoveryError(f"{where}[{index}].address {text[:64]!r} refused") from None
+            if not reachable_unicast(address):
+                raise DiscoveryError(f"{where}[{index}].address {address} cannot be reached")
+        reflectors[StunReflector(address, port)] = None
+    return tuple(reflectors)
 
 
 def parse_retry_after(value: str | None) -> float:

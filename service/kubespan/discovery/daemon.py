@@ -27,6 +27,7 @@ from kubespan.discovery import limits
 from kubespan.discovery.http import HttpLimits, HttpServer, tune_loop
 from kubespan.discovery.server import DiscoveryApp, Settings, exempt_from_source_limits
 from kubespan.discovery.signing import authority
+from kubespan.discovery.stunserver import StunAdvert, StunListener, bind_udp
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,69 @@ def parse_listen(text: str, flag: str) -> Address:
     if address.version == 6 and not host.startswith("["):
         raise UsageError(f"{flag} {text!r}: write an IPv6 address in brackets, [{address}]")
     return Address(str(address), int(port))
+
+
+def parse_stun_advert(text: str) -> StunAdvert:
+    """`:PORT` (the address clients reach the service at), `IPv4:PORT` or `[IPv6]:PORT`."""
+    flag = "--stun-advertise"
+    if text.startswith(":"):
+        if not _PORT.fullmatch(text[1:]) or not 1 <= int(text[1:]) <= 65535:
+            raise UsageError(f"{flag} {text!r}: expected :PORT with a port from 1 to 65535")
+        return StunAdvert(None, int(text[1:]))
+    address = parse_listen(text, flag)
+    if address.wildcard or address.port == 0:
+        raise UsageError(f"{flag} {text!r}: name an address clients can reach and a port")
+    return StunAdvert(address.host, address.port)
+
+
+@dataclass(frozen=True)
+class StunSockets:
+    sockets: tuple[socket.socket, ...]
+    adverts: tuple[StunAdvert, ...]
+
+
+def stun_sockets(
+    listen: Address, stun_listen: list[str], advertise: list[str], disabled: bool
+) -> StunSockets:
+    """Bind the STUN reflector's sockets. Named addresses must bind (UsageError otherwise);
+    the default (the API's host, port 3478, or any free port when the API's is 0) is
+    given up with a warning when taken, e.g. by a second service on this host. Unless
+    --stun-advertise says otherwise, each bound port is advertised at the service's address."""
+    if disabled:
+        if stun_listen or advertise:
+            raise UsageError("--no-stun leaves nothing to --stun-listen or --stun-advertise")
+        return StunSockets((), ())
+    adverts = tuple(dict.fromkeys(parse_stun_advert(text) for text in advertise))
+    if len(adverts) > limits.MAX_STUN_ADVERTS:
+        raise UsageError(f"--stun-advertise: at most {limits.MAX_STUN_ADVERTS} reflectors")
+    named = [parse_listen(text, "--stun-listen") for text in stun_listen]
+    wanted = named or [Address(listen.host, limits.STUN_DEFAULT_PORT if listen.port else 0)]
+    sockets: list[socket.socket] = []
+    try:
+        for address in dict.fromkeys(wanted):
+            try:
+                sockets.append(bind_udp(address.host, address.port))
+            except OSError as error:
+                if named:
+                    raise UsageError(
+                        f"--stun-listen {address.host}:{address.port}: cannot listen: "
+                        f"{error.strerror}"
+                    ) from None
+                log.warning(
+                    "no STUN reflector: udp %s:%d: %s (choose one with --stun-listen, or "
+                    "--no-stun)",
+                    address.host,
+                    address.port,
+                    error.strerror,
+                )
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    if not adverts:
+        ports = dict.fromkeys(int(sock.getsockname()[1]) for sock in sockets)
+        adverts = tuple(StunAdvert(None, port) for port in ports)
+    return StunSockets(tuple(sockets), adverts)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -139,6 +203,7 @@ async def run_service(
     ops_socket: socket.socket | None,
     tls: ssl.SSLContext | None,
     stop: asyncio.Event,
+    stun: tuple[socket.socket, ...] = (),
 ) -> tuple[int, bool]:
     """Serve until `stop` is set; then stop cleanly. The number of long polls answered and
     whether the final snapshot was written."""
@@ -161,7 +226,12 @@ async def run_service(
     await api.listen(api_socket)
     if ops_socket is not None:
         await ops.listen(ops_socket)
+    reflectors = [StunListener(sock, app.stun) for sock in stun]
+    for reflector in reflectors:
+        reflector.start()
     await stop.wait()
+    for reflector in reflectors:
+        reflector.close()
     api.closing = True  # answers from now on close their connections
     woken = app.wake_all()
     await api.close(limits.SHUTDOWN_GRACE_SECONDS)
@@ -176,6 +246,7 @@ def serve(
     api_socket: socket.socket,
     ops_socket: socket.socket | None,
     tls: ssl.SSLContext | None,
+    stun: tuple[socket.socket, ...] = (),
 ) -> int:
     """Run the service until SIGTERM/SIGINT; the process's exit status."""
     app = DiscoveryApp.open(settings)
@@ -187,6 +258,8 @@ def serve(
         metrics = f"http://{f'[{ops_host}]' if ':' in ops_host else ops_host}:{ops_port}"
     if settings.state_dir is None:
         log.warning("no --state-dir: state is in memory only and lost at every restart")
+    reflectors = ",".join(_shown(sock) for sock in stun) or "off"
+    log.info("stun reflector udp=%s advertised=%s", reflectors, _adverts(settings.stun))
     log.info(
         "discovery service listening url=%s://%s:%d pid=%d metrics=%s names=%s",
         "https" if tls else "http",
@@ -210,7 +283,9 @@ def serve(
         loop.add_signal_handler(signum, on_signal, signum)
     notify.ready(f"serving {listen.host}:{port}")
     try:
-        woken, saved = loop.run_until_complete(run_service(app, api_socket, ops_socket, tls, stop))
+        woken, saved = loop.run_until_complete(
+            run_service(app, api_socket, ops_socket, tls, stop, stun)
+        )
     finally:
         loop.close()
     if settings.state_dir is not None and not saved:
@@ -223,3 +298,14 @@ def serve(
         "written" if saved else "none (memory only)",
     )
     return 0
+
+
+def _shown(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _adverts(adverts: tuple[StunAdvert, ...]) -> str:
+    shown = [f"{a.address or ''}:{a.port}" if a.address is None or ":" not in a.address
+             else f"[{a.address}]:{a.port}" for a in adverts]  # fmt: skip
+    return ",".join(shown) or "none"

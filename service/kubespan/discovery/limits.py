@@ -34,6 +34,14 @@ BURST_PER_SOURCE = 60.0
 NEW_CLUSTERS_PER_SOURCE_PER_HOUR = 10.0
 MAX_SOURCES_TRACKED = 100_000
 
+# --- STUN reflector (UDP) ---------------------------------------------------------------------
+STUN_DEFAULT_PORT = 3478
+# A node asks each reflector up to 4 times per probe, once a minute and on network changes;
+# a few hundred nodes behind one NAT stay well within these.
+STUN_RATE_PER_SOURCE = 20.0
+STUN_BURST_PER_SOURCE = 100.0
+MAX_STUN_ADVERTS = 8
+
 # --- global quotas -----------------------------------------------------------------------------
 MAX_AFFILIATES_TOTAL = 20_000
 # Blob bytes stored (data, endpoints, harvested endpoints): bounds memory and snapshot size.

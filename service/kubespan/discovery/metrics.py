@@ -11,8 +11,18 @@ from kubespan.discovery.http import TransportCounters
 PREFIX = "kubespan_discovery"
 
 
+class StunCounters:
+    """The STUN reflector's datagrams: all of them, those answered, those refused by reason."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.answered = 0
+        self.refused: Counter[str] = Counter()
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.stun = StunCounters()
         self.requests: Counter[tuple[str, str, int]] = Counter()
         self.rejected: Counter[str] = Counter()
         self.notifications = 0
@@ -58,6 +68,18 @@ class Metrics:
                     f'{PREFIX}_connections_refused_total{{listener="{listener}",'
                     f'reason="{reason}"}} {count}'
                 )
+        lines += [
+            f"# HELP {PREFIX}_stun_requests_total Datagrams received by the STUN reflector.",
+            f"# TYPE {PREFIX}_stun_requests_total counter",
+            f"{PREFIX}_stun_requests_total {self.stun.requests}",
+            f"# HELP {PREFIX}_stun_answers_total Binding requests answered.",
+            f"# TYPE {PREFIX}_stun_answers_total counter",
+            f"{PREFIX}_stun_answers_total {self.stun.answered}",
+            f"# HELP {PREFIX}_stun_refused_total Datagrams dropped unanswered, by reason.",
+            f"# TYPE {PREFIX}_stun_refused_total counter",
+        ]
+        for reason, count in sorted(self.stun.refused.items()):
+            lines.append(f'{PREFIX}_stun_refused_total{{reason="{reason}"}} {count}')
         internal = sum(c.errors for c in transports.values()) + self.errors
         lines += [
             f"# HELP {PREFIX}_internal_errors_total Handler or timer exceptions (answered 500).",

@@ -37,6 +37,7 @@ from kubespan.discovery.ratelimit import RateLimiter
 from kubespan.discovery.replay import ReplayGuard
 from kubespan.discovery.signing import SignatureRejected, verify
 from kubespan.discovery.state import Quotas, Registry
+from kubespan.discovery.stunserver import StunAdvert, StunResponder
 from kubespan.netaddr import IPNetwork
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Settings:
     services: tuple[str, ...] = ()
     quotas: Quotas = field(default_factory=Quotas)
     http: HttpLimits = field(default_factory=HttpLimits)
+    # STUN reflectors named to clients in `hello` (see stunserver.StunAdvert).
+    stun: tuple[StunAdvert, ...] = ()
 
 
 def json_response(status: int, document: object) -> Response:
@@ -80,6 +83,7 @@ class DiscoveryApp:
         self.clock = clock
         self.metrics = Metrics()
         self.limiter = RateLimiter(settings.rate, settings.burst)
+        self.stun = StunResponder(self.metrics.stun)
         # Without saved state there is nothing of an earlier run to roll back to; what was
         # signed before this second is refused all the same.
         self.replays = replays or ReplayGuard(settings.max_skew, not_before=int(clock()) - 1)
@@ -174,6 +178,7 @@ class DiscoveryApp:
         for cluster_id in self.registry.collect_garbage(now):
             self._notify(cluster_id)
         self.limiter.forget_idle(now)
+        self.stun.limiter.forget_idle(self.stun.clock())
         self._next_epoch_if_needed()
 
     def _next_epoch_if_needed(self) -> None:
@@ -331,7 +336,8 @@ class DiscoveryApp:
         source: str | None,
     ) -> Response:
         if route == "hello":
-            return json_response(200, {"client_address": source})
+            stun = [advert.as_json() for advert in self.settings.stun]
+            return json_response(200, {"client_address": source, "stun": stun})
         if route == "list":
             since, wait = parse_watch(parse_query(query))
             current = self.registry.cluster_revision(cluster)

@@ -52,6 +52,8 @@ class Transport:
         self._source = (source_address, 0) if source_address else None
         self._headers = dict(headers or {})
         self._connection: http.client.HTTPConnection | None = None
+        # The address the last request was sent to (the service's, as this node reaches it).
+        self.peer_address: str | None = None
 
     def close(self) -> None:
         if self._connection is not None:
@@ -116,6 +118,8 @@ class Transport:
             )
             if connection.sock is not None:
                 held.append(connection.sock)
+                with contextlib.suppress(OSError):
+                    self.peer_address = str(connection.sock.getpeername()[0])
             if expired.is_set():
                 # Connecting took all the time (addresses tried one by one): the watchdog
                 # found no socket to cut, so stop here rather than wait on a slow answer.
