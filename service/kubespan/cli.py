@@ -43,6 +43,7 @@ def setup_logging(verbose: bool) -> None:
 def cmd_agent(args: argparse.Namespace) -> int:
     from kubespan.agent.events import KernelChanged, Stop
     from kubespan.agent.loop import Agent
+    from kubespan.agent.reflexive import ReflexiveProber
     from kubespan.agent.supervisor import ConfigWatcher, Supervisor
     from kubespan.apply.kernel import Kernel
     from kubespan.apply.watch import KernelWatcher
@@ -92,7 +93,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
     with Kernel() as kernel:
 
         def make_agent(config: MachineConfig, node: Identity, queue_: queue.Queue[Any]) -> Agent:
-            return Agent(config, node, kernel, args.runtime_dir, args.state_dir, events=queue_)
+            return Agent(
+                config,
+                node,
+                kernel,
+                args.runtime_dir,
+                args.state_dir,
+                events=queue_,
+                stun=ReflexiveProber,
+            )
 
         # Changes to our table, rules, routes, link or any address wake the loop at once
         # (drift is repaired within a pass, not at the next tick). Subscribed before the

@@ -29,6 +29,7 @@ from kubespan import notify
 from kubespan.agent.backoff import Backoff
 from kubespan.agent.events import ConfigChanged, KernelChanged, Stop, Terminal
 from kubespan.agent.peercache import VersionCounter, load_membership, save_membership
+from kubespan.agent.reflexive import ReflexiveLearned
 from kubespan.agent.session import (
     TTL_SECONDS,
     DiscoverySession,
@@ -67,6 +68,7 @@ from kubespan.plan.harvest import Harvest, harvest_candidates
 from kubespan.plan.local import advertised_endpoints, excluded, underlay_networks
 from kubespan.plan.membership import Membership, absorb, expire
 from kubespan.plan.peerstate import Timing, Tracking, given_up
+from kubespan.stun.prober import MAX_REFLECTORS, Reflexive
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,22 @@ CACHE_WRITE_INTERVAL_SECONDS = 5.0
 ROAM_SETTLE_SECONDS = 1.0
 # Passes asked for by time (trials, probes) come no closer than this.
 MIN_PASS_GAP_SECONDS = 0.2
+
+
+def resolve_udp(host: str, port: int) -> list[Endpoint]:
+    """The addresses of a configured STUN server; none (logged) when it does not resolve."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as error:
+        log.warning("stun server %s:%d does not resolve: %s", host, port, error)
+        return []
+    out = []
+    for _family, _type, _proto, _name, address in found[:8]:
+        try:
+            out.append(Endpoint(ipaddress.ip_address(str(address[0]).split("%")[0]), port))
+        except ValueError:
+            continue
+    return out
 
 
 def _records(membership: Membership) -> tuple[object, ...]:
@@ -113,6 +131,16 @@ class Clocks:
     monotonic: Callable[[], float] = time.monotonic
 
 
+class StunProber(Protocol):
+    def start(self) -> None: ...
+    def trigger(self) -> None: ...
+    def stop(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+StunFactory = Callable[[queue.Queue[Any], int, Callable[[], Sequence[Endpoint]]], StunProber]
+
+
 class Agent:
     def __init__(
         self,
@@ -128,6 +156,7 @@ class Agent:
         tick: float = TICK_SECONDS,
         ready_timeout: float = READY_TIMEOUT_SECONDS,
         events: queue.Queue[Any] | None = None,
+        stun: StunFactory | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -175,6 +204,12 @@ class Agent:
         self._states: dict[str, PeerState] = {}
         self._harvested: dict[Harvest, float] = {}
         self._init_paths(config)
+        # Learns this node's NAT mapping (agent/reflexive.py); None: not asked (tests).
+        self.stun = (
+            stun(self.events, config.kubespan.listen_port, self.stun_reflectors)
+            if stun is not None
+            else None
+        )
         self.prefix = cluster_ula_prefix(config.cluster.id)
         mac = first_physical_mac(kernel.link_hardware())
         if mac is None:
@@ -203,15 +238,7 @@ class Agent:
             self.ula,
             ",".join(s.url for s in self.sessions),
         )
-        for session in self.sessions:
-            if session.url.startswith("http://"):
-                log.warning(
-                    "discovery url=%s is plain http: anyone on the path sees which cluster "
-                    "registers when and from where, and can delay or drop answers (nothing "
-                    "sealed can be read or changed); use https",
-                    session.url,
-                )
-            session.start()
+        self._start_threads()
         self._started = self.clocks.monotonic()
         backoff = Backoff(base=1.0, cap=30.0, rng=self.rng)
         next_pass = self._started
@@ -237,16 +264,41 @@ class Agent:
                     continue
                 backoff.reset()
                 self.last_error = None
-                now = self.clocks.monotonic()
-                next_pass = now + self.tick
-                if self._wake_at is not None:
-                    next_pass = min(next_pass, max(self._wake_at, now + MIN_PASS_GAP_SECONDS))
+                next_pass = self._next_pass()
         finally:
             self._save_cache(force=True)
-            for session in self.sessions:
-                session.stop()
-            for session in self.sessions:
-                session.join(2.0)  # a thread stuck in a request ends at its deadline
+            self._stop_threads()
+
+    def _next_pass(self) -> float:
+        """After the tick, or sooner when a trial or a probe needs a look (not too soon)."""
+        now = self.clocks.monotonic()
+        next_pass = now + self.tick
+        if self._wake_at is not None:
+            next_pass = min(next_pass, max(self._wake_at, now + MIN_PASS_GAP_SECONDS))
+        return next_pass
+
+    def _start_threads(self) -> None:
+        for session in self.sessions:
+            if session.url.startswith("http://"):
+                log.warning(
+                    "discovery url=%s is plain http: anyone on the path sees which cluster "
+                    "registers when and from where, and can delay or drop answers (nothing "
+                    "sealed can be read or changed); use https",
+                    session.url,
+                )
+            session.start()
+        if self.stun is not None:
+            self.stun.start()
+
+    def _stop_threads(self) -> None:
+        for session in self.sessions:
+            session.stop()
+        if self.stun is not None:
+            self.stun.stop()
+        for session in self.sessions:
+            session.join(2.0)  # a thread stuck in a request ends at its deadline
+        if self.stun is not None:
+            self.stun.join(3.0)
 
     def _may_be_ready(self) -> bool:
         """Ready once the members discovery reports are applied; with members from the
@@ -290,7 +342,12 @@ class Agent:
             if event.reason == DEFAULT_ROUTE:
                 self._underlay_changed_at = self.clocks.monotonic()
         elif isinstance(event, ReflexiveEvent):
-            pass  # the pass below reads the new address from the session
+            # The pass below reads the new address from the session; the reflectors it
+            # names may be new: learn the mapping again.
+            if self.stun is not None:
+                self.stun.trigger()
+        elif isinstance(event, ReflexiveLearned):
+            self._learned(event.result)
 
     def _absorb_listing(self, event: ListingEvent) -> None:
         listed: list[ListedRecord] = []
@@ -501,7 +558,34 @@ class Agent:
         return True
 
     def _on_roam(self) -> None:
-        """Ask for the public endpoint again (STUN); set up by the agent's shell."""
+        if self.stun is not None:
+            self.stun.trigger()
+
+    def stun_reflectors(self) -> tuple[Endpoint, ...]:
+        """Where to ask for the NAT mapping: what the discovery services name, then the
+        configured STUN servers (resolved here: called from the prober's own thread)."""
+        named = [r for s in self.sessions for r in s.stun_reflectors]
+        for host, port in self.config.kubespan.stun_servers:
+            named.extend(resolve_udp(host, port))
+        return tuple(dict.fromkeys(named))[:MAX_REFLECTORS]
+
+    def _learned(self, result: Reflexive) -> None:
+        mapped = result.endpoints
+        if mapped != self.mapped:
+            log.info(
+                "NAT mapping of the WireGuard port: %s (%s)",
+                ",".join(str(e) for e in mapped) or "none learned",
+                result.mapping.value,
+            )
+        self.mapped = mapped
+        self.nat_status = {
+            "mapped": [str(e) for e in mapped],
+            "mapping": result.mapping.value,
+            "reflectors": [
+                {"reflector": str(a.reflector), "mapped": str(a.mapped) if a.mapped else None}
+                for a in result.answers
+            ],
+        }
 
     def protected_addresses(self) -> tuple[IPAddress, ...]:
         return tuple(a for s in self.sessions for a in s.addresses)

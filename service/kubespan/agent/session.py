@@ -244,7 +244,8 @@ class DiscoverySession:
         # in its URL, or else the one this request reached (a host name's).
         at = self.addresses or ((hello.service_address,) if hello.service_address else ())
         reflectors = hello.reflectors(at)
-        if reflectors != self.stun_reflectors:
+        reflectors_changed = reflectors != self.stun_reflectors
+        if reflectors_changed:
             log.info(
                 "discovery names stun reflectors url=%s reflectors=%s",
                 self.url,
@@ -260,6 +261,7 @@ class DiscoverySession:
             address = None
         if address != self.reflexive:
             log.info("discovery sees this node at url=%s address=%s", self.url, address)
+        if address != self.reflexive or reflectors_changed:
             self.reflexive = address
             self.events.put(ReflexiveEvent(self.url, address))
 

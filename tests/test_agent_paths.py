@@ -1,0 +1,192 @@
+"""The agent's paths to its peers on in-memory kernels: the NAT mapping STUN learned is
+advertised and shown; an underlay change is acted on once settled (STUN asked again, every
+peer nudged, a new record); quiet peers are probed; passes come as soon as a trial needs."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import queue
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from kubespan.agent.events import KernelChanged
+from kubespan.agent.loop import ROAM_SETTLE_SECONDS, Agent, Clocks
+from kubespan.agent.reflexive import ReflexiveLearned
+from kubespan.agent.status import STATUS_FILE
+from kubespan.apply.changes import DEFAULT_ROUTE
+from kubespan.config import parse_config
+from kubespan.identity import LinkHardware, load_or_create_identity
+from kubespan.model import AffiliateInfo, MemberRecord
+from kubespan.netaddr import Endpoint
+from kubespan.plan.membership import Known, Membership
+from kubespan.stun.prober import Mapping, ReflectorAnswer, Reflexive
+
+from agents import config_text
+from fakekernel import FakeKernel, local_address
+
+MAPPED = Endpoint(ipaddress.ip_address("198.51.100.40"), 61000)
+REFLECTOR = Endpoint(ipaddress.ip_address("192.0.2.1"), 3478)
+
+
+class FakeStun:
+    """Stands in for the STUN prober thread: counts what the agent asks of it."""
+
+    def __init__(
+        self, events: queue.Queue[Any], port: int, reflectors: Callable[[], Sequence[Endpoint]]
+    ) -> None:
+        self.port = port
+        self.reflectors = reflectors
+        self.triggers = 0
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def trigger(self) -> None:
+        self.triggers += 1
+
+    def stop(self) -> None:
+        self.running = False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def clocks(self) -> Clocks:
+        return Clocks(wall=lambda: 1_800_000_000 + self.now, monotonic=lambda: self.now)
+
+
+def agent_with_peer(tmp: Path, cluster_id: str, secret: str) -> tuple[Agent, FakeKernel, Clock]:
+    clock = Clock()
+    kernel = FakeKernel(
+        addresses=(local_address("ens3", "10.1.0.10/24"),),
+        hardware=(LinkHardware("ens3", "52:54:00:00:00:0a", True),),
+    )
+    agent = Agent(
+        parse_config(config_text("http://127.0.0.1:9", cluster_id, secret), "cfg.yaml"),
+        load_or_create_identity(tmp / "state"),
+        kernel,
+        tmp / "run",
+        tmp / "state",
+        clocks=clock.clocks(),
+        hostname=lambda: "alpha",
+        stun=FakeStun,
+    )
+    peer_key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+    info = AffiliateInfo(
+        "peer", "peer", peer_key, agent.prefix[7], (ipaddress.ip_address("10.2.0.11"),)
+    )
+    endpoints = (
+        Endpoint(ipaddress.ip_address("10.2.0.11"), 51820),
+        Endpoint(ipaddress.ip_address("203.0.113.9"), 51820),
+    )
+    agent.membership = Membership({"peer": Known(MemberRecord(info, endpoints, 1, 1 << 40))})
+    agent.members_known = True
+    return agent, kernel, clock
+
+
+def stun_of(agent: Agent) -> FakeStun:
+    assert isinstance(agent.stun, FakeStun)
+    return agent.stun
+
+
+def test_the_learned_mapping_is_advertised_and_shown(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    agent, _, _ = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    agent.reconcile()
+    assert agent.registration is not None
+    assert MAPPED not in agent.registration.record.endpoints
+    result = Reflexive.of([ReflectorAnswer(REFLECTOR, MAPPED)])
+    agent._take(ReflexiveLearned(result))
+    agent.reconcile()
+    assert agent.registration.record.endpoints[-1] == MAPPED  # after the host address
+    status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
+    assert status["node"]["nat"]["mapped"] == [str(MAPPED)]
+    assert status["node"]["nat"]["mapping"] == Mapping.UNKNOWN.value  # one reflector
+    (peer,) = status["peers"]
+    assert [c["kind"] for c in peer["candidates"]] == ["private", "announced"]
+    assert peer["why"] == "trial: best candidate"
+
+
+def test_an_underlay_change_is_acted_on_once_settled(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    agent.reconcile()
+    kernel.receive(kernel.link.peers[0].public_key if kernel.link else "", 92, None)
+    clock.now += 0.5
+    agent.reconcile()
+    triggers, nudged = stun_of(agent).triggers, len(kernel.nudged)
+
+    kernel.addresses = (local_address("ens3", "10.1.0.20/24"),)  # the node moved
+    clock.now += 0.5
+    agent.reconcile()
+    assert agent._wake_at is not None and agent._wake_at <= clock.now + ROAM_SETTLE_SECONDS
+    assert (stun_of(agent).triggers, len(kernel.nudged)) == (triggers, nudged)  # settling
+    assert agent.registration is not None
+    assert Endpoint(ipaddress.ip_address("10.1.0.20"), 51820) in agent.registration.record.endpoints
+
+    clock.now += ROAM_SETTLE_SECONDS
+    agent.reconcile()
+    assert stun_of(agent).triggers == triggers + 1
+    assert len(kernel.nudged) == nudged + 1  # every peer hears from us at once
+    clock.now += 0.5
+    agent.reconcile()
+    assert len(kernel.nudged) == nudged + 1  # once
+
+    agent._take(KernelChanged(DEFAULT_ROUTE))  # a new way out, same addresses
+    clock.now += ROAM_SETTLE_SECONDS
+    agent.reconcile()
+    assert stun_of(agent).triggers == triggers + 2
+    assert len(kernel.nudged) == nudged + 2
+
+
+def test_a_quiet_peer_is_probed_and_a_dead_path_moves_on(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    agent.reconcile()
+    assert kernel.link is not None
+    key = kernel.link.peers[0].public_key
+    ula = agent.membership.known["peer"].record.info.ula
+    assert kernel.probed == [ula]  # the trial probes at once
+    assert agent._wake_at is not None and agent._wake_at - clock.now <= 0.5
+    kernel.receive(key, 92, 1_800_000_000 + clock.now)
+    clock.now += 0.5
+    agent.reconcile()
+    status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
+    assert status["peers"][0]["state"] == "up"
+    probes = len(kernel.probed)
+    # Silence: probed after `quiet`, found dead after the probe timeout, next candidate.
+    for _ in range(40):
+        clock.now = agent._wake_at if agent._wake_at else clock.now + 5
+        agent.reconcile()
+        if kernel.link.peers[0].endpoint == Endpoint(ipaddress.ip_address("203.0.113.9"), 51820):
+            break
+    assert len(kernel.probed) > probes
+    assert kernel.link.peers[0].endpoint == Endpoint(ipaddress.ip_address("203.0.113.9"), 51820)
+    assert key in kernel.nudged
+    status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
+    assert status["peers"][0]["why"] == "trial: the path died"
+
+
+def test_stun_reflectors_are_the_services_then_the_configured_ones(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    agent, _, _ = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    agent.config = replace(
+        agent.config,
+        kubespan=replace(
+            agent.config.kubespan, stun_servers=(("127.0.0.1", 3479), ("no-such-host.invalid", 1))
+        ),
+    )
+    agent.sessions[0].stun_reflectors = (REFLECTOR,)
+    assert agent.stun_reflectors() == (REFLECTOR, Endpoint(ipaddress.ip_address("127.0.0.1"), 3479))
