@@ -53,13 +53,15 @@ class FakeKernel:
     applied: list[str] = field(default_factory=list)
     nudged: list[str] = field(default_factory=list)
     probed: list[ipaddress.IPv6Address] = field(default_factory=list)
+    probes_fail: bool = False
     last_ruleset: RulesetSpec | None = None
 
     def observe_link(self, name: str) -> ObservedLink | None:
         return self.link
 
-    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> None:
+    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> int:
         self.probed.extend(targets)
+        return 0 if self.probes_fail else len(targets)
 
     def observe_routing(self, link: str) -> ObservedRouting:
         rp_filter = self.routing.rp_filter if self.link is not None else None

@@ -190,3 +190,57 @@ def test_stun_reflectors_are_the_services_then_the_configured_ones(
     )
     agent.sessions[0].stun_reflectors = (REFLECTOR,)
     assert agent.stun_reflectors() == (REFLECTOR, Endpoint(ipaddress.ip_address("127.0.0.1"), 3479))
+
+
+def test_when_probes_cannot_be_sent_silence_is_not_a_dead_path(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    agent.reconcile()
+    assert kernel.link is not None
+    key = kernel.link.peers[0].public_key
+    kernel.receive(key, 92, 1_800_000_000 + clock.now)
+    clock.now += 0.5
+    agent.reconcile()
+    kernel.probes_fail = True  # e.g. no CAP_NET_RAW, or the link is being recreated
+    for _ in range(60):
+        clock.now += 2.0
+        agent.reconcile()
+        status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
+        assert status["peers"][0]["state"] == "up"
+    assert kernel.link.peers[0].endpoint == Endpoint(ipaddress.ip_address("10.2.0.11"), 51820)
+
+
+def test_only_mappings_a_peer_can_use_are_advertised(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    agent, _, _ = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    agent.reconcile()
+    other = Endpoint(ipaddress.ip_address("203.0.113.50"), 3478)
+    # A symmetric NAT: every reflector saw another port. Useless to peers: nothing from
+    # STUN, and not the address discovery saw either.
+    agent.sessions[0].reflexive = ipaddress.ip_address("198.51.100.40")
+    symmetric = Reflexive.of(
+        [
+            ReflectorAnswer(REFLECTOR, MAPPED),
+            ReflectorAnswer(other, Endpoint(MAPPED.address, 61001)),
+        ]
+    )
+    assert symmetric.mapping is Mapping.ENDPOINT_DEPENDENT
+    agent._take(ReflexiveLearned(symmetric))
+    agent.reconcile()
+    assert agent.registration is not None
+    assert [str(e) for e in agent.registration.record.endpoints] == ["10.1.0.10:51820"]
+    # Answers naming loopback or our own address are not advertised.
+    for bogus in ("127.0.0.1", "10.1.0.10"):
+        answer = Endpoint(ipaddress.ip_address(bogus), 9)
+        agent._take(
+            ReflexiveLearned(
+                Reflexive.of([ReflectorAnswer(REFLECTOR, answer), ReflectorAnswer(other, answer)])
+            )
+        )
+        agent.reconcile()
+        assert [str(e) for e in agent.registration.record.endpoints] == [
+            "10.1.0.10:51820",
+            "198.51.100.40:51820",  # what discovery saw stands in
+        ]

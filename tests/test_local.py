@@ -88,3 +88,13 @@ def test_endpoint_filters_keep_order_and_negation(filters: list[str], expected: 
     endpoints = advertised_endpoints(addresses, ip("198.51.100.7"), config)
     assert [str(e.address) for e in endpoints[:-1]] == expected
     assert str(endpoints[-1]) == "203.0.113.9:4000"
+
+
+def test_extra_endpoints_are_kept_within_the_limit() -> None:
+    config = KubeSpanConfig(
+        enabled=True, extra_announced_endpoints=(Endpoint.parse("203.0.113.9:443"),)
+    )
+    addresses = tuple(ip(f"192.0.2.{n}") for n in range(1, 40))
+    endpoints = advertised_endpoints(addresses, None, config, limit=24)
+    assert len(endpoints) == 24
+    assert endpoints[-1] == Endpoint.parse("203.0.113.9:443")

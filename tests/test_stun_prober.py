@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -235,11 +236,40 @@ def result_of(*mapped: Endpoint) -> Reflexive:
 
 
 def started(
-    probe: ScriptedProbe, events: queue.Queue[Any], interval: float = 3600.0
+    probe: ScriptedProbe, events: queue.Queue[Any], interval: float = 3600.0, min_gap: float = 0.0
 ) -> ReflexiveProber:
-    thread = ReflexiveProber(events, 51820, lambda: [A, B], interval=interval, probe=probe)
+    thread = ReflexiveProber(
+        events, 51820, lambda: [A, B], interval=interval, probe=probe, min_gap=min_gap
+    )
     thread.start()
     return thread
+
+
+def test_triggers_in_a_burst_make_probes_no_closer_than_the_gap() -> None:
+    probe = ScriptedProbe(result_of(PUBLIC))
+    events: queue.Queue[Any] = queue.Queue()
+    times: list[float] = []
+    thread = started(probe, events, min_gap=0.3)
+    original = probe.__call__
+
+    def timed(port: int, reflectors: Sequence[Endpoint]) -> Reflexive:
+        times.append(time.monotonic())
+        return original(port, reflectors)
+
+    thread._probe = timed
+    try:
+        probe.wait_for(1)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            thread.trigger()  # as fast as a hostile service could make hello answers come
+            time.sleep(0.01)
+        probe.wait_for(3)
+    finally:
+        thread.stop()
+        thread.join(WAIT)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps and min(gaps) >= 0.3
+    assert len(times) <= 1 + 1.0 / 0.3 + 1
 
 
 def test_thread_reports_only_changes_and_probes_on_trigger() -> None:

@@ -60,7 +60,7 @@ from kubespan.model import (
     PeerState,
 )
 from kubespan.names import LINK_NAME
-from kubespan.netaddr import Endpoint, IPAddress
+from kubespan.netaddr import Endpoint, IPAddress, reachable_unicast
 from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
 from kubespan.plan.desired import PeerReport, PlanInput, plan
 from kubespan.plan.diff import NudgePeer, Operation, SetPeer, diff, link_warnings
@@ -68,7 +68,7 @@ from kubespan.plan.harvest import Harvest, harvest_candidates
 from kubespan.plan.local import advertised_endpoints, excluded, underlay_networks
 from kubespan.plan.membership import Membership, absorb, expire
 from kubespan.plan.peerstate import Timing, Tracking, given_up
-from kubespan.stun.prober import MAX_REFLECTORS, Reflexive
+from kubespan.stun.prober import MAX_REFLECTORS, Mapping, Reflexive
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ CACHE_WRITE_INTERVAL_SECONDS = 5.0
 # A change of this node's addresses or default route is acted on once nothing has changed
 # for this long (an interface coming up brings several notifications).
 ROAM_SETTLE_SECONDS = 1.0
+# NAT mappings advertised at most (one per family and a spare): what reflectors say cannot
+# crowd out configured extra endpoints.
+MAX_MAPPED = 4
+# After a probe could not be sent, peers are judged without probes for this long.
+PROBE_RETRY_SECONDS = 60.0
 # Passes asked for by time (trials, probes) come no closer than this.
 MIN_PASS_GAP_SECONDS = 0.2
 
@@ -121,7 +126,7 @@ class KernelPort(Protocol):
     def local_addresses(self) -> tuple[LocalAddress, ...]: ...
     def link_hardware(self) -> tuple[LinkHardware, ...]: ...
     def apply(self, operations: list[Operation]) -> None: ...
-    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> None: ...
+    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> int: ...
     def teardown(self) -> list[str]: ...
 
 
@@ -223,8 +228,10 @@ class Agent:
         self._underlay: tuple[IPAddress, ...] | None = None
         self._underlay_changed_at: float | None = None
         self._wake_at: float | None = None
+        self._probing_back_at = float("-inf")
         self.mapped: tuple[Endpoint, ...] = ()  # the NAT mappings STUN reported
         self.nat_status: dict[str, Any] | None = None
+        self.symmetric_nat = False
 
     def stop(self) -> None:
         self.events.put(Stop())
@@ -502,8 +509,9 @@ class Agent:
             )
             addresses = addresses[:MAX_ADDRESSES]
         reflexive = next((s.reflexive for s in self.sessions if s.reflexive), None)
-        endpoints = advertised_endpoints(addresses, reflexive, kubespan, self.mapped)
-        endpoints = endpoints[:MAX_ENDPOINTS]
+        if self.symmetric_nat:
+            reflexive = None  # its port is the one mapped for discovery, nobody else
+        endpoints = advertised_endpoints(addresses, reflexive, kubespan, self.mapped, MAX_ENDPOINTS)
         name = self.hostname()
         if not valid_hostname(name):
             safe = "".join(c if c.isalnum() or c in "-." else "-" for c in name)[:253]
@@ -570,7 +578,16 @@ class Agent:
         return tuple(dict.fromkeys(named))[:MAX_REFLECTORS]
 
     def _learned(self, result: Reflexive) -> None:
-        mapped = result.endpoints
+        """Advertise what a peer can use: mappings of an endpoint-independent NAT (or of
+        the one reflector asked), sendable addresses, not our own; a NAT that maps every
+        destination anew gives nothing worth advertising, and neither does its address."""
+        mapped: tuple[Endpoint, ...] = ()
+        if result.mapping is not Mapping.ENDPOINT_DEPENDENT:
+            own = set(self._underlay or ())
+            mapped = tuple(
+                e for e in result.endpoints if reachable_unicast(e.address) and e.address not in own
+            )[:MAX_MAPPED]
+        self.symmetric_nat = result.mapping is Mapping.ENDPOINT_DEPENDENT
         if mapped != self.mapped:
             log.info(
                 "NAT mapping of the WireGuard port: %s (%s)",
@@ -626,6 +643,7 @@ class Agent:
                 local_networks=networks,
                 timing=self.timing,
                 nudge_all=roamed,
+                probing=now >= self._probing_back_at,
             )
         )
         self._warnings = (
@@ -647,7 +665,11 @@ class Agent:
             self._log_applied(operation)
         self.tracking = dict(result.tracking)
         if result.probes:
-            self.kernel.probe(result.probes)
+            sent = self.kernel.probe(result.probes)
+            if sent < len(result.probes):
+                # Judged without probes for a while: an unsent probe gets no answer, and
+                # silence must not be read as a dead path.
+                self._probing_back_at = now + PROBE_RETRY_SECONDS
         self._wake_at = result.wake_at
         if self._underlay_changed_at is not None:
             settle = self._underlay_changed_at + ROAM_SETTLE_SECONDS

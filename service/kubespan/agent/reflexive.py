@@ -26,6 +26,7 @@ from kubespan.stun.prober import Reflexive
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 60.0
+MIN_GAP = 3.0  # between the end of one probe and the start of a triggered one
 
 Probe = Callable[[int, Sequence[Endpoint]], Reflexive]
 
@@ -48,6 +49,7 @@ class ReflexiveProber:
         random_bytes: Callable[[int], bytes] = os.urandom,
         probe: Probe | None = None,
         rng: random.Random | None = None,
+        min_gap: float = MIN_GAP,
     ) -> None:
         """`probe` replaces the STUN exchange in tests."""
         self.events = events
@@ -63,6 +65,8 @@ class ReflexiveProber:
         self.probes = 0  # probes finished, for tests and status
         self._wake = threading.Condition()
         self._triggered = False
+        self._earliest = float("-inf")
+        self.min_gap = min_gap
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="stun prober", daemon=True)
 
@@ -100,11 +104,13 @@ class ReflexiveProber:
                 )
 
     def _wait(self, delay: float) -> bool:
-        """Wait `delay` or until triggered; whether to go on."""
+        """Wait `delay`, or until triggered but no sooner than MIN_GAP after the last probe
+        (whoever triggers, be it a discovery service answering hello over and over, makes
+        reflectors see a few packets a second at most); whether to go on."""
         deadline = self.monotonic() + delay
         with self._wake:
-            while not self._stopping and not self._triggered:
-                left = deadline - self.monotonic()
+            while not self._stopping:
+                left = (self._earliest if self._triggered else deadline) - self.monotonic()
                 if left <= 0:
                     break
                 self._wake.wait(left)
@@ -113,7 +119,10 @@ class ReflexiveProber:
 
     def _once(self) -> None:
         asked = tuple(self.reflectors())
-        result = self._probe(self.listen_port, asked)
+        try:
+            result = self._probe(self.listen_port, asked)
+        finally:
+            self._earliest = self.monotonic() + self.min_gap
         self.probes += 1
         if result == self.last:
             return

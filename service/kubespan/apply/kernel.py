@@ -53,9 +53,10 @@ class Kernel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> None:
-        """Liveness probes through the tunnel (apply/probe.py); never raises."""
-        self._prober.send(targets)
+    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> int:
+        """Liveness probes through the tunnel (apply/probe.py); how many went out. Never
+        raises."""
+        return self._prober.send(targets)
 
     def close(self) -> None:
         self._prober.close()

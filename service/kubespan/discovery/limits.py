@@ -40,6 +40,8 @@ STUN_DEFAULT_PORT = 3478
 # a few hundred nodes behind one NAT stay well within these.
 STUN_RATE_PER_SOURCE = 20.0
 STUN_BURST_PER_SOURCE = 100.0
+# Answers per second from all sources together (a node asks once a minute).
+STUN_RATE_OVERALL = 5000.0
 MAX_STUN_ADVERTS = 8
 
 # --- global quotas -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ request rate, and the rate at which one source may create clusters. Pure, `now` 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from kubespan.discovery import limits
@@ -14,6 +15,9 @@ class _Bucket:
     updated: float
 
 
+SWEEP_INTERVAL = 1.0
+
+
 class RateLimiter:
     """`rate` requests per second on average, bursts up to `burst`; rate 0 disables it."""
 
@@ -22,19 +26,23 @@ class RateLimiter:
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
         self.burst = burst
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._swept = float("-inf")
 
     def allow(self, source: str, now: float) -> bool:
         if self.rate <= 0:
             return True
         bucket = self._buckets.get(source)
         if bucket is None:
-            if len(self._buckets) >= self.MAX_SOURCES:
+            if len(self._buckets) >= self.MAX_SOURCES and now - self._swept >= SWEEP_INTERVAL:
+                # A sweep walks every bucket: at most once a second, or a flood of new
+                # sources would make every packet cost the whole table.
+                self._swept = now
                 self.forget_idle(now)
             while len(self._buckets) >= self.MAX_SOURCES:
                 # Memory stays bounded even when every tracked source is busy: the oldest
                 # tracked source starts afresh.
-                del self._buckets[next(iter(self._buckets))]
+                self._buckets.popitem(last=False)
             bucket = self._buckets[source] = _Bucket(self.burst, now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
@@ -52,8 +60,8 @@ class RateLimiter:
     def forget_idle(self, now: float) -> None:
         """Drop buckets that have refilled completely: they carry no information."""
         full_after = self.burst / self.rate if self.rate > 0 else 0
-        self._buckets = {
-            source: bucket
+        self._buckets = OrderedDict(
+            (source, bucket)
             for source, bucket in self._buckets.items()
             if now - bucket.updated < full_after
-        }
+        )

@@ -62,6 +62,8 @@ class StunResponder:
     ) -> None:
         self.counters = counters
         self.limiter = RateLimiter(rate, burst)
+        # All sources together: spoofed floods from many addresses answer no faster.
+        self.overall = RateLimiter(limits.STUN_RATE_OVERALL, limits.STUN_RATE_OVERALL)
         self.clock = clock
 
     def answer(self, data: bytes, source: Endpoint) -> bytes | None:
@@ -75,7 +77,10 @@ class StunResponder:
         if len(response) > len(data):
             self.refuse("too_small")  # answering would amplify
             return None
-        if not self.limiter.allow(source_key(str(source.address)), self.clock()):
+        now = self.clock()
+        if not self.limiter.allow(source_key(str(source.address)), now) or not (
+            self.overall.allow("all", now)
+        ):
             self.refuse("rate")
             return None
         self.counters.answered += 1

@@ -57,6 +57,7 @@ class PlanInput:
     # This node's underlay changed: make every peer hear from us at once (they follow our
     # authenticated packets to the new address).
     nudge_all: bool = False
+    probing: bool = True  # False: probes could not be sent lately; judge without them
 
 
 @dataclass(frozen=True)
@@ -319,16 +320,19 @@ def member_peers(
         key = member.info.public_key
         seen = observed_peers.get(key)
         ranked = rank_candidates(member, plan_input.local_networks)
+        # A probe needs the member's ULA routed to it (a disputed one is held back) and a
+        # socket to send it: without either, only WireGuard's own bound judges the path.
+        probed = plan_input.probing and any(member.info.ula in n for n in routes[key])
         decision = decide_endpoint(
             plan_input.now,
             plan_input.wall,
             tuple(c.endpoint for c in ranked),
             plan_input.tracking.get(key),
             sighting(seen),
-            plan_input.timing,
+            plan_input.timing if probed else replace(plan_input.timing, quiet=DOWN_AFTER),
         )
         out.decided(key, decision, seen, plan_input.nudge_all)
-        if decision.probe:
+        if decision.probe and probed:
             out.probes.append(member.info.ula)
         out.peers.append(
             PeerSpec(

@@ -69,6 +69,7 @@ def advertised_endpoints(
     reflexive: IPAddress | None,
     config: KubeSpanConfig,
     mapped: tuple[Endpoint, ...] = (),
+    limit: int | None = None,
 ) -> tuple[Endpoint, ...]:
     """Own addresses, then the NAT mappings of the WireGuard port learned by STUN (`mapped`),
     then, for a family STUN gave nothing for, the public address discovery saw (its port
@@ -88,10 +89,11 @@ def advertised_endpoints(
         endpoints = sorted(
             (e for e in endpoints if e.address in order), key=lambda e: order[e.address]
         )
-    for extra in config.extra_announced_endpoints:
-        if extra not in endpoints:
-            endpoints.append(extra)
-    return tuple(endpoints)
+    extras = [e for e in dict.fromkeys(config.extra_announced_endpoints) if e not in endpoints]
+    if limit is not None:
+        # The operator's extra endpoints are kept whatever else there is.
+        endpoints = endpoints[: max(0, limit - len(extras))]
+    return tuple(endpoints + extras)[:limit]
 
 
 def excluded(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:

@@ -14,11 +14,14 @@ needed). The peer is up once evidence dated T0 or later arrives; a trial without
 has failed, trials back off and are no longer nudged: WireGuard's own retries reach them.
 
 A peer that is up stays up while it is heard from. After `quiet` seconds of silence it is
-probed (ICMPv6 echo to its ULA, every `probe_interval`); a probe unanswered for
+probed (ICMPv6 echo to its ULA, every `probe_interval`: data, which WireGuard answers within
+10 s even where the peer's kernel ignores echo requests); a probe unanswered for
 `probe_timeout` means the path is dead: rotation resumes at once, best candidate first. So a
-path is found dead at most quiet + probe_timeout after the last packet (12 s by default), not
-after WireGuard's 275 s. While the peer is up its endpoint is never written: WireGuard moves it
-to wherever the peer's authenticated packets come from (roaming), and we must not undo that.
+path is found dead at most quiet + probe_timeout after the last packet (14.5 s by default),
+not after WireGuard's 275 s. Where probes cannot be sent or routed, the planner is given a
+timing without them and only WireGuard's bound applies. While the peer is up its endpoint is
+never written: WireGuard moves it to wherever the peer's authenticated packets come from
+(roaming), and we must not undo that.
 
 Rotation remembers endpoints, not positions: it tries the candidates not yet tried in this
 cycle, in rank order, so a candidate list that changes mid-rotation loses nothing and repeats
@@ -53,8 +56,10 @@ DWELL_CAP = 1200.0
 @dataclass(frozen=True)
 class Timing:
     trial: float = ENDPOINT_TRIAL  # how long one candidate gets to show evidence
-    quiet: float = 7.0  # silence after which an up peer is probed
-    probe_timeout: float = 5.0  # an unanswered probe this old: the path is dead
+    quiet: float = 4.0  # silence after which an up peer is probed
+    # A probe is data: WireGuard answers any data within 10 s (a passive keepalive) even
+    # when the peer's kernel ignores echo requests, so silence this long is a dead path.
+    probe_timeout: float = 10.5
     probe_interval: float = 2.0  # probes repeat this often while unanswered
     poll: float = 0.5  # passes this often while a trial is undecided
 
@@ -115,8 +120,14 @@ def dwell(cycles: int, trial: float = ENDPOINT_TRIAL) -> float:
 
 def given_up(now: float, tracking: Tracking, state: PeerState) -> bool:
     """Down after a fair chance: tracked for DOWN_AFTER at least (a first trial that fails
-    proves nothing about a node whose second endpoint works)."""
-    return state is PeerState.DOWN and now - tracking.known_since >= DOWN_AFTER
+    proves nothing about a node whose second endpoint works), and not heard from for as long
+    (a path that died a moment ago is not a node gone: only WireGuard's own bound is)."""
+    heard = tracking.heard
+    return (
+        state is PeerState.DOWN
+        and now - tracking.known_since >= DOWN_AFTER
+        and (heard is None or now - heard >= DOWN_AFTER)
+    )
 
 
 def dead_path(now: float, tracking: Tracking, timing: Timing) -> bool:
@@ -126,6 +137,8 @@ def dead_path(now: float, tracking: Tracking, timing: Timing) -> bool:
         return False
     if now - heard >= DOWN_AFTER:
         return True
+    if timing.quiet >= DOWN_AFTER:
+        return False  # judged without probes: earlier ones may never have been sent
     since = tracking.probe_since
     return since is not None and since > heard and now - since >= timing.probe_timeout
 
@@ -182,7 +195,9 @@ def decide_endpoint(
         return _first(now, wall_now, candidates, sighting, everything, timing)
     state = peer_state(now, tracking, timing)
     fresh = [c for c in candidates if c not in tracking.seen_candidates]
-    tracking = replace(tracking, seen_candidates=tracking.seen_candidates | everything)
+    # Only the current candidates are remembered: a member that keeps changing its
+    # endpoints grows nothing here (a candidate that comes back counts as new again).
+    tracking = replace(tracking, seen_candidates=everything)
     if state is PeerState.UP:
         if tracking.cycles or len(tracking.tried) > 1 or tracking.trials > 1:
             tracking = replace(tracking, cycles=0, tried=tuple(tracking.tried[-1:]), trials=1)
@@ -203,15 +218,23 @@ def decide_endpoint(
     if not candidates:
         return _undecided(now, tracking, state, timing)
     if fresh:
-        retrial = tracking.cycles > 0
-        tracking = replace(tracking, cycles=0)
         rank = candidates.index(tracking.endpoint) if tracking.endpoint in everything else None
         in_trial = now - tracking.since < timing.trial
+        retrial = tracking.cycles > 0
         if retrial or not in_trial or rank is None or candidates.index(fresh[0]) < rank:
             # A new way to reach it: try it now (the peer does the same with ours: hole
-            # punching), unless a better candidate is on its first trial.
+            # punching), unless a better candidate is on its first trial. The backoff
+            # stays: a mapping that keeps changing must not make a dead peer expensive.
             return _start(
-                now, tracking, fresh[0], tracking.tried, 0, state, "new candidate", timing
+                now,
+                tracking,
+                fresh[0],
+                tracking.tried,
+                tracking.cycles,
+                state,
+                "new candidate",
+                timing,
+                nudge=True,
             )
     current_usable = tracking.endpoint in everything
     if sighting.endpoint is None and current_usable:
@@ -252,13 +275,15 @@ def _start(
     cause: str,
     timing: Timing,
     kernel_endpoint: Endpoint | None = None,
+    nudge: bool = False,
 ) -> EndpointDecision:
     """A new trial of `endpoint` from now: set it (unless the kernel has it), nudge, probe."""
+    known = tracking.seen_candidates
     started = replace(
         tracking,
         endpoint=endpoint,
         since=now,
-        tried=(*tried, endpoint),
+        tried=(*(t for t in tried if t in known and t != endpoint), endpoint),
         cycles=cycles,
         trials=tracking.trials + 1,
         probe_since=None,
@@ -272,7 +297,12 @@ def _start(
     # 5 s while retrying, every 25 s from persistent keepalive), so dead peers cost one
     # kernel change per trial.
     return EndpointDecision(
-        started, state, set_endpoint, nudge=cycles == 0, probe=True, wake_at=now + timing.poll
+        started,
+        state,
+        set_endpoint,
+        nudge=nudge or cycles == 0,
+        probe=True,
+        wake_at=now + timing.poll,
     )
 
 
@@ -289,7 +319,10 @@ def _undecided(
         tracking = replace(tracking, probed_at=now)
     end = tracking.since + (timing.trial if in_trial else dwell(tracking.cycles, timing.trial))
     wake = min(end, now + timing.poll) if in_trial else end
-    return EndpointDecision(tracking, state, None, probe=probe, wake_at=max(wake, now))
+    # Past its end, nothing changes by time alone (no candidates to move to): no wake-up.
+    return EndpointDecision(
+        tracking, state, None, probe=probe, wake_at=wake if wake > now else None
+    )
 
 
 def _keep_alive(
