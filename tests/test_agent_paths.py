@@ -149,19 +149,25 @@ def test_an_underlay_change_is_acted_on_once_settled(
     assert len(kernel.nudged) == nudged + 2
 
 
-def test_a_quiet_peer_is_probed_and_a_dead_path_moves_on(
-    tmp_path: Path, cluster_id: str, cluster_secret: str
-) -> None:
-    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+def answered_first_trial(agent: Agent, kernel: FakeKernel, clock: Clock) -> str:
+    """The first pass starts a trial (and probes at once); the peer answers it."""
     agent.reconcile()
     assert kernel.link is not None
     key = kernel.link.peers[0].public_key
-    ula = agent.membership.known["peer"].record.info.ula
-    assert kernel.probed == [ula]  # the trial probes at once
+    assert kernel.probed == [agent.membership.known["peer"].record.info.ula]
     assert agent._wake_at is not None and agent._wake_at - clock.now <= 0.5
     kernel.receive(key, 92, 1_800_000_000 + clock.now)
     clock.now += 0.5
     agent.reconcile()
+    return key
+
+
+def test_a_quiet_peer_is_probed_and_a_dead_path_moves_on(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    key = answered_first_trial(agent, kernel, clock)
+    assert kernel.link is not None
     status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
     assert status["peers"][0]["state"] == "up"
     probes = len(kernel.probed)
@@ -196,18 +202,14 @@ def test_when_probes_cannot_be_sent_silence_is_not_a_dead_path(
     tmp_path: Path, cluster_id: str, cluster_secret: str
 ) -> None:
     agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
-    agent.reconcile()
-    assert kernel.link is not None
-    key = kernel.link.peers[0].public_key
-    kernel.receive(key, 92, 1_800_000_000 + clock.now)
-    clock.now += 0.5
-    agent.reconcile()
+    answered_first_trial(agent, kernel, clock)
     kernel.probes_fail = True  # e.g. no CAP_NET_RAW, or the link is being recreated
     for _ in range(60):
         clock.now += 2.0
         agent.reconcile()
         status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
         assert status["peers"][0]["state"] == "up"
+    assert kernel.link is not None
     assert kernel.link.peers[0].endpoint == Endpoint(ipaddress.ip_address("10.2.0.11"), 51820)
 
 
