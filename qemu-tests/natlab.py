@@ -223,12 +223,15 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 def start_flow(vm: Vm, unit: str, target: str, interval: float = 0.2) -> None:
     """A ping every `interval` s from `vm` to `target`, as a transient unit whose lines
-    (each answer, and "no answer yet" for each miss) land in the guest's journal."""
+    (each answer, and "no answer yet" for each miss) land in the guest's journal, each
+    stamped by ping itself (-D: ping's output is block-buffered, so the journal's own
+    timestamps say when a buffer was flushed, not when an answer came)."""
     vm.check(
         [
             "systemd-run",
             f"--unit={unit}",
             "ping",
+            "-D",
             "-O",
             "-n",
             "-i",
@@ -244,15 +247,18 @@ def stop_flow(vm: Vm, unit: str) -> None:
     vm.exec(["systemctl", "stop", unit])
 
 
-REPLY = re.compile(r"icmp_seq=(?P<seq>\d+) .*time=(?P<ms>[\d.]+) ms")
+REPLY = re.compile(r"^\[(?P<at>[\d.]+)\] .*icmp_seq=(?P<seq>\d+) .*time=(?P<ms>[\d.]+) ms")
 
 
 def answered_after(clocks: Clocks, vm: Vm, unit: str, after: float) -> float | None:
     """When the flow first got an answer to a ping *sent* after `after` (host time)."""
+    offset = clocks.offset(vm)
     for entry in clocks.journal(vm, unit):
         found = REPLY.search(entry.message)
-        if found and entry.at - float(found["ms"]) / 1000 > after:
-            return entry.at
+        if found:
+            at = float(found["at"]) + offset
+            if at - float(found["ms"]) / 1000 > after:
+                return at
     return None
 
 
@@ -594,7 +600,8 @@ def build_v6_lab(lab: Lab, kubespan_bin: Path, state_dir: Path, count: int = 3) 
 
 def scenario_ipv6_only(six: V6Lab) -> float:
     """7. IPv6-only underlay: full mesh, and every member pings every other by ULA and by
-    underlay address, all through the tunnel (the capture holds WireGuard only)."""
+    underlay address, all through the tunnel: the capture of the segment holds nothing but
+    WireGuard (and neighbour discovery) between members."""
     from mesh import assert_only_wireguard_between
 
     wait_for_pairs(all_pairs(six.vms), 300, "an IPv6-only mesh")
@@ -609,12 +616,7 @@ def scenario_ipv6_only(six: V6Lab) -> float:
                 result = vm.exec(["ping", "-c", "2", "-W", "3", target])
                 if result.exit_code != 0:
                     failures.append(f"{vm.name} -> {other.name} {target}")
-            route = vm.check(["ip", "-6", "route", "get", six.underlay(other)])
-            if f"dev {IFACE}" not in route:
-                failures.append(
-                    f"{vm.name}: {six.underlay(other)} not routed into the tunnel: {route.strip()}"
-                )
-    assert not failures, "unanswered or not tunnelled: " + "; ".join(failures)
+    assert not failures, "unanswered: " + "; ".join(failures)
     six.capture.stop()
     assert assert_only_wireguard_between(six.capture, [six.underlay(vm) for vm in six.vms]) > 0
     return took
