@@ -31,7 +31,7 @@ lint: venv
 	$(BIN)/mypy qemu-tests
 
 unit: host-deps venv
-	$(BIN)/pytest -m 'not vm' tests
+	$(BIN)/pytest -m 'not vm' tests qemu-tests/test_kslab_router.py
 
 vmtest: host-deps venv image
 	$(BIN)/pytest -m vm qemu-tests
