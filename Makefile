@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUILD := build
 
-.PHONY: all venv host-deps demo test unit lint vmtest bench clean image extension schema-docs
+.PHONY: all venv host-deps demo test unit lint vmtest bench bench-mesh clean image extension schema-docs
 
 all: venv
 
@@ -31,7 +31,7 @@ lint: venv
 	$(BIN)/mypy qemu-tests
 
 unit: host-deps venv
-	$(BIN)/pytest -m 'not vm' tests
+	$(BIN)/pytest -m 'not vm' tests qemu-tests/test_kslab_router.py
 
 vmtest: host-deps venv image
 	$(BIN)/pytest -m vm qemu-tests
@@ -48,6 +48,10 @@ BENCHES := bench/plan.py bench/dead_peers.py bench/apply.py bench/discovery_load
 
 bench: venv
 	@for b in $(BENCHES); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# Mesh and NAT scenarios on the image (qemu-tests/natlab.py): name=value lines, seconds.
+bench-mesh: host-deps venv image
+	$(BIN)/python qemu-tests/bench_mesh.py $(BENCH_MESH_ARGS)
 
 clean:
 	rm -rf $(BUILD)

@@ -53,7 +53,10 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and isinstance(item, pytest.Function):
-        lab = item.funcargs.get("lab")
-        if isinstance(lab, Lab):
-            report.sections.append((f"kslab diagnostics ({call.when})", lab.diagnostics()))
+        # The lab of the test, or of a shared (module-scoped) scenario object holding one.
+        for value in item.funcargs.values():
+            lab = value if isinstance(value, Lab) else getattr(value, "lab", None)
+            if isinstance(lab, Lab):
+                report.sections.append((f"kslab diagnostics ({call.when})", lab.diagnostics()))
+                break
     return report

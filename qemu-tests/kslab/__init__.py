@@ -18,6 +18,7 @@ from kslab.netns import Namespace, Segment
 from kslab.platform import cluster_identity, static_network
 from kslab.proc import HostProcess
 from kslab.qga import ExecResult, GuestAgent, GuestAgentError
+from kslab.router import NatKind, Router, RouterSpec, drop_rule, nat_ruleset
 from kslab.vm import NicSpec, Vm, VmSpec
 from kslab.wait import wait_until
 
@@ -32,12 +33,17 @@ __all__ = [
     "Lab",
     "LabError",
     "Namespace",
+    "NatKind",
     "NicSpec",
+    "Router",
+    "RouterSpec",
     "Segment",
     "Vm",
     "VmSpec",
     "cluster_identity",
+    "drop_rule",
     "find_image",
+    "nat_ruleset",
     "static_network",
     "wait_until",
 ]

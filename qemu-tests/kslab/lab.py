@@ -21,6 +21,7 @@ from kslab.netns import Namespace, Segment
 from kslab.platform import FW_CFG_PREFIX
 from kslab.proc import HostProcess
 from kslab.qemu import QemuMachine, QemuNic
+from kslab.router import LAN_IF, WAN_IF, Router, RouterSpec
 from kslab.vm import AttachedNic, NicSpec, Vm, VmSpec, render_network
 from kslab.wait import wait_until
 
@@ -35,6 +36,7 @@ class Lab:
         self.segments: dict[str, Segment] = {}
         self.vms: dict[str, Vm] = {}
         self.processes: dict[str, HostProcess] = {}
+        self.routers: dict[str, Router] = {}
         self._ns: Namespace | None = None
         self._runtime: Path | None = None
         self._taps = 0
@@ -46,6 +48,10 @@ class Lab:
         self._runtime = Path(tempfile.mkdtemp(prefix="kslab-"))
         atexit.register(self.close)
         self._ns = Namespace.create()
+        # The lab namespace is a switch and a host, never a router between segments: site
+        # segments are reached only through their NAT routers.
+        self._ns.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"])
+        self._ns.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=0"])
 
     def __enter__(self) -> Self:
         self.open()
@@ -67,8 +73,12 @@ class Lab:
         name: str = "lan",
         subnet: str = "192.0.2.0/24",
         subnet6: str | None = "2001:db8::/64",
+        host: tuple[int, ...] = (4, 6),
     ) -> Segment:
-        """A new L2 segment (bridge) whose host-side address is host 1 of each subnet."""
+        """A new L2 segment (bridge). The lab namespace takes host address 1 of the subnet
+        of each IP version in `host`: `host=()` makes a segment the lab namespace has no
+        address on (a site behind a NAT router, reached only through the router), `(6,)`
+        an IPv6-only one."""
         if name in self.segments:
             raise LabError(f"segment {name} exists")
         segment = Segment(
@@ -77,12 +87,31 @@ class Lab:
             subnet=ipaddress.IPv4Network(subnet),
             subnet6=ipaddress.IPv6Network(subnet6) if subnet6 else None,
         )
-        addresses = [str(segment.gateway)]
-        if segment.subnet6 is not None:
+        addresses = [str(segment.gateway)] if 4 in host else []
+        if segment.subnet6 is not None and 6 in host:
             addresses.append(str(segment.address6(1)))
         self.ns.add_bridge(segment.bridge, addresses)
         self.segments[name] = segment
         return segment
+
+    def add_router(self, spec: RouterSpec) -> Router:
+        """A NAT router (router.py) between `spec.wan_segment` and `spec.lan_segment`,
+        running in a namespace of its own; torn down with the lab."""
+        if spec.name in self.routers:
+            raise LabError(f"router {spec.name} exists")
+        for segment in (spec.wan_segment, spec.lan_segment):
+            if segment not in self.segments:
+                raise LabError(f"no segment {segment}: add_segment() it first")
+        router = Router(spec, Namespace.create("ksr"))
+        self.routers[spec.name] = router
+        self.ns.add_veth_to(
+            f"r{spec.name}-w", self.segments[spec.wan_segment].bridge, router.ns, WAN_IF
+        )
+        self.ns.add_veth_to(
+            f"r{spec.name}-l", self.segments[spec.lan_segment].bridge, router.ns, LAN_IF
+        )
+        router.configure()
+        return router
 
     # --- host processes ------------------------------------------------------------------
 
@@ -206,6 +235,7 @@ class Lab:
     def diagnostics(self) -> str:
         parts = [f"lab namespace {self._ns.name if self._ns else '-'}, workdir {self.workdir}"]
         parts += [vm.diagnostics() for vm in self.vms.values()]
+        parts += [router.diagnostics() for router in self.routers.values()]
         for process in self.processes.values():
             state = "running" if process.running else f"exited {process.returncode}"
             parts.append(
@@ -220,6 +250,9 @@ class Lab:
             vm.kill()
         for process in self.processes.values():
             process.stop()
+        for router in self.routers.values():
+            router.destroy()
+        self.routers.clear()
         if self._ns is not None:
             self._ns.destroy()
             self._ns = None

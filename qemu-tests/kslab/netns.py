@@ -1,8 +1,8 @@
 """The lab's network: a network namespace made for the test, bridges ("segments") and taps.
 
 Only objects inside that namespace are ever created or changed; the host's own interfaces,
-addresses, routes and firewall are never touched. Later additions (NAT routers as further
-namespaces joined to segments by veth pairs) build on `Namespace`.
+addresses, routes and firewall are never touched. NAT routers (router.py) are further
+namespaces joined to segments by veth pairs.
 """
 
 import contextlib
@@ -83,10 +83,19 @@ class Namespace:
         return ["ip", "netns", "exec", self.name, *argv]
 
     def run(
-        self, argv: Sequence[str], timeout: float = 30.0, check: bool = True
+        self,
+        argv: Sequence[str],
+        timeout: float = 30.0,
+        check: bool = True,
+        stdin: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            self.command(argv), capture_output=True, text=True, timeout=timeout, check=False
+            self.command(argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if check and result.returncode != 0:
             raise LabError(
@@ -105,6 +114,11 @@ class Namespace:
 
     def add_tap(self, ifname: str, bridge: str) -> None:
         self.ip("tuntap", "add", "dev", ifname, "mode", "tap")
+        self.ip("link", "set", ifname, "master", bridge, "up")
+
+    def add_veth_to(self, ifname: str, bridge: str, other: "Namespace", peer: str) -> None:
+        """A veth pair: `ifname` here, enslaved to `bridge`; `peer` in namespace `other`."""
+        self.ip("link", "add", ifname, "type", "veth", "peer", "name", peer, "netns", other.name)
         self.ip("link", "set", ifname, "master", bridge, "up")
 
     def pids(self) -> list[int]:

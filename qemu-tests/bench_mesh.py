@@ -1,0 +1,111 @@
+"""`make bench-mesh`: boot the mesh and NAT scenarios and print their times as `name=value`
+lines (seconds), one lab at a time:
+
+    mesh_full_s_3, mesh_full_s_5  all nodes on one flat LAN, from the last agent's start to
+                                  every pair up (each side's own report)
+    nat_site_s, nat_to_nat_s, rotation_s, dead_path_s, roaming_s   the NAT lab (natlab.py)
+    ipv6_mesh_s                   the IPv6-only underlay (with --ipv6)
+
+Times are read from the guests' journals, mapped onto the host's clock, so boot time and
+polling latency are not counted. A scenario that fails prints `name=fail` and its reason on
+stderr; the others still run. Exit status 1 if any failed. Needs root and `make image`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from natlab import (
+    Clocks,
+    NatLab,
+    boot_flat,
+    build_nat_lab,
+    build_v6_lab,
+    flat_mesh_time,
+    scenario_dead_path,
+    scenario_ipv6_only,
+    scenario_nat_site,
+    scenario_nat_to_nat,
+    scenario_roaming,
+    scenario_rotation,
+)
+
+from kslab import Lab, LabError, find_image
+
+REPO = Path(__file__).resolve().parent.parent
+KUBESPAN = REPO / ".venv" / "bin" / "kubespan"
+
+
+class Bench:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def measure(self, name: str, run: Callable[[], float]) -> None:
+        try:
+            value = run()
+        except (AssertionError, LabError) as e:
+            self.failed.append(name)
+            print(f"{name}=fail", flush=True)
+            print(f"{name}: {e}", file=sys.stderr, flush=True)
+            return
+        print(f"{name}={value:.1f}", flush=True)
+
+
+def flat(bench: Bench, workdir: Path, count: int) -> None:
+    with Lab(workdir / f"flat{count}", find_image(REPO)) as lab:
+        state = workdir / f"flat{count}-discovery"
+        bench.measure(
+            f"mesh_full_s_{count}",
+            lambda: flat_mesh_time(boot_flat(lab, KUBESPAN, state, count), Clocks()),
+        )
+
+
+def nat(bench: Bench, workdir: Path) -> None:
+    with Lab(workdir / "nat", find_image(REPO)) as lab:
+        shared: NatLab = build_nat_lab(lab, KUBESPAN, workdir / "nat-discovery")
+        bench.measure("nat_site_s", lambda: scenario_nat_site(shared))
+        bench.measure("nat_to_nat_s", lambda: scenario_nat_to_nat(shared))
+        bench.measure("rotation_s", lambda: scenario_rotation(shared))
+        bench.measure("dead_path_s", lambda: scenario_dead_path(shared))
+        bench.measure("roaming_s", lambda: scenario_roaming(shared))
+
+
+def ipv6(bench: Bench, workdir: Path) -> None:
+    with Lab(workdir / "ipv6", find_image(REPO)) as lab:
+        six = build_v6_lab(lab, KUBESPAN, workdir / "ipv6-discovery")
+        bench.measure("ipv6_mesh_s", lambda: scenario_ipv6_only(six))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("flat", "nat", "ipv6"), action="append")
+    parser.add_argument("--ipv6", action="store_true", help="also the IPv6-only underlay")
+    parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temp dir)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench-mesh needs root (network namespaces, taps)", file=sys.stderr)
+        return 2
+    parts = args.only or ["flat", "nat", *(["ipv6"] if args.ipv6 else [])]
+    bench = Bench()
+    with tempfile.TemporaryDirectory(prefix="bench-mesh-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        if "flat" in parts:
+            flat(bench, workdir, 3)
+            flat(bench, workdir, 5)
+        if "nat" in parts:
+            nat(bench, workdir)
+        if "ipv6" in parts:
+            ipv6(bench, workdir)
+    if bench.failed:
+        print(f"failed: {' '.join(bench.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,622 @@
+"""NAT scenarios on the image (issue 10): the lab topology, timing read from inside the
+guests, and each scenario as a function that asserts its facts and returns its time. Used
+by test_nat.py and by `make bench-mesh` (qemu-tests/bench_mesh.py).
+
+The NAT lab (one boot shared by scenarios 1 to 6):
+
+    internet 192.0.2.0/24 (no IPv6), discovery on the lab namespace at 192.0.2.1
+      pub1 192.0.2.11 and 192.0.2.21     pub2 192.0.2.12
+      r1 WAN 192.0.2.101 ─ site1 10.1.0.0/24: a1 10.1.0.11, a2 10.1.0.12 (both behind r1)
+      r2 WAN 192.0.2.102 ─ site2 10.2.0.0/24: b1 10.2.0.21
+    r2 drops everything to 192.0.2.11 from the start: b1 reaches pub1 only at its second
+    address (scenario 4, rotation). Scenario 6 makes r1 drop a1 <-> pub1's address in use
+    for a while; scenario 5 renumbers pub2 to 192.0.2.13.
+
+The lab namespace has no address on the site segments and does not forward: a site node
+reaches discovery and everyone else only through its router.
+
+Times come from the guests' journals (each guest's wall clock mapped onto the host's with
+`guest-get-time`), so neither boot time nor host polling latency is counted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kslab import (
+    Capture,
+    Lab,
+    LabError,
+    NatKind,
+    NicSpec,
+    Router,
+    RouterSpec,
+    Segment,
+    Vm,
+    VmSpec,
+    cluster_identity,
+    drop_rule,
+    wait_until,
+)
+from mesh import DISCOVERY_PORT, machine_config, node_status
+
+# --- names owned by the agent and the discovery service: one constant each -------------
+
+# Where a node's status shows the public endpoint(s) it learned (a dotted path into
+# `kubespan status --json`; a string, a list of strings, or a list of objects with an
+# "endpoint" field are all understood).
+REFLEXIVE_FIELD = "node.endpoints"
+# The agent's journal line when a peer's state changes, and when the agent starts.
+PEER_STATE_LINE = re.compile(r"\bpeer (?P<name>\S+) state=(?P<state>\w+)")
+AGENT_START_LINE = re.compile(r"\bstarting node_id=")
+# The discovery service's STUN responder (added when `serve --help` offers the flag).
+STUN_FLAG = "--stun-listen"
+STUN_PORT = 3478
+WIREGUARD_PORT = 51820
+IFACE = "kubespan"
+
+Interface4 = ipaddress.IPv4Interface
+Interface6 = ipaddress.IPv6Interface
+
+
+# --- timing from inside the guests ---------------------------------------------------------
+
+
+def clock_offset(vm: Vm) -> float:
+    """Host wall clock minus the guest's wall clock, in seconds (best of three round trips
+    of `guest-get-time`, a call that runs no process)."""
+    if not vm.agent.connected:
+        vm.wait_agent(30.0)
+    best: tuple[float, float] | None = None
+    for _ in range(3):
+        before = time.time()
+        guest = float(vm.agent.call("guest-get-time")) / 1e9
+        after = time.time()
+        if best is None or after - before < best[0]:
+            best = (after - before, (before + after) / 2 - guest)
+    assert best is not None
+    return best[1]
+
+
+@dataclass(frozen=True)
+class Entry:
+    at: float  # host wall clock
+    message: str
+
+
+class Clocks:
+    """Per-VM clock offsets, measured once; journal entries in host time."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[str, float] = {}
+
+    def offset(self, vm: Vm) -> float:
+        if vm.name not in self.offsets:
+            self.offsets[vm.name] = clock_offset(vm)
+        return self.offsets[vm.name]
+
+    def journal(self, vm: Vm, unit: str) -> list[Entry]:
+        result = vm.exec(
+            ["journalctl", "-b", "-u", unit, "-o", "json", "--output-fields=MESSAGE"], timeout=60
+        )
+        offset = self.offset(vm)
+        entries = []
+        for line in result.stdout.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            message = record.get("MESSAGE")
+            if isinstance(message, list):
+                message = bytes(message).decode(errors="replace")
+            entries.append(Entry(int(record["__REALTIME_TIMESTAMP"]) / 1e6 + offset, message))
+        return entries
+
+    def agent_started(self, vm: Vm) -> float:
+        starts = [
+            e.at for e in self.journal(vm, "kubespan.service") if AGENT_START_LINE.search(e.message)
+        ]
+        if not starts:
+            raise AssertionError(f"{vm.name}: no agent start in the journal")
+        return starts[-1]
+
+    def peer_up(self, vm: Vm, peer: str, after: float = 0.0) -> float | None:
+        """When `vm`'s agent first reported `peer` up after `after` (host time)."""
+        for entry in self.journal(vm, "kubespan.service"):
+            found = PEER_STATE_LINE.search(entry.message)
+            if found and found["name"] == peer and found["state"] == "up" and entry.at > after:
+                return entry.at
+        return None
+
+
+def pair_up(clocks: Clocks, a: Vm, b: Vm, after: float = 0.0) -> float:
+    """When both of a pair reported each other up (host time)."""
+    ups = [clocks.peer_up(a, b.name, after), clocks.peer_up(b, a.name, after)]
+    if None in ups:
+        raise AssertionError(f"{a.name}/{b.name}: not reported up in the journals: {ups}")
+    return max(u for u in ups if u is not None)
+
+
+def pairs_time(clocks: Clocks, pairs: list[tuple[Vm, Vm]]) -> float:
+    """From the later agent start of each pair to that pair up; the worst pair."""
+    worst = 0.0
+    for a, b in pairs:
+        start = max(clocks.agent_started(a), clocks.agent_started(b))
+        worst = max(worst, pair_up(clocks, a, b) - start)
+    return worst
+
+
+def all_pairs(vms: list[Vm]) -> list[tuple[Vm, Vm]]:
+    return [(a, b) for i, a in enumerate(vms) for b in vms[i + 1 :]]
+
+
+# --- waiting on the mesh ---------------------------------------------------------------
+
+
+def peer_entry(status: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    for peer in (status or {}).get("peers", []):
+        if peer.get("name") == name:
+            entry: dict[str, Any] = peer
+            return entry
+    return None
+
+
+def wait_for_pairs(pairs: list[tuple[Vm, Vm]], timeout: float = 240.0, what: str = "pairs") -> None:
+    """Wait until, for each pair, each side's own status shows the other up."""
+    pending = {(a.name, b.name): (a, b) for a, b in pairs}
+
+    def done() -> bool:
+        statuses: dict[str, dict[str, Any] | None] = {}
+        for key, (a, b) in list(pending.items()):
+            for vm in (a, b):
+                if vm.name not in statuses:
+                    statuses[vm.name] = node_status(vm)
+            ea, eb = peer_entry(statuses[a.name], b.name), peer_entry(statuses[b.name], a.name)
+            if ea and eb and ea["state"] == "up" and eb["state"] == "up":
+                del pending[key]
+        return not pending
+
+    try:
+        wait_until(done, timeout, what, interval=1.0)
+    except LabError as e:
+        raise AssertionError(f"{e}; still not up: {sorted(pending)}") from e
+
+
+def wg_endpoints(vm: Vm) -> dict[str, str]:
+    """`wg show kubespan endpoints`: public key -> endpoint ("(none)" when unset)."""
+    out = vm.check(["wg", "show", IFACE, "endpoints"])
+    return dict(line.split("\t", 1) for line in out.strip().splitlines() if "\t" in line)
+
+
+def public_key(vm: Vm) -> str:
+    return vm.check(["wg", "show", IFACE, "public-key"]).strip()
+
+
+def learned_public_endpoints(status: dict[str, Any] | None) -> set[str]:
+    """What the node's status says it learned about its public endpoint (REFLEXIVE_FIELD)."""
+    value: Any = status
+    for part in REFLEXIVE_FIELD.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    items = value if isinstance(value, list) else [value] if value is not None else []
+    out = set()
+    for item in items:
+        text = item.get("endpoint") or item.get("address") if isinstance(item, dict) else item
+        if isinstance(text, str):
+            out.add(text)
+    return out
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# --- traffic that flows while something changes -----------------------------------------
+
+
+def start_flow(vm: Vm, unit: str, target: str, interval: float = 0.2) -> None:
+    """A ping every `interval` s from `vm` to `target`, as a transient unit whose lines
+    (each answer, and "no answer yet" for each miss) land in the guest's journal, each
+    stamped by ping itself (-D: ping's output is block-buffered, so the journal's own
+    timestamps say when a buffer was flushed, not when an answer came)."""
+    vm.check(
+        [
+            "systemd-run",
+            f"--unit={unit}",
+            "ping",
+            "-D",
+            "-O",
+            "-n",
+            "-i",
+            str(interval),
+            "-W",
+            "1",
+            target,
+        ]
+    )
+
+
+def stop_flow(vm: Vm, unit: str) -> None:
+    vm.exec(["systemctl", "stop", unit])
+
+
+REPLY = re.compile(r"^\[(?P<at>[\d.]+)\] .*icmp_seq=(?P<seq>\d+) .*time=(?P<ms>[\d.]+) ms")
+
+
+def answered_after(clocks: Clocks, vm: Vm, unit: str, after: float) -> float | None:
+    """When the flow first got an answer to a ping *sent* after `after` (host time)."""
+    offset = clocks.offset(vm)
+    for entry in clocks.journal(vm, unit):
+        found = REPLY.search(entry.message)
+        if found:
+            at = float(found["at"]) + offset
+            if at - float(found["ms"]) / 1000 > after:
+                return at
+    return None
+
+
+def wait_flows_recovered(
+    clocks: Clocks, flows: list[tuple[Vm, str]], after: float, timeout: float
+) -> float:
+    """Wait until every flow was answered for a ping sent after `after`; return the
+    longest time from `after` to such an answer."""
+    answered: dict[str, float] = {}
+
+    def done() -> bool:
+        for vm, unit in flows:
+            key = f"{vm.name}/{unit}"
+            if key not in answered:
+                at = answered_after(clocks, vm, unit, after)
+                if at is not None:
+                    answered[key] = at
+        return len(answered) == len(flows)
+
+    try:
+        wait_until(done, timeout, "every ping flow answered again", interval=1.0)
+    except LabError as e:
+        missing = [f"{vm.name}/{unit}" for vm, unit in flows if f"{vm.name}/{unit}" not in answered]
+        raise AssertionError(f"{e}; not answered again: {missing}") from e
+    return max(answered.values()) - after
+
+
+# --- the labs ----------------------------------------------------------------------------
+
+
+def discovery_argv(kubespan_bin: Path, host: str, state_dir: Path) -> list[str]:
+    """`kubespan discovery serve` on HOST (IPv6 in brackets), with the STUN responder when
+    this version of the service has one."""
+    listen = f"[{host}]" if ":" in host else host
+    argv = [
+        str(kubespan_bin),
+        "discovery",
+        "serve",
+        "--listen",
+        f"{listen}:{DISCOVERY_PORT}",
+        "--state-dir",
+        str(state_dir),
+    ]
+    helptext = subprocess.run(
+        [str(kubespan_bin), "discovery", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    if STUN_FLAG in helptext:
+        argv += [STUN_FLAG, f"{listen}:{STUN_PORT}"]
+    return argv
+
+
+def start_discovery(lab: Lab, kubespan_bin: Path, host: str, state_dir: Path) -> str:
+    lab.spawn("discovery", discovery_argv(kubespan_bin, host, state_dir))
+    lab.wait_tcp(host, DISCOVERY_PORT)
+    return f"http://[{host}]:{DISCOVERY_PORT}" if ":" in host else f"http://{host}:{DISCOVERY_PORT}"
+
+
+@dataclass
+class NatLab:
+    lab: Lab
+    wan: Segment
+    r1: Router
+    r2: Router
+    capture: Capture
+    vms: dict[str, Vm] = field(default_factory=dict)
+    clocks: Clocks = field(default_factory=Clocks)
+
+    def __getitem__(self, name: str) -> Vm:
+        return self.vms[name]
+
+    @property
+    def member_underlay(self) -> list[str]:
+        """The members' addresses as seen on the internet segment."""
+        return ["192.0.2.11", "192.0.2.21", "192.0.2.12", self.r1.public_ip, self.r2.public_ip]
+
+
+PUB1_SECOND = "192.0.2.21"
+
+
+def build_nat_lab(lab: Lab, kubespan_bin: Path, state_dir: Path) -> NatLab:
+    """Segments, routers, discovery, a capture on the internet segment, five VMs booted."""
+    wan = lab.add_segment("wan", "192.0.2.0/24", None, host=(4,))
+    lab.add_segment("site1", "10.1.0.0/24", None, host=())
+    lab.add_segment("site2", "10.2.0.0/24", None, host=())
+    r1 = lab.add_router(
+        RouterSpec("r1", "wan", Interface4("192.0.2.101/24"), "site1", Interface4("10.1.0.1/24"))
+    )
+    r2 = lab.add_router(
+        RouterSpec("r2", "wan", Interface4("192.0.2.102/24"), "site2", Interface4("10.2.0.1/24"))
+    )
+    assert r1.spec.kind is NatKind.ENDPOINT_INDEPENDENT
+    r2.drop(drop_rule(destination="192.0.2.11"))  # scenario 4: pub1's first address
+    url = start_discovery(lab, kubespan_bin, str(wan.gateway.ip), state_dir)
+    capture = lab.capture("wan", "wan-capture")
+    cluster_id, secret = cluster_identity()
+    config = machine_config(url, cluster_id, secret)
+
+    def spec(name: str, segment: str, addresses: list[str], gateway: str | None) -> VmSpec:
+        nic = NicSpec(
+            segment,
+            tuple(Interface4(a) for a in addresses),
+            (ipaddress.IPv4Address(gateway),) if gateway else (),
+        )
+        return VmSpec(name, nics=(nic,), machineconfig=config)
+
+    specs = [
+        spec("pub1", "wan", ["192.0.2.11/24", f"{PUB1_SECOND}/24"], None),
+        spec("pub2", "wan", ["192.0.2.12/24"], None),
+        spec("a1", "site1", ["10.1.0.11/24"], "10.1.0.1"),
+        spec("a2", "site1", ["10.1.0.12/24"], "10.1.0.1"),
+        spec("b1", "site2", ["10.2.0.21/24"], "10.2.0.1"),
+    ]
+    vms = lab.boot_all(specs, timeout=600)
+    nat = NatLab(lab, wan, r1, r2, capture, {vm.name: vm for vm in vms})
+    for vm in vms:
+        nat.clocks.offset(vm)
+    return nat
+
+
+def ula(vm: Vm) -> str:
+    status = node_status(vm)
+    assert status is not None, f"{vm.name}: no status"
+    return str(status["node"]["ula"])
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+
+def scenario_nat_site(nat: NatLab) -> float:
+    """1. A site behind NAT (a1) and two public nodes: full mesh."""
+    group = [nat["a1"], nat["pub1"], nat["pub2"]]
+    wait_for_pairs(all_pairs(group), 300, "a1, pub1, pub2 meshed")
+    return pairs_time(nat.clocks, all_pairs(group))
+
+
+def scenario_shared_nat(nat: NatLab) -> float:
+    """2. Two nodes behind one NAT and a public node: all meshed; the public node's
+    WireGuard reaches each at the router's address on a port of its own, and each NATed
+    node's status shows that very endpoint as learned."""
+    a1, a2, pub1 = nat["a1"], nat["a2"], nat["pub1"]
+    group = [a1, a2, pub1]
+    wait_for_pairs(all_pairs(group), 300, "a1, a2, pub1 meshed")
+    seen = wg_endpoints(pub1)
+    mapped = {vm.name: seen.get(public_key(vm), "(none)") for vm in (a1, a2)}
+    for name, endpoint in mapped.items():
+        assert endpoint != "(none)", f"pub1 has no endpoint for {name}: {seen}"
+        assert split_endpoint(endpoint)[0] == nat.r1.public_ip, mapped
+    ports = {split_endpoint(e)[1] for e in mapped.values()}
+    assert len(ports) == 2, f"pub1 sees both NATed nodes on one port: {mapped}"
+    for vm in (a1, a2):
+        learned = learned_public_endpoints(node_status(vm))
+        assert mapped[vm.name] in learned, (
+            f"{vm.name}: its status ({REFLEXIVE_FIELD}) shows {sorted(learned)}, "
+            f"not the mapping pub1 sees ({mapped[vm.name]})"
+        )
+    return pairs_time(nat.clocks, all_pairs(group))
+
+
+def scenario_nat_to_nat(nat: NatLab) -> float:
+    """3. Two sites each behind its own endpoint-independent NAT (+ a public node): the
+    NATed nodes end with a direct tunnel, each's endpoint for the other being the other's
+    router; and only WireGuard crossed the internet segment between members."""
+    a1, a2, b1, pub1 = nat["a1"], nat["a2"], nat["b1"], nat["pub1"]
+    cross = [(a1, b1), (a2, b1)]
+    wait_for_pairs([*cross, (a1, pub1), (b1, pub1)], 180, "a1/a2 and b1 meshed directly")
+    for x, y, router in ((a1, b1, nat.r2), (a2, b1, nat.r2), (b1, a1, nat.r1), (b1, a2, nat.r1)):
+        endpoint = wg_endpoints(x).get(public_key(y), "(none)")
+        assert endpoint != "(none)" and split_endpoint(endpoint)[0] == router.public_ip, (
+            f"{x.name}'s endpoint for {y.name} is {endpoint}, not {y.name}'s router "
+            f"{router.public_ip}: no direct tunnel"
+        )
+    for x, y in cross:
+        x.check(["ping", "-c", "2", "-W", "3", ula(y)])
+    return pairs_time(nat.clocks, cross)
+
+
+def check_only_wireguard(nat: NatLab) -> int:
+    """Stop the internet segment's capture: zero plaintext between member addresses."""
+    from mesh import assert_only_wireguard_between
+
+    nat.capture.stop()
+    return assert_only_wireguard_between(nat.capture, nat.member_underlay)
+
+
+def scenario_rotation(nat: NatLab) -> float:
+    """4. b1's router drops everything to pub1's first address: the pair comes up through
+    pub1's next candidate."""
+    b1, pub1 = nat["b1"], nat["pub1"]
+    wait_for_pairs([(b1, pub1)], 180, "b1 and pub1 meshed")
+    endpoint = wg_endpoints(b1).get(public_key(pub1))
+    assert endpoint == f"{PUB1_SECOND}:{WIREGUARD_PORT}", endpoint
+    return pairs_time(nat.clocks, [(b1, pub1)])
+
+
+def scenario_dead_path(nat: NatLab) -> float:
+    """6. a1's path to pub1 breaks while up (r1 drops a1 <-> the address in use, both
+    ways, while a ping flows): detected and repaired over pub1's other address. Returns the
+    time from the break to the flow answered again."""
+    a1, pub1 = nat["a1"], nat["pub1"]
+    wait_for_pairs([(a1, pub1)], 120, "a1 and pub1 up")
+    in_use = wg_endpoints(a1)[public_key(pub1)]
+    broken = split_endpoint(in_use)[0]
+    other = PUB1_SECOND if broken != PUB1_SECOND else "192.0.2.11"
+    start_flow(a1, "deadpath-flow", ula(pub1))
+    wait_flows_recovered(nat.clocks, [(a1, "deadpath-flow")], time.time() - 60, 60)
+    broke = time.time()
+    nat.r1.drop(drop_rule(source="10.1.0.11", destination=broken))
+    nat.r1.drop(drop_rule(source=broken, destination="10.1.0.11"))
+    try:
+        took = wait_flows_recovered(nat.clocks, [(a1, "deadpath-flow")], broke, 90)
+        endpoint = wg_endpoints(a1)[public_key(pub1)]
+        assert split_endpoint(endpoint)[0] == other, endpoint
+        wait_for_pairs([(a1, pub1)], 60, "a1 and pub1 up again")
+    finally:
+        stop_flow(a1, "deadpath-flow")
+        nat.r1.clear_drops()
+    return took
+
+
+PUB2_ROAMED = "192.0.2.13"
+
+
+def scenario_roaming(nat: NatLab) -> float:
+    """5. pub2's underlay address changes (192.0.2.12 -> 192.0.2.13, as a renumbered
+    server) while pings flow to and from it. The NATed nodes cannot hear pub2's new address
+    until they send to it (their routers admit only replies from 192.0.2.12), so pub2 must
+    re-advertise and its peers try the new candidate at once; no restart. Returns the time
+    from the change to every flow answered again; then pub2 must advertise the new address
+    and no longer the old one.
+
+    (A NATed node renumbered behind its router is not a fair test: the router's stale
+    mappings, kept alive by the peers' own traffic, make the new mappings port-dependent.)"""
+    pub2, pub1, a1, b1 = nat["pub2"], nat["pub1"], nat["a1"], nat["b1"]
+    pairs = [(pub2, a1), (pub2, b1), (pub2, pub1)]
+    wait_for_pairs(pairs, 120, "pub2 meshed")
+    target = ula(pub2)
+    flows = [(pub2, "roam-a1"), (pub2, "roam-b1"), (a1, "roam-pub2"), (b1, "roam-pub2"),
+             (pub1, "roam-pub2")]  # fmt: skip
+    start_flow(pub2, "roam-a1", ula(a1))
+    start_flow(pub2, "roam-b1", ula(b1))
+    for vm in (a1, b1, pub1):
+        start_flow(vm, "roam-pub2", target)
+    try:
+        wait_flows_recovered(nat.clocks, flows, time.time() - 60, 60)
+        restarts_before = pub2.check(["systemctl", "show", "-P", "NRestarts", "kubespan"])
+        dev = pub2.check(["sh", "-c", "ip -o -4 addr show | awk '/192.0.2.12/ {print $2}'"])
+        dev = dev.strip()
+        assert dev, "pub2's underlay interface"
+        script = (
+            f"sysctl -q -w net.ipv4.conf.{dev}.promote_secondaries=1 && "
+            f"ip addr add {PUB2_ROAMED}/24 dev {dev} && "
+            f"date +%s.%N && ip addr del 192.0.2.12/24 dev {dev}"
+        )
+        result = pub2.sh(script)
+        assert result.exit_code == 0, result
+        changed = float(result.stdout.split()[-1]) + nat.clocks.offset(pub2)
+        took = wait_flows_recovered(nat.clocks, flows, changed, 120)
+        wait_for_pairs(pairs, 60, "pub2 meshed again")
+        for x in (a1, b1, pub1):
+            endpoint = wg_endpoints(x).get(public_key(pub2), "(none)")
+            assert split_endpoint(endpoint)[0] == PUB2_ROAMED, (x.name, endpoint)
+
+        def readvertised() -> bool:
+            advertised = (node_status(pub2) or {}).get("node", {}).get("endpoints", [])
+            hosts = {split_endpoint(e)[0] for e in advertised}
+            return PUB2_ROAMED in hosts and "192.0.2.12" not in hosts
+
+        try:
+            wait_until(readvertised, 30, "pub2 to advertise its new address only", 1.0)
+        except LabError as e:
+            raise AssertionError(f"{e}: {node_status(pub2)}") from e
+        restarts = pub2.check(["systemctl", "show", "-P", "NRestarts", "kubespan"])
+        assert restarts == restarts_before, "the agent restarted"
+    finally:
+        for vm, unit in flows:
+            stop_flow(vm, unit)
+    return took
+
+
+# --- flat LAN and IPv6-only labs -----------------------------------------------------------
+
+
+def boot_flat(lab: Lab, kubespan_bin: Path, state_dir: Path, count: int) -> list[Vm]:
+    lan = lab.add_segment("lan")
+    url = start_discovery(lab, kubespan_bin, str(lan.gateway.ip), state_dir)
+    cluster_id, secret = cluster_identity()
+    config = machine_config(url, cluster_id, secret)
+    specs = [
+        VmSpec(
+            f"node{i}",
+            nics=(NicSpec("lan", (lan.address(10 + i), lan.address6(10 + i))),),
+            machineconfig=config,
+        )
+        for i in range(1, count + 1)
+    ]
+    return lab.boot_all(specs, timeout=600)
+
+
+def flat_mesh_time(vms: list[Vm], clocks: Clocks) -> float:
+    """From the last agent's start to every pair up (both sides)."""
+    wait_for_pairs(all_pairs(vms), 300, f"a full mesh of {len(vms)}")
+    last_start = max(clocks.agent_started(vm) for vm in vms)
+    return max(pair_up(clocks, a, b) for a, b in all_pairs(vms)) - last_start
+
+
+@dataclass
+class V6Lab:
+    lab: Lab
+    segment: Segment
+    vms: list[Vm]
+    capture: Capture
+    clocks: Clocks = field(default_factory=Clocks)
+
+    def underlay(self, vm: Vm) -> str:
+        return str(self.segment.address6(10 + self.vms.index(vm) + 1).ip)
+
+
+def build_v6_lab(lab: Lab, kubespan_bin: Path, state_dir: Path, count: int = 3) -> V6Lab:
+    """One segment with global IPv6 only (the lab namespace holds 2001:db8::1 and no IPv4
+    address; the nodes get no IPv4 at all); discovery over IPv6."""
+    segment = lab.add_segment("wan6", "198.18.0.0/24", "2001:db8::/64", host=(6,))
+    url = start_discovery(lab, kubespan_bin, str(segment.address6(1).ip), state_dir)
+    capture = lab.capture("wan6", "wan6-capture")
+    cluster_id, secret = cluster_identity()
+    config = machine_config(url, cluster_id, secret)
+    specs = [
+        VmSpec(
+            f"six{i}",
+            nics=(NicSpec("wan6", (segment.address6(10 + i),)),),
+            machineconfig=config,
+        )
+        for i in range(1, count + 1)
+    ]
+    return V6Lab(lab, segment, lab.boot_all(specs, timeout=600), capture)
+
+
+def scenario_ipv6_only(six: V6Lab) -> float:
+    """7. IPv6-only underlay: full mesh, and every member pings every other by ULA and by
+    underlay address, all through the tunnel: the capture of the segment holds nothing but
+    WireGuard (and neighbour discovery) between members."""
+    from mesh import assert_only_wireguard_between
+
+    wait_for_pairs(all_pairs(six.vms), 300, "an IPv6-only mesh")
+    took = flat_mesh_time(six.vms, six.clocks)
+    ulas = {vm.name: ula(vm) for vm in six.vms}
+    failures = []
+    for vm in six.vms:
+        for other in six.vms:
+            if other is vm:
+                continue
+            for target in (ulas[other.name], six.underlay(other)):
+                result = vm.exec(["ping", "-c", "2", "-W", "3", target])
+                if result.exit_code != 0:
+                    failures.append(f"{vm.name} -> {other.name} {target}")
+    assert not failures, "unanswered: " + "; ".join(failures)
+    six.capture.stop()
+    assert assert_only_wireguard_between(six.capture, [six.underlay(vm) for vm in six.vms]) > 0
+    return took

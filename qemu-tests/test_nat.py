@@ -1,0 +1,99 @@
+"""Across NAT (issue 10), on the image: NAT routers in namespaces (masquerade, replies
+admitted by conntrack only), five nodes booted once and shared by scenarios 1 to 6, and an
+IPv6-only lab for scenario 7. Each scenario prints its time as `name=value`.
+
+Scenario 7 comes first so that its lab is gone before the shared NAT lab boots (two labs
+of VMs at once would share two cores). Scenarios 6 and 5 change the NAT lab, so they come
+last. The scenarios themselves live in natlab.py (also run by `make bench-mesh`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from natlab import (
+    NatLab,
+    build_nat_lab,
+    build_v6_lab,
+    check_only_wireguard,
+    scenario_dead_path,
+    scenario_ipv6_only,
+    scenario_nat_site,
+    scenario_nat_to_nat,
+    scenario_roaming,
+    scenario_rotation,
+    scenario_shared_nat,
+)
+
+from kslab import Image, Lab
+
+pytestmark = pytest.mark.vm
+
+
+def report(capsys: pytest.CaptureFixture[str], **values: float) -> None:
+    with capsys.disabled():
+        print("\n" + " ".join(f"{name}={value:.1f}" for name, value in values.items()))
+
+
+def test_ipv6_only_underlay_meshes_and_reaches_ula_and_underlay(
+    lab: Lab, kubespan_bin: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    six = build_v6_lab(lab, kubespan_bin, tmp_path / "discovery")
+    took = scenario_ipv6_only(six)
+    report(capsys, ipv6_mesh_s=took, ipv6_lab_wall_s=time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def nat(
+    image: Image, kubespan_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NatLab]:
+    """The NAT lab, booted once for scenarios 1 to 6."""
+    directory = tmp_path_factory.mktemp("natlab")
+    with Lab(directory / "lab", image) as lab:
+        started = time.monotonic()
+        shared = build_nat_lab(lab, kubespan_bin, directory / "discovery")
+        print(f"\nnat_lab_boot_s={time.monotonic() - started:.1f}")
+        yield shared
+
+
+def test_site_behind_nat_meshes_with_public_nodes(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report(capsys, nat_site_s=scenario_nat_site(nat))
+
+
+def test_two_nodes_behind_one_nat_each_reachable_at_its_own_port(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report(capsys, nat_shared_s=scenario_shared_nat(nat))
+
+
+def test_two_nated_sites_get_a_direct_tunnel_and_only_wireguard_crosses(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    took = scenario_nat_to_nat(nat)
+    packets = check_only_wireguard(nat)
+    assert packets > 0
+    report(capsys, nat_to_nat_s=took)
+
+
+def test_unreachable_first_candidate_rotates_to_the_next(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report(capsys, rotation_s=scenario_rotation(nat))
+
+
+def test_a_path_broken_while_up_is_detected_and_repaired(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report(capsys, dead_path_s=scenario_dead_path(nat))
+
+
+def test_a_node_whose_address_changes_recovers_without_restart(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report(capsys, roaming_s=scenario_roaming(nat))
