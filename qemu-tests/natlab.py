@@ -52,7 +52,7 @@ from mesh import DISCOVERY_PORT, machine_config, node_status
 # Where a node's status shows the public endpoint(s) it learned (a dotted path into
 # `kubespan status --json`; a string, a list of strings, or a list of objects with an
 # "endpoint" field are all understood).
-REFLEXIVE_FIELD = "node.endpoints"
+REFLEXIVE_FIELD = "node.nat.mapped"
 # The agent's journal line when a peer's state changes, and when the agent starts.
 PEER_STATE_LINE = re.compile(r"\bpeer (?P<name>\S+) state=(?P<state>\w+)")
 AGENT_START_LINE = re.compile(r"\bstarting node_id=")
@@ -289,9 +289,12 @@ def wait_flows_recovered(
 # --- the labs ----------------------------------------------------------------------------
 
 
-def discovery_argv(kubespan_bin: Path, host: str, state_dir: Path) -> list[str]:
+def discovery_argv(
+    kubespan_bin: Path, host: str, state_dir: Path, second_reflector: str | None = None
+) -> list[str]:
     """`kubespan discovery serve` on HOST (IPv6 in brackets), with the STUN responder when
-    this version of the service has one."""
+    this version of the service has one, also on `second_reflector` (an address of the same
+    host) so nodes can tell how their NAT maps."""
     listen = f"[{host}]" if ":" in host else host
     argv = [
         str(kubespan_bin),
@@ -310,11 +313,17 @@ def discovery_argv(kubespan_bin: Path, host: str, state_dir: Path) -> list[str]:
     ).stdout
     if STUN_FLAG in helptext:
         argv += [STUN_FLAG, f"{listen}:{STUN_PORT}"]
+        if second_reflector is not None:
+            argv += [STUN_FLAG, f"{second_reflector}:{STUN_PORT}"]
+            argv += ["--stun-advertise", f":{STUN_PORT}"]
+            argv += ["--stun-advertise", f"{second_reflector}:{STUN_PORT}"]
     return argv
 
 
-def start_discovery(lab: Lab, kubespan_bin: Path, host: str, state_dir: Path) -> str:
-    lab.spawn("discovery", discovery_argv(kubespan_bin, host, state_dir))
+def start_discovery(
+    lab: Lab, kubespan_bin: Path, host: str, state_dir: Path, second_reflector: str | None = None
+) -> str:
+    lab.spawn("discovery", discovery_argv(kubespan_bin, host, state_dir, second_reflector))
     lab.wait_tcp(host, DISCOVERY_PORT)
     return f"http://[{host}]:{DISCOVERY_PORT}" if ":" in host else f"http://{host}:{DISCOVERY_PORT}"
 
@@ -339,6 +348,7 @@ class NatLab:
 
 
 PUB1_SECOND = "192.0.2.21"
+SECOND_REFLECTOR = "192.0.2.2"  # the discovery host's second address: NAT kinds are told
 
 
 def build_nat_lab(lab: Lab, kubespan_bin: Path, state_dir: Path) -> NatLab:
@@ -354,7 +364,8 @@ def build_nat_lab(lab: Lab, kubespan_bin: Path, state_dir: Path) -> NatLab:
     )
     assert r1.spec.kind is NatKind.ENDPOINT_INDEPENDENT
     r2.drop(drop_rule(destination="192.0.2.11"))  # scenario 4: pub1's first address
-    url = start_discovery(lab, kubespan_bin, str(wan.gateway.ip), state_dir)
+    lab.ns.ip("address", "add", f"{SECOND_REFLECTOR}/24", "dev", wan.bridge, "nodad")
+    url = start_discovery(lab, kubespan_bin, str(wan.gateway.ip), state_dir, SECOND_REFLECTOR)
     capture = lab.capture("wan", "wan-capture")
     cluster_id, secret = cluster_identity()
     config = machine_config(url, cluster_id, secret)
@@ -412,7 +423,11 @@ def scenario_shared_nat(nat: NatLab) -> float:
     ports = {split_endpoint(e)[1] for e in mapped.values()}
     assert len(ports) == 2, f"pub1 sees both NATed nodes on one port: {mapped}"
     for vm in (a1, a2):
-        learned = learned_public_endpoints(node_status(vm))
+        status = node_status(vm)
+        assert (status or {}).get("node", {}).get("nat", {}).get("mapping") == (
+            "endpoint-independent"
+        ), f"{vm.name}: two reflectors should show r1's mapping kind: {status}"
+        learned = learned_public_endpoints(status)
         assert mapped[vm.name] in learned, (
             f"{vm.name}: its status ({REFLEXIVE_FIELD}) shows {sorted(learned)}, "
             f"not the mapping pub1 sees ({mapped[vm.name]})"

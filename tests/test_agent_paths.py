@@ -135,8 +135,10 @@ def test_an_underlay_change_is_acted_on_once_settled(
     assert Endpoint(ipaddress.ip_address("10.1.0.20"), 51820) in agent.registration.record.endpoints
 
     clock.now += ROAM_SETTLE_SECONDS
+    assert not agent.sessions[0]._hello_wanted
     agent.reconcile()
     assert stun_of(agent).triggers == triggers + 1
+    assert agent.sessions[0]._hello_wanted  # discovery is asked where it sees us again
     assert len(kernel.nudged) == nudged + 1  # every peer hears from us at once
     clock.now += 0.5
     agent.reconcile()
@@ -233,16 +235,17 @@ def test_only_mappings_a_peer_can_use_are_advertised(
     agent.reconcile()
     assert agent.registration is not None
     assert [str(e) for e in agent.registration.record.endpoints] == ["10.1.0.10:51820"]
-    # Answers naming loopback or our own address are not advertised.
-    for bogus in ("127.0.0.1", "10.1.0.10"):
-        answer = Endpoint(ipaddress.ip_address(bogus), 9)
+    # An answer naming loopback is not advertised; what discovery saw stands in. An answer
+    # naming our own address says there is no NAT: nothing else is advertised.
+    for answered, expected in (
+        ("127.0.0.1", ["10.1.0.10:51820", "198.51.100.40:51820"]),
+        ("10.1.0.10", ["10.1.0.10:51820"]),
+    ):
+        answer = Endpoint(ipaddress.ip_address(answered), 9)
         agent._take(
             ReflexiveLearned(
                 Reflexive.of([ReflectorAnswer(REFLECTOR, answer), ReflectorAnswer(other, answer)])
             )
         )
         agent.reconcile()
-        assert [str(e) for e in agent.registration.record.endpoints] == [
-            "10.1.0.10:51820",
-            "198.51.100.40:51820",  # what discovery saw stands in
-        ]
+        assert [str(e) for e in agent.registration.record.endpoints] == expected

@@ -22,7 +22,7 @@ from dataplanelab import (
     wired,
 )
 
-from netlab import Netns
+from netlab import Netns, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -224,3 +224,17 @@ def test_decrypted_traffic_from_members_is_not_dropped() -> None:
         tunnel.ip("neigh", "add", "192.0.2.10", "lladdr", mac, "dev", "t0")
         send_udp(tunnel, "192.0.2.10")
         assert counter(node, "from_tunnel") == 3
+
+
+def test_neighbour_discovery_with_a_member_stays_on_the_link() -> None:
+    """A member on the node's own IPv6 link resolves the node: the node's neighbour
+    advertisement to the member's address is link control, not data, and is not pulled into
+    the tunnel (an IPv6-only underlay stalled that way: no neighbour, no WireGuard packets)."""
+    with wired() as (node, _tunnel, _pod):
+        world = Netns(node.name.replace("-node-", "-world-"))
+        spec = {**SPEC, "members": [*SPEC["members"], "2001:db8::1/128"]}
+        node.dataplane("apply", spec)
+        node.sh("ip -6 neigh flush dev eth0")
+        world.sh("ip -6 neigh flush dev w0")
+        send_udp(world, "2001:db8::10")  # the world (a member) must resolve the node first
+        wait_until(lambda: "lladdr" in world.sh("ip -6 neigh show 2001:db8::10 dev w0"), 5.0)

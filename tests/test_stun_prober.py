@@ -317,3 +317,24 @@ def test_thread_probes_every_interval() -> None:
     finally:
         thread.stop()
         thread.join(WAIT)
+
+
+def test_the_first_reflectors_named_are_asked_at_once() -> None:
+    """At start no service has named reflectors yet: that empty probe sends nothing, so it
+    does not hold back the probe triggered when the first hello names some."""
+    named: list[Endpoint] = []
+    probe = ScriptedProbe(result_of(PUBLIC))
+    events: queue.Queue[Any] = queue.Queue()
+    thread = ReflexiveProber(
+        events, 51820, lambda: list(named), interval=3600.0, probe=probe, min_gap=3600.0
+    )
+    thread.start()
+    try:
+        probe.wait_for(1)
+        named.append(A)
+        thread.trigger()
+        probe.wait_for(2)  # within WAIT, not after the hour-long gap
+        assert probe.asked[1] == (51820, (A,))
+    finally:
+        thread.stop()
+        thread.join(WAIT)

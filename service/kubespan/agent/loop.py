@@ -232,6 +232,7 @@ class Agent:
         self.mapped: tuple[Endpoint, ...] = ()  # the NAT mappings STUN reported
         self.nat_status: dict[str, Any] | None = None
         self.symmetric_nat = False
+        self._stun_answered: set[int] = set()  # families STUN gave a mapping for
 
     def stop(self) -> None:
         self.events.put(Stop())
@@ -509,8 +510,8 @@ class Agent:
             )
             addresses = addresses[:MAX_ADDRESSES]
         reflexive = next((s.reflexive for s in self.sessions if s.reflexive), None)
-        if self.symmetric_nat:
-            reflexive = None  # its port is the one mapped for discovery, nobody else
+        if self.symmetric_nat or (reflexive and reflexive.version in self._stun_answered):
+            reflexive = None  # symmetric: its port is the one mapped for discovery only
         endpoints = advertised_endpoints(addresses, reflexive, kubespan, self.mapped, MAX_ENDPOINTS)
         name = self.hostname()
         if not valid_hostname(name):
@@ -568,6 +569,8 @@ class Agent:
     def _on_roam(self) -> None:
         if self.stun is not None:
             self.stun.trigger()
+        for session in self.sessions:
+            session.refresh_address()
 
     def stun_reflectors(self) -> tuple[Endpoint, ...]:
         """Where to ask for the NAT mapping: what the discovery services name, then the
@@ -588,6 +591,13 @@ class Agent:
                 e for e in result.endpoints if reachable_unicast(e.address) and e.address not in own
             )[:MAX_MAPPED]
         self.symmetric_nat = result.mapping is Mapping.ENDPOINT_DEPENDENT
+        # Where STUN answered, what discovery's HTTP side saw is not needed (and may be an
+        # address this node no longer has).
+        self._stun_answered = {
+            a.mapped.address.version
+            for a in result.answers
+            if a.mapped and reachable_unicast(a.mapped.address)
+        }
         if mapped != self.mapped:
             log.info(
                 "NAT mapping of the WireGuard port: %s (%s)",

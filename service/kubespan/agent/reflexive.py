@@ -122,7 +122,10 @@ class ReflexiveProber:
         try:
             result = self._probe(self.listen_port, asked)
         finally:
-            self._earliest = self.monotonic() + self.min_gap
+            if asked:
+                # Nothing was sent without reflectors: the first ones named (by discovery's
+                # first hello, a moment after start) are asked at once.
+                self._earliest = self.monotonic() + self.min_gap
         self.probes += 1
         if result == self.last:
             return

@@ -87,6 +87,7 @@ class DiscoverySession:
         self.reflexive: IPAddress | None = None
         # The STUN reflectors the service names (resolved: see _hello); replaced whole.
         self.stun_reflectors: tuple[Endpoint, ...] = ()
+        self._hello_wanted = False
         # The service's own address, which members may never claim, when the URL names it:
         # what a host name resolves to is not believed (whoever answers DNS for it could
         # otherwise make members' addresses unroutable, and their traffic go in the clear).
@@ -130,6 +131,13 @@ class DiscoverySession:
             if self._wanted != registration:
                 self._wanted = registration
                 self._wake.notify_all()
+
+    def refresh_address(self) -> None:
+        """Ask `hello` again soon (this node's way out changed: its public address may have
+        too), and register again after it."""
+        with self._wake:
+            self._hello_wanted = True
+            self._wake.notify_all()
 
     def harvest(self, affiliate_id: str, endpoint: Endpoint) -> None:
         """Report, in the background, that another member was seen at `endpoint`."""
@@ -190,6 +198,8 @@ class DiscoverySession:
                 with self._wake:
                     wanted = self._wanted
                     harvested, self._harvested = self._harvested, []
+                    need_hello = need_hello or self._hello_wanted
+                    self._hello_wanted = False
                     reregister = self._reregister and (
                         self.monotonic() - last_put >= REREGISTER_GAP_SECONDS
                     )

@@ -4,8 +4,9 @@ members (policy routing, which sends marked traffic into the tunnel, is in plan.
     table inet kubespan
       set members_v4/members_v6   every member's allowed IPs but the ULAs, prefixes collapsed
       chain prerouting (filter)   forwarded traffic (pods): mark members' traffic
-      chain output (route)        local traffic: WireGuard's own packets and loopback pass,
-                                  TCP MSS is clamped to the tunnel, members' traffic marked
+      chain output (route)        local traffic: WireGuard's own packets, loopback and IPv6
+                                  neighbour discovery pass, TCP MSS is clamped to the
+                                  tunnel, members' traffic marked
 
 Where the chains run. Netfilter runs the chains of one hook in order of priority: conntrack
 (-200), mangle (-150), destination NAT (-100: kube-proxy's Service DNAT, on prerouting and
@@ -77,6 +78,16 @@ MSS_OVERHEAD_V4 = 52
 MSS_OVERHEAD_V6 = 72
 
 _KEEP_MARK = 0xFFFFFFFF & ~MARK_MASK
+# Link-level control of IPv6, never data: a neighbour advertisement to a member's underlay
+# address pulled into the tunnel means the neighbour is never resolved, and then not even
+# WireGuard's own packets reach the member (an IPv6-only underlay stalled this way).
+NEIGHBOUR_DISCOVERY = (
+    "nd-router-solicit",
+    "nd-router-advert",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "nd-redirect",
+)
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,7 @@ class RulesetSpec:
             f"    meta l4proto udp udp sport {self.listen_port} "
             f"meta mark & {MARK_MASK:#04x} == {MARK_WIREGUARD:#04x} accept",
             '    oifname "lo" accept',
+            f"    icmpv6 type {{ {', '.join(NEIGHBOUR_DISCOVERY)} }} accept",
             f"    ip daddr @{SET_V4} tcp flags syn tcp option maxseg size > {self.mss_v4} "
             f"tcp option maxseg size set {self.mss_v4}",
             f"    ip6 daddr @{SET_V6} tcp flags syn tcp option maxseg size > {self.mss_v6} "
