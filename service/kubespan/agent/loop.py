@@ -67,7 +67,7 @@ from kubespan.plan.diff import NudgePeer, Operation, SetPeer, diff, link_warning
 from kubespan.plan.harvest import Harvest, harvest_candidates
 from kubespan.plan.local import advertised_endpoints, excluded, underlay_networks
 from kubespan.plan.membership import Membership, absorb, expire
-from kubespan.plan.peerstate import Timing, Tracking, given_up
+from kubespan.plan.peerstate import Timing, Tracking, given_up, trial_seconds
 from kubespan.stun.prober import MAX_REFLECTORS, Mapping, Reflexive
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class Agent:
 
     def _init_paths(self, config: MachineConfig) -> None:
         """What the agent tracks about its own way out and when to look again."""
-        self.timing = Timing(trial=float(config.kubespan.endpoint_trial_seconds))
+        self.timing = Timing(trial=trial_seconds(config.kubespan.endpoint_trial_seconds))
         self._underlay: tuple[IPAddress, ...] | None = None
         self._underlay_changed_at: float | None = None
         self._wake_at: float | None = None

@@ -44,7 +44,20 @@ from dataclasses import dataclass, replace
 from kubespan.model import PeerState
 from kubespan.netaddr import Endpoint
 
-ENDPOINT_TRIAL = 5.0
+# WireGuard retransmits a handshake initiation 5 s (plus up to 1/3 s) after the last one and
+# sends none sooner, however often it is nudged. A trial ends this much before that moment,
+# so the retransmission goes to the next candidate rather than once more to the failed one
+# (which would leave the next candidate without an initiation for another 5 s).
+RETRANSMIT_LEAD = 0.5
+CONFIGURED_TRIAL = 5.0  # endpointTrialSeconds' default
+
+
+def trial_seconds(configured: float) -> float:
+    """The time a trial really gets for `endpointTrialSeconds`."""
+    return max(1.5, configured - RETRANSMIT_LEAD)
+
+
+ENDPOINT_TRIAL = trial_seconds(CONFIGURED_TRIAL)
 # Heard from within this long: up, whatever else (WireGuard reject-after 180 s + rekey-timeout
 # 5 s + rekey-attempt 90 s); also the bound when probes cannot be sent or answered.
 DOWN_AFTER = 275.0
