@@ -112,10 +112,15 @@ def test_session_exposes_the_reflectors() -> None:
         session = DiscoverySession(
             server.url, new_keys(), queue.Queue(), random.Random(1), os.urandom
         )
+        named: list[int] = []
+        session.on_reflectors = lambda: named.append(1)  # the agent's STUN prober trigger
         client = DiscoveryClient(server.url, session.keys)
         session._hello(client)  # what the registrar does before its first put
         assert session.stun_reflectors == (Endpoint(LOOPBACK, server.stun_port or 0),)
         assert session.status()["stun_reflectors"] == [f"127.0.0.1:{server.stun_port}"]
+        assert named == [1]  # told at once, from the session's own thread
+        session._hello(client)
+        assert named == [1]  # the same reflectors again: nothing new to ask
 
 
 def test_an_older_service_names_no_reflectors() -> None:

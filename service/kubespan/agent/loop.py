@@ -215,6 +215,9 @@ class Agent:
             if stun is not None
             else None
         )
+        if self.stun is not None:
+            for session in self.sessions:
+                session.on_reflectors = self.stun.trigger
         self.prefix = cluster_ula_prefix(config.cluster.id)
         mac = first_physical_mac(kernel.link_hardware())
         if mac is None:

@@ -88,6 +88,8 @@ class DiscoverySession:
         # The STUN reflectors the service names (resolved: see _hello); replaced whole.
         self.stun_reflectors: tuple[Endpoint, ...] = ()
         self._hello_wanted = False
+        # Called (from this session's thread) when the service names other reflectors.
+        self.on_reflectors: Callable[[], None] | None = None
         # The service's own address, which members may never claim, when the URL names it:
         # what a host name resolves to is not believed (whoever answers DNS for it could
         # otherwise make members' addresses unroutable, and their traffic go in the clear).
@@ -271,6 +273,10 @@ class DiscoverySession:
             address = None
         if address != self.reflexive:
             log.info("discovery sees this node at url=%s address=%s", self.url, address)
+        if reflectors_changed and self.on_reflectors is not None:
+            # Straight to the STUN prober: the reconcile loop may be busy (its first pass
+            # sets up the kernel), and the mapping belongs in the first records.
+            self.on_reflectors()
         if address != self.reflexive or reflectors_changed:
             self.reflexive = address
             self.events.put(ReflexiveEvent(self.url, address))
