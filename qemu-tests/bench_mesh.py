@@ -73,6 +73,18 @@ def nat(bench: Bench, workdir: Path) -> None:
         bench.measure("rotation_s", lambda: scenario_rotation(shared))
         bench.measure("dead_path_s", lambda: scenario_dead_path(shared))
         bench.measure("roaming_s", lambda: scenario_roaming(shared))
+        keep_journals(shared, workdir / "nat-journals")
+
+
+def keep_journals(shared: NatLab, directory: Path) -> None:
+    """Each guest's agent journal, stamped in host time, for reading where time went."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, vm in shared.vms.items():
+        lines = [
+            f"{entry.at:.3f} {entry.message}"
+            for entry in shared.clocks.journal(vm, "kubespan.service")
+        ]
+        (directory / f"{name}.log").write_text("\n".join(lines) + "\n")
 
 
 def ipv6(bench: Bench, workdir: Path) -> None:

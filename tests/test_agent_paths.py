@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import queue
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from kubespan.apply.changes import DEFAULT_ROUTE
 from kubespan.config import parse_config
 from kubespan.identity import LinkHardware, load_or_create_identity
 from kubespan.model import AffiliateInfo, MemberRecord
-from kubespan.netaddr import Endpoint
+from kubespan.netaddr import Endpoint, IPAddress
+from kubespan.pathcheck.checker import PathAnswered
 from kubespan.plan.membership import Known, Membership
 from kubespan.stun.prober import Mapping, ReflectorAnswer, Reflexive
 
@@ -63,7 +64,44 @@ class Clock:
         return Clocks(wall=lambda: 1_800_000_000 + self.now, monotonic=lambda: self.now)
 
 
-def agent_with_peer(tmp: Path, cluster_id: str, secret: str) -> tuple[Agent, FakeKernel, Clock]:
+class FakePaths:
+    """Stands in for the path checker thread: records what the agent asks; the test says
+    which endpoints answered."""
+
+    def __init__(
+        self, events: queue.Queue[Any], port: int, private: bytes, public: bytes, key: bytes
+    ) -> None:
+        self.members: tuple[str, ...] = ()
+        self.own: tuple[IPAddress, ...] = ()
+        self.checked: list[tuple[str, tuple[Endpoint, ...]]] = []
+        self.answered: dict[str, dict[Endpoint, float]] = {}
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def set_members(self, public_keys: Iterable[str]) -> None:
+        self.members = tuple(public_keys)
+
+    def set_own_addresses(self, addresses: Iterable[IPAddress]) -> None:
+        self.own = tuple(addresses)
+
+    def check(self, public_key: str, endpoints: Sequence[Endpoint]) -> None:
+        self.checked.append((public_key, tuple(endpoints)))
+
+    def answers(self) -> dict[str, dict[Endpoint, float]]:
+        return {k: dict(v) for k, v in self.answered.items()}
+
+
+def agent_with_peer(
+    tmp: Path, cluster_id: str, secret: str, paths: type[FakePaths] | None = None
+) -> tuple[Agent, FakeKernel, Clock]:
     clock = Clock()
     kernel = FakeKernel(
         addresses=(local_address("ens3", "10.1.0.10/24"),),
@@ -78,6 +116,7 @@ def agent_with_peer(tmp: Path, cluster_id: str, secret: str) -> tuple[Agent, Fak
         clocks=clock.clocks(),
         hostname=lambda: "alpha",
         stun=FakeStun,
+        paths=paths,
     )
     peer_key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
     info = AffiliateInfo(
@@ -249,3 +288,38 @@ def test_only_mappings_a_peer_can_use_are_advertised(
         )
         agent.reconcile()
         assert [str(e) for e in agent.registration.record.endpoints] == expected
+
+
+def test_path_checks_go_to_every_candidate_and_the_one_that_answered_is_set(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret, FakePaths)
+    paths = agent.paths
+    assert isinstance(paths, FakePaths)
+    public = Endpoint(ipaddress.ip_address("203.0.113.9"), 51820)
+    private = Endpoint(ipaddress.ip_address("10.2.0.11"), 51820)
+    agent.reconcile()
+    assert kernel.link is not None
+    key = kernel.link.peers[0].public_key
+    assert paths.members == (key,)  # only members' checks are answered
+    assert paths.own == (ipaddress.ip_address("10.1.0.10"),)  # where peers see us
+    assert paths.checked == [(key, (private, public))]  # all at once, in rank order
+    assert kernel.link.peers[0].endpoint == private  # the best candidate's trial
+    applied = len(kernel.applied)
+
+    clock.now += 0.1
+    paths.answered = {key: {public: clock.now}}
+    agent._take(PathAnswered(key, public))
+    agent.reconcile()
+    assert kernel.link.peers[0].endpoint == public  # not waiting out the private trial
+    # Created anew, so WireGuard sends its handshake now (a nudge would wait for the 5 s
+    # since the initiation to the private address).
+    assert [a.split(" preshared")[0] for a in kernel.applied[applied:]] == [
+        f"wg set kubespan peer {key} remove",
+        f"wg set kubespan peer {key}",
+    ]
+    assert f"endpoint {public}" in kernel.applied[-1]
+    status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
+    assert status["peers"][0]["why"] == "trial: answered a path check"
+    answered = [c["path_check_answered_s"] for c in status["peers"][0]["candidates"]]
+    assert answered == [None, 0.0]  # the private one never answered

@@ -90,6 +90,13 @@ class Peer:
     probes: int = 0
     answer_due: bool = False
     last_wake: float | None = None
+    # Path checks: None, not sent at all; otherwise the endpoints at which the remote's
+    # WireGuard port answers them (`reachable` by default: a path that answers checks
+    # carries handshakes too, unless the test says otherwise).
+    checkable: set[Endpoint] | None = None
+    answers: dict[Endpoint, float] = field(default_factory=dict)
+    checks: int = 0
+    restarts: int = 0
 
     def run(self, now: float, wall: float = WALL) -> PeerState:
         if self.kernel_endpoint in self.reachable and (self.answer_due or self.chatty):
@@ -97,14 +104,28 @@ class Peer:
             self.handshake = wall + now - 0.01
         sighting = Sighting(self.kernel_endpoint, self.handshake, self.rx_bytes)
         decision = decide_endpoint(
-            now, wall + now, self.candidates, self.tracking, sighting, TIMING
+            now,
+            wall + now,
+            self.candidates,
+            self.tracking,
+            sighting,
+            TIMING,
+            self.answers if self.checkable is not None else None,
         )
+        if decision.check and self.checkable is not None:
+            self.checks += 1
+            current = (self.kernel_endpoint,) if self.kernel_endpoint else ()
+            for endpoint in (*self.candidates, *current):
+                if endpoint in self.checkable:
+                    self.answers[endpoint] = now + 0.05  # answered before the next pass
         self.tracking = decision.tracking
         self.last_wake = decision.wake_at
         if decision.set_endpoint is not None:
             self.kernel_endpoint = decision.set_endpoint
             self.changes += 1
         self.nudges += decision.nudge
+        self.restarts += decision.restart
+        assert not (decision.restart and decision.set_endpoint is None)
         self.probes += decision.probe
         self.answer_due = decision.nudge or decision.probe or decision.set_endpoint is not None
         return decision.state
@@ -387,3 +408,124 @@ def test_without_candidates_nothing_wakes_the_loop_after_the_trial() -> None:
         T0 + 60, WALL + 60, (), decision.tracking, Sighting(None, None, 0), TIMING
     )
     assert later.state is DOWN and later.wake_at is None
+
+
+def checked(
+    candidates: tuple[Endpoint, ...], reachable: set[Endpoint], chatty: bool = False
+) -> Peer:
+    """A peer whose candidates are path-checked; those `reachable` answer."""
+    return Peer(candidates, reachable=reachable, checkable=set(reachable), chatty=chatty)
+
+
+@pytest.mark.parametrize("working", [2, 3])
+def test_with_path_checks_an_unreachable_better_candidate_costs_no_trial(working: int) -> None:
+    peer = checked(CANDIDATES, {ep(working)})
+    assert peer.run(T0) is UNKNOWN
+    assert peer.kernel_endpoint == ep(1) and peer.checks == 1  # checks go to all at once
+    up_after = first_up(peer, T0 + TIMING.poll, T0 + 60)
+    assert up_after is not None and up_after <= TIMING.poll  # not (working - 1) trials
+    assert peer.kernel_endpoint == ep(working)
+    assert peer.tracking is not None and peer.tracking.why == "works: the peer answered here"
+    assert peer.changes == 2
+    # The switch recreates the peer (a nudge would wait out WireGuard's 5 s since the
+    # initiation to the first candidate); the first trial only nudged.
+    assert (peer.restarts, peer.nudges) == (1, 1)
+
+
+def test_the_best_candidate_that_answered_is_set() -> None:
+    peer = checked(CANDIDATES, {ep(2), ep(3)})
+    peer.run(T0)
+    assert first_up(peer, T0 + TIMING.poll, T0 + 60) is not None
+    assert peer.kernel_endpoint == ep(2)
+
+
+def test_a_path_that_answers_checks_but_never_handshakes_is_set_once_per_cycle() -> None:
+    peer = Peer(CANDIDATES, reachable={ep(3)}, checkable={ep(2), ep(3)})
+    peer.run(T0)
+    assert peer.run(T0 + 0.5) is not UP
+    assert peer.kernel_endpoint == ep(2)  # it answered: set at once
+    up_after = first_up(peer, T0 + 1.0, T0 + 60)
+    assert up_after is not None and up_after <= TRIAL + TIMING.poll
+    assert peer.kernel_endpoint == ep(3)
+    assert peer.changes == 3  # ep1, ep2 (answered, failed its trial), ep3
+
+
+def test_an_up_peer_whose_path_went_silent_moves_to_a_candidate_that_answered() -> None:
+    """A peer that roamed behind a NAT filtering its new source: our packets to its old
+    endpoint go nowhere, its new one answers a check. Found in quiet + probe_interval, not
+    after a probe timeout."""
+    peer = checked((ep(1), ep(2)), {ep(1), ep(2)}, chatty=True)
+    peer.run(T0)
+    assert peer.run_until(T0 + 0.5, T0 + 30) == [UP] * 59
+    peer.reachable = peer.checkable = {ep(2)}
+    broke = T0 + 30
+    last_heard = peer.tracking.heard if peer.tracking else None
+    assert last_heard is not None
+    now = broke
+    while not (peer.run(now) is UP and peer.kernel_endpoint == ep(2)) and now < broke + 60:
+        now += 0.5
+    # Quiet, probed in vain for a probe interval, checked: the path in use is given its
+    # check's patience, then the peer moves.
+    patience = TIMING.quiet + TIMING.probe_interval + TIMING.check_patience
+    assert now - last_heard <= patience + 2 * TIMING.poll
+    assert peer.restarts == 0  # its session holds: set and nudged, not recreated
+    assert peer.tracking is not None and peer.tracking.why == "works: the peer answered here"
+
+
+def test_a_quiet_tunnel_on_a_path_that_still_answers_checks_is_not_moved() -> None:
+    peer = checked((ep(1), ep(2)), {ep(1), ep(2)}, chatty=True)
+    peer.run(T0)
+    peer.run_until(T0 + 0.5, T0 + 30)
+    peer.reachable = set()  # the tunnel is silent, yet both paths answer checks
+    last_heard = peer.tracking.heard if peer.tracking else None
+    assert last_heard is not None
+    # Until the probe timeout (the old rule: then the path is dead whatever checks say).
+    peer.run_until(T0 + 30, last_heard + TIMING.quiet + TIMING.probe_timeout - TIMING.poll)
+    assert peer.checks >= 2  # checked while quiet
+    assert peer.kernel_endpoint == ep(1)
+    assert peer.changes == 1
+
+
+def test_an_idle_peer_that_answers_probes_is_never_checked() -> None:
+    peer = checked(CANDIDATES, {ep(1)})
+    peer.run(T0)
+    assert set(peer.run_until(T0 + 0.5, T0 + 3600, step=1.0)) == {UP}
+    assert peer.checks == 1  # the first trial's only
+
+
+def test_a_dead_peer_in_backoff_is_set_at_once_when_a_candidate_answers() -> None:
+    peer = checked(CANDIDATES, set())
+    peer.run_until(T0, T0 + 1800, step=1.0)
+    assert peer.tracking is not None and peer.tracking.cycles >= 2
+    changes, checks = peer.changes, peer.checks
+    assert checks <= changes + 1  # one round of checks per trial: cheap while dead
+    peer.reachable = peer.checkable = {ep(3)}
+    peer.candidates = (*CANDIDATES, ep(4))  # a new candidate is checked at once
+    recovered = first_up(peer, T0 + 1800, T0 + 1900)
+    assert recovered is not None and recovered <= 2 * TIMING.poll
+    assert peer.kernel_endpoint == ep(3)
+
+
+def test_a_path_that_answers_checks_but_never_handshakes_keeps_the_backoff() -> None:
+    """A filter that lets UDP through but not WireGuard (or a peer whose agent runs while
+    its link is broken): the answering candidate is set once per cycle, and the cycles
+    still grow, so it costs what any dead peer costs."""
+    peer = Peer((ep(1), ep(2), ep(3)), reachable=set(), checkable={ep(2)})
+    for tick in range(0, 7200):
+        peer.run(T0 + tick / 2)
+    assert peer.tracking is not None and peer.tracking.cycles >= 3
+    assert peer.changes <= 20, peer.changes
+    assert peer.restarts <= 8, peer.restarts
+
+
+def test_a_better_candidate_that_answers_later_takes_over_while_the_peer_is_not_up() -> None:
+    peer = Peer(CANDIDATES, reachable=set(), checkable={ep(2)})
+    peer.run(T0)  # ep1 on trial; of the checks, only ep2's answers (yet)
+    peer.checkable = {ep(1), ep(2)}  # ep1's side opens: its checks answer from now on
+    peer.run(T0 + 0.5)
+    assert peer.kernel_endpoint == ep(2)  # the first that answered (its handshake is lost)
+    peer.reachable = {ep(1)}
+    peer.run(T0 + 1.0)
+    assert peer.kernel_endpoint == ep(1)  # the better one, once it answered
+    assert peer.tracking is not None and peer.tracking.why == "trial: answered a path check"
+    assert peer.run(T0 + 1.5) is UP

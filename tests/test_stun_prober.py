@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,7 +69,9 @@ class FakeNet:
         nth = sum(1 for _, r in self.sent if r == reflector)
         self.inbox += behaviour(reflector, payload, nth)
 
-    def receive(self, timeout: float) -> tuple[Endpoint, bytes] | None:
+    def receive(
+        self, timeout: float, wake: socket.socket | None = None
+    ) -> tuple[Endpoint, bytes] | None:
         self.reads += 1
         if self.flood is not None:
             return A, self.flood

@@ -49,7 +49,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from kubespan.apply.watch import KernelWatcher
     from kubespan.config.sources import platform_sources, resolve, store_path
     from kubespan.identity import Identity, load_or_create_identity
+    from kubespan.pathcheck.checker import PathChecker
 
+    refused = preflight_refusal(args)
+    if refused:
+        return refused
     if args.cleanup:
         with Kernel() as kernel:
             removed = kernel.teardown()
@@ -101,6 +105,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 args.state_dir,
                 events=queue_,
                 stun=ReflexiveProber,
+                paths=PathChecker,
             )
 
         # Changes to our table, rules, routes, link or any address wake the loop at once
@@ -115,6 +120,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
             watcher.stop()
             kernel_watcher.stop()
     return 0
+
+
+def preflight_refusal(args: argparse.Namespace) -> int:
+    """Check what the agent needs before it touches anything: 0, or the exit status after
+    one line per missing piece. `--cleanup` needs only the privilege to look (and says so
+    rather than reporting "nothing of ours" when it could not look)."""
+    from kubespan import preflight
+
+    facts = preflight.gather(args.state_dir)
+    found = preflight.missing(facts)
+    if args.cleanup:
+        privileged = preflight.has_capability(facts.effective_caps, preflight.CAP_NET_ADMIN)
+        found = [] if privileged else found[:1]
+    for item in found:
+        log.error("cannot start: %s", item)
+    return preflight.exit_status(found)
 
 
 def read_config_file(path: Path) -> bytes:

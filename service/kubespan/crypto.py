@@ -11,6 +11,7 @@ own context string, so no key serves two purposes:
 - signing:    Ed25519 seed; its public half is the cluster's only name on the server
 - affiliate-id: HMAC key turning a node id into the opaque affiliate id the server sees
 - wireguard-psk: the preshared key of every WireGuard peer
+- path-check: mixed into the pairwise keys of path checks (pathcheck/codec.py)
 
 The cluster address and affiliate id are bound into every blob as associated data, so the
 server cannot move a blob to another member or cluster without detection.
@@ -68,6 +69,7 @@ class ClusterKeys:
     signing_seed: bytes = field(repr=False)
     affiliate_id_key: bytes = field(repr=False)
     wireguard_psk: bytes = field(repr=False)
+    path_check_key: bytes = field(repr=False)
 
     @classmethod
     def derive(cls, cluster_id: str, secret: bytes) -> ClusterKeys:
@@ -83,6 +85,7 @@ class ClusterKeys:
             signing_seed=key("signing"),
             affiliate_id_key=key("affiliate-id"),
             wireguard_psk=key("wireguard-psk"),
+            path_check_key=key("path-check"),
         )
 
     @cached_property

@@ -20,7 +20,7 @@ import queue
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,15 +55,24 @@ from kubespan.model import (
     AffiliateInfo,
     ListedRecord,
     LocalAddress,
+    Member,
     MemberRecord,
     ObservedLink,
     PeerState,
 )
 from kubespan.names import LINK_NAME
 from kubespan.netaddr import Endpoint, IPAddress, reachable_unicast
+from kubespan.pathcheck.checker import PathAnswered
 from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
 from kubespan.plan.desired import PeerReport, PlanInput, plan
-from kubespan.plan.diff import NudgePeer, Operation, SetPeer, diff, link_warnings
+from kubespan.plan.diff import (
+    NudgePeer,
+    Operation,
+    SetPeer,
+    diff,
+    link_warnings,
+    restart_peers,
+)
 from kubespan.plan.harvest import Harvest, harvest_candidates
 from kubespan.plan.local import advertised_endpoints, excluded, underlay_networks
 from kubespan.plan.membership import Membership, absorb, expire
@@ -146,6 +155,20 @@ class StunProber(Protocol):
 StunFactory = Callable[[queue.Queue[Any], int, Callable[[], Sequence[Endpoint]]], StunProber]
 
 
+class PathChecks(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
+    def set_members(self, public_keys: Iterable[str]) -> None: ...
+    def set_own_addresses(self, addresses: Iterable[IPAddress]) -> None: ...
+    def check(self, public_key: str, endpoints: Sequence[Endpoint]) -> None: ...
+    def answers(self) -> dict[str, dict[Endpoint, float]]: ...
+
+
+# (events, listen port, private key, public key, cluster path-check key)
+PathCheckFactory = Callable[[queue.Queue[Any], int, bytes, bytes, bytes], PathChecks]
+
+
 class Agent:
     def __init__(
         self,
@@ -162,6 +185,7 @@ class Agent:
         ready_timeout: float = READY_TIMEOUT_SECONDS,
         events: queue.Queue[Any] | None = None,
         stun: StunFactory | None = None,
+        paths: PathCheckFactory | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -209,21 +233,40 @@ class Agent:
         self._states: dict[str, PeerState] = {}
         self._harvested: dict[Harvest, float] = {}
         self._init_paths(config)
-        # Learns this node's NAT mapping (agent/reflexive.py); None: not asked (tests).
-        self.stun = (
-            stun(self.events, config.kubespan.listen_port, self.stun_reflectors)
-            if stun is not None
-            else None
-        )
-        if self.stun is not None:
-            for session in self.sessions:
-                session.on_reflectors = self.stun.trigger
+        self._init_helpers(config, identity, stun, paths)
         self.prefix = cluster_ula_prefix(config.cluster.id)
         mac = first_physical_mac(kernel.link_hardware())
         if mac is None:
             log.warning("no physical interface with a MAC; deriving the ULA host part from node id")
             mac = fallback_mac(identity.node_id)
         self.ula = node_ula(config.cluster.id, mac)
+
+    def _init_helpers(
+        self,
+        config: MachineConfig,
+        identity: Identity,
+        stun: StunFactory | None,
+        paths: PathCheckFactory | None,
+    ) -> None:
+        """The threads that learn our NAT mapping (agent/reflexive.py) and check peers'
+        candidates from the WireGuard port (pathcheck/); None: not used (tests)."""
+        port = config.kubespan.listen_port
+        self.stun = stun(self.events, port, self.stun_reflectors) if stun is not None else None
+        if self.stun is not None:
+            for session in self.sessions:
+                session.on_reflectors = self.stun.trigger
+        self.paths = (
+            paths(
+                self.events,
+                port,
+                identity.private_key,
+                identity.public_key,
+                self.keys.path_check_key,
+            )
+            if paths is not None
+            else None
+        )
+        self._path_members: tuple[str, ...] | None = None
 
     def _init_paths(self, config: MachineConfig) -> None:
         """What the agent tracks about its own way out and when to look again."""
@@ -300,16 +343,22 @@ class Agent:
             session.start()
         if self.stun is not None:
             self.stun.start()
+        if self.paths is not None:
+            self.paths.start()
 
     def _stop_threads(self) -> None:
         for session in self.sessions:
             session.stop()
         if self.stun is not None:
             self.stun.stop()
+        if self.paths is not None:
+            self.paths.stop()
         for session in self.sessions:
             session.join(2.0)  # a thread stuck in a request ends at its deadline
         if self.stun is not None:
             self.stun.join(3.0)
+        if self.paths is not None:
+            self.paths.join(3.0)
 
     def _may_be_ready(self) -> bool:
         """Ready once the members discovery reports are applied; with members from the
@@ -359,6 +408,8 @@ class Agent:
                 self.stun.trigger()
         elif isinstance(event, ReflexiveLearned):
             self._learned(event.result)
+        elif isinstance(event, PathAnswered):
+            pass  # the pass that follows every event sets the endpoint that answered
 
     def _absorb_listing(self, event: ListingEvent) -> None:
         listed: list[ListedRecord] = []
@@ -636,6 +687,9 @@ class Agent:
         }
         self._set_membership(*expire(self.membership, wall, down))
         members = self.membership.members() if self.members_known else None
+        if self.paths is not None:
+            self.paths.set_own_addresses(self._own_addresses(networks))
+        answers = self._path_answers(members)
         result = plan(
             PlanInput(
                 config=self.config.kubespan,
@@ -657,6 +711,7 @@ class Agent:
                 timing=self.timing,
                 nudge_all=roamed,
                 probing=now >= self._probing_back_at,
+                answers=answers,
             )
         )
         self._warnings = (
@@ -667,6 +722,8 @@ class Agent:
         for warning in self._warnings:
             self._report_once(warning)
         operations = diff(result.desired, observed, routing)
+        if result.restarts:
+            operations = restart_peers(operations, result.desired, result.restarts)
         link = result.desired.link
         by_key = {p.public_key: p for p in result.desired.peers}
         operations.extend(
@@ -677,6 +734,9 @@ class Agent:
             self.kernel.apply([operation])
             self._log_applied(operation)
         self.tracking = dict(result.tracking)
+        if self.paths is not None:
+            for key, checked in result.checks:
+                self.paths.check(key, checked)
         if result.probes:
             sent = self.kernel.probe(result.probes)
             if sent < len(result.probes):
@@ -696,6 +756,27 @@ class Agent:
         self._publish(info, endpoints, result.reports)
         self.passes += 1
         return operations
+
+    def _own_addresses(
+        self, networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
+    ) -> tuple[IPAddress, ...]:
+        """Where peers may see our packets come from: our underlay addresses, the NAT
+        mappings STUN learned, and the address discovery saw."""
+        mapped = (e.address for e in self.mapped)
+        seen = (s.reflexive for s in self.sessions if s.reflexive is not None)
+        return (*(n.ip for n in networks), *mapped, *seen)
+
+    def _path_answers(self, members: tuple[Member, ...] | None) -> dict[str, dict[Endpoint, float]]:
+        """Tell the path checker who the members are (it answers only them); what their
+        candidates answered."""
+        if self.paths is None:
+            return {}
+        if members is not None:
+            keys = tuple(sorted(m.info.public_key for m in members))
+            if keys != self._path_members:
+                self._path_members = keys
+                self.paths.set_members(keys)
+        return self.paths.answers()
 
     def _publish(
         self, info: AffiliateInfo, endpoints: tuple[Endpoint, ...], reports: tuple[PeerReport, ...]

@@ -55,7 +55,13 @@ def status_document(
                 "refused": list(r.refused),
                 "why": r.why,
                 "candidates": [
-                    {"endpoint": str(c.endpoint), "kind": c.kind.value, "reason": c.reason}
+                    {
+                        "endpoint": str(c.endpoint),
+                        "kind": c.kind.value,
+                        "reason": c.reason,
+                        # Seconds since it last answered a path check; None: it has not.
+                        "path_check_answered_s": _rounded(r.answered_ago.get(c.endpoint)),
+                    }
                     for c in r.candidates
                 ],
             }
@@ -63,6 +69,10 @@ def status_document(
         ],
         "discovery": discovery,
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def write_status(runtime_dir: Path, document: dict[str, Any]) -> None:
@@ -146,9 +156,15 @@ def render_status(document: dict[str, Any], now: float | None = None) -> str:
         if peer.get("why"):
             lines.append(f"  {printable(peer['name'], 64)}: {printable(peer['why'])}")
         for index, candidate in enumerate(peer.get("candidates", []), 1):
+            answered = candidate.get("path_check_answered_s")
+            checked = (
+                f" (answered a path check {answered:.1f} s ago)"
+                if isinstance(answered, int | float)
+                else ""
+            )
             lines.append(
                 f"    {index}. {printable(candidate['endpoint'])} "
-                f"{printable(candidate['kind'])}: {printable(candidate['reason'])}"
+                f"{printable(candidate['kind'])}: {printable(candidate['reason'])}{checked}"
             )
         for refusal in peer.get("refused", []):
             lines.append(f"  refused: {printable(refusal, 400)}")

@@ -58,6 +58,8 @@ class PlanInput:
     # authenticated packets to the new address).
     nudge_all: bool = False
     probing: bool = True  # False: probes could not be sent lately; judge without them
+    # Per member: when each endpoint last answered a path check (monotonic).
+    answers: Mapping[str, Mapping[Endpoint, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class PeerReport:
     refused: tuple[str, ...] = ()
     candidates: tuple[Candidate, ...] = ()  # in the order they are tried
     why: str = ""  # why the current endpoint
+    # Seconds since each candidate last answered a path check (those that did).
+    answered_ago: Mapping[Endpoint, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ class Plan:
     nudges: tuple[str, ...] = ()  # public keys of peers WireGuard must send to at once
     probes: tuple[ipaddress.IPv6Address, ...] = ()  # ULAs to probe through the tunnel now
     wake_at: float | None = None  # the next pass needed by time alone (monotonic)
+    # Path checks to send now: a member's public key and the endpoints to check.
+    checks: tuple[tuple[str, tuple[Endpoint, ...]], ...] = ()
+    restarts: tuple[str, ...] = ()  # public keys of peers to remove and create again
 
 
 def link_spec(plan_input: PlanInput) -> LinkSpec:
@@ -188,6 +195,8 @@ class Peers:
     tracking: dict[str, Tracking] = field(default_factory=dict)
     nudges: list[str] = field(default_factory=list)
     probes: list[ipaddress.IPv6Address] = field(default_factory=list)
+    checks: list[tuple[str, tuple[Endpoint, ...]]] = field(default_factory=list)
+    restarts: list[str] = field(default_factory=list)
     wake_at: float | None = None
 
     def decided(
@@ -195,7 +204,9 @@ class Peers:
     ) -> None:
         self.tracking[key] = decision.tracking
         # A peer being created sends at once by itself (its keepalive goes from off to on).
-        if seen is not None and (decision.nudge or nudge_all):
+        if seen is not None and decision.restart:
+            self.restarts.append(key)
+        elif seen is not None and (decision.nudge or nudge_all):
             self.nudges.append(key)
         if decision.wake_at is not None:
             self.wake_at = min(self.wake_at or decision.wake_at, decision.wake_at)
@@ -206,6 +217,8 @@ class Peers:
         self.tracking.update(other.tracking)
         self.nudges.extend(other.nudges)
         self.probes.extend(other.probes)
+        self.checks.extend(other.checks)
+        self.restarts.extend(other.restarts)
         if other.wake_at is not None:
             self.wake_at = min(self.wake_at or other.wake_at, other.wake_at)
 
@@ -330,10 +343,18 @@ def member_peers(
             plan_input.tracking.get(key),
             sighting(seen),
             plan_input.timing if probed else replace(plan_input.timing, quiet=DOWN_AFTER),
+            plan_input.answers.get(key),
         )
         out.decided(key, decision, seen, plan_input.nudge_all)
         if decision.probe and probed:
             out.probes.append(member.info.ula)
+        if decision.check:
+            # The endpoint WireGuard has first (whether the path in use still answers; never
+            # cut off by a cap on how many are checked), then the candidates in rank order.
+            current = (seen.endpoint,) if seen and seen.endpoint else ()
+            out.checks.append(
+                (key, tuple(dict.fromkeys((*current, *(c.endpoint for c in ranked)))))
+            )
         out.peers.append(
             PeerSpec(
                 public_key=key,
@@ -355,6 +376,10 @@ def member_peers(
                 refused=tuple(refused[key]),
                 candidates=ranked,
                 why=decision.tracking.why,
+                answered_ago={
+                    e: max(0.0, plan_input.now - at)
+                    for e, at in plan_input.answers.get(key, {}).items()
+                },
             )
         )
     return out
@@ -388,4 +413,6 @@ def _desired(
         tuple(planned.nudges),
         tuple(planned.probes),
         planned.wake_at,
+        tuple(planned.checks),
+        tuple(planned.restarts),
     )

@@ -7,6 +7,7 @@ tests; secrets render as `(hidden)`. An unchanged state yields no operations at 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from kubespan.model import DesiredState, LinkSpec, ObservedLink, ObservedPeer, PeerSpec
@@ -219,6 +220,26 @@ def diff(
         if change is not None:
             ops.append(change)
     return ops
+
+
+def restart_peers(
+    operations: list[Operation], desired: DesiredState, keys: Iterable[str]
+) -> list[Operation]:
+    """`operations` with these peers removed and created anew (last, as peers are), in
+    place of any change to them."""
+    restarted = set(keys)
+    by_key = {p.public_key: p for p in desired.peers if p.public_key in restarted}
+    kept = [
+        op
+        for op in operations
+        if not (isinstance(op, SetPeer | RemovePeer) and op.public_key in by_key)
+    ]
+    for key in sorted(by_key):
+        kept.append(RemovePeer(desired.link.name, key))
+        created = diff_peer(desired.link, by_key[key], None)
+        if created is not None:
+            kept.append(created)
+    return kept
 
 
 def blocked_by_foreign_link(

@@ -23,6 +23,15 @@ timing without them and only WireGuard's bound applies. While the peer is up its
 never written: WireGuard moves it to wherever the peer's authenticated packets come from
 (roaming), and we must not undo that.
 
+**Path checks** (pathcheck/) shorten all of this where they work: every trial start, and
+every new candidate, sends small authenticated requests from the WireGuard port to all of a
+peer's candidates at once. A candidate that answered within `proven_for` is *proven*: while
+the peer is not up, the best proven candidate is set at once, whatever is under trial (the
+unreachable private address of a peer behind another NAT costs nothing then). An up peer
+whose probe has gone unanswered for `probe_interval` is checked too; if another candidate
+answered since the peer was last heard from, the path is taken as dead and that candidate
+set (a peer that roamed behind a NAT that filters its new source is found again in seconds).
+
 Rotation remembers endpoints, not positions: it tries the candidates not yet tried in this
 cycle, in rank order, so a candidate list that changes mid-rotation loses nothing and repeats
 nothing, and an agent restarted mid-trial carries on from the endpoint the kernel has. A
@@ -39,6 +48,7 @@ start (bounded both ways, so a clock step makes it neither younger than now nor 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from kubespan.model import PeerState
@@ -75,6 +85,10 @@ class Timing:
     probe_timeout: float = 10.5
     probe_interval: float = 2.0  # probes repeat this often while unanswered
     poll: float = 0.5  # passes this often while a trial is undecided
+    proven_for: float = 10.0  # a path check answer counts this long
+    # An up peer's path in use gets this long to answer its check (the checker's retries
+    # at 0, 0.2, 0.6 and 1.4 s) before an answer elsewhere moves the peer.
+    check_patience: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,10 @@ class Tracking:
     known_since: float = 0.0  # when this peer was first tracked
     probe_since: float | None = None  # first probe sent after `heard`
     probed_at: float | None = None  # last probe sent
+    checked_at: float | None = None  # last path check asked for while up
+    # Candidates whose trial ran out without evidence in this cycle (not those a better one
+    # displaced): a path check answer does not set them again until the next cycle.
+    failed: tuple[Endpoint, ...] = ()
     why: str = ""  # why this endpoint: shown in status
 
     @property
@@ -120,6 +138,12 @@ class EndpointDecision:
     set_endpoint: Endpoint | None  # None: leave the kernel's endpoint as it is
     nudge: bool = False  # make WireGuard send to the endpoint at once
     probe: bool = False  # send a liveness probe through the tunnel now
+    check: bool = False  # send path checks to every candidate now
+    # Remove the peer and create it again with this endpoint: WireGuard sends no handshake
+    # initiation within 5 s of the last one, however it is nudged, but a new peer sends at
+    # once. For a switch to a path proven by a check, while the peer is not up (or its path
+    # went silent): nothing of value is lost, and the handshake goes out now, not in 5 s.
+    restart: bool = False
     wake_at: float | None = None  # the next time this decision may change by itself
 
 
@@ -199,9 +223,26 @@ def decide_endpoint(
     previous: Tracking | None,
     sighting: Sighting,
     timing: Timing = Timing(),
+    answered: Mapping[Endpoint, float] | None = None,
 ) -> EndpointDecision:
     """Keep a working endpoint; probe a quiet one; when a trial fails or a path dies, try
-    the next candidate (best first)."""
+    the next candidate (best first), or at once the best one that answered a path check.
+    `answered`: when each endpoint last answered a path check (monotonic)."""
+    decision = _decide(now, wall_now, candidates, previous, sighting, timing, answered or {})
+    if previous is None or any(c not in previous.seen_candidates for c in candidates):
+        decision = replace(decision, check=True)  # a new way to reach it: check it now
+    return decision
+
+
+def _decide(
+    now: float,
+    wall_now: float,
+    candidates: tuple[Endpoint, ...],
+    previous: Tracking | None,
+    sighting: Sighting,
+    timing: Timing,
+    answered: Mapping[Endpoint, float],
+) -> EndpointDecision:
     everything = frozenset(candidates)
     tracking = observe(previous, sighting, now, wall_now)
     if tracking is None:
@@ -212,17 +253,7 @@ def decide_endpoint(
     # endpoints grows nothing here (a candidate that comes back counts as new again).
     tracking = replace(tracking, seen_candidates=everything)
     if state is PeerState.UP:
-        if tracking.cycles or len(tracking.tried) > 1 or tracking.trials > 1:
-            tracking = replace(tracking, cycles=0, tried=tuple(tracking.tried[-1:]), trials=1)
-        if sighting.endpoint is not None and sighting.endpoint != tracking.endpoint:
-            tracking = replace(
-                tracking,
-                endpoint=sighting.endpoint,
-                why="roamed: WireGuard follows the peer's authenticated packets",
-            )
-        elif tracking.why.startswith("trial"):
-            tracking = replace(tracking, why="works: the peer answered here")
-        return _keep_alive(now, tracking, state, timing)
+        return _up(now, tracking, candidates, sighting, timing, answered)
     if tracking.alive_since_trial():
         # Was up, the path died: start over from the best candidate, now.
         failed = sighting.endpoint or tracking.endpoint
@@ -230,7 +261,23 @@ def decide_endpoint(
         return _next(now, restart, candidates, sighting, state, timing, "the path died")
     if not candidates:
         return _undecided(now, tracking, state, timing)
-    if fresh:
+    proven = _best_proven(now, tracking, candidates, answered, timing)
+    if proven is not None and proven != tracking.endpoint:
+        # Proven to reach the peer's WireGuard port: no need to wait out the trial of an
+        # unproven one (nor a backoff: a dead peer that answers is dead no more).
+        return _start(
+            now,
+            tracking,
+            proven,
+            tracking.tried,
+            tracking.cycles,  # the backoff stays until the peer is heard from
+            state,
+            "answered a path check",
+            timing,
+            sighting.endpoint,
+            restart=True,
+        )
+    if fresh and proven is None:
         rank = candidates.index(tracking.endpoint) if tracking.endpoint in everything else None
         in_trial = now - tracking.since < timing.trial
         retrial = tracking.cycles > 0
@@ -257,7 +304,103 @@ def decide_endpoint(
         )
     if current_usable and now - tracking.since < dwell(tracking.cycles, timing.trial):
         return _undecided(now, tracking, state, timing)
+    if tracking.endpoint is not None and tracking.endpoint not in tracking.failed:
+        tracking = replace(tracking, failed=(*tracking.failed, tracking.endpoint))
     return _next(now, tracking, candidates, sighting, state, timing, "the last trial failed")
+
+
+def _up(
+    now: float,
+    tracking: Tracking,
+    candidates: tuple[Endpoint, ...],
+    sighting: Sighting,
+    timing: Timing,
+    answered: Mapping[Endpoint, float],
+) -> EndpointDecision:
+    """Keep an up peer's endpoint (WireGuard's, which follows the peer), unless the path
+    went silent and another candidate answered a path check since."""
+    if tracking.cycles or len(tracking.tried) > 1 or tracking.trials > 1 or tracking.failed:
+        tracking = replace(
+            tracking, cycles=0, tried=tuple(tracking.tried[-1:]), trials=1, failed=()
+        )
+    if sighting.endpoint is not None and sighting.endpoint != tracking.endpoint:
+        tracking = replace(
+            tracking,
+            endpoint=sighting.endpoint,
+            why="roamed: WireGuard follows the peer's authenticated packets",
+        )
+    elif tracking.why.startswith("trial"):
+        tracking = replace(tracking, why="works: the peer answered here")
+    other = _answered_elsewhere(now, tracking, candidates, answered, timing)
+    if other is None:
+        return _keep_alive(now, tracking, PeerState.UP, timing)
+    # Set, and nudged: the session still holds, so the keepalive that goes out at once is
+    # data the peer answers (and follows to our side of the new path); no new handshake.
+    return _start(
+        now,
+        tracking,
+        other,
+        tracking.tried,
+        0,
+        PeerState.UP,
+        "the path went silent; this one answered a path check",
+        timing,
+        sighting.endpoint,
+        nudge=True,
+    )
+
+
+def _proven(
+    now: float, endpoint: Endpoint, answered: Mapping[Endpoint, float], timing: Timing
+) -> bool:
+    at = answered.get(endpoint)
+    return at is not None and now - at <= timing.proven_for
+
+
+def _best_proven(
+    now: float,
+    tracking: Tracking,
+    candidates: tuple[Endpoint, ...],
+    answered: Mapping[Endpoint, float],
+    timing: Timing,
+) -> Endpoint | None:
+    """The best candidate that answered a path check lately, other than those whose trial
+    failed in this cycle (a path that answers checks but never completes a handshake must
+    not be set again and again). A better one that answers later takes over while the peer
+    is not up: the first to answer is not always the best."""
+    failed = set(tracking.failed)
+    return next(
+        (c for c in candidates if c not in failed and _proven(now, c, answered, timing)), None
+    )
+
+
+def _answered_elsewhere(
+    now: float,
+    tracking: Tracking,
+    candidates: tuple[Endpoint, ...],
+    answered: Mapping[Endpoint, float],
+    timing: Timing,
+) -> Endpoint | None:
+    """For an up peer whose probes have gone unanswered for `probe_interval`: the best
+    other candidate that answered a path check since the peer was last heard from."""
+    heard, since, checked = tracking.heard, tracking.probe_since, tracking.checked_at
+    if heard is None or since is None or since <= heard or checked is None or checked < since:
+        return None
+    if now - checked < timing.check_patience:
+        return None  # the path in use gets as long as the others to answer its check
+    current = tracking.endpoint
+    if current is not None and answered.get(current, float("-inf")) > heard:
+        return None  # the path itself still answers: only the tunnel is quiet
+    return next(
+        (
+            c
+            for c in candidates
+            if c != current
+            and answered.get(c, float("-inf")) > heard
+            and _proven(now, c, answered, timing)
+        ),
+        None,
+    )
 
 
 def _next(
@@ -275,6 +418,7 @@ def _next(
     tried, cycles = tracking.tried, tracking.cycles
     if not untried:
         untried, tried, cycles = list(candidates), (), cycles + 1
+        tracking = replace(tracking, failed=())
     return _start(now, tracking, untried[0], tried, cycles, state, cause, timing, sighting.endpoint)
 
 
@@ -289,9 +433,14 @@ def _start(
     timing: Timing,
     kernel_endpoint: Endpoint | None = None,
     nudge: bool = False,
+    restart: bool = False,
 ) -> EndpointDecision:
-    """A new trial of `endpoint` from now: set it (unless the kernel has it), nudge, probe."""
+    """A new trial of `endpoint` from now: set it (unless the kernel has it), nudge, probe.
+    `restart`: recreate the peer instead of nudging it (see EndpointDecision.restart)."""
     known = tracking.seen_candidates
+    if restart:
+        # Recreated: the kernel's counters and handshake start from nothing.
+        tracking = replace(tracking, rx_bytes=0, handshake=None)
     started = replace(
         tracking,
         endpoint=endpoint,
@@ -305,7 +454,7 @@ def _start(
     )
     if state is PeerState.UP:
         state = PeerState.DOWN
-    set_endpoint = None if endpoint == kernel_endpoint else endpoint
+    set_endpoint = None if endpoint == kernel_endpoint and not restart else endpoint
     # Backed-off cycles need no nudge: their trials outlast WireGuard's own attempts (every
     # 5 s while retrying, every 25 s from persistent keepalive), so dead peers cost one
     # kernel change per trial.
@@ -313,9 +462,11 @@ def _start(
         started,
         state,
         set_endpoint,
-        nudge=nudge or cycles == 0,
+        nudge=not restart and (nudge or cycles == 0),
         probe=True,
+        check=True,
         wake_at=now + timing.poll,
+        restart=restart,
     )
 
 
@@ -354,10 +505,17 @@ def _keep_alive(
     if probe:
         tracking = replace(tracking, probe_since=now if since is None else since, probed_at=now)
     assert tracking.probe_since is not None and tracking.probed_at is not None
-    wake = min(
-        tracking.probe_since + timing.probe_timeout, tracking.probed_at + timing.probe_interval
+    # Unanswered for a probe interval: check the candidates once in this round of probes
+    # (a live path answers a probe within a round trip; idle peers are never checked).
+    round_start, last_probe = tracking.probe_since, tracking.probed_at
+    checked = tracking.checked_at
+    check = now - round_start >= timing.probe_interval and (
+        checked is None or checked < round_start
     )
-    return EndpointDecision(tracking, state, None, probe=probe, wake_at=max(wake, now))
+    if check:
+        tracking = replace(tracking, checked_at=now)
+    wake = min(round_start + timing.probe_timeout, last_probe + timing.probe_interval)
+    return EndpointDecision(tracking, state, None, probe=probe, check=check, wake_at=max(wake, now))
 
 
 def _first(

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kubespan.netaddr import Endpoint, address_sort_key
+from kubespan.rawudp import DatagramTransport, PayloadMatch, RawUdpPort
 from kubespan.stun import codec
-from kubespan.stun.rawsock import RawStunSocket, StunTransport
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ DEFAULT_TIMEOUT = 2.0
 MAX_REFLECTORS = 8
 # Datagrams read in one probe at most, answers or not: a flood cannot keep it reading.
 MAX_DATAGRAMS = 256
+# STUN's magic cookie is bytes 4-7 of every message.
+STUN_MATCH = PayloadMatch(offset=4, word=codec.MAGIC_COOKIE, max_payload=codec.MAX_MESSAGE_BYTES)
 
 
 class Mapping(enum.Enum):
@@ -96,7 +98,7 @@ def probe(
     timeout: float = DEFAULT_TIMEOUT,
     random_bytes: Callable[[int], bytes] = os.urandom,
     monotonic: Callable[[], float] = time.monotonic,
-    transport: StunTransport | None = None,
+    transport: DatagramTransport | None = None,
 ) -> Reflexive:
     """Probe `reflectors` (the first MAX_REFLECTORS distinct ones) from `listen_port`.
     OSError when the raw sockets cannot be opened (no CAP_NET_RAW)."""
@@ -104,7 +106,9 @@ def probe(
     if not asked:
         return Reflexive.of(())
     own = transport is None
-    channel: StunTransport = RawStunSocket(listen_port) if transport is None else transport
+    channel: DatagramTransport = (
+        RawUdpPort(listen_port, STUN_MATCH) if transport is None else transport
+    )
     try:
         mapped = _exchange(channel, asked, timeout, random_bytes, monotonic)
     finally:
@@ -114,7 +118,7 @@ def probe(
 
 
 def _exchange(
-    channel: StunTransport,
+    channel: DatagramTransport,
     asked: list[Endpoint],
     timeout: float,
     random_bytes: Callable[[int], bytes],

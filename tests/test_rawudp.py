@@ -9,8 +9,9 @@ import struct
 
 import pytest
 
+from kubespan import rawudp as rawsock
 from kubespan.netaddr import Endpoint, IPAddress
-from kubespan.stun import rawsock
+from kubespan.stun.prober import STUN_MATCH
 
 V4_SOURCE = ipaddress.ip_address("10.0.0.2")
 V6_SOURCE = ipaddress.ip_address("2001:db8::2")
@@ -77,8 +78,67 @@ def test_hostile_ipv4_packets_are_ignored(packet: bytes) -> None:
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
 def test_filter_jumps_stay_inside_the_program(family: socket.AddressFamily) -> None:
-    program = rawsock.stun_filter(family, 51820)
+    program = rawsock.payload_filter(family, 51820, STUN_MATCH)
     for index, (code, jump_true, jump_false, _k) in enumerate(program):
         if code in (rawsock._JEQ_K, rawsock._JSET_K):
             assert index + 1 + max(jump_true, jump_false) < len(program)
     assert program[-1] == (rawsock._RET_K, 0, 0, 0)  # what matches nothing is dropped
+
+
+def run_filter(program: list[tuple[int, int, int, int]], packet: bytes) -> int:
+    """Classic BPF as the kernel runs it, for the opcodes the filters use: bytes kept."""
+    accumulator = index = pc = 0
+    while True:
+        code, jump_true, jump_false, k = program[pc]
+        if code == rawsock._LD_H_ABS:
+            accumulator = struct.unpack_from("!H", packet, k)[0]
+        elif code == rawsock._LD_W_ABS:
+            accumulator = struct.unpack_from("!I", packet, k)[0]
+        elif code == rawsock._LDX_B_MSH:
+            index = (packet[k] & 0x0F) * 4
+        elif code == rawsock._LD_H_IND:
+            accumulator = struct.unpack_from("!H", packet, index + k)[0]
+        elif code == rawsock._LD_W_IND:
+            accumulator = struct.unpack_from("!I", packet, index + k)[0]
+        elif code == rawsock._RET_K:
+            return k
+        elif code in (rawsock._JEQ_K, rawsock._JSET_K):
+            hit = accumulator == k if code == rawsock._JEQ_K else bool(accumulator & k)
+            pc += jump_true if hit else jump_false
+        else:
+            raise AssertionError(f"opcode {code:#x} not modelled")
+        pc += 1
+
+
+def ipv4_packet(payload: bytes, port: int = 51820, fragment: int = 0) -> bytes:
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 8 + len(payload), 0, fragment, 64, 17,
+                         0, bytes([192, 0, 2, 1]), bytes([10, 0, 0, 2]))  # fmt: skip
+    return header + struct.pack("!HHHH", 3478, port, 8 + len(payload), 0) + payload
+
+
+STUN_PAYLOAD = bytes(4) + struct.pack("!I", 0x2112A442) + bytes(12)
+
+
+@pytest.mark.parametrize(
+    ("packet", "kept"),
+    [
+        (ipv4_packet(STUN_PAYLOAD), True),
+        (ipv4_packet(STUN_PAYLOAD, fragment=0x2000), True),  # a first fragment (more follow)
+        (ipv4_packet(STUN_PAYLOAD, fragment=0x0001), False),  # a later fragment
+        (ipv4_packet(STUN_PAYLOAD, fragment=0x2010), False),
+        (ipv4_packet(STUN_PAYLOAD, port=51821), False),
+        (ipv4_packet(bytes(20)), False),  # no cookie
+    ],
+)
+def test_the_ipv4_filter_keeps_only_first_fragments_to_the_port_with_the_word(
+    packet: bytes, kept: bool
+) -> None:
+    program = rawsock.payload_filter(socket.AF_INET, 51820, STUN_MATCH)
+    assert (run_filter(program, packet) > 0) is kept
+
+
+@pytest.mark.parametrize(("port", "kept"), [(51820, True), (51821, False)])
+def test_the_ipv6_filter_keeps_only_the_port_with_the_word(port: int, kept: bool) -> None:
+    program = rawsock.payload_filter(socket.AF_INET6, 51820, STUN_MATCH)
+    segment = struct.pack("!HHHH", 3478, port, 8 + len(STUN_PAYLOAD), 0) + STUN_PAYLOAD
+    assert (run_filter(program, segment) > 0) is kept

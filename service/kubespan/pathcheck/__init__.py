@@ -1,0 +1,1 @@
+"""Authenticated path checks between members WireGuard ports."""

@@ -1,0 +1,500 @@
+"""Path checks in a thread of their own: check a peer's candidates at once, answer members.
+
+`check(peer, endpoints)` sends a request to each endpoint now and again at CHECK_AT (UDP
+loses packets, and the first requests of a hole punch die at the other NAT until its own
+requests open it), until the endpoint answers. A valid answer is recorded with its time and
+reported to the agent (`PathAnswered`), which sets the best candidate that answered.
+
+Requests from members are answered from the WireGuard port to wherever they came from.
+Everything from the network is hostile until checked, in the cheapest order: size and tag
+(the BPF filter and the codec), rate per source and overall, a sender that is a current
+member (no cryptography for strangers), the MAC, a transaction id not seen before. Nothing
+an attacker sends makes us send more bytes than it did, or more than the rate limits allow.
+
+Never dies: a failed socket (no CAP_NET_RAW) is logged and retried with backoff; the agent
+goes on without path checks (its trials still find every path, only slower).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import os
+import queue
+import random
+import select
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubespan.agent.backoff import Backoff
+from kubespan.discovery.forwarded import source_key
+from kubespan.discovery.ratelimit import RateLimiter
+from kubespan.netaddr import Endpoint, IPAddress
+from kubespan.pathcheck import codec
+from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch, RawUdpPort
+
+log = logging.getLogger(__name__)
+
+PATH_CHECK_MATCH = PayloadMatch(offset=0, word=codec.TAG, max_payload=codec.MESSAGE_BYTES)
+# Seconds after a check starts at which an unanswered endpoint is sent a request (again).
+CHECK_AT = (0.0, 0.2, 0.6, 1.4, 3.0)
+CHECK_SPAN = CHECK_AT[-1] + 1.0  # answers later than this are not waited for
+MAX_ENDPOINTS_PER_PEER = 32
+MAX_ANSWERS_PER_PEER = 2 * MAX_ENDPOINTS_PER_PEER  # the freshest kept
+MAX_CHECKS = 4096  # (peer, endpoint) checks under way at once; the oldest make room
+SEND_BUDGET = 200  # requests per SEND_SLICE at most: a thousand peers checked at once are paced
+SEND_SLICE = 0.1
+ANSWER_KEEP = 120.0  # answers older than this are forgotten
+ANSWER_EVENT_GAP = 1.0  # one event per peer and endpoint per this long at most
+# Answers we send: per source (IPv4 address, IPv6 /64) and overall (a spoofed source gets
+# this at most).
+ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE = 20.0, 40.0
+ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL = 1000.0, 1000.0
+SEEN_TRANSACTIONS = 16384
+CHECK_BACK_GAP = 1.0
+MAX_DATAGRAMS_PER_TURN = 256
+
+
+@dataclass(frozen=True)
+class PathAnswered:
+    """A peer answered a path check at this endpoint: a pass should look."""
+
+    public_key: str
+    endpoint: Endpoint
+
+
+@dataclass
+class _Check:
+    public_key: str
+    endpoint: Endpoint
+    started: float
+    sends: int = 0  # requests sent so far (indexes CHECK_AT)
+
+
+@dataclass(frozen=True)
+class _Outstanding:
+    public_key: str
+    endpoint: Endpoint
+    sent_at: float
+
+
+class PathChecker:
+    def __init__(
+        self,
+        events: queue.Queue[Any],
+        listen_port: int,
+        private_key: bytes,
+        public_key: bytes,
+        cluster_key: bytes,
+        monotonic: Callable[[], float] = time.monotonic,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        transport: Callable[[], AddressedTransport] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        """`transport` replaces the raw sockets in tests."""
+        self.events = events
+        self.listen_port = listen_port
+        self._private = private_key
+        self._public = public_key
+        self._cluster_key = cluster_key
+        self.monotonic = monotonic
+        self.random_bytes = random_bytes
+        self._open: Callable[[], AddressedTransport] = transport or self._raw
+        self._backoff = Backoff(base=2.0, cap=60.0, rng=rng or random.Random())
+        self._lock = threading.Lock()
+        self._members: dict[bytes, str] = {}  # raw public key -> base64
+        self._raw_keys: dict[str, bytes] = {}  # base64 -> raw public key
+        self._keys: dict[bytes, bytes] = {}  # raw public key -> pair key
+        # The latest endpoints asked for per member (one entry each: bounded by members).
+        self._pending: dict[str, tuple[Endpoint, ...]] = {}
+        self._wanted: dict[str, frozenset[Endpoint]] = {}  # endpoints last asked, per member
+        self._own: frozenset[IPAddress] = frozenset()  # our addresses, local and mapped
+        self._checks: OrderedDict[tuple[str, Endpoint], _Check] = OrderedDict()
+        self._outstanding: OrderedDict[bytes, _Outstanding] = OrderedDict()
+        self._answers: dict[str, dict[Endpoint, float]] = {}
+        self._announced: dict[tuple[str, Endpoint], float] = {}
+        self._checked_back: dict[tuple[str, Endpoint], float] = {}
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+        self._per_source = RateLimiter(ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE)
+        self._overall = RateLimiter(ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL)
+        self._slice_start = float("-inf")
+        self._slice_sent = 0
+        self._stopping = False
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self.sent = 0  # requests sent, for tests and benchmarks
+        self.answered = 0  # answers sent
+        self._thread = threading.Thread(target=self._run, name="path checker", daemon=True)
+
+    def _raw(self) -> AddressedTransport:
+        port = RawUdpPort(self.listen_port, PATH_CHECK_MATCH)
+        errors = port.listen()
+        if len(errors) == 2:
+            port.close()
+            raise OSError("; ".join(errors))
+        for error in errors:
+            log.info("path checks without one family: %s", error)
+        return port
+
+    # --- the agent's side (any thread) -------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+        self._poke()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._wake_reader.close()
+            self._wake_writer.close()
+
+    def set_members(self, public_keys: Iterable[str]) -> None:
+        """The members whose requests are answered and whose checks may be sent."""
+        members: dict[bytes, str] = {}
+        for key in public_keys:
+            try:
+                raw = base64.b64decode(key, validate=True)
+            except (binascii.Error, ValueError):
+                continue
+            if len(raw) == codec.KEY_BYTES and raw != self._public:
+                members[raw] = key
+        with self._lock:
+            if members == self._members:
+                return
+            self._members = members
+            self._raw_keys = {name: raw for raw, name in members.items()}
+            self._keys = {k: v for k, v in self._keys.items() if k in members}
+            known = set(members.values())
+            self._answers = {k: v for k, v in self._answers.items() if k in known}
+            self._wanted = {k: v for k, v in self._wanted.items() if k in known}
+            self._pending = {k: v for k, v in self._pending.items() if k in known}
+
+    def set_own_addresses(self, addresses: Iterable[IPAddress]) -> None:
+        """Our addresses: those on our interfaces and those STUN says our NAT maps us to.
+        An answer counts only if the peer saw our request come from one of them (a request
+        that reached it through someone else's relay proves no path of ours), and answers
+        go out from the address a request came to only if it is one of them."""
+        own = frozenset(addresses)
+        with self._lock:
+            self._own = own
+
+    def check(self, public_key: str, endpoints: Sequence[Endpoint]) -> None:
+        """Check these endpoints of this member now (those already under check go on)."""
+        wanted = tuple(endpoints[:MAX_ENDPOINTS_PER_PEER])
+        with self._lock:
+            if public_key not in self._raw_keys:
+                return
+            self._pending[public_key] = wanted
+            self._wanted[public_key] = frozenset(wanted)
+        self._poke()
+
+    def answers(self) -> dict[str, dict[Endpoint, float]]:
+        """Per member, the endpoints that answered and when (monotonic), fresh within
+        ANSWER_KEEP."""
+        horizon = self.monotonic() - ANSWER_KEEP
+        with self._lock:
+            return {
+                key: {e: at for e, at in by_endpoint.items() if at >= horizon}
+                for key, by_endpoint in self._answers.items()
+            }
+
+    def _poke(self) -> None:
+        # Full (a wake-up is pending anyway) or closed (stopping): nothing to do.
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"\0")
+
+    # --- the thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        transport: AddressedTransport | None = None
+        while not self._stopping:
+            try:
+                if transport is None:
+                    transport = self._open()
+                    self._backoff.reset()
+                    log.info("path checks ready port=%d", self.listen_port)
+                self._turn(transport)
+            except Exception as error:  # noqa: BLE001 - the thread must survive anything
+                delay = self._backoff.next_delay()
+                log.warning(
+                    "path checks failed retry_in=%.1fs error=%s: %s",
+                    delay,
+                    type(error).__name__,
+                    error,
+                )
+                if transport is not None:
+                    transport.close()
+                    transport = None
+                self._sleep(delay)
+        if transport is not None:
+            transport.close()
+
+    def _sleep(self, delay: float) -> None:
+        """Wait `delay`, or until stopped (checks asked for meanwhile wait: retrying the
+        sockets at every pass would only log the same failure faster)."""
+        deadline = self.monotonic() + delay
+        while not self._stopping:
+            left = deadline - self.monotonic()
+            if left <= 0:
+                return
+            select.select([self._wake_reader], [], [], left)
+            self._drain_wake()  # else one wake-up ends every later wait at once
+
+    def _turn(self, transport: AddressedTransport) -> None:
+        """Start what was asked, send what is due, then read until the next send is due."""
+        self._drain_wake()
+        if self._stopping:
+            return  # stop() came after the loop looked, and its wake-up was just drained
+        now = self.monotonic()
+        self._take_pending(now)
+        self._send_due(transport, now)
+        # Computed once per turn (not per datagram: a flood must not cost a walk over every
+        # check per packet); answers only make the next send later, never sooner.
+        due = self._next_due()
+        for _ in range(MAX_DATAGRAMS_PER_TURN):
+            timeout = max(0.0, due - self.monotonic())
+            received = transport.receive_datagram(timeout, self._wake_reader)
+            if received is None:
+                return
+            try:
+                self._handle(transport, received)
+            except OSError as error:  # one answer that cannot be sent harms nothing else
+                log.debug("path check answer not sent to=%s error=%s", received.source, error)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _take_pending(self, now: float) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            members = set(self._members.values())
+        for public_key, endpoints in pending.items():
+            if public_key not in members:
+                continue
+            for endpoint in endpoints:
+                identity = (public_key, endpoint)
+                running = self._checks.get(identity)
+                if running is not None and now - running.started < CHECK_SPAN:
+                    continue
+                self._checks.pop(identity, None)
+                self._checks[identity] = _Check(public_key, endpoint, now)
+                while len(self._checks) > MAX_CHECKS:
+                    self._checks.popitem(last=False)
+
+    def _next_due(self) -> float:
+        now = self.monotonic()
+        due = now + 1.0  # idle: look at least this often for expired checks
+        for check in self._checks.values():
+            if check.sends < len(CHECK_AT):
+                due = min(due, check.started + CHECK_AT[check.sends])
+        if self._slice_sent >= SEND_BUDGET:
+            due = max(due, self._slice_start + SEND_SLICE)
+        return due
+
+    def _send_due(self, transport: AddressedTransport, now: float) -> None:
+        if now - self._slice_start >= SEND_SLICE:
+            self._slice_start, self._slice_sent = now, 0
+        finished = []
+        for identity, check in self._checks.items():
+            if check.sends >= len(CHECK_AT):
+                if now - check.started >= CHECK_SPAN:
+                    finished.append(identity)
+                continue
+            if now < check.started + CHECK_AT[check.sends] or self._slice_sent >= SEND_BUDGET:
+                continue
+            check.sends += 1
+            self._slice_sent += 1
+            if not self._send_request(transport, check.public_key, check.endpoint, now):
+                check.sends = len(CHECK_AT)  # no key, or no route to it: no more tries
+        for identity in finished:
+            del self._checks[identity]
+        horizon = now - CHECK_SPAN
+        while self._outstanding:
+            oldest = next(iter(self._outstanding.values()))
+            if oldest.sent_at >= horizon:
+                break
+            self._outstanding.popitem(last=False)
+
+    def _send_request(
+        self,
+        transport: AddressedTransport,
+        public_key: str,
+        endpoint: Endpoint,
+        now: float,
+        from_address: IPAddress | None = None,
+    ) -> bool:
+        """One request; False when it cannot be sent (not a member any more, no route to
+        it: an IPv6 candidate on an IPv4-only host)."""
+        key = self._pair_key_of(public_key)
+        if key is None:
+            return False
+        transaction_id = self.random_bytes(codec.TRANSACTION_ID_BYTES)
+        self._outstanding[transaction_id] = _Outstanding(public_key, endpoint, now)
+        while len(self._outstanding) > MAX_CHECKS * len(CHECK_AT):
+            self._outstanding.popitem(last=False)
+        try:
+            transport.send(endpoint, codec.request(self._public, transaction_id, key), from_address)
+        except OSError as error:
+            log.debug("path check not sent to=%s error=%s", endpoint, error)
+            return False
+        self.sent += 1
+        return True
+
+    def _pair_key_of(self, public_key: str) -> bytes | None:
+        with self._lock:
+            raw = self._raw_keys.get(public_key)
+        return None if raw is None else self._pair_key(raw)
+
+    def _pair_key(self, raw: bytes) -> bytes | None:
+        with self._lock:
+            if raw not in self._members:
+                return None
+            cached = self._keys.get(raw)
+        if cached is not None:
+            return cached
+        try:
+            key = codec.pair_key(self._private, raw, self._public, self._cluster_key)
+        except ValueError:
+            return None
+        with self._lock:
+            if raw in self._members:
+                self._keys[raw] = key
+        return key
+
+    def _handle(self, transport: AddressedTransport, datagram: Datagram) -> None:
+        try:
+            message = codec.parse(datagram.payload)
+        except codec.PathCheckError:
+            return
+        if message.kind == codec.REQUEST:
+            self._answer(transport, datagram, message)
+        else:
+            self._answered(datagram.source, datagram.payload, message)
+
+    def _answer(
+        self, transport: AddressedTransport, datagram: Datagram, message: codec.PathMessage
+    ) -> None:
+        source, payload = datagram.source, datagram.payload
+        # Authenticated before any limit is charged: strangers, whatever they send and
+        # whichever source they spoof, cannot use up the answers members are owed. A
+        # stranger costs a dict lookup; a forgery under a member's key, one keyed hash.
+        key = self._pair_key(message.sender)
+        if key is None or not codec.authentic(payload, key):
+            return
+        now = self.monotonic()
+        # Keyed by source too: a replay sent first from elsewhere by someone who saw the
+        # request must not make us ignore the real one.
+        seen = message.transaction_id + source.address.packed + source.port.to_bytes(2, "big")
+        if seen in self._seen:
+            return  # a replay: the answer went out already
+        per_source = self._per_source.allow(source_key(str(source.address)), now)
+        if not per_source or not self._overall.allow("all", now):
+            return
+        self._seen[seen] = now
+        while len(self._seen) > SEEN_TRANSACTIONS:
+            self._seen.popitem(last=False)
+        # From the address the request came to (if it is one of ours): a NAT or firewall in
+        # front of the requester admits only that one (a host with several addresses would
+        # otherwise answer from its first).
+        with self._lock:
+            own = self._own
+        from_address = datagram.destination if datagram.destination in own else None
+        answer = codec.answer(self._public, message.transaction_id, key, source)
+        transport.send(source, answer, from_address)
+        self.answered += 1
+        self._check_back(transport, message.sender, source, from_address, now)
+
+    def _check_back(
+        self,
+        transport: AddressedTransport,
+        sender: bytes,
+        source: Endpoint,
+        from_address: IPAddress | None,
+        now: float,
+    ) -> None:
+        """A member's request just opened its NAT towards us: check that path back now,
+        rather than at our next scheduled retry (its answer is what proves the path to us).
+        Only to an endpoint we were asked to check (a candidate), not when it answered us
+        lately (no ping-pong), at most once a second per path, within the overall limit."""
+        with self._lock:
+            public_key = self._members.get(sender)
+            wanted = self._wanted.get(public_key or "", frozenset())
+            answered = self._answers.get(public_key or "", {}).get(source)
+        if public_key is None or source not in wanted:
+            return
+        if answered is not None and now - answered < CHECK_SPAN:
+            return
+        identity = (public_key, source)
+        last = self._checked_back.get(identity)
+        if last is not None and now - last < CHECK_BACK_GAP:
+            return
+        if not self._overall.allow("all", now):
+            return
+        self._checked_back[identity] = now
+        if len(self._checked_back) > MAX_CHECKS:
+            horizon = now - CHECK_BACK_GAP
+            self._checked_back = {i: t for i, t in self._checked_back.items() if t >= horizon}
+        self._send_request(transport, public_key, source, now, from_address)
+
+    def _answered(self, source: Endpoint, payload: bytes, message: codec.PathMessage) -> None:
+        asked = self._outstanding.get(message.transaction_id)
+        if asked is None or asked.endpoint != source:
+            return  # not ours, or from another place than asked (a NAT that remaps)
+        with self._lock:
+            expected = self._raw_keys.get(asked.public_key)
+        key = None if expected is None else self._pair_key(expected)
+        if key is None or message.sender != expected or not codec.authentic(payload, key):
+            return
+        with self._lock:
+            own = self._own
+        if message.observed is None or message.observed.address not in own:
+            # The peer saw our request come from an address that is not ours: it came
+            # through someone else (a relay posing as a candidate), proving no path of ours.
+            log.debug("path check answer refused: seen_as=%s is not ours", message.observed)
+            return
+        del self._outstanding[message.transaction_id]
+        now = self.monotonic()
+        identity = (asked.public_key, asked.endpoint)
+        check = self._checks.get(identity)
+        if check is not None:
+            check.sends = len(CHECK_AT)  # answered: no more requests
+        with self._lock:
+            by_endpoint = self._answers.setdefault(asked.public_key, {})
+            by_endpoint[asked.endpoint] = now
+            if len(by_endpoint) > MAX_ANSWERS_PER_PEER:
+                horizon = now - ANSWER_KEEP
+                kept = sorted(
+                    ((e, t) for e, t in by_endpoint.items() if t >= horizon),
+                    key=lambda item: item[1],
+                )[-MAX_ANSWERS_PER_PEER:]
+                self._answers[asked.public_key] = dict(kept)
+        last = self._announced.get(identity)
+        if last is None or now - last >= ANSWER_EVENT_GAP:
+            self._announced[identity] = now
+            if len(self._announced) > MAX_CHECKS:
+                horizon = now - ANSWER_EVENT_GAP
+                self._announced = {i: t for i, t in self._announced.items() if t >= horizon}
+            log.debug(
+                "path check answered peer=%s endpoint=%s rtt_ms=%.1f seen_as=%s",
+                asked.public_key[:8],
+                asked.endpoint,
+                (now - asked.sent_at) * 1000,
+                message.observed,
+            )
+            self.events.put(PathAnswered(asked.public_key, asked.endpoint))
