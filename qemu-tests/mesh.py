@@ -121,9 +121,10 @@ def start_cluster(lab: Lab, kubespan_bin: Path, state_dir: Path) -> Cluster:
 
 
 def node_status(vm: Vm) -> dict[str, Any] | None:
-    """The node's `kubespan status --json`, or None while the agent has not published one."""
+    """The live agent's `kubespan status --json` (ready or not), or None while no agent
+    answers (exit 3: what it printed then is the file a previous agent left)."""
     result = vm.exec(["kubespan", "status", "--json"], timeout=60)
-    if result.exit_code != 0:
+    if result.exit_code not in (0, 1) or not result.stdout.strip():
         return None
     document: dict[str, Any] = json.loads(result.stdout)
     return document

@@ -85,6 +85,15 @@ def test_boot(lab: Lab, tmp_path: Path) -> None:
     fetch = f"import urllib.request as u; print(u.urlopen('http://{server}:3000/hello.txt').read())"
     assert "hello from the host side" in vm.check(["python3", "-c", fetch])
 
+    # The live status says why the agent idles; systemd watches the loop; once the agent is
+    # stopped, nothing answers and status says so (exit 3).
+    idle = vm.exec(["kubespan", "status"])
+    assert idle.exit_code == 1 and "kubespan is disabled" in idle.stdout, idle
+    assert vm.check(["systemctl", "show", "-P", "WatchdogUSec", "kubespan"]).strip() == "1min"
+    vm.check(["systemctl", "stop", "kubespan"])
+    stopped = vm.exec(["kubespan", "status"])
+    assert stopped.exit_code == 3 and "no agent answers" in stopped.stderr, stopped
+
     # State under /var survives a reboot from the same state disk.
     token = secrets.token_hex(8)
     vm.write_file("/var/lib/kubespan-smoke", token.encode())

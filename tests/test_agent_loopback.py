@@ -17,6 +17,7 @@ from kubespan.agent.loop import Agent
 from kubespan.agent.status import STATUS_FILE, render_status
 from kubespan.errors import ApplyError
 from kubespan.plan.diff import Operation
+from test_status_live import validate
 
 from agents import config_text, make_agent, running, wait_for
 from fakekernel import FakeKernel
@@ -57,8 +58,10 @@ def test_two_agents_mesh_through_the_real_service(tmp_path: Path) -> None:
         assert len(alpha_kernel.applied) == applied
 
         document = json.loads((tmp_path / "alpha" / "run" / STATUS_FILE).read_text())
+        validate(document)  # what `kubespan status --json` promises
         assert document["node"]["name"] == "alpha"
         assert [p["name"] for p in document["peers"]] == ["beta"]
+        assert document["peers"][0]["state_since"] is not None
         text = render_status(document)
         assert "beta" in text and "192.0.2.12:51820" in text
 
@@ -140,3 +143,36 @@ def test_members_are_merged_across_discovery_services(tmp_path: Path) -> None:
             wait_for(lambda: sees_alpha(beta_kernel), "beta (first service only) to see alpha")
             wait_for(lambda: sees_alpha(gamma_kernel), "gamma (second service only) to see alpha")
             wait_for(lambda: len(alpha.tracking) == 2, "alpha to see both through either service")
+
+
+def test_a_pass_that_fails_shows_its_error_in_the_status(tmp_path: Path) -> None:
+    """Not "is the agent running?": the agent runs, and says why it cannot apply."""
+    cluster_id = base64.b64encode(os.urandom(32)).decode()
+    secret = base64.b64encode(os.urandom(32)).decode()
+    with discovery_server() as server:
+        agent, kernel = make_agent(
+            tmp_path, "stuck", 15, config_text(server.url, cluster_id, secret)
+        )
+        refusing = [True]
+        real_apply = kernel.apply
+
+        def refusing_apply(operations: list[Operation]) -> None:
+            if refusing[0]:
+                raise ApplyError(f"{operations[0].render()}: kernel said no")
+            real_apply(operations)
+
+        kernel.apply = refusing_apply  # type: ignore[method-assign]
+        status_file = tmp_path / "stuck" / "run" / STATUS_FILE
+
+        def status() -> dict[str, object]:
+            document: dict[str, object] = json.loads(status_file.read_text())
+            return document
+
+        with running(agent):
+            wait_for(status_file.exists, "a status while every pass fails", 30)
+            document = status()
+            validate(document)
+            assert document["ready"] is False
+            assert "kernel said no" in str(document["last_error"])
+            refusing[0] = False
+            wait_for(lambda: status()["last_error"] is None, "the error to clear", 30)

@@ -288,8 +288,18 @@ class Lab:
             node.checker.set_members(other.name for other in nodes if other is not node)
 
     def start(self, *nodes: Node) -> None:
+        """Start the checkers and wait until each has tried its transport (a datagram sent
+        before its port is open would have nowhere to go)."""
         for node in nodes:
             node.checker.start()
+        for node in nodes:
+            wait_until(
+                lambda node=node: (
+                    node.opens >= 1  # type: ignore[misc]
+                    and (node._opener is not None or node.endpoint in node.network.inboxes)
+                ),
+                PATIENCE,
+            )
 
     def close(self) -> None:
         for node in self.nodes:

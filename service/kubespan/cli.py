@@ -11,8 +11,10 @@ import queue
 import re
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kubespan import __version__
 from kubespan.discovery import limits
@@ -44,10 +46,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from kubespan.agent.events import KernelChanged, Stop
     from kubespan.agent.loop import Agent
     from kubespan.agent.reflexive import ReflexiveProber
+    from kubespan.agent.statusserver import LatestStatus, StatusServer
     from kubespan.agent.supervisor import ConfigWatcher, Supervisor
     from kubespan.apply.kernel import Kernel
     from kubespan.apply.watch import KernelWatcher
-    from kubespan.config.sources import platform_sources, resolve, store_path
     from kubespan.identity import Identity, load_or_create_identity
     from kubespan.pathcheck.checker import PathChecker
 
@@ -55,23 +57,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if refused:
         return refused
     if args.cleanup:
-        with Kernel() as kernel:
-            removed = kernel.teardown()
-        for item in removed:
-            log.info("removed %s", item)
-        log.info(
-            "cleanup done: %s", f"removed {len(removed)} objects" if removed else "nothing of ours"
-        )
-        return 0
-
-    if args.config is not None:
-        raw = read_config_file(args.config)
-        config = parse_or_raise(raw, str(args.config))
-        watched: Path = args.config
-    else:
-        resolved = resolve(platform_sources(args.runtime_dir), args.state_dir)
-        config, raw, watched = resolved.config, resolved.raw, store_path(args.state_dir)
-        log.info("machine config from %s", resolved.origin)
+        return cleanup()
+    config, raw, watched = agent_config(args)
 
     events: queue.Queue[Any] = queue.Queue()
     watcher = ConfigWatcher(watched, raw, events)
@@ -94,7 +81,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
             identities.append(load_or_create_identity(args.state_dir))
         return identities[0]
 
-    with Kernel() as kernel:
+    latest = LatestStatus()
+    status_server = StatusServer(args.runtime_dir, latest)
+    try:
+        status_server.start()
+    except OSError as error:
+        log.error("cannot serve the status on %s: %s", status_server.path, error)
+        return 1
+    with Kernel() as kernel, _stopping(status_server):
 
         def make_agent(config: MachineConfig, node: Identity, queue_: queue.Queue[Any]) -> Agent:
             return Agent(
@@ -106,6 +100,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 events=queue_,
                 stun=ReflexiveProber,
                 paths=PathChecker,
+                latest=latest,
             )
 
         # Changes to our table, rules, routes, link or any address wake the loop at once
@@ -115,11 +110,48 @@ def cmd_agent(args: argparse.Namespace) -> int:
         kernel_watcher.start()
         watcher.start()
         try:
-            Supervisor(config, kernel, identity, make_agent, events).run()
+            Supervisor(config, kernel, identity, make_agent, events, latest).run()
         finally:
             watcher.stop()
             kernel_watcher.stop()
     return 0
+
+
+def cleanup() -> int:
+    from kubespan.apply.kernel import Kernel
+
+    with Kernel() as kernel:
+        removed = kernel.teardown()
+    for item in removed:
+        log.info("removed %s", item)
+    log.info(
+        "cleanup done: %s", f"removed {len(removed)} objects" if removed else "nothing of ours"
+    )
+    return 0
+
+
+def agent_config(args: argparse.Namespace) -> tuple[MachineConfig, bytes, Path]:
+    """The machine config, its bytes, and the file to follow for changes."""
+    from kubespan.config.sources import platform_sources, resolve, store_path
+
+    if args.config is not None:
+        raw = read_config_file(args.config)
+        return parse_or_raise(raw, str(args.config)), raw, args.config
+    resolved = resolve(platform_sources(args.runtime_dir), args.state_dir)
+    log.info("machine config from %s", resolved.origin)
+    return resolved.config, resolved.raw, store_path(args.state_dir)
+
+
+@contextmanager
+def _stopping(server: StatusServerLike) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        server.stop()
+
+
+class StatusServerLike(Protocol):
+    def stop(self) -> None: ...
 
 
 def preflight_refusal(args: argparse.Namespace) -> int:
@@ -158,23 +190,58 @@ def parse_or_raise(raw: bytes, label: str) -> MachineConfig:
     return parse_config(raw, label)
 
 
+# `kubespan status` exits 0 when the live agent is ready, 1 when it is not (yet), and 3 (as
+# LSB's "program is not running") when no agent answers: what is shown then is the file a
+# previous agent left, marked stale.
+STATUS_NOT_READY, STATUS_NO_AGENT = 1, 3
+AGENT_STATES = {
+    "starting": "the agent is starting: no pass has finished yet",
+    "disabled": "the agent is idle: kubespan is disabled in the machine config",
+}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from kubespan.agent.status import STATUS_FILE, render_status
+    from kubespan.agent.statusserver import NoLiveStatus, read_live
 
-    path = args.runtime_dir / STATUS_FILE
+    live = True
     try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        print(f"kubespan: no status at {path}: is the agent running?", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as error:
-        print(f"kubespan: cannot read {path}: {error}", file=sys.stderr)
-        return 1
+        raw = read_live(args.runtime_dir)
+        source = "the agent"
+    except NoLiveStatus as why:
+        live, raw, source = False, b"", str(args.runtime_dir / STATUS_FILE)
+        print(f"kubespan: {why}", file=sys.stderr)
+        try:
+            raw = (args.runtime_dir / STATUS_FILE).read_bytes()
+        except FileNotFoundError:
+            print("kubespan: and no status file was left: the agent has not run", file=sys.stderr)
+            return STATUS_NO_AGENT
+        except OSError as error:
+            print(f"kubespan: cannot read {source}: {error.strerror}", file=sys.stderr)
+            return STATUS_NO_AGENT
+    try:
+        document = json.loads(raw)
+        if not isinstance(document, dict):
+            raise ValueError("not a status document")
+        agent = document.get("agent")
+        if not isinstance(document.get("node"), dict) and agent not in AGENT_STATES:
+            raise ValueError("not a status document")
+    except ValueError as error:
+        print(f"kubespan: the status from {source} is unreadable: {error}", file=sys.stderr)
+        return STATUS_NO_AGENT if not live else STATUS_NOT_READY
+    document["live"] = live
+    if agent in AGENT_STATES:
+        print(json.dumps(document, indent=2) if args.json else AGENT_STATES[agent])
+        return STATUS_NOT_READY if live else STATUS_NO_AGENT
     if args.json:
         print(json.dumps(document, indent=2))
     else:
+        if not live:
+            print("STALE: no agent is running; this is what the last one wrote:")
         print(render_status(document))
-    return 0
+    if not live:
+        return STATUS_NO_AGENT
+    return 0 if document.get("ready") else STATUS_NOT_READY
 
 
 def cmd_discovery_serve(args: argparse.Namespace) -> int:

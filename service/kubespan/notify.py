@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +37,26 @@ def ready(status: str) -> bool:
 
 def status(text: str) -> bool:
     return notify(f"STATUS={text}")
+
+
+class Watchdog:
+    """Feeds systemd's watchdog (`WatchdogSec=` in the unit) from the loop that must stay
+    alive, at most once per `every` seconds (a loop that runs passes back to back must not
+    send a datagram per pass). Off when systemd asked for no watchdog."""
+
+    def __init__(self, monotonic: Callable[[], float], every: float = 1.0) -> None:
+        self.monotonic = monotonic
+        self.every = every
+        self.enabled = bool(os.environ.get("WATCHDOG_USEC")) and os.environ.get(
+            "WATCHDOG_PID", str(os.getpid())
+        ) == str(os.getpid())
+        self._fed_at = float("-inf")
+        self.fed = 0
+
+    def feed(self) -> None:
+        now = self.monotonic()
+        if not self.enabled or now - self._fed_at < self.every:
+            return
+        self._fed_at = now
+        if notify("WATCHDOG=1"):
+            self.fed += 1

@@ -38,6 +38,7 @@ from kubespan.agent.session import (
     SessionFailed,
 )
 from kubespan.agent.status import status_document, write_status
+from kubespan.agent.statusserver import LatestStatus
 from kubespan.apply.changes import DEFAULT_ROUTE
 from kubespan.config import MachineConfig
 from kubespan.crypto import ClusterKeys
@@ -186,6 +187,7 @@ class Agent:
         events: queue.Queue[Any] | None = None,
         stun: StunFactory | None = None,
         paths: PathCheckFactory | None = None,
+        latest: LatestStatus | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -231,6 +233,7 @@ class Agent:
         self._cache_saved_at = -CACHE_WRITE_INTERVAL_SECONDS
         self._warnings: tuple[str, ...] = ()
         self._states: dict[str, PeerState] = {}
+        self._init_status(latest)
         self._harvested: dict[Harvest, float] = {}
         self._init_paths(config)
         self._init_helpers(config, identity, stun, paths)
@@ -240,6 +243,11 @@ class Agent:
             log.warning("no physical interface with a MAC; deriving the ULA host part from node id")
             mac = fallback_mac(identity.node_id)
         self.ula = node_ula(config.cluster.id, mac)
+
+    def _init_status(self, latest: LatestStatus | None) -> None:
+        self._state_since: dict[str, float] = {}  # wall time of each peer's last change
+        self.latest = latest  # what the status socket serves; None: file only (tests)
+        self._last_document: dict[str, Any] | None = None
 
     def _init_helpers(
         self,
@@ -296,8 +304,13 @@ class Agent:
         self._started = self.clocks.monotonic()
         backoff = Backoff(base=1.0, cap=30.0, rng=self.rng)
         next_pass = self._started
+        # Fed by this loop, not by a thread of its own: a loop stuck in a pass (a netlink
+        # call that never returns) stops feeding, and systemd restarts the agent, which
+        # adopts the kernel's state.
+        watchdog = notify.Watchdog(self.clocks.monotonic)
         try:
             while True:
+                watchdog.feed()
                 terminal = self._wait_inputs(next_pass)
                 if terminal is not None:
                     return terminal
@@ -314,6 +327,7 @@ class Agent:
                         )
                     else:
                         log.exception("reconcile pass failed; retry_in=%.1fs", delay)
+                    self._publish_failure()
                     next_pass = self.clocks.monotonic() + delay
                     continue
                 backoff.reset()
@@ -791,10 +805,46 @@ class Agent:
             warnings=self._warnings,
             last_error=self.last_error,
             nat=self.nat_status,
+            state_since=self._state_since,
+            pid=os.getpid(),
         )
-        write_status(self.runtime_dir, document)
+        self._last_document = document
+        self._write_status(document)
         up = sum(1 for r in reports if r.state is PeerState.UP)
         notify.status(f"{len(reports)} peers, {up} up")
+
+    def _write_status(self, document: dict[str, Any]) -> None:
+        encoded = write_status(self.runtime_dir, document)
+        if self.latest is not None:
+            self.latest.set(encoded)
+
+    def _publish_failure(self) -> None:
+        """A pass that failed still shows in the status: its error, and the rest as the
+        last good pass left it (or this node alone, when none has succeeded yet)."""
+        try:
+            document = self._last_document
+            if document is None:
+                info = AffiliateInfo(
+                    self.hostname(),
+                    self.identity.node_id,
+                    self.identity.public_key_b64,
+                    self.ula,
+                    (),
+                )
+                document = status_document(
+                    info, (), (), [s.status() for s in self.sessions], False, 0.0
+                )
+            self._write_status(
+                {
+                    **document,
+                    "updated_at": self.clocks.wall(),
+                    "ready": self.ready,
+                    "last_error": self.last_error,
+                    "pid": os.getpid(),
+                }
+            )
+        except Exception:  # the status must never be what stops the loop
+            log.exception("could not publish the status")
 
     @staticmethod
     def _log_applied(operation: Operation) -> None:
@@ -808,6 +858,13 @@ class Agent:
         log.log(logging.DEBUG if routine else logging.INFO, "applied %s", operation.render())
 
     def _log_state_changes(self, reports: tuple[PeerReport, ...]) -> None:
+        wall = self.clocks.wall()
+        self._state_since = {
+            r.public_key: self._state_since.get(r.public_key, wall)
+            if self._states.get(r.public_key) == r.state
+            else wall
+            for r in reports
+        }
         for report in reports:
             if self._states.get(report.public_key) != report.state:
                 log.info(

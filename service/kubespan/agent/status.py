@@ -25,9 +25,14 @@ def status_document(
     warnings: tuple[str, ...] = (),
     last_error: str | None = None,
     nat: dict[str, Any] | None = None,
+    state_since: dict[str, float] | None = None,
+    pid: int | None = None,
 ) -> dict[str, Any]:
+    """The document `kubespan status --json` prints: its shape is STATUS_SCHEMA's."""
+    since = state_since or {}
     return {
         "version": 1,
+        "pid": pid,
         "updated_at": now,
         "ready": ready,
         "last_error": last_error,
@@ -48,6 +53,7 @@ def status_document(
                 "node_id": r.node_id,
                 "public_key": r.public_key,
                 "state": r.state.value,
+                "state_since": since.get(r.public_key),
                 "endpoint": str(r.endpoint) if r.endpoint else None,
                 "last_handshake": r.last_handshake,
                 "rx_bytes": r.rx_bytes,
@@ -75,9 +81,12 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 1)
 
 
-def write_status(runtime_dir: Path, document: dict[str, Any]) -> None:
+def write_status(runtime_dir: Path, document: dict[str, Any]) -> bytes:
+    """Write the status file (the fallback when no agent answers); the bytes written."""
     runtime_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(runtime_dir / STATUS_FILE, json.dumps(document, indent=2).encode(), mode=0o644)
+    encoded = json.dumps(document, indent=2).encode()
+    atomic_write(runtime_dir / STATUS_FILE, encoded, mode=0o644)
+    return encoded
 
 
 def printable(value: Any, limit: int = 200) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from kubespan import notify
 from kubespan.agent.events import ConfigChanged, Stop, Terminal
 from kubespan.agent.loop import Agent, KernelPort
+from kubespan.agent.statusserver import LatestStatus, placeholder
 from kubespan.config import MachineConfig, parse_config
 from kubespan.errors import ConfigError
 from kubespan.identity import Identity
@@ -117,6 +119,9 @@ class ConfigWatcher:
         self.events.put(ConfigChanged(config, raw, str(self.path)))
 
 
+IDLE_WAKE_SECONDS = 5.0  # an idle supervisor still feeds the watchdog this often
+
+
 class Supervisor:
     def __init__(
         self,
@@ -125,7 +130,9 @@ class Supervisor:
         identity: Callable[[], Identity],
         make_agent: Callable[[MachineConfig, Identity, queue.Queue[Any]], Agent],
         events: queue.Queue[Any],
+        latest: LatestStatus | None = None,
     ) -> None:
+        self.latest = latest  # the live status: says "disabled" while idle
         self.config = config
         self.kernel = kernel
         self.identity = identity
@@ -157,10 +164,17 @@ class Supervisor:
         removed = self.kernel.teardown()
         for item in removed:
             log.info("kubespan is disabled: removed %s", item)
+        if self.latest is not None:
+            self.latest.set(placeholder("disabled"))
         notify.ready("kubespan disabled in machine config")
         log.info("kubespan is disabled in the machine config; idle")
+        watchdog = notify.Watchdog(time.monotonic)
         while True:
-            event = self.events.get()
+            watchdog.feed()
+            try:
+                event = self.events.get(timeout=IDLE_WAKE_SECONDS)
+            except queue.Empty:
+                continue
             if isinstance(event, Stop | ConfigChanged):
                 return event
 

@@ -1,0 +1,127 @@
+"""The live status: the agent's latest status document, served on a Unix socket only root
+can use (`status.sock` in the runtime directory, mode 0600), so `kubespan status` tells a
+live agent from the file a dead one left behind.
+
+One connection gets one document and is closed; nothing is read from the client. The
+document is kept as bytes, replaced whole by the agent after each pass (`LatestStatus`), so
+a reader never sees half of one. The thread never dies: a failed accept or send is logged
+and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATUS_SOCKET = "status.sock"
+SEND_TIMEOUT = 2.0  # a client that does not read is dropped after this long
+ACCEPT_POLL = 1.0  # how often the thread looks whether it must stop
+
+
+def placeholder(agent: str) -> bytes:
+    """What a live agent with no report serves: "starting" or "disabled"."""
+    return json.dumps({"version": 1, "agent": agent, "pid": os.getpid()}).encode()
+
+
+class LatestStatus:
+    """The latest status document, shared between the agent and the server."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._document: bytes = placeholder("starting")
+
+    def set(self, document: bytes) -> None:
+        with self._lock:
+            self._document = document
+
+    def get(self) -> bytes:
+        with self._lock:
+            return self._document
+
+
+class StatusServer:
+    def __init__(self, runtime_dir: Path, latest: LatestStatus) -> None:
+        self.path = runtime_dir / STATUS_SOCKET
+        self.latest = latest
+        self._stopping = threading.Event()
+        self._sock: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, name="status server", daemon=True)
+        self.served = 0
+
+    def start(self) -> None:
+        """Bind now (a failure is the caller's to report), then serve in the thread."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # left by an agent that was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_mask = os.umask(0o177)  # created 0600: the status names keys and addresses
+        try:
+            sock.bind(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_mask)
+        sock.listen(8)
+        sock.settimeout(ACCEPT_POLL)
+        self._sock = sock
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(ACCEPT_POLL + SEND_TIMEOUT + 1.0)
+        if self._sock is not None:
+            self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _run(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as error:
+                if self._stopping.is_set():
+                    return
+                log.warning("status socket accept failed: %s", error)
+                self._stopping.wait(ACCEPT_POLL)
+                continue
+            with connection:
+                try:
+                    connection.settimeout(SEND_TIMEOUT)
+                    connection.sendall(self.latest.get())
+                    self.served += 1
+                except OSError as error:
+                    log.debug("status client dropped: %s", error)
+
+
+class NoLiveStatus(Exception):
+    """No live agent answered; the message says why, for the operator."""
+
+
+def read_live(runtime_dir: Path, timeout: float = 3.0) -> bytes:
+    """The live agent's document; NoLiveStatus when none answers on the socket."""
+    path = runtime_dir / STATUS_SOCKET
+    chunks = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except PermissionError:
+        raise NoLiveStatus(f"{path} is root's: run kubespan status as root") from None
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise NoLiveStatus(f"no agent answers on {path}") from None
+    except OSError as error:
+        raise NoLiveStatus(f"{path}: {error.strerror or error}") from None
+    return b"".join(chunks)
