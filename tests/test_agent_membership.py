@@ -155,8 +155,10 @@ def test_a_node_booting_while_discovery_is_down_is_ready_from_its_cache(
     with running(rebooted):
         wait_for(lambda: rebooted.ready, "READY from the cache", timeout=15)
         assert peers(kernel) == {alpha.identity.public_key_b64}
-        status = json.loads((tmp_path / "beta" / "run" / STATUS_FILE).read_text())
-        assert status["ready"] and len(status["peers"]) == 1
+        status_file = tmp_path / "beta" / "run" / STATUS_FILE
+        # READY is sent within the pass; the status file is written at its end.
+        wait_for(lambda: json.loads(status_file.read_text())["ready"], "the status to say it")
+        assert len(json.loads(status_file.read_text())["peers"]) == 1
 
 
 def test_without_cache_or_discovery_ready_waits_for_the_timeout(

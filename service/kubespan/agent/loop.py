@@ -28,6 +28,8 @@ from typing import Any, Protocol
 from kubespan import notify
 from kubespan.agent.backoff import Backoff
 from kubespan.agent.events import ConfigChanged, KernelChanged, Stop, Terminal
+from kubespan.agent.metrics import LoopCounters, MetricsServer
+from kubespan.agent.metrics import render as render_metrics
 from kubespan.agent.peercache import VersionCounter, load_membership, save_membership
 from kubespan.agent.reflexive import ReflexiveLearned
 from kubespan.agent.session import (
@@ -245,6 +247,8 @@ class Agent:
         self.ula = node_ula(config.cluster.id, mac)
 
     def _init_status(self, latest: LatestStatus | None) -> None:
+        self.counters = LoopCounters()
+        self.metrics: MetricsServer | None = None  # started with the threads, if configured
         self._state_since: dict[str, float] = {}  # wall time of each peer's last change
         self.latest = latest  # what the status socket serves; None: file only (tests)
         self._last_document: dict[str, Any] | None = None
@@ -327,6 +331,7 @@ class Agent:
                         )
                     else:
                         log.exception("reconcile pass failed; retry_in=%.1fs", delay)
+                    self.counters.pass_errors += 1
                     self._publish_failure()
                     next_pass = self.clocks.monotonic() + delay
                     continue
@@ -359,6 +364,24 @@ class Agent:
             self.stun.start()
         if self.paths is not None:
             self.paths.start()
+        self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        listen = self.config.kubespan.metrics_listen
+        if listen is None:
+            return
+        server = MetricsServer(
+            listen,
+            lambda: render_metrics(self._last_document or {}, self.counters, self.clocks.wall()),
+        )
+        try:
+            server.start()
+        except OSError as error:
+            # Metrics are for watching the mesh, never a reason to stop making it.
+            log.error("metrics not served on %s: %s", listen, error.strerror or error)
+            return
+        self.metrics = server
+        log.info("metrics served on http://%s/metrics", listen)
 
     def _stop_threads(self) -> None:
         for session in self.sessions:
@@ -367,6 +390,9 @@ class Agent:
             self.stun.stop()
         if self.paths is not None:
             self.paths.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         for session in self.sessions:
             session.join(2.0)  # a thread stuck in a request ends at its deadline
         if self.stun is not None:
@@ -687,6 +713,7 @@ class Agent:
 
     def reconcile(self) -> list[Operation]:
         """One pass; returns the operations applied (none when nothing changed)."""
+        began = self.clocks.monotonic()
         networks = underlay_networks(self.kernel.local_addresses(), self.prefix)
         info, endpoints = self.local_info(networks)
         self._register(info, endpoints)
@@ -747,6 +774,9 @@ class Agent:
         for operation in operations:
             self.kernel.apply([operation])
             self._log_applied(operation)
+            if isinstance(operation, SetPeer) and operation.endpoint is not None:
+                self.counters.endpoint_changes += 1
+        self.counters.peer_restarts += len(result.restarts)
         self.tracking = dict(result.tracking)
         if self.paths is not None:
             for key, checked in result.checks:
@@ -769,6 +799,8 @@ class Agent:
         self._save_cache()
         self._publish(info, endpoints, result.reports)
         self.passes += 1
+        self.counters.passes += 1
+        self.counters.last_pass_seconds = self.clocks.monotonic() - began
         return operations
 
     def _own_addresses(

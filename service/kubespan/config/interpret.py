@@ -58,6 +58,16 @@ class _Reader:
             return value
         return default
 
+    def optional(self, path: PathKey, parse: Callable[[str], T]) -> T | None:
+        value = self.get(path)
+        if not isinstance(value, str):
+            return None
+        try:
+            return parse(value)
+        except ValueError as error:
+            self.problem(path, str(error))
+            return None
+
     def each(self, path: PathKey, parse: Callable[[str], T]) -> tuple[T, ...]:
         items = self.get(path)
         if not isinstance(items, list):
@@ -148,6 +158,7 @@ def _kubespan(reader: _Reader) -> KubeSpanConfig:
             (*KUBESPAN, "endpointTrialSeconds"), int, DEFAULT_ENDPOINT_TRIAL_SECONDS
         ),
         stun_servers=reader.each((*KUBESPAN, "stunServers"), parse_host_port),
+        metrics_listen=reader.optional((*KUBESPAN, "metricsListen"), Endpoint.parse),
     )
 
 

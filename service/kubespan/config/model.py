@@ -32,6 +32,7 @@ class KubeSpanConfig:
     extra_announced_endpoints: tuple[Endpoint, ...] = ()
     endpoint_trial_seconds: int = DEFAULT_ENDPOINT_TRIAL_SECONDS
     stun_servers: tuple[tuple[str, int], ...] = ()  # (host, port) beside discovery's own
+    metrics_listen: Endpoint | None = None  # where /metrics is served; None: off
 
 
 @dataclass(frozen=True)

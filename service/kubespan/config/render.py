@@ -42,6 +42,9 @@ def effective_document(config: MachineConfig, show_secret: bool = False) -> dict
                     "stunServers": [
                         f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in kubespan.stun_servers
                     ],
+                    "metricsListen": (
+                        str(kubespan.metrics_listen) if kubespan.metrics_listen else None
+                    ),
                 }
             }
         },
