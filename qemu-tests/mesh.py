@@ -121,13 +121,14 @@ def start_cluster(lab: Lab, kubespan_bin: Path, state_dir: Path) -> Cluster:
 
 
 def node_status(vm: Vm) -> dict[str, Any] | None:
-    """The live agent's `kubespan status --json` (ready or not), or None while no agent
-    answers (exit 3: what it printed then is the file a previous agent left)."""
+    """The live agent's report (`kubespan status --json`, ready or not), or None while there
+    is none: no agent answers (exit 3: what it printed then is the file a previous agent
+    left), or the agent is still starting (a placeholder, with no "peers")."""
     result = vm.exec(["kubespan", "status", "--json"], timeout=60)
     if result.exit_code not in (0, 1) or not result.stdout.strip():
         return None
     document: dict[str, Any] = json.loads(result.stdout)
-    return document
+    return document if "peers" in document else None
 
 
 def meshed(document: dict[str, Any] | None, peers: int) -> bool:
