@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUILD := build
 
-.PHONY: all venv host-deps demo test unit lint vmtest bench bench-mesh clean image extension schema-docs
+.PHONY: all venv host-deps demo test unit lint vmtest bench bench-mesh bench-idle clean image extension schema-docs
 
 all: venv
 
@@ -52,6 +52,10 @@ bench: venv
 # Mesh and NAT scenarios on the image (qemu-tests/natlab.py): name=value lines, seconds.
 bench-mesh: host-deps venv image
 	$(BIN)/python qemu-tests/bench_mesh.py $(BENCH_MESH_ARGS)
+
+# Idle cost of the agent in a VM with 2 and 100 peers (qemu-tests/bench_idle.py): name=value.
+bench-idle: host-deps venv image
+	$(BIN)/python qemu-tests/bench_idle.py $(BENCH_IDLE_ARGS)
 
 clean:
 	rm -rf $(BUILD)

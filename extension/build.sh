@@ -4,6 +4,9 @@
 # glibc 2.36), the `kubespan` command, its systemd unit and tmpfiles entry, and the
 # extension-release file systemd-sysext matches against the base image.
 # Usage: build.sh OUTPUT.raw   (run from anywhere; PYTHON defaults to .venv/bin/python)
+# The build's identity goes into the package as kubespan/BUILD (`kubespan --version`, the
+# agent's start line): $KUBESPAN_BUILD, or the UTC time and the git commit (-dirty when the
+# tree has changes), or the UTC time alone outside a git checkout.
 set -euo pipefail
 
 out=$(realpath -m "$1")
@@ -14,6 +17,21 @@ site=/usr/lib/kubespan/site-packages
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 "$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), "need CPython 3.11 (the guest'"'"'s) to precompile"'
+
+build=${KUBESPAN_BUILD:-}
+if [[ -z $build ]]; then
+    build=$(date -u +%Y%m%dT%H%M%SZ)
+    if commit=$(git -C "$repo" rev-parse --short=12 HEAD 2>/dev/null); then
+        build+="-$commit"
+        [[ -z $(git -C "$repo" --no-optional-locks status --porcelain 2>/dev/null) ]] ||
+            build+="-dirty"
+    fi
+fi
+# The shape kubespan.BUILD_ID_PATTERN accepts (anything else would read as no stamp).
+if ! [[ $build =~ ^[A-Za-z0-9][A-Za-z0-9._+:-]{0,63}$ ]]; then
+    echo "KUBESPAN_BUILD=$build: use 1 to 64 of A-Z a-z 0-9 . _ + : - (first a letter or digit)" >&2
+    exit 1
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work" "$out.tmp"' EXIT
@@ -34,6 +52,8 @@ tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*
     --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
     "$(echo "$work"/wheels/kubespan-*.whl)[server]"
 rm -rf "$root$site/bin"
+printf '%s\n' "$build" > "$root$site/kubespan/BUILD"
+chmod 0644 "$root$site/kubespan/BUILD"
 # The root file system is read-only: precompile, and never check sources again at run time.
 "$python" -m compileall -q -j0 --invalidation-mode unchecked-hash -s "$root" -p / "$root$site"
 
@@ -53,4 +73,4 @@ install -D -m 0644 "$here/extension-release" \
 mkdir -p "$(dirname "$out")"
 mkfs.erofs --quiet -zlz4hc --all-root "$out.tmp" "$root"
 mv "$out.tmp" "$out"
-echo "extension: $out ($(du -h --apparent-size "$out" | cut -f1))"
+echo "extension: $out ($(du -h --apparent-size "$out" | cut -f1)), build $build"

@@ -39,6 +39,10 @@ def run(nodes: int, workdir: Path) -> int:
             for vm in vms:
                 print(f"\n$ {vm.name}: kubespan status")
                 print(vm.check(["kubespan", "status"]).rstrip())
+            # A self-diagnosis of one node (exit 1 would mean it found an error: shown too).
+            print(f"\n$ {vms[0].name}: kubespan check")
+            checked = vms[0].exec(["kubespan", "check"])
+            print((checked.stdout + checked.stderr).rstrip())
             print()
             say(started, "shutting down")
             for vm in vms:

@@ -323,3 +323,42 @@ def test_path_checks_go_to_every_candidate_and_the_one_that_answered_is_set(
     assert status["peers"][0]["why"] == "trial: answered a path check"
     answered = [c["path_check_answered_s"] for c in status["peers"][0]["candidates"]]
     assert answered == [None, 0.0]  # the private one never answered
+
+
+def test_a_peer_heard_from_during_the_pass_is_not_recreated(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    """Under load a pass takes seconds: a handshake the peer completes after the pass read
+    the kernel must not be thrown away by recreating the peer for a path check answer."""
+    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret, FakePaths)
+    paths = agent.paths
+    assert isinstance(paths, FakePaths)
+    public = Endpoint(ipaddress.ip_address("203.0.113.9"), 51820)
+    agent.reconcile()
+    assert kernel.link is not None
+    key = kernel.link.peers[0].public_key
+    applied = len(kernel.applied)
+
+    clock.now += 0.1
+    paths.answered = {key: {public: clock.now}}
+    agent._take(PathAnswered(key, public))
+    reads = 0
+    observe = kernel.observe_link
+
+    def handshake_after_first_read(name: str) -> Any:
+        nonlocal reads
+        seen = observe(name)
+        reads += 1
+        if reads == 1:
+            kernel.handshake(key, 1_800_000_000 + clock.now)  # lands while the pass plans
+        return seen
+
+    kernel.observe_link = handshake_after_first_read  # type: ignore[method-assign]
+    agent.reconcile()
+    kernel.observe_link = observe  # type: ignore[method-assign]
+    assert reads == 2  # the pass looked again before recreating
+    assert not any(a.endswith(" remove") for a in kernel.applied[applied:]), kernel.applied
+    clock.now += 0.5
+    agent.reconcile()
+    status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
+    assert status["peers"][0]["state"] == "up"

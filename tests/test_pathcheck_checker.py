@@ -99,6 +99,8 @@ class Sent:
     source: Endpoint
     destination: Endpoint
     payload: bytes
+    # The source address the sender asked for (None: whichever routing picks).
+    from_address: IPAddress | None = None
 
 
 class Network:
@@ -116,9 +118,15 @@ class Network:
         self._sent: list[Sent] = []
         self.unroutable_tries = 0
 
-    def deliver(self, source: Endpoint, destination: Endpoint, payload: bytes) -> None:
+    def deliver(
+        self,
+        source: Endpoint,
+        destination: Endpoint,
+        payload: bytes,
+        from_address: IPAddress | None = None,
+    ) -> None:
         with self._lock:
-            self._sent.append(Sent(self.clock(), source, destination, payload))
+            self._sent.append(Sent(self.clock(), source, destination, payload, from_address))
             inbox = self.inboxes.get(self.aliases.get(destination, destination))
             responder = self.responders.get(destination)
         if inbox is not None:
@@ -164,7 +172,7 @@ class FakePort:
         if destination == UNROUTABLE:
             self.network.unroutable_tries += 1
             raise OSError(errno.ENETUNREACH, "Network is unreachable")
-        self.network.deliver(self.endpoint, destination, payload)
+        self.network.deliver(self.endpoint, destination, payload, source)
 
     def receive_datagram(
         self, timeout: float, wake: socket.socket | None = None
@@ -383,6 +391,13 @@ def test_a_request_makes_the_receiver_check_that_candidate_back_at_once(lab: Lab
     wait_until(lambda: answered_at(a, b, B_AT), PATIENCE)
     requests_from_a = [s for s in lab.network.sent(source=A_AT) if not is_answer(s)]
     assert len(requests_from_a) == 1
+    # B answered from the address A asked, but checked back from the address routing
+    # picks: the one a recreated WireGuard peer sends from (no source cached), so the proof
+    # is of the path WireGuard takes.
+    from_b = lab.network.sent(source=B_AT, destination=A_AT)
+    answers, checks = [s for s in from_b if is_answer(s)], [s for s in from_b if not is_answer(s)]
+    assert answers and all(s.from_address == B_AT.address for s in answers)
+    assert checks and all(s.from_address is None for s in checks)
 
 
 def test_a_request_from_a_non_candidate_source_is_answered_but_not_checked_back(

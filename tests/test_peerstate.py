@@ -13,6 +13,7 @@ import pytest
 from kubespan.model import PeerState
 from kubespan.netaddr import Endpoint
 from kubespan.plan.peerstate import (
+    BACKOFF_GRAIN,
     DOWN_AFTER,
     DWELL_CAP,
     Sighting,
@@ -529,3 +530,31 @@ def test_a_better_candidate_that_answers_later_takes_over_while_the_peer_is_not_
     assert peer.kernel_endpoint == ep(1)  # the better one, once it answered
     assert peer.tracking is not None and peer.tracking.why == "trial: answered a path check"
     assert peer.run(T0 + 1.5) is UP
+
+
+def passes_of_dead_peers(count: int, start: float, end: float) -> int:
+    """Passes an agent runs between `start` and `end` for `count` peers that never answer,
+    known from scattered moments (one every 0.6 s), when it wakes only as they ask."""
+    peers = [Peer((ep(1), ep(2))) for _ in range(count)]
+    known = [T0 + i * 0.6 for i in range(count)]
+    wakes: dict[int, float | None] = {}
+    now, passes = T0, 0
+    while now < end:
+        for index, peer in enumerate(peers):
+            if known[index] <= now:
+                peer.run(now)
+                wakes[index] = peer.last_wake
+        passes += now >= start
+        due = [w for w in wakes.values() if w is not None]
+        due += [k for k in known if k > now]
+        now = max(now + 0.2, min(due, default=end))
+    return passes
+
+
+def test_backed_off_dead_peers_share_passes() -> None:
+    """A hundred dead peers on one-minute dwells would each wake the loop once a minute at a
+    time of its own; on the backoff grid they share a pass per grain."""
+    window = 180.0
+    start = T0 + 2 * 60 + 10  # all in their first one-minute dwell by now
+    passes = passes_of_dead_peers(100, start, start + window)
+    assert passes <= window / BACKOFF_GRAIN + 1, passes

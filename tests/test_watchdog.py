@@ -92,3 +92,32 @@ def test_the_loop_feeds_it_until_a_pass_hangs(tmp_path: Path, systemd: socket.so
                 after = b""
             release.set()
         assert after == b""  # a hung loop feeds nothing: systemd would restart it
+
+
+def test_a_long_pass_that_makes_progress_keeps_feeding(
+    tmp_path: Path, systemd: socket.socket
+) -> None:
+    """A pass that applies many changes on a starved machine takes long, but each change
+    applied is progress: fed between them, not killed for the pass's length."""
+    cluster_id = base64.b64encode(os.urandom(32)).decode()
+    secret = base64.b64encode(os.urandom(32)).decode()
+    with discovery_server() as server:
+        agent, kernel = make_agent(
+            tmp_path, "slow", 22, config_text(server.url, cluster_id, secret)
+        )
+        now = [1000.0]
+        agent._watchdog = notify.Watchdog(lambda: now[0], every=1.0)
+        real_apply = kernel.apply
+        applied, fed = [0], []
+
+        def slow_apply(operations: list[Operation]) -> None:
+            fed.extend(messages(systemd))  # as systemd would, while the pass goes on
+            now[0] += 2.0  # each change takes two feeding periods
+            applied[0] += 1
+            real_apply(operations)
+
+        kernel.apply = slow_apply  # type: ignore[method-assign]
+        agent.reconcile()  # the first pass: link, addresses, routes, rules, table
+        fed.extend(messages(systemd))
+        assert applied[0] >= 5
+        assert fed.count("WATCHDOG=1") == applied[0]

@@ -1,4 +1,4 @@
-"""`kubespan` command line: agent, status, discovery serve, config validate, gen."""
+"""`kubespan` command line: agent, status, check, discovery serve, config, gen."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kubespan import __version__
+from kubespan import version_text
 from kubespan.discovery import limits
 from kubespan.errors import ConfigError, KubespanError
 
@@ -46,6 +46,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from kubespan.agent.events import KernelChanged, Stop
     from kubespan.agent.loop import Agent
     from kubespan.agent.reflexive import ReflexiveProber
+    from kubespan.agent.shutdown import system_powering_off
     from kubespan.agent.statusserver import LatestStatus, StatusServer
     from kubespan.agent.supervisor import ConfigWatcher, Supervisor
     from kubespan.apply.kernel import Kernel
@@ -110,7 +111,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         kernel_watcher.start()
         watcher.start()
         try:
-            Supervisor(config, kernel, identity, make_agent, events, latest).run()
+            Supervisor(
+                config, kernel, identity, make_agent, events, latest, system_powering_off
+            ).run()
         finally:
             watcher.stop()
             kernel_watcher.stop()
@@ -242,6 +245,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not live:
         return STATUS_NO_AGENT
     return 0 if document.get("ready") else STATUS_NOT_READY
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Self-diagnosis: exit 0 with no error found, 1 with any, 77 without the privilege to
+    look (rules, routes and the agent's status can be read without it, nftables cannot)."""
+    from kubespan import preflight
+    from kubespan.diagnose import diagnose
+    from kubespan.diagnose.observe import observe
+    from kubespan.diagnose.report import findings_json, render_findings
+
+    caps = preflight.effective_capabilities()
+    if not preflight.has_capability(caps, preflight.CAP_NET_ADMIN):
+        print("kubespan: check needs root (CAP_NET_ADMIN) to read nftables", file=sys.stderr)
+        return preflight.EXIT_NOPERM
+    findings = diagnose(observe(args.runtime_dir))
+    print(findings_json(findings) if args.json else render_findings(findings))
+    return 1 if any(finding.severity == "error" for finding in findings) else 0
 
 
 def cmd_discovery_serve(args: argparse.Namespace) -> int:
@@ -523,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubespan", description="Encrypted node mesh over kernel WireGuard."
     )
-    parser.add_argument("--version", action="version", version=f"kubespan {__version__}")
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -547,6 +567,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR)
     status.set_defaults(func=cmd_status)
+
+    check = commands.add_parser(
+        "check",
+        help="find what keeps kubespan from working on this node, and say what to do",
+        description="Conflicting rules, marks and routes, rp_filter, the tunnel MTU against "
+        "each path to a peer, the clock and discovery. Exit 0: no error found; 1: errors; "
+        "77: not root.",
+    )
+    check.add_argument("--json", action="store_true", help="the findings as a JSON list")
+    check.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR)
+    check.set_defaults(func=cmd_check)
 
     discovery = commands.add_parser("discovery", help="the discovery service")
     discovery_commands = discovery.add_subparsers(dest="discovery_command", required=True)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+SEND_TIMEOUT_SECONDS = 2.0
+
 
 def notify(message: str) -> bool:
     """Send `message` (e.g. "READY=1") to systemd; False when not run by systemd."""
@@ -22,6 +24,9 @@ def notify(message: str) -> bool:
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # A listener whose queue stays full (systemd stuck) may hold the caller this long,
+        # not forever; READY=1 waits that long for room, as a watchdog feed does.
+        sock.settimeout(SEND_TIMEOUT_SECONDS)
         try:
             sock.connect(address)
             sock.sendall(message.encode())

@@ -21,11 +21,11 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from kubespan import notify
+from kubespan import __version__, build_id, notify
 from kubespan.agent.backoff import Backoff
 from kubespan.agent.events import ConfigChanged, KernelChanged, Stop, Terminal
 from kubespan.agent.metrics import LoopCounters, MetricsServer
@@ -61,16 +61,18 @@ from kubespan.model import (
     Member,
     MemberRecord,
     ObservedLink,
+    ObservedPeer,
     PeerState,
 )
 from kubespan.names import LINK_NAME
 from kubespan.netaddr import Endpoint, IPAddress, reachable_unicast
 from kubespan.pathcheck.checker import PathAnswered
 from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
-from kubespan.plan.desired import PeerReport, PlanInput, plan
+from kubespan.plan.desired import PeerReport, Plan, PlanInput, plan
 from kubespan.plan.diff import (
     NudgePeer,
     Operation,
+    RemovePeer,
     SetPeer,
     diff,
     link_warnings,
@@ -201,6 +203,8 @@ class Agent:
         self.random_bytes = random_bytes
         self.hostname = hostname
         self.tick = tick
+        # systemd's watchdog: fed by the loop in run() and by each change a pass applies.
+        self._watchdog = notify.Watchdog(self.clocks.monotonic)
         self.ready_timeout = ready_timeout
         self.events: queue.Queue[Any] = events if events is not None else queue.Queue()
         self.keys = ClusterKeys.derive(config.cluster.id, config.cluster.secret)
@@ -298,11 +302,13 @@ class Agent:
     def run(self) -> Terminal:
         """Reconcile until stopped or given a new config; returns the event that ended it."""
         log.info(
-            "starting node_id=%s public_key=%s ula=%s discovery=%s",
+            "starting node_id=%s public_key=%s ula=%s discovery=%s version=%s build=%s",
             self.identity.node_id,
             self.identity.public_key_b64,
             self.ula,
             ",".join(s.url for s in self.sessions),
+            __version__,
+            build_id() or "-",
         )
         self._start_threads()
         self._started = self.clocks.monotonic()
@@ -311,10 +317,9 @@ class Agent:
         # Fed by this loop, not by a thread of its own: a loop stuck in a pass (a netlink
         # call that never returns) stops feeding, and systemd restarts the agent, which
         # adopts the kernel's state.
-        watchdog = notify.Watchdog(self.clocks.monotonic)
         try:
             while True:
-                watchdog.feed()
+                self._watchdog.feed()
                 terminal = self._wait_inputs(next_pass)
                 if terminal is not None:
                     return terminal
@@ -708,6 +713,75 @@ class Agent:
             ],
         }
 
+    def _apply_plan(
+        self, result: Plan, observed: ObservedLink | None, routing: ObservedRouting
+    ) -> list[Operation]:
+        """Apply a pass's plan; the operations applied. Keeps the plan's tracking."""
+        deferred = set(result.restarts)
+        operations = [
+            op
+            for op in diff(result.desired, observed, routing)
+            if not (isinstance(op, SetPeer | RemovePeer) and op.public_key in deferred)
+        ]
+        link = result.desired.link
+        by_key = {p.public_key: p for p in result.desired.peers}
+        operations.extend(
+            NudgePeer(link.name, key, by_key[key].name, by_key[key].keepalive)
+            for key in result.nudges
+        )
+        applied = self._apply_all(operations)
+        tracking = dict(result.tracking)
+        if deferred:
+            # Recreations go last, decided on a fresh look at the kernel (see _still_silent).
+            restarts, heard = self._still_silent(result.restarts, observed)
+            applied += self._apply_all(restart_peers([], result.desired, restarts))
+            self.counters.peer_restarts += len(restarts)
+            for key, before in heard.items():
+                # Not recreated: judged next pass against what the kernel had before this
+                # one, so what the peer sent meanwhile counts as the evidence it is.
+                tracking[key] = replace(
+                    tracking[key], rx_bytes=before.rx_bytes, handshake=before.last_handshake
+                )
+        self.tracking = tracking
+        return applied
+
+    def _apply_all(self, operations: list[Operation]) -> list[Operation]:
+        for operation in operations:
+            self.kernel.apply([operation])
+            self._log_applied(operation)
+            # Each change applied is progress: a pass that adds a hundred peers on a starved
+            # machine may take longer than WatchdogSec, and must not be killed for it (a
+            # call that hangs still stops the feeding).
+            self._watchdog.feed()
+            if isinstance(operation, SetPeer) and operation.endpoint is not None:
+                self.counters.endpoint_changes += 1
+        return operations
+
+    def _still_silent(
+        self, keys: tuple[str, ...], observed: ObservedLink | None
+    ) -> tuple[tuple[str, ...], dict[str, ObservedPeer]]:
+        """Of the peers the plan recreates, those still unheard from now; and the others,
+        with what the kernel had of them before the pass. Recreating a peer throws its
+        session away: under load a pass can take seconds, and a handshake the peer completed
+        meanwhile (which the plan could not see) must not be undone."""
+        before = {p.public_key: p for p in observed.peers} if observed is not None else {}
+        now_seen = self.kernel.observe_link(LINK_NAME)
+        current = {p.public_key: p for p in now_seen.peers} if now_seen is not None else {}
+        silent: list[str] = []
+        heard: dict[str, ObservedPeer] = {}
+        for key in keys:
+            was, now = before.get(key), current.get(key)
+            if (
+                was is not None
+                and now is not None
+                and (now.rx_bytes > was.rx_bytes or now.last_handshake != was.last_handshake)
+            ):
+                log.debug("peer %s heard from during the pass: not recreated", key)
+                heard[key] = was
+                continue
+            silent.append(key)
+        return tuple(silent), heard
+
     def protected_addresses(self) -> tuple[IPAddress, ...]:
         return tuple(a for s in self.sessions for a in s.addresses)
 
@@ -762,22 +836,7 @@ class Agent:
         )
         for warning in self._warnings:
             self._report_once(warning)
-        operations = diff(result.desired, observed, routing)
-        if result.restarts:
-            operations = restart_peers(operations, result.desired, result.restarts)
-        link = result.desired.link
-        by_key = {p.public_key: p for p in result.desired.peers}
-        operations.extend(
-            NudgePeer(link.name, key, by_key[key].name, by_key[key].keepalive)
-            for key in result.nudges
-        )
-        for operation in operations:
-            self.kernel.apply([operation])
-            self._log_applied(operation)
-            if isinstance(operation, SetPeer) and operation.endpoint is not None:
-                self.counters.endpoint_changes += 1
-        self.counters.peer_restarts += len(result.restarts)
-        self.tracking = dict(result.tracking)
+        applied = self._apply_plan(result, observed, routing)
         if self.paths is not None:
             for key, checked in result.checks:
                 self.paths.check(key, checked)
@@ -801,7 +860,7 @@ class Agent:
         self.passes += 1
         self.counters.passes += 1
         self.counters.last_pass_seconds = self.clocks.monotonic() - began
-        return operations
+        return applied
 
     def _own_addresses(
         self, networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]

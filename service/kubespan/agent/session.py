@@ -100,6 +100,9 @@ class DiscoverySession:
             self.addresses = ()
         self.last_error: str | None = None
         self.last_answer: float | None = None  # wall clock, for status
+        # How far the service's clock is ahead of ours (its Date header), for `kubespan check`:
+        # signed requests are refused when the two differ by more than the service allows.
+        self.clock_skew: float | None = None
         self.revision: int | None = None
         self._wanted: Registration | None = None
         self._sent: Registration | None = None
@@ -177,6 +180,7 @@ class DiscoverySession:
             "stun_reflectors": [str(r) for r in self.stun_reflectors],
             "last_error": self.last_error,
             "last_answer": self.last_answer,
+            "clock_skew_s": None if self.clock_skew is None else round(self.clock_skew, 1),
         }
 
     # --- registrar ---------------------------------------------------------------------------
@@ -188,7 +192,11 @@ class DiscoverySession:
             random_bytes=self.random_bytes,
             rng=self.rng,
             sleep=sleep or self._stopping.wait,
+            on_clock_skew=self._clock_seen,
         )
+
+    def _clock_seen(self, skew: float) -> None:
+        self.clock_skew = skew
 
     def _register_loop(self) -> None:
         client = self._client()

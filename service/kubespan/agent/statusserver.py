@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 STATUS_SOCKET = "status.sock"
 SEND_TIMEOUT = 2.0  # a client that does not read is dropped after this long
 ACCEPT_POLL = 1.0  # how often the thread looks whether it must stop
+MAX_STATUS_BYTES = 16 << 20  # a status of thousands of peers is a few MiB
 
 
 def placeholder(agent: str) -> bytes:
@@ -112,12 +114,23 @@ def read_live(runtime_dir: Path, timeout: float = 3.0) -> bytes:
     """The live agent's document; NoLiveStatus when none answers on the socket."""
     path = runtime_dir / STATUS_SOCKET
     chunks = []
+    size = 0
+    deadline = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
+            # Bounded in size and in total time: whatever holds the socket cannot make a
+            # reader wait, or grow, without end by trickling.
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_STATUS_BYTES:
+                    raise NoLiveStatus(f"{path}: more than {MAX_STATUS_BYTES} bytes; not read")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoLiveStatus(f"{path}: no whole answer within {timeout:g} s")
+                sock.settimeout(left)
     except PermissionError:
         raise NoLiveStatus(f"{path} is root's: run kubespan status as root") from None
     except (FileNotFoundError, ConnectionRefusedError):

@@ -131,8 +131,10 @@ class Supervisor:
         make_agent: Callable[[MachineConfig, Identity, queue.Queue[Any]], Agent],
         events: queue.Queue[Any],
         latest: LatestStatus | None = None,
+        powering_off: Callable[[], bool] = lambda: False,
     ) -> None:
         self.latest = latest  # the live status: says "disabled" while idle
+        self.powering_off = powering_off  # asked once the agent stops
         self.config = config
         self.kernel = kernel
         self.identity = identity
@@ -149,16 +151,23 @@ class Supervisor:
                 outcome: Terminal = agent.run()
                 previous = agent
                 if isinstance(outcome, ConfigChanged) and leaves_mesh(self.config, outcome.config):
-                    try:
-                        agent.leave()
-                    except Exception:  # leaving is best effort; the teardown must still run
-                        log.exception("could not publish the leave record")
+                    self._leave(agent, "kubespan is off or the cluster changed")
                     previous = None
+                elif isinstance(outcome, Stop) and self.powering_off():
+                    self._leave(agent, "the machine powers off")
             else:
                 outcome = self._idle()
             if isinstance(outcome, Stop):
                 return
             self.config = outcome.config
+
+    @staticmethod
+    def _leave(agent: Agent, why: str) -> None:
+        log.info("leaving the cluster: %s", why)
+        try:
+            agent.leave()
+        except Exception:  # leaving is best effort; the teardown or stop must still run
+            log.exception("could not publish the leave record")
 
     def _idle(self) -> Terminal:
         removed = self.kernel.teardown()

@@ -12,7 +12,9 @@ server's say-so.
 
 from __future__ import annotations
 
+import email.utils
 import json
+import math
 import os
 import random
 import time
@@ -39,6 +41,8 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_ANSWER_DEPTH = 6
 MAX_RETRY_AFTER = 60.0
 MAX_STUN_REFLECTORS = 8
+# An HTTP date is 29 characters (IMF-fixdate); anything much longer is not one.
+MAX_DATE_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,14 @@ class DiscoveryClient:
         verify: bool | str = True,
         source_address: str | None = None,
         headers: Mapping[str, str] | None = None,
+        on_clock_skew: Callable[[float], object] | None = None,
     ) -> None:
         """`verify`: check the service's certificate (True), against this CA file (a path),
         or not at all (False, tests only). `source_address` and `headers` serve tests that
-        play several clients or a proxy."""
+        play several clients or a proxy. `on_clock_skew` is told, after every answer with a
+        believable Date header (refusals too), how many seconds the service's clock is ahead
+        of `clock` (negative: behind): the service refuses signed requests whose timestamp
+        is too far from its own clock."""
         self.base_url = base_url.rstrip("/")
         self.keys = keys
         self.transport = Transport(self.base_url, verify, source_address, headers)
@@ -95,6 +103,7 @@ class DiscoveryClient:
         self.random_bytes = random_bytes
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self.on_clock_skew = on_clock_skew
 
     def close(self) -> None:
         self.transport.close()
@@ -223,6 +232,9 @@ class DiscoveryClient:
         answer = self.transport.exchange(
             method, target, payload, headers, deadline, MAX_ANSWER_BYTES
         )
+        skew = clock_skew(answer.headers.get("date"), self.clock())
+        if skew is not None and self.on_clock_skew is not None:
+            self.on_clock_skew(skew)
         status = answer.status
         if 300 <= status < 400:
             raise DiscoveryError(
@@ -282,6 +294,26 @@ def parse_stun_reflectors(value: object, base_url: str) -> tuple[StunReflector, 
                 raise DiscoveryError(f"{where}[{index}].address {address} cannot be reached")
         reflectors[StunReflector(address, port)] = None
     return tuple(reflectors)
+
+
+def clock_skew(date: str | None, now: float) -> float | None:
+    """Seconds the clock that wrote an HTTP Date header is ahead of `now` (negative: behind),
+    or None when there is no believable date. The header has whole seconds, written before
+    the answer travelled, so the figure is good to a second or two plus the transit time:
+    plenty against a bound of minutes."""
+    if date is None or len(date) > MAX_DATE_LENGTH or not date.isascii():
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": the writer did not know its time zone
+        return None
+    try:
+        skew = when.timestamp() - now
+    except (OverflowError, OSError, ValueError):
+        return None
+    return skew if math.isfinite(skew) else None
 
 
 def parse_retry_after(value: str | None) -> float:

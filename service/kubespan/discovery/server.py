@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -278,7 +279,10 @@ class DiscoveryApp:
                 error.status, error_body(error.field, error.message), headers=tuple(extra)
             )
         self.metrics.request(request.method, route, response.status)
-        return response
+        # RFC 9110's Date, from the clock signatures are checked against: a node whose
+        # requests are refused as stale can tell by how much its clock is off.
+        date = (b"date", email.utils.formatdate(self.clock(), usegmt=True).encode())
+        return replace(response, headers=(*response.headers, date))
 
     async def _handle(self, request: Request) -> tuple[str, Response]:
         method = request.method

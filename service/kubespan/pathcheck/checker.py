@@ -337,7 +337,6 @@ class PathChecker:
         public_key: str,
         endpoint: Endpoint,
         now: float,
-        from_address: IPAddress | None = None,
     ) -> bool:
         """One request; False when it cannot be sent (not a member any more, no route to
         it: an IPv6 candidate on an IPv4-only host)."""
@@ -349,7 +348,7 @@ class PathChecker:
         while len(self._outstanding) > MAX_CHECKS * len(CHECK_AT):
             self._outstanding.popitem(last=False)
         try:
-            transport.send(endpoint, codec.request(self._public, transaction_id, key), from_address)
+            transport.send(endpoint, codec.request(self._public, transaction_id, key))
         except OSError as error:
             log.debug("path check not sent to=%s error=%s", endpoint, error)
             return False
@@ -418,14 +417,13 @@ class PathChecker:
         answer = codec.answer(self._public, message.transaction_id, key, source)
         transport.send(source, answer, from_address)
         self.answered += 1
-        self._check_back(transport, message.sender, source, from_address, now)
+        self._check_back(transport, message.sender, source, now)
 
     def _check_back(
         self,
         transport: AddressedTransport,
         sender: bytes,
         source: Endpoint,
-        from_address: IPAddress | None,
         now: float,
     ) -> None:
         """A member's request just opened its NAT towards us: check that path back now,
@@ -450,7 +448,11 @@ class PathChecker:
         if len(self._checked_back) > MAX_CHECKS:
             horizon = now - CHECK_BACK_GAP
             self._checked_back = {i: t for i, t in self._checked_back.items() if t >= horizon}
-        self._send_request(transport, public_key, source, now, from_address)
+        # From the address routing picks, not from the one the request came to: the
+        # answer proves a path to the peer's WireGuard, which sends from the routed source
+        # once it is recreated (it has no source cached then). A check back from a second
+        # address would prove a path WireGuard does not take.
+        self._send_request(transport, public_key, source, now)
 
     def _answered(self, source: Endpoint, payload: bytes, message: codec.PathMessage) -> None:
         asked = self._outstanding.get(message.transaction_id)

@@ -15,6 +15,7 @@ candidate (a handshake to ourselves proves nothing).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ def _host_kind(address: IPAddress, local: tuple[LocalNetwork, ...]) -> Kind:
     return Kind.PRIVATE if any(address in n for n in PRIVATE_V4) else Kind.GLOBAL
 
 
+@functools.lru_cache(maxsize=4096)  # per member and local networks: the same every pass
 def rank_candidates(member: Member, local: tuple[LocalNetwork, ...]) -> tuple[Candidate, ...]:
     """The member's endpoints in the order to try them. `local`: this node's addresses with
     their prefix lengths (which subnets it is on)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -141,11 +142,23 @@ def allowed_ips(
         node_subnets=plan_input.node_subnets,
     )
     # What the kernel routes to each peer now: a member keeps what it holds.
-    held = {
+    held = frozenset(
         (peer.public_key, network)
         for peer in (plan_input.observed.peers if plan_input.observed else ())
         for network in peer.allowed_ips
-    }
+    )
+    return _admitted_and_divided(members, rules, held)
+
+
+@functools.lru_cache(maxsize=4)
+def _admitted_and_divided(
+    members: tuple[Member, ...],
+    rules: AdmissionRules,
+    held: frozenset[tuple[str, IPNetwork]],
+) -> tuple[dict[str, tuple[IPNetwork, ...]], dict[str, list[str]], Division]:
+    """allowed_ips' work, remembered: between passes the members, the rules and what the
+    kernel routes rarely change, and this was most of an idle pass's planning with a
+    hundred peers. Its results are shared between passes: read, never changed."""
     claims: list[Claim] = []
     refused: dict[str, list[str]] = {}
     for member in members:

@@ -1,0 +1,484 @@
+"""`make bench-idle`: what the agent costs on an idle node (issue 11), as `name=value` lines:
+
+    idle_cpu_percent_2, idle_rss_mb_2        node1's agent with 2 peers (node2, node3: VMs)
+    idle_cpu_percent_100, idle_rss_mb_100    the same with 100 peers (98 of them fake)
+    idle_rss_mb_python_baseline              an idle `python3 -c "import time; ..."` there
+
+One lab, three nodes booted from the image, the discovery service on the lab's host side.
+Once the mesh is up and node1's agent has reconciled for 30 s more, node1's agent is
+measured over 60 s; then 98 fake members are registered on the discovery service from the
+host, as real members register (records signed with each one's own WireGuard key, sealed for
+the cluster), and once node1 lists 100 peers and has run 60 s more with them, it is measured
+over 60 s again.
+
+Measured inside node1's guest, from /proc, each reading in one guest command: CPU percent is
+the agent's utime+stime (/proc/MAINPID/stat, all threads, in `getconf CLK_TCK` ticks) over the
+guest's /proc/uptime across the window; RSS is VmRSS (and VmHWM, Threads) from
+/proc/MAINPID/status at the end of the window. MB here are MiB. Targets: at most 0.5 % CPU
+and 60 MB RSS. Nothing else is asked of node1 during a window; the waits before read the
+status file the agent writes at every pass (a `cat`, not a `kubespan status` process).
+Each node's agent journal is kept in WORKDIR/journals/. Needs root and `make image`; exit
+status 1 if the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from kslab import GuestAgentError, Lab, LabError, Vm, find_image, wait_until
+from mesh import Cluster, start_cluster, wait_for_mesh
+
+REPO = Path(__file__).resolve().parent.parent
+KUBESPAN = REPO / ".venv" / "bin" / "kubespan"
+
+NODES = 3  # node1 is measured; node2 and node3 are its real peers
+FAKE_PEERS = 98  # with node2 and node3: 100 peers
+FAKE_NET = ipaddress.IPv4Network("203.0.113.0/24")  # TEST-NET-3: the lab routes it nowhere
+WIREGUARD_PORT = 51820
+SETTLE_2_S = 30.0  # agent passes after the mesh is up, before the 2-peer window
+SETTLE_100_S = 60.0  # agent passes after node1 lists 100 peers, before the 100-peer window
+WINDOW_S = 60.0  # each measurement window
+TARGET_CPU_PERCENT = 0.5
+TARGET_RSS_MB = 60.0
+AGENT_UNIT = "kubespan"
+BASELINE_UNIT = "idle-python-baseline"
+BASELINE_ARGV = ["python3", "-c", "import time; time.sleep(1e6)"]
+REGISTER_COMMAND = "register-fakes"  # internal: run inside the lab namespace (see below)
+# Written by the agent at every pass (agent/status.py, runtime dir of kubespan.service).
+STATUS_FILE = "/run/kubespan/status.json"
+# A fixed pure-Python workload, timed in the guest and on the host (the TCG slowdown).
+CALIBRATION = (
+    "import time; t = time.process_time(); sum(i * i for i in range(3_000_000)); "
+    "print(time.process_time() - t)"
+)
+
+
+# --- reading a process's cost from /proc in the guest ------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """One process at one instant, as the guest's /proc shows it."""
+
+    pid: int
+    start_ticks: int  # starttime: tells a restarted process (same pid) apart
+    cpu_ticks: int  # utime + stime, every thread of the process
+    child_ticks: int  # cutime + cstime: children it has waited for
+    rss_kb: int
+    hwm_kb: int
+    threads: int
+    children: int  # live child processes
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Several processes read at once: /proc/uptime and their stat lines by one `cat`."""
+
+    uptime: float  # guest seconds since boot
+    clk_tck: int
+    procs: dict[int, ProcStat]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A process over a window: CPU as a percent of one CPU, memory at the window's end."""
+
+    seconds: float
+    cpu_percent: float
+    child_cpu_percent: float
+    rss_mb: float
+    hwm_mb: float
+    threads: int
+    children: int
+
+
+def sample_script(pids: list[int]) -> str:
+    """The guest shell snippet of one Sample: uptime and stat lines first, in one read."""
+    stats = " ".join(f"/proc/{pid}/stat" for pid in pids)
+    lines = ["set -e", f"cat /proc/uptime {stats}", "getconf CLK_TCK"]
+    for pid in pids:
+        lines.append(f"sed -n 's/^\\(VmRSS\\|VmHWM\\|Threads\\):/{pid} \\1/p' /proc/{pid}/status")
+        lines.append(f"echo {pid} Children $(ps --no-headers --ppid {pid} -o pid | wc -l)")
+    return "\n".join(lines) + "\n"
+
+
+def parse_stat(line: str) -> tuple[int, int, int, int]:
+    """(pid, starttime, utime+stime, cutime+cstime) of a /proc/PID/stat line; the command
+    name (field 2, in parentheses) may hold spaces, so fields count from its closing one."""
+    pid = int(line.split(" ", 1)[0])
+    rest = line[line.rindex(")") + 2 :].split()  # rest[0] is field 3 (state)
+    utime, stime, cutime, cstime = (int(rest[i - 3]) for i in (14, 15, 16, 17))
+    return pid, int(rest[22 - 3]), utime + stime, cutime + cstime
+
+
+def parse_sample(text: str, pids: list[int]) -> Sample:
+    lines = text.splitlines()
+    uptime = float(lines[0].split()[0])
+    stats = [parse_stat(line) for line in lines[1 : 1 + len(pids)]]
+    clk_tck = int(lines[1 + len(pids)])
+    fields: dict[tuple[int, str], int] = {}
+    for line in lines[2 + len(pids) :]:
+        pid, name, value = line.split(None, 2)
+        fields[int(pid), name] = int(value.split()[0])  # "123 kB" or a count
+    procs = {
+        pid: ProcStat(
+            pid,
+            start,
+            cpu,
+            child,
+            fields[pid, "VmRSS"],
+            fields[pid, "VmHWM"],
+            fields[pid, "Threads"],
+            fields[pid, "Children"],
+        )
+        for pid, start, cpu, child in stats
+    }
+    if sorted(procs) != sorted(pids):
+        raise LabError(f"read /proc of {sorted(procs)}, wanted {sorted(pids)}:\n{text}")
+    return Sample(uptime, clk_tck, procs)
+
+
+def sample(vm: Vm, pids: list[int]) -> Sample:
+    result = vm.sh(sample_script(pids), timeout=60)
+    if result.exit_code != 0:
+        raise LabError(f"{vm.name}: reading /proc of {pids}: {result.stderr.strip()}")
+    return parse_sample(result.stdout, pids)
+
+
+def usage(first: Sample, last: Sample, pid: int) -> Usage:
+    a, b = first.procs[pid], last.procs[pid]
+    if a.start_ticks != b.start_ticks:
+        raise LabError(f"process {pid} was restarted during the window")
+    seconds = last.uptime - first.uptime
+    per_second = last.clk_tck * seconds / 100.0  # ticks in 1 % of one CPU over the window
+    return Usage(
+        seconds,
+        (b.cpu_ticks - a.cpu_ticks) / per_second,
+        (b.child_ticks - a.child_ticks) / per_second,
+        b.rss_kb / 1024,
+        b.hwm_kb / 1024,
+        b.threads,
+        b.children,
+    )
+
+
+def measure(vm: Vm, pids: list[int], seconds: float) -> dict[int, Usage]:
+    """Each process's usage over a window of `seconds` (guest time; nothing else is asked
+    of the guest meanwhile)."""
+    first = sample(vm, pids)
+    time.sleep(seconds)  # the measurement window itself
+    last = sample(vm, pids)
+    return {pid: usage(first, last, pid) for pid in pids}
+
+
+def main_pid(vm: Vm, unit: str) -> int:
+    """The unit's main process, once it has one."""
+
+    def pid() -> int | None:
+        text = vm.exec(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip()
+        return int(text) if text.isdigit() and int(text) > 0 else None
+
+    return wait_until(pid, 60.0, f"{vm.name}: a main process of {unit}", interval=1.0)
+
+
+# --- fake members --------------------------------------------------------------------------
+
+
+def register_fakes(url: str, cluster_id: str, secret: str, count: int) -> None:
+    """Register `count` members that do not exist, as a real member registers: each its own
+    WireGuard key (so its node id and signature are right), a ULA in the cluster prefix made
+    from a MAC as a node makes it, one address and endpoint in TEST-NET-3, a record sealed for
+    the agents' 30 min and stored for as long. Runs inside the lab namespace (discovery
+    listens there)."""
+    from kubespan.agent.session import TTL_SECONDS
+    from kubespan.config.interpret import decode_key32
+    from kubespan.crypto import ClusterKeys
+    from kubespan.discovery.client import DiscoveryClient
+    from kubespan.discovery.members import seal_registration
+    from kubespan.identity import generate_identity, node_ula
+    from kubespan.model import AffiliateInfo
+    from kubespan.netaddr import Endpoint
+
+    keys = ClusterKeys.derive(cluster_id, decode_key32(secret))
+    client = DiscoveryClient(url, keys)
+    for index in range(1, count + 1):
+        identity = generate_identity(os.urandom)
+        address = FAKE_NET[index]
+        mac = bytes((0x52, 0x54, 0x00, 0xFE, index >> 8, index & 0xFF))
+        info = AffiliateInfo(
+            node_id=identity.node_id,
+            hostname=f"fake{index:03d}",
+            public_key=identity.public_key_b64,
+            ula=node_ula(cluster_id, mac),
+            addresses=(address,),
+        )
+        now = time.time()
+        registration = seal_registration(
+            keys,
+            info,
+            (Endpoint(address, WIREGUARD_PORT),),
+            identity.private_key,
+            version=int(now * 1000),
+            valid_until=int(now) + TTL_SECONDS,
+        )
+        # The client waits out the service's rate limit (HTTP 429) by itself.
+        client.put(
+            registration.affiliate_id,
+            registration.data,
+            list(registration.endpoints),
+            TTL_SECONDS,
+        )
+    client.close()
+    print(count)
+
+
+def add_fakes(cluster: Cluster, count: int) -> None:
+    before = cluster.listed()
+    cluster.lab.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            REGISTER_COMMAND,
+            cluster.discovery_url,
+            cluster.cluster_id,
+            cluster.secret,
+            str(count),
+        ],
+        timeout=300,
+    )
+    listed = cluster.listed()
+    if listed != before + count:
+        raise LabError(f"discovery lists {listed} members after adding {count} to {before}")
+
+
+def agent_report(vm: Vm) -> dict[str, Any] | None:
+    """The agent's last status (what `kubespan status --json` prints), read from the file it
+    writes at every pass: a `cat`, where `kubespan status` would start a Python process in
+    the guest and ask the agent itself, competing with what is measured. None while there is
+    none, or while the guest is too busy to answer within a minute."""
+    try:
+        result = vm.exec(["cat", STATUS_FILE], timeout=60)
+    except GuestAgentError:
+        return None
+    if result.exit_code != 0:
+        return None
+    try:
+        document = json.loads(result.stdout)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) and "peers" in document else None
+
+
+def wait_reported(
+    vm: Vm, what: str, timeout: float, done: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Wait until the agent's status satisfies `done`; that status. Polls every 5 s."""
+
+    def probe() -> dict[str, Any] | None:
+        document = agent_report(vm)
+        return document if document is not None and done(document) else None
+
+    return wait_until(probe, timeout, f"{vm.name}: {what}", interval=5.0)
+
+
+def wait_for_peers(vm: Vm, peers: int, timeout: float) -> float:
+    """Wait until the agent reports `peers` peers; the `updated_at` (guest clock) of that."""
+    document = wait_reported(
+        vm, f"the agent to list {peers} peers", timeout, lambda d: len(d["peers"]) == peers
+    )
+    return float(document["updated_at"])
+
+
+def wait_for_passes(vm: Vm, after: float, seconds: float) -> None:
+    """Wait until the agent has published its status more than `seconds` after `after` (its
+    own clock): it has run its passes for that long."""
+    wait_reported(
+        vm,
+        f"the agent to keep reconciling for {seconds:g} s",
+        seconds + 120,
+        lambda d: float(d["updated_at"]) > after + seconds,
+    )
+
+
+def restarts(vm: Vm) -> str:
+    return vm.check(["systemctl", "show", "-P", "NRestarts", AGENT_UNIT]).strip()
+
+
+def python_seconds(argv: list[str], run: Callable[[list[str]], str]) -> float:
+    """CPU seconds (process_time) a fixed pure-Python loop takes under `argv` (python)."""
+    return float(run([*argv, "-c", CALIBRATION]).strip())
+
+
+def peer_states(vm: Vm) -> str:
+    document = agent_report(vm)
+    if document is None:
+        return "no status"
+    states: dict[str, int] = {}
+    for peer in document["peers"]:
+        states[peer["state"]] = states.get(peer["state"], 0) + 1
+    return ", ".join(f"{state} {n}" for state, n in sorted(states.items()))
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def report(suffix: str, agent: Usage) -> None:
+    print(f"idle_cpu_percent_{suffix}={agent.cpu_percent:.2f}")
+    print(f"idle_rss_mb_{suffix}={agent.rss_mb:.1f}")
+    print(f"idle_hwm_mb_{suffix}={agent.hwm_mb:.1f}")
+    print(f"idle_child_cpu_percent_{suffix}={agent.child_cpu_percent:.2f}")
+    print(f"idle_threads_{suffix}={agent.threads}")
+    print(f"idle_children_{suffix}={agent.children}")
+    cpu = "met" if agent.cpu_percent <= TARGET_CPU_PERCENT else "MISSED"
+    rss = "met" if agent.rss_mb <= TARGET_RSS_MB else "MISSED"
+    print(
+        f"# {suffix} peers: CPU target <= {TARGET_CPU_PERCENT} % {cpu}, "
+        f"RSS target <= {TARGET_RSS_MB:g} MB {rss} (window {agent.seconds:.1f} s guest time)",
+        flush=True,
+    )
+
+
+def run(lab: Lab, workdir: Path) -> None:
+    state = workdir / "discovery-state"
+    state.mkdir(parents=True)
+    cluster = start_cluster(lab, KUBESPAN, state)
+    vms = cluster.boot(NODES)
+    node1 = vms[0]
+    statuses = wait_for_mesh(vms, timeout=480)
+    print(
+        "# TCG: the guests run under QEMU software emulation (no KVM), so every instruction "
+        "costs several host instructions: CPU percent here is inflated relative to real "
+        "hardware; RSS is not",
+        flush=True,
+    )
+    print(
+        f"# node1's agent ({AGENT_UNIT}.service MainPID), read in node1 from /proc; "
+        f"CPU = (utime+stime)/CLK_TCK over /proc/uptime, {WINDOW_S:g} s windows; MB = MiB",
+        flush=True,
+    )
+
+    # 2 peers: node2 and node3, the mesh up.
+    wait_for_passes(node1, float(statuses[node1.name]["updated_at"]), SETTLE_2_S)
+    node1.check(["systemd-run", f"--unit={BASELINE_UNIT}", *BASELINE_ARGV])
+    agent = main_pid(node1, AGENT_UNIT)
+    baseline = main_pid(node1, BASELINE_UNIT)
+    print(
+        f"# 2 peers: node2 and node3 (VMs), all up; measured after {SETTLE_2_S:g} s of "
+        "passes since the mesh came up",
+        flush=True,
+    )
+    used = measure(node1, [agent, baseline], WINDOW_S)
+    report("2", used[agent])
+    print(f"# {AGENT_UNIT}.service restarts in node1 so far: {restarts(node1)}", flush=True)
+    print(f"idle_rss_mb_python_baseline={used[baseline].rss_mb:.1f}")
+    print(f"idle_cpu_percent_python_baseline={used[baseline].cpu_percent:.2f}")
+    print(
+        f'# baseline: `{" ".join(BASELINE_ARGV[:2])} "{BASELINE_ARGV[2]}"` in node1 '
+        "(transient unit), read in the same commands as the agent",
+        flush=True,
+    )
+
+    # 100 peers: node2, node3 and 98 fakes.
+    add_fakes(cluster, FAKE_PEERS)
+    listed_at = wait_for_peers(node1, NODES - 1 + FAKE_PEERS, timeout=300)
+    print(
+        f"# 100 peers: node2, node3 and {FAKE_PEERS} fake members registered on discovery "
+        f"from the host (own WireGuard keys, signed and sealed records, endpoints in {FAKE_NET})",
+        flush=True,
+    )
+    print(
+        "# fake peers never answer: nothing lives at their endpoints (the lab routes "
+        f"{FAKE_NET} nowhere), so they stay down and node1 keeps trying them",
+        flush=True,
+    )
+    wait_for_passes(node1, listed_at, SETTLE_100_S)
+    print(
+        f"# measured after {SETTLE_100_S:g} s of passes since node1 listed 100 peers "
+        "(the fake peers' handshake trials back off meanwhile)",
+        flush=True,
+    )
+    if main_pid(node1, AGENT_UNIT) != agent:
+        print("# note: the agent's main process changed between the two phases", flush=True)
+        agent = main_pid(node1, AGENT_UNIT)
+    used = measure(node1, [agent], WINDOW_S)
+    report("100", used[agent])
+    print(f"# node1's peers after the window: {peer_states(node1)}", flush=True)
+    print(f"# {AGENT_UNIT}.service restarts in node1 (whole run): {restarts(node1)}", flush=True)
+
+    guest = python_seconds(["python3"], node1.check)
+    host = python_seconds(
+        [sys.executable],
+        lambda argv: subprocess.run(argv, capture_output=True, text=True, check=True).stdout,
+    )
+    print(f"tcg_python_slowdown={guest / host:.0f}")
+    print(
+        f"# TCG: the same pure-Python loop took {guest:.2f} s CPU in node1 and {host:.2f} s on "
+        "the host: dividing the CPU percents by tcg_python_slowdown gives a rough figure for "
+        "this host's hardware (rough: kernel work and I/O slow down differently)",
+        flush=True,
+    )
+
+
+def keep_journals(lab: Lab, directory: Path) -> None:
+    """Each node's agent journal, for reading where the time went (best effort)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, vm in lab.vms.items():
+        try:
+            (directory / f"{name}.log").write_text(vm.journal(f"{AGENT_UNIT}.service"))
+        except LabError as e:
+            print(f"bench-idle: journal of {name}: {e}", file=sys.stderr)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    if sys.argv[1:2] == [REGISTER_COMMAND]:
+        url, cluster_id, secret, count = sys.argv[2:6]
+        register_fakes(url, cluster_id, secret, int(count))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep logs here (default: a temp dir); what a previous run left there is replaced",
+    )
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench-idle needs root (network namespaces, taps)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # unwind, so the lab is torn down
+    with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        # A previous run's state disks would make this one a restart, not a first boot.
+        for stale in ("lab", "discovery-state", "journals"):
+            shutil.rmtree(workdir / stale, ignore_errors=True)
+        with Lab(workdir / "lab", find_image(REPO)) as lab:
+            try:
+                run(lab, workdir)
+            except (AssertionError, LabError) as e:
+                print("idle=fail", flush=True)
+                print(f"bench-idle: {e}\n{lab.diagnostics()}", file=sys.stderr)
+                return 1
+            finally:
+                keep_journals(lab, workdir / "journals")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
