@@ -15,8 +15,8 @@ fill it. Here:
   address or an IPv6 /64; trusted proxies are exempt). When the table is full, the
   connection that has waited longest without delivering a request is dropped to make room,
   so slow connections cannot lock out fast ones.
-- TLS is started on an accepted connection (`start_tls`), so handshakes count against the
-  same limits and deadlines.
+- TLS runs on the bytes an accepted connection receives (tlswire.py), so handshakes count
+  against the same limits and deadlines.
 - a handler that raises answers a JSON 500, logs one line and is counted; nothing else of
   the connection or the server is affected.
 """

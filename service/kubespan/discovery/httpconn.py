@@ -13,6 +13,7 @@ import httptools
 
 from kubespan.discovery.forwarded import source_key, unmap
 from kubespan.discovery.httpwire import Refusal, Request, Response, encode_response, error_body
+from kubespan.discovery.tlswire import TlsSession
 
 if TYPE_CHECKING:
     from kubespan.discovery.http import HttpServer
@@ -30,7 +31,7 @@ class Connection(asyncio.Protocol):
         self.limits = server.limits
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.raw_transport: asyncio.Transport | None = None
+        self.tls: TlsSession | None = None
         self.peer: str | None = None
         self.source: str | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -53,40 +54,22 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.raw_transport = self.transport = cast(asyncio.Transport, transport)
+        self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         self.peer = unmap(peername[0]) if isinstance(peername, tuple) and peername else None
         if self.peer is not None and not self.server.exempt(self.peer):
             self.source = source_key(self.peer)
         if not self.server._admit(self):
             self.closed = True
-            self.raw_transport.abort()
+            self.transport.abort()
             return
-        self._arm(self.limits.head_timeout)
         self.server._set_waiting(self, True)
         if self.server.ssl_context is None:
             self.ready = True
+            self._arm(self.limits.head_timeout)
             return
-        self.raw_transport.pause_reading()
-        self.task = self.loop.create_task(self._start_tls(self.server.ssl_context))
-
-    async def _start_tls(self, context: ssl.SSLContext) -> None:
-        assert self.raw_transport is not None
-        try:
-            upgraded = await self.loop.start_tls(
-                self.raw_transport,
-                self,
-                context,
-                server_side=True,
-                ssl_handshake_timeout=self.limits.tls_timeout,
-            )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError, RuntimeError):
-            self.abort()
-            return
-        if self.closed or upgraded is None:
-            return
-        self.transport = upgraded
-        self.ready = True
+        self.tls = TlsSession(self.server.ssl_context)
+        self._arm(self.limits.tls_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -102,15 +85,16 @@ class Connection(asyncio.Protocol):
             self.closed = True
             self._disarm()
             if self.transport is not None:
+                if self.tls is not None:
+                    self.transport.write(self.tls.close_notify())
                 self.transport.close()
             self.server._gone(self)
 
     def abort(self) -> None:
         self.closed = True
         self._disarm()
-        for transport in (self.transport, self.raw_transport):
-            if transport is not None:
-                transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
         self.server._gone(self)
 
     # --- deadlines -------------------------------------------------------------------------
@@ -142,8 +126,30 @@ class Connection(asyncio.Protocol):
     # --- reading ---------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.tls is not None and not self.closed:
+            data = self._decrypt(data)
         if self.closed or not self.ready or self.broken:
             return  # (also while draining after a refusal: discarded)
+        self._parse(data)
+        if self.tls is not None and self.tls.peer_closed and not self.closed:
+            self.close()  # as a plain connection closes on the client's end of stream
+
+    def _decrypt(self, data: bytes) -> bytes:
+        assert self.tls is not None and self.transport is not None
+        try:
+            received = self.tls.receive(data)
+        except ssl.SSLError:
+            self.server.counters.refused["tls"] += 1
+            self.abort()
+            return b""
+        if received.to_send:
+            self.transport.write(received.to_send)
+        if self.tls.established and not self.ready:
+            self.ready = True
+            self._arm(self.limits.head_timeout)
+        return received.plaintext
+
+    def _parse(self, data: bytes) -> None:
         # The parser keeps a header it has not seen the end of in its own memory: a request
         # head is fed to it at most MAX_HEAD_BYTES at a time, and refused beyond that.
         while data and not self.broken and not self.closed:
@@ -313,7 +319,13 @@ class Connection(asyncio.Protocol):
         response = Response(refusal.status, error_body(refusal.field, refusal.message))
         self._write(encode_response(response, close=True))
         transport = self.transport
-        if transport is None or self.closed or not transport.can_write_eof():
+        # TLS has no half-close: its end is the close_notify that closing sends.
+        if (
+            transport is None
+            or self.closed
+            or self.tls is not None
+            or not transport.can_write_eof()
+        ):
             self.close()
             return
         # Closing with unread data makes the kernel send a reset, which can destroy the
@@ -328,7 +340,7 @@ class Connection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self.transport.write(data if self.tls is None else self.tls.send(data))
 
     def pause_writing(self) -> None:
         self.write_paused = True
