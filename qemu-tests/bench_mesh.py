@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from natlab import (
@@ -35,7 +35,7 @@ from natlab import (
     scenario_rotation,
 )
 
-from kslab import Lab, LabError, find_image
+from kslab import Lab, LabError, Vm, find_image
 
 REPO = Path(__file__).resolve().parent.parent
 KUBESPAN = REPO / ".venv" / "bin" / "kubespan"
@@ -59,10 +59,10 @@ class Bench:
 def flat(bench: Bench, workdir: Path, count: int) -> None:
     with Lab(workdir / f"flat{count}", find_image(REPO)) as lab:
         state = workdir / f"flat{count}-discovery"
-        bench.measure(
-            f"mesh_full_s_{count}",
-            lambda: flat_mesh_time(boot_flat(lab, KUBESPAN, state, count), Clocks()),
-        )
+        vms = boot_flat(lab, KUBESPAN, state, count)
+        clocks = Clocks()
+        bench.measure(f"mesh_full_s_{count}", lambda: flat_mesh_time(vms, clocks))
+        keep_journals({vm.name: vm for vm in vms}, clocks, workdir / f"flat{count}-journals")
 
 
 def nat(bench: Bench, workdir: Path) -> None:
@@ -73,16 +73,15 @@ def nat(bench: Bench, workdir: Path) -> None:
         bench.measure("rotation_s", lambda: scenario_rotation(shared))
         bench.measure("dead_path_s", lambda: scenario_dead_path(shared))
         bench.measure("roaming_s", lambda: scenario_roaming(shared))
-        keep_journals(shared, workdir / "nat-journals")
+        keep_journals(shared.vms, shared.clocks, workdir / "nat-journals")
 
 
-def keep_journals(shared: NatLab, directory: Path) -> None:
+def keep_journals(vms: Mapping[str, Vm], clocks: Clocks, directory: Path) -> None:
     """Each guest's agent journal, stamped in host time, for reading where time went."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name, vm in shared.vms.items():
+    for name, vm in vms.items():
         lines = [
-            f"{entry.at:.3f} {entry.message}"
-            for entry in shared.clocks.journal(vm, "kubespan.service")
+            f"{entry.at:.3f} {entry.message}" for entry in clocks.journal(vm, "kubespan.service")
         ]
         (directory / f"{name}.log").write_text("\n".join(lines) + "\n")
 

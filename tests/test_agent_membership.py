@@ -8,21 +8,25 @@ import base64
 import ipaddress
 import json
 import logging
+import socket
+import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kubespan.agent.events import KernelChanged
-from kubespan.agent.loop import Agent, Clocks
+from kubespan.agent.loop import FIRST_LISTING_WAIT_SECONDS, Agent, Clocks
 from kubespan.agent.peercache import save_membership
-from kubespan.agent.session import ListingEvent
+from kubespan.agent.session import LEAVE_DEADLINE_SECONDS, ListingEvent
 from kubespan.agent.status import STATUS_FILE
 from kubespan.config import parse_config
 from kubespan.discovery.listing import parse_listing_answer
 from kubespan.discovery.payload import sign_record
 from kubespan.identity import LinkHardware, load_or_create_identity
 from kubespan.model import ObservedLink
+from kubespan.plan.departed import HOLD_SECONDS
 from kubespan.plan.membership import Known, Membership
 
 from agents import config_text, running, wait_for
@@ -293,3 +297,105 @@ def test_a_kernel_change_wakes_the_loop_before_its_tick(
         before = agent.passes
         agent.events.put(KernelChanged("nftables table inet kubespan"))
         wait_for(lambda: agent.passes > before, "a pass on the kernel change", timeout=10)
+
+
+def test_a_fresh_node_registers_at_once_and_meshes_in_its_first_pass(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    """No cache: the node registers before any pass, holds its first pass for discovery's
+    first listing (time stands still here), and that one pass makes the link and the peer."""
+    with hostile_service() as service, socket.create_server(("127.0.0.1", 0)) as silent:
+        time = FakeTime()
+        config = config_text(service.url, cluster_id, cluster_secret)
+        alpha, _ = node(tmp_path, "alpha", 11, config, time)
+        alpha.reconcile()
+        assert alpha.registration is not None
+        service.current[alpha.registration.affiliate_id] = stored(alpha)
+        body = service.honest_body()
+        # Discovery that accepts connections and never answers: the node hears nothing.
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        beta, kernel = node(
+            tmp_path, "beta", 12, config_text(url, cluster_id, cluster_secret), time
+        )
+        with running(beta):
+            wait_for(lambda: beta.registration is not None, "beta to register")
+            assert kernel.link is None and beta.passes == 0
+            beta.events.put(listing_of(url, body))
+            wait_for(lambda: peers(kernel) == {alpha.identity.public_key_b64}, "the peer")
+            assert beta.passes == 1
+
+
+def test_a_fresh_node_that_hears_no_listing_makes_its_link_after_a_short_wait(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        time = FakeTime()
+        config = config_text(
+            f"http://127.0.0.1:{silent.getsockname()[1]}", cluster_id, cluster_secret
+        )
+        agent, kernel = node(tmp_path, "alone", 11, config, time)
+        with running(agent):
+            wait_for(lambda: agent.registration is not None, "the node to register")
+            assert kernel.link is None
+            time.offset += FIRST_LISTING_WAIT_SECONDS
+            wait_for(lambda: kernel.link is not None, "the link, without any listing")
+            assert peers(kernel) == set() and agent.passes >= 1
+
+
+def test_leaving_tells_every_service_at_once_within_one_deadline(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    """Three services that never answer and one that does: the leave reaches the one that
+    answers, and leaving takes one deadline, not one per service (one after another, a few
+    slow services would outlast the unit's TimeoutStopSec=30 and the agent be killed)."""
+    with ExitStack() as stack:
+        service = stack.enter_context(hostile_service())
+        silent = [stack.enter_context(socket.create_server(("127.0.0.1", 0))) for _ in range(3)]
+        urls = [f"http://127.0.0.1:{s.getsockname()[1]}" for s in silent] + [service.url]
+        config = config_text(urls[0], cluster_id, cluster_secret).replace(
+            f"endpoint: {urls[0]}".encode(), f"endpoints: [{', '.join(urls)}]".encode()
+        )
+        agent, _ = node(tmp_path, "leaving", 11, config)
+        agent.reconcile()
+        assert agent.registration is not None
+        affiliate = agent.registration.affiliate_id
+        started = time.monotonic()
+        agent.leave()
+        took = time.monotonic() - started
+        assert took < 2 * LEAVE_DEADLINE_SECONDS, took
+        assert affiliate in service.puts
+
+
+def test_what_a_node_that_left_was_routed_stays_in_the_tunnel_for_a_while(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    with hostile_service() as service:
+        time = FakeTime()
+        config = config_text(service.url, cluster_id, cluster_secret)
+        alpha, _ = node(tmp_path, "alpha", 11, config, time)
+        beta, beta_kernel = node(tmp_path, "beta", 12, config, time)
+        alpha.reconcile()
+        assert alpha.registration is not None
+        service.current[alpha.registration.affiliate_id] = stored(alpha)
+        beta._take(listing_of(service.url, service.honest_body()))
+        beta.reconcile()
+        assert peers(beta_kernel) == {alpha.identity.public_key_b64}
+        alpha_address = ipaddress.ip_network("192.0.2.11/32")
+
+        def in_tunnel() -> bool:
+            ruleset = beta_kernel.last_ruleset
+            assert ruleset is not None
+            return any(alpha_address.subnet_of(n) for n in ruleset.members_v4)  # type: ignore[arg-type]
+
+        assert in_tunnel()
+        alpha.leave()
+        beta._take(listing_of(service.url, service.honest_body()))
+        beta.reconcile()
+        assert peers(beta_kernel) == set()
+        assert in_tunnel()  # no peer takes it: dropped, not sent in the clear
+        time.offset += HOLD_SECONDS - 1
+        beta.reconcile()
+        assert in_tunnel()
+        time.offset += 1
+        beta.reconcile()
+        assert not in_tunnel()

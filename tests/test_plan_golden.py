@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from kubespan.config import KubeSpanConfig
-from kubespan.model import AffiliateInfo, Member
+from kubespan.model import AffiliateInfo, Member, ObservedLink
 from kubespan.netaddr import Endpoint
 from kubespan.plan.dataplane import ReplaceRuleset
 from kubespan.plan.desired import PlanInput, plan
@@ -45,6 +47,32 @@ def member(
     return Member(info, tuple(Endpoint.parse(e) for e in endpoints))
 
 
+def plan_input(
+    members: tuple[Member, ...] | None,
+    now: float,
+    observed: ObservedLink | None = None,
+    tracking: Mapping[str, Tracking] | None = None,
+    config: KubeSpanConfig = ENABLED,
+    **more: Any,
+) -> PlanInput:
+    """What this node (key 100, 192.0.2.100) plans from; `more` sets other fields."""
+    return PlanInput(
+        config=config,
+        public_key=key(100),
+        private_key=key(101),
+        preshared_key=key(102),
+        ula=ipaddress.IPv6Address("fd00:1:2:3::100"),
+        own_addresses=(ipaddress.ip_address("192.0.2.100"),),
+        members=members,
+        observed=observed,
+        tracking=tracking or {},
+        now=now,
+        wall=now,
+        pod_subnets=POD_SUBNETS,
+        **more,
+    )
+
+
 class Transcript:
     def __init__(self) -> None:
         self.kernel = FakeKernel()
@@ -70,19 +98,12 @@ class Transcript:
         observed = self.kernel.observe_link("kubespan")
         routing = self.kernel.observe_routing("kubespan")
         result = plan(
-            PlanInput(
-                config=config,
-                public_key=key(100),
-                private_key=key(101),
-                preshared_key=key(102),
-                ula=ipaddress.IPv6Address("fd00:1:2:3::100"),
-                own_addresses=(ipaddress.ip_address("192.0.2.100"),),
-                members=members,
-                observed=observed,
-                tracking=self.tracking,
-                now=now,
-                wall=now,
-                pod_subnets=POD_SUBNETS,
+            plan_input(
+                members,
+                now,
+                observed,
+                self.tracking,
+                config,
                 departed_keys=frozenset(key(n) for n in departed),
             )
         )

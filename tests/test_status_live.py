@@ -180,3 +180,67 @@ def test_a_live_agent_without_a_report_says_why(
     document = json.loads(out)
     assert document["agent"] == agent and document["live"] is True
     validate(document)
+
+
+def test_status_summarises_the_check_on_what_it_read(
+    tmp_path: Path,
+    served: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check runs on the report status read (not a second one), its summary and codes
+    are shown, and it does not change the exit status (ready is ready)."""
+    from dataclasses import replace
+
+    from kubespan import preflight
+    from kubespan.diagnose import observe as observe_module
+    from kubespan.diagnose.statusread import AgentReport
+    from test_diagnose import HEALTHY_FACTS
+
+    seen: list[AgentReport | None] = []
+
+    def observed(runtime_dir: Path, report: AgentReport | None = None, **_: Any) -> Any:
+        seen.append(report)
+        return replace(HEALTHY_FACTS, rp_filter=(("all", 0), ("kubespan", 1)))
+
+    monkeypatch.setattr(observe_module, "observe", observed)
+    monkeypatch.setattr(preflight, "has_capability", lambda _caps, _cap: True)
+    latest, _ = served
+    latest.set(json.dumps(sample(ready=True)).encode())
+    status, out, _ = run_status(tmp_path, capsys)
+    assert status == 0
+    assert "check: 1 error found (rp-filter-strict); details: kubespan check" in out
+    assert seen and seen[-1] is not None and seen[-1].state == "running"
+
+    status, out, _ = run_status(tmp_path, capsys, "--json")
+    document = json.loads(out)
+    validate(document)
+    assert document["check"] == {
+        "summary": "1 error found",
+        "findings": [{"code": "rp-filter-strict", "severity": "error"}],
+    }
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("nftables went away")
+
+    monkeypatch.setattr(observe_module, "observe", broken)
+    status, out, _ = run_status(tmp_path, capsys)
+    assert status == 0 and "check: not run: RuntimeError: nftables went away" in out
+
+    status, out, _ = run_status(tmp_path, capsys, "--json", "--no-check")
+    assert status == 0 and "check" not in json.loads(out)
+
+    monkeypatch.setattr(preflight, "has_capability", lambda _caps, _cap: False)
+    status, out, _ = run_status(tmp_path, capsys, "--json")
+    document = json.loads(out)
+    validate(document)
+    assert document["check"]["summary"] == "not run: it needs root (CAP_NET_ADMIN)"
+
+
+def test_a_stale_status_is_shown_without_a_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / STATUS_FILE).write_text(json.dumps(sample()))
+    status, out, _ = run_status(tmp_path, capsys, "--json")
+    assert status == cli.STATUS_NO_AGENT
+    assert "check" not in json.loads(out)

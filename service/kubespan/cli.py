@@ -236,15 +236,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     if agent in AGENT_STATES:
         print(json.dumps(document, indent=2) if args.json else AGENT_STATES[agent])
         return STATUS_NOT_READY if live else STATUS_NO_AGENT
+    if not live:
+        if args.json:
+            print(json.dumps(document, indent=2))
+        else:
+            print("STALE: no agent is running; this is what the last one wrote:")
+            print(render_status(document))
+        return STATUS_NO_AGENT
+    show_live_status(document, raw, args)
+    return 0 if document.get("ready") else STATUS_NOT_READY
+
+
+def show_live_status(document: dict[str, Any], raw: bytes, args: argparse.Namespace) -> None:
+    from kubespan.agent.status import render_status
+    from kubespan.diagnose.report import check_line
+
+    if not args.no_check:
+        document["check"] = status_check(args.runtime_dir, raw)
     if args.json:
         print(json.dumps(document, indent=2))
     else:
-        if not live:
-            print("STALE: no agent is running; this is what the last one wrote:")
         print(render_status(document))
-    if not live:
-        return STATUS_NO_AGENT
-    return 0 if document.get("ready") else STATUS_NOT_READY
+        if not args.no_check:
+            print(check_line(document["check"]))
+
+
+def status_check(runtime_dir: Path, raw: bytes) -> dict[str, object]:
+    """`kubespan check` summarised for `kubespan status`, on the report already read; the
+    status is shown whatever happens to the check."""
+    from kubespan import preflight
+    from kubespan.diagnose import diagnose
+    from kubespan.diagnose.observe import observe
+    from kubespan.diagnose.report import check_summary
+    from kubespan.diagnose.statusread import read_report
+
+    caps = preflight.effective_capabilities()
+    if not preflight.has_capability(caps, preflight.CAP_NET_ADMIN):
+        return {"summary": "not run: it needs root (CAP_NET_ADMIN)", "findings": []}
+    try:
+        return check_summary(diagnose(observe(runtime_dir, report=read_report(raw))))
+    except Exception as error:
+        log.debug("the check failed", exc_info=True)
+        return {"summary": f"not run: {type(error).__name__}: {error}"[:300], "findings": []}
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -565,6 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show this node and its peers")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--no-check",
+        action="store_true",
+        help="leave out the summary of `kubespan check` (cheaper, for frequent polling)",
+    )
     status.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR)
     status.set_defaults(func=cmd_status)
 

@@ -19,6 +19,7 @@ import os
 import queue
 import random
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from kubespan.agent.metrics import render as render_metrics
 from kubespan.agent.peercache import VersionCounter, load_membership, save_membership
 from kubespan.agent.reflexive import ReflexiveLearned
 from kubespan.agent.session import (
+    LEAVE_DEADLINE_SECONDS,
     TTL_SECONDS,
     DiscoverySession,
     ListingEvent,
@@ -68,6 +70,7 @@ from kubespan.names import LINK_NAME
 from kubespan.netaddr import Endpoint, IPAddress, reachable_unicast
 from kubespan.pathcheck.checker import PathAnswered
 from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
+from kubespan.plan.departed import HOLD_SECONDS, Hold, held_departed, held_ranges
 from kubespan.plan.desired import PeerReport, Plan, PlanInput, plan
 from kubespan.plan.diff import (
     NudgePeer,
@@ -107,6 +110,11 @@ MAX_MAPPED = 4
 PROBE_RETRY_SECONDS = 60.0
 # Passes asked for by time (trials, probes) come no closer than this.
 MIN_PASS_GAP_SECONDS = 0.2
+# A node that knows no member yet (no peer cache) registers at once, then holds its first
+# pass this long at most for discovery's first listing: that pass then configures the link
+# and every member together. Without the wait, a pass for the bare link ran first and the
+# members waited for it: 2 to 3 s of a fresh node's time to mesh on a busy machine.
+FIRST_LISTING_WAIT_SECONDS = 3.0
 
 
 def resolve_udp(host: str, port: int) -> list[Endpoint]:
@@ -283,6 +291,7 @@ class Agent:
             else None
         )
         self._path_members: tuple[str, ...] | None = None
+        self._departed_holds: dict[str, Hold] = {}
 
     def _init_paths(self, config: MachineConfig) -> None:
         """What the agent tracks about its own way out and when to look again."""
@@ -314,6 +323,7 @@ class Agent:
         self._started = self.clocks.monotonic()
         backoff = Backoff(base=1.0, cap=30.0, rng=self.rng)
         next_pass = self._started
+        self._announce()
         # Fed by this loop, not by a thread of its own: a loop stuck in a pass (a netlink
         # call that never returns) stops feeding, and systemd restarts the agent, which
         # adopts the kernel's state.
@@ -323,6 +333,9 @@ class Agent:
                 terminal = self._wait_inputs(next_pass)
                 if terminal is not None:
                     return terminal
+                if self._awaiting_first_listing():
+                    next_pass = self._started + FIRST_LISTING_WAIT_SECONDS
+                    continue
                 try:
                     self.reconcile()
                 except Exception as error:  # the loop must outlive any single pass
@@ -346,6 +359,24 @@ class Agent:
         finally:
             self._save_cache(force=True)
             self._stop_threads()
+
+    def _announce(self) -> None:
+        """Register before the first pass, so that members learn of this node while it
+        waits for their records; the pass registers again if anything changed."""
+        try:
+            networks = underlay_networks(self.kernel.local_addresses(), self.prefix)
+            self._register(*self.local_info(networks))
+        except Exception:  # the first pass registers in any case
+            log.exception("could not register before the first pass")
+
+    def _awaiting_first_listing(self) -> bool:
+        return (
+            self.passes == 0
+            and not self.members_known
+            and bool(self.sessions)
+            and not all(s.url in self.failed for s in self.sessions)
+            and self.clocks.monotonic() < self._started + FIRST_LISTING_WAIT_SECONDS
+        )
 
     def _next_pass(self) -> float:
         """After the tick, or sooner when a trial or a probe needs a look (not too soon)."""
@@ -567,6 +598,7 @@ class Agent:
         self.members_known = previous.members_known
         self.from_cache = previous.members_known
         self.tracking = dict(previous.tracking)
+        self._departed_holds = dict(previous._departed_holds)
 
     def leave(self) -> None:
         """Publish this node's sealed leave record on every discovery service (best effort,
@@ -578,8 +610,25 @@ class Agent:
             info, endpoints, self.versions.next(wall), int(wall) + TTL_SECONDS, leave=True
         )
         registration = self._seal(record)
-        for session in self.sessions:
-            session.leave(registration)
+
+        # All services at once: one after another, a few slow ones would outlast the unit's
+        # TimeoutStopSec and the agent would be killed before telling the rest.
+        def leave_one(session: DiscoverySession) -> None:
+            try:
+                session.leave(registration)
+            except Exception:  # a thread must not die of it; the others go on
+                log.exception("could not leave discovery url=%s", session.url)
+
+        leaving = [
+            threading.Thread(target=leave_one, args=(session,), name=f"leave {session.url}")
+            for session in self.sessions
+        ]
+        for thread in leaving:
+            thread.daemon = True
+            thread.start()
+        deadline = time.monotonic() + LEAVE_DEADLINE_SECONDS + 1.0
+        for thread in leaving:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _seal(self, record: MemberRecord) -> Registration:
         """Sign with this node's WireGuard key, then seal for the cluster."""
@@ -782,6 +831,20 @@ class Agent:
             silent.append(key)
         return tuple(silent), heard
 
+    def _hold_departed(
+        self, observed: ObservedLink | None, departed_keys: frozenset[str], now: float
+    ) -> None:
+        holds = held_departed(self._departed_holds, observed, departed_keys, now)
+        for key in holds.keys() - self._departed_holds.keys():
+            log.info(
+                "peer %s left: what it was routed stays in the tunnel (dropped, never sent in "
+                "the clear) for %ds unless a member claims it: %s",
+                key,
+                HOLD_SECONDS,
+                ",".join(str(n) for n in holds[key].ranges[:16]),
+            )
+        self._departed_holds = holds
+
     def protected_addresses(self) -> tuple[IPAddress, ...]:
         return tuple(a for s in self.sessions for a in s.addresses)
 
@@ -802,6 +865,8 @@ class Agent:
         }
         self._set_membership(*expire(self.membership, wall, down))
         members = self.membership.members() if self.members_known else None
+        departed_keys = self.membership.departed_keys()
+        self._hold_departed(observed, departed_keys, now)
         if self.paths is not None:
             self.paths.set_own_addresses(self._own_addresses(networks))
         answers = self._path_answers(members)
@@ -821,7 +886,8 @@ class Agent:
                 pod_subnets=self.config.cluster.pod_subnets,
                 node_subnets=self.config.cluster.node_subnets,
                 protected=self.protected_addresses(),
-                departed_keys=self.membership.departed_keys(),
+                departed_keys=departed_keys,
+                departed_ranges=held_ranges(self._departed_holds),
                 local_networks=networks,
                 timing=self.timing,
                 nudge_all=roamed,

@@ -63,9 +63,15 @@ class JsonNft(Nft):
         self._lib.nft_ctx_output_set_flags(self._ctx, flags)
 
 
-def observe(runtime_dir: Path, link: str = LINK_NAME, tunnel_mtu: int | None = None) -> Facts:
+def observe(
+    runtime_dir: Path,
+    link: str = LINK_NAME,
+    tunnel_mtu: int | None = None,
+    report: AgentReport | None = None,
+) -> Facts:
     """Everything `kubespan check` judges. `tunnel_mtu` stands in for the link's MTU (the
-    MTU the config asks for, or a test's without WireGuard)."""
+    MTU the config asks for, or a test's without WireGuard); `report`, the agent's report
+    when the caller has read it already."""
     unobserved: list[tuple[str, str]] = []
 
     def attempt(what: str, read: Callable[[], T], default: T) -> T:
@@ -76,7 +82,7 @@ def observe(runtime_dir: Path, link: str = LINK_NAME, tunnel_mtu: int | None = N
             unobserved.append((what, str(error) or type(error).__name__))
             return default
 
-    report = agent_report(runtime_dir)
+    report = report if report is not None else agent_report(runtime_dir)
     wireguard = attempt(f"the link {link}", lambda: observe_link(link), None)
     endpoints = {*report.endpoints}
     if wireguard is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 
 from kubespan.agent.status import printable
@@ -52,3 +52,25 @@ def summary(findings: Sequence[Finding]) -> str:
         if counts[severity]
     ]
     return " and ".join(parts) + " found"
+
+
+def check_summary(findings: Sequence[Finding]) -> dict[str, object]:
+    """What `kubespan status` shows of the check: its summary line and each finding's code
+    and severity (the whole story is `kubespan check`'s)."""
+    return {
+        "summary": summary(findings),
+        "findings": [{"code": f.code, "severity": f.severity} for f in findings],
+    }
+
+
+def check_line(check: Mapping[str, object]) -> str:
+    """The line `kubespan status` prints for a check summary (names escaped)."""
+    findings = check.get("findings")
+    codes = [
+        printable(str(f.get("code")))
+        for f in (findings if isinstance(findings, list) else [])
+        if isinstance(f, dict) and f.get("severity") in ("error", "warning")
+    ]
+    listed = f" ({', '.join(codes)})" if codes else ""
+    more = "; details: kubespan check" if codes else ""
+    return f"check: {printable(str(check.get('summary')))}{listed}{more}"

@@ -6,6 +6,7 @@ import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from kubespan.config import KubeSpanConfig
 from kubespan.model import (
@@ -53,6 +54,10 @@ class PlanInput:
     node_subnets: tuple[IPNetwork, ...] = ()  # empty: node addresses anywhere (unicast)
     protected: tuple[IPAddress, ...] = ()  # the discovery services' addresses
     departed_keys: frozenset[str] = frozenset()  # nodes whose sealed leave we saw
+    # What nodes that left (or expired) were routed, kept in the tunnel for a while with no
+    # peer to take it (so dropped): traffic still on its way to them does not go out in the
+    # clear. A member's claim to any of it wins.
+    departed_ranges: tuple[IPNetwork, ...] = ()
     local_networks: tuple[LocalNetwork, ...] = ()  # this node's addresses with prefixes
     timing: Timing = field(default_factory=Timing)
     # This node's underlay changed: make every peer hear from us at once (they follow our
@@ -130,7 +135,7 @@ def unique_members(
 
 def allowed_ips(
     members: tuple[Member, ...], plan_input: PlanInput
-) -> tuple[dict[str, tuple[IPNetwork, ...]], dict[str, list[str]], Division]:
+) -> tuple[Mapping[str, tuple[IPNetwork, ...]], Mapping[str, tuple[str, ...]], Division]:
     """Each member's admitted ULA, node addresses and pod CIDRs (admission.py), divided so
     that no member can pull another's (claims.py). Returns the allowed IPs per key, the
     refused claims per key, and the division (held-back ranges, warnings)."""
@@ -155,23 +160,23 @@ def _admitted_and_divided(
     members: tuple[Member, ...],
     rules: AdmissionRules,
     held: frozenset[tuple[str, IPNetwork]],
-) -> tuple[dict[str, tuple[IPNetwork, ...]], dict[str, list[str]], Division]:
+) -> tuple[Mapping[str, tuple[IPNetwork, ...]], Mapping[str, tuple[str, ...]], Division]:
     """allowed_ips' work, remembered: between passes the members, the rules and what the
     kernel routes rarely change, and this was most of an idle pass's planning with a
-    hundred peers. Its results are shared between passes: read, never changed."""
+    hundred peers. Its results are shared between passes: read-only views of them."""
     claims: list[Claim] = []
-    refused: dict[str, list[str]] = {}
+    refused: dict[str, tuple[str, ...]] = {}
     for member in members:
         key = member.info.public_key
         admitted, refusals = admit(member, rules)
-        refused[key] = [str(r) for r in refusals]
+        refused[key] = tuple(str(r) for r in refusals)
         claims.extend(
             Claim(key, member.info.hostname, network, (key, network) in held)
             for network in (*admitted.addresses, *admitted.pod_cidrs)
         )
     division = divide(claims, rules.own)
     routes = {m.info.public_key: tuple(division.routed.get(m.info.public_key, ())) for m in members}
-    return routes, refused, division
+    return MappingProxyType(routes), MappingProxyType(refused), division
 
 
 def member_set(
@@ -302,25 +307,35 @@ def plan(plan_input: PlanInput) -> Plan:
     planned = member_peers(plan_input, plan_input.members, warnings, held_back)
     known = {p.public_key for p in planned.peers} | {plan_input.public_key}
     kept = kept_peers(plan_input, known)
-    if kept.peers:
-        # Behind every member (and what is held back), so they never take a member's ranges.
+    if kept.peers or plan_input.departed_ranges:
         taken = {4: IntervalSet(), 6: IntervalSet()}
         others = [p.allowed_ips for p in planned.peers]
         own = [host_network(a) for a in (*plan_input.own_addresses, plan_input.ula)]
         for network in (*own, *held_back, *(n for nets in others for n in nets)):
             taken[network.version].add(*network_range(network))
+        # What departed nodes had and no member claims now, then the kept peers behind all
+        # of it, so that neither ever takes a member's ranges.
+        departed = _uncovered(plan_input.departed_ranges, taken)
+        held_back.extend(departed)
+        for network in departed:
+            taken[network.version].add(*network_range(network))
         for index, peer in enumerate(kept.peers):
-            allowed = [
-                piece
-                for network in peer.allowed_ips
-                for start, end in taken[network.version].uncovered(*network_range(network))
-                for piece in range_networks(network.version, start, end)
-            ]
-            kept.peers[index] = replace(
-                peer, allowed_ips=tuple(sorted(allowed, key=network_sort_key))
-            )
+            kept.peers[index] = replace(peer, allowed_ips=_uncovered(peer.allowed_ips, taken))
         planned.extend(kept)
     return _desired(plan_input, planned, warnings, tuple(held_back))
+
+
+def _uncovered(
+    networks: tuple[IPNetwork, ...], taken: Mapping[int, IntervalSet]
+) -> tuple[IPNetwork, ...]:
+    """The parts of `networks` outside `taken` (per IP version), as networks in order."""
+    pieces = [
+        piece
+        for network in networks
+        for start, end in taken[network.version].uncovered(*network_range(network))
+        for piece in range_networks(network.version, start, end)
+    ]
+    return tuple(sorted(dict.fromkeys(pieces), key=network_sort_key))
 
 
 def member_peers(
