@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kubespan.agent.events import KernelChanged
-from kubespan.agent.loop import FIRST_LISTING_WAIT_SECONDS, Agent, Clocks
+from kubespan.agent.loop import Agent, Clocks
 from kubespan.agent.peercache import save_membership
 from kubespan.agent.session import LEAVE_DEADLINE_SECONDS, ListingEvent
 from kubespan.agent.status import STATUS_FILE
@@ -297,49 +297,6 @@ def test_a_kernel_change_wakes_the_loop_before_its_tick(
         before = agent.passes
         agent.events.put(KernelChanged("nftables table inet kubespan"))
         wait_for(lambda: agent.passes > before, "a pass on the kernel change", timeout=10)
-
-
-def test_a_fresh_node_registers_at_once_and_meshes_in_its_first_pass(
-    tmp_path: Path, cluster_id: str, cluster_secret: str
-) -> None:
-    """No cache: the node registers before any pass, holds its first pass for discovery's
-    first listing (time stands still here), and that one pass makes the link and the peer."""
-    with hostile_service() as service, socket.create_server(("127.0.0.1", 0)) as silent:
-        time = FakeTime()
-        config = config_text(service.url, cluster_id, cluster_secret)
-        alpha, _ = node(tmp_path, "alpha", 11, config, time)
-        alpha.reconcile()
-        assert alpha.registration is not None
-        service.current[alpha.registration.affiliate_id] = stored(alpha)
-        body = service.honest_body()
-        # Discovery that accepts connections and never answers: the node hears nothing.
-        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        beta, kernel = node(
-            tmp_path, "beta", 12, config_text(url, cluster_id, cluster_secret), time
-        )
-        with running(beta):
-            wait_for(lambda: beta.registration is not None, "beta to register")
-            assert kernel.link is None and beta.passes == 0
-            beta.events.put(listing_of(url, body))
-            wait_for(lambda: peers(kernel) == {alpha.identity.public_key_b64}, "the peer")
-            assert beta.passes == 1
-
-
-def test_a_fresh_node_that_hears_no_listing_makes_its_link_after_a_short_wait(
-    tmp_path: Path, cluster_id: str, cluster_secret: str
-) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as silent:
-        time = FakeTime()
-        config = config_text(
-            f"http://127.0.0.1:{silent.getsockname()[1]}", cluster_id, cluster_secret
-        )
-        agent, kernel = node(tmp_path, "alone", 11, config, time)
-        with running(agent):
-            wait_for(lambda: agent.registration is not None, "the node to register")
-            assert kernel.link is None
-            time.offset += FIRST_LISTING_WAIT_SECONDS
-            wait_for(lambda: kernel.link is not None, "the link, without any listing")
-            assert peers(kernel) == set() and agent.passes >= 1
 
 
 def test_leaving_tells_every_service_at_once_within_one_deadline(

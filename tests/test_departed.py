@@ -76,3 +76,20 @@ def test_without_holds_the_departed_ranges_leave_the_tunnel() -> None:
     """The failure the hold is for: once the node is gone, its ranges are no one's."""
     result = plan(plan_input((), 10.0, departed_keys=frozenset({key(1)})))
     assert result.desired.ruleset.members_v4 == ()
+
+
+def test_a_discovery_services_address_is_never_held() -> None:
+    """A departed node that had a discovery service's address in its ranges must not take
+    this node's way to discovery with it: that address stays out of the tunnel set."""
+    discovery = ipaddress.ip_address("192.0.2.1")
+    held = plan_input(
+        (), 10.0, departed_keys=frozenset({key(1)}), departed_ranges=GONE, protected=(discovery,)
+    )
+    tunnel = plan(held).desired.ruleset.members_v4
+    assert not any(discovery in n for n in tunnel), tunnel
+    # The rest of what the node had stays held.
+    assert any(ipaddress.ip_network("10.244.1.0/24").subnet_of(n) for n in tunnel), tunnel  # type: ignore[arg-type]
+    unprotected = plan(
+        plan_input((), 10.0, departed_keys=frozenset({key(1)}), departed_ranges=GONE)
+    )
+    assert any(discovery in n for n in unprotected.desired.ruleset.members_v4)

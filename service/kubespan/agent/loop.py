@@ -110,11 +110,6 @@ MAX_MAPPED = 4
 PROBE_RETRY_SECONDS = 60.0
 # Passes asked for by time (trials, probes) come no closer than this.
 MIN_PASS_GAP_SECONDS = 0.2
-# A node that knows no member yet (no peer cache) registers at once, then holds its first
-# pass this long at most for discovery's first listing: that pass then configures the link
-# and every member together. Without the wait, a pass for the bare link ran first and the
-# members waited for it: 2 to 3 s of a fresh node's time to mesh on a busy machine.
-FIRST_LISTING_WAIT_SECONDS = 3.0
 
 
 def resolve_udp(host: str, port: int) -> list[Endpoint]:
@@ -323,7 +318,6 @@ class Agent:
         self._started = self.clocks.monotonic()
         backoff = Backoff(base=1.0, cap=30.0, rng=self.rng)
         next_pass = self._started
-        self._announce()
         # Fed by this loop, not by a thread of its own: a loop stuck in a pass (a netlink
         # call that never returns) stops feeding, and systemd restarts the agent, which
         # adopts the kernel's state.
@@ -333,9 +327,6 @@ class Agent:
                 terminal = self._wait_inputs(next_pass)
                 if terminal is not None:
                     return terminal
-                if self._awaiting_first_listing():
-                    next_pass = self._started + FIRST_LISTING_WAIT_SECONDS
-                    continue
                 try:
                     self.reconcile()
                 except Exception as error:  # the loop must outlive any single pass
@@ -359,24 +350,6 @@ class Agent:
         finally:
             self._save_cache(force=True)
             self._stop_threads()
-
-    def _announce(self) -> None:
-        """Register before the first pass, so that members learn of this node while it
-        waits for their records; the pass registers again if anything changed."""
-        try:
-            networks = underlay_networks(self.kernel.local_addresses(), self.prefix)
-            self._register(*self.local_info(networks))
-        except Exception:  # the first pass registers in any case
-            log.exception("could not register before the first pass")
-
-    def _awaiting_first_listing(self) -> bool:
-        return (
-            self.passes == 0
-            and not self.members_known
-            and bool(self.sessions)
-            and not all(s.url in self.failed for s in self.sessions)
-            and self.clocks.monotonic() < self._started + FIRST_LISTING_WAIT_SECONDS
-        )
 
     def _next_pass(self) -> float:
         """After the tick, or sooner when a trial or a probe needs a look (not too soon)."""

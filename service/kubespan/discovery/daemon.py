@@ -151,6 +151,8 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     of every handshake after "listening" was logged."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A client that renegotiates makes the server sign again and again on one connection.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(str(cert), str(key))
     except FileNotFoundError as error:

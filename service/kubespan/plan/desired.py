@@ -310,7 +310,10 @@ def plan(plan_input: PlanInput) -> Plan:
     if kept.peers or plan_input.departed_ranges:
         taken = {4: IntervalSet(), 6: IntervalSet()}
         others = [p.allowed_ips for p in planned.peers]
-        own = [host_network(a) for a in (*plan_input.own_addresses, plan_input.ula)]
+        own = [
+            host_network(a)
+            for a in (*plan_input.own_addresses, plan_input.ula, *plan_input.protected)
+        ]
         for network in (*own, *held_back, *(n for nets in others for n in nets)):
             taken[network.version].add(*network_range(network))
         # What departed nodes had and no member claims now, then the kept peers behind all
