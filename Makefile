@@ -31,10 +31,10 @@ lint: venv
 	$(BIN)/mypy qemu-tests
 
 unit: host-deps venv
-	$(BIN)/pytest -m 'not vm' tests qemu-tests/test_kslab_router.py
+	$(BIN)/pytest -m 'not vm' --durations=15 tests qemu-tests/test_kslab_router.py
 
 vmtest: host-deps venv image
-	$(BIN)/pytest -m vm qemu-tests
+	$(BIN)/pytest -m vm --durations=0 qemu-tests
 
 test: host-deps lint unit vmtest
 
