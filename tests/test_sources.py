@@ -9,13 +9,12 @@ import pytest
 
 from kubespan.config.sources import (
     Source,
-    SourceUnavailable,
     cmdline_url,
     fetch_url,
     resolve,
     store_path,
 )
-from kubespan.errors import ConfigError
+from kubespan.errors import ConfigError, SourceUnavailable
 
 VALID_OFF = b"machine: {network: {kubespan: {enabled: false}}}\n"
 VALID_MTU = b"machine: {network: {kubespan: {enabled: false, mtu: 1400}}}\n"

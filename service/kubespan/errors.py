@@ -2,6 +2,7 @@
 
 KubespanError                 base of every error we raise on purpose
 ├── ConfigError               the machine config is unreadable or invalid (carries every problem)
+├── SourceUnavailable         a config source that should have a config could not deliver it
 ├── StateFileError            a file under the state directory is unreadable or corrupt
 ├── DiscoveryError            the discovery service could not be reached or refused a request
 │   └── DiscoveryRejected     the service answered with a 4xx error body
@@ -42,6 +43,13 @@ class ConfigError(KubespanError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+class SourceUnavailable(KubespanError):
+    """A machine config source that should have a config could not deliver it: a URL or a
+    metadata service that stayed down, a drive that would not mount, user data that is not a
+    machine config at all. The message says what went wrong, not which source (the caller
+    names it)."""
 
 
 class StateFileError(KubespanError):

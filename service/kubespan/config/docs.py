@@ -29,9 +29,9 @@ Examples that must validate are in [`examples/valid/`](examples/valid/); example
 mistakes, each with the line and field it must be reported at, in
 [`examples/invalid/`](examples/invalid/).
 
-Where a node's config comes from (kernel command line URL, QEMU fw_cfg, config drive,
-local file) and how a bad one is handled: see "Machine config sources" in the top-level
-README.
+Where a node's config comes from (kernel command line URL, QEMU fw_cfg, the cloud's user
+data, config drives, local file) and how a bad one is handled: see "Machine config sources"
+in the top-level README.
 """
 
 
