@@ -153,7 +153,17 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[str, str, list[str], list[str]
     "strict rp_filter for all": (
         rp(all=1),
         [("rp-filter-strict", "error", ["net.ipv4.conf.all.rp_filter=1", "larger applies"],
-          ["net.ipv4.conf.all.rp_filter=2", "(now: eth0=1)"])],
+          ["net.ipv4.conf.all.rp_filter=0", "(now: eth0=1)"])],
+    ),
+    "loose rp_filter for all (drops too: the link has no IPv4 address)": (
+        rp(all=2),
+        [("rp-filter-loose", "error", ["is loose on kubespan", "net.ipv4.conf.all.rp_filter=2"],
+          ["net.ipv4.conf.all.rp_filter=0"])],
+    ),
+    "loose rp_filter on the link": (
+        rp(kubespan=2),
+        [("rp-filter-loose", "error", ["net.ipv4.conf.kubespan.rp_filter=2"],
+          ["net.ipv4.conf.kubespan.rp_filter = 0"])],
     ),
     "strict rp_filter for all before the link exists": (
         {"link_kind": None, **rp(all=1)},
@@ -253,8 +263,6 @@ def test_each_diagnosis_fires_on_its_conflict(name: str) -> None:
         with_rules(RuleSpec(4, 0, 0x60, 1000, 100)),  # only unmarked packets
         {"routes": routing_spec(1380).routes},  # ours, at another MTU
         mark(CT_MARK, False, 0x60),  # reading the connection mark harms nothing
-        rp(all=2, kubespan=0),  # loose
-        rp(kubespan=2),
         {"link_kind": None, **rp(kubespan=1)},  # no link: its value is the agent's to set
         paths(PathMtu(PEER_V4, 1480, "eth0"), PathMtu(PEER_V6, 1500, "eth0")),  # just fits
         {"tunnel_mtu": None, **paths(PathMtu(PEER_V4, 1400, "eth0"))},  # nothing to judge

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -238,3 +239,19 @@ def test_neighbour_discovery_with_a_member_stays_on_the_link() -> None:
         world.sh("ip -6 neigh flush dev w0")
         send_udp(world, "2001:db8::10")  # the world (a member) must resolve the node first
         wait_until(lambda: "lladdr" in world.sh("ip -6 neigh show 2001:db8::10 dev w0"), 5.0)
+
+
+def test_cleanup_leaves_a_link_of_our_name_that_is_not_wireguard(node: Netns) -> None:
+    """The lab's `kubespan` link is a veth (no WireGuard in this kernel): another program's
+    as far as the agent can tell, so `--cleanup` and `enabled: false` must not delete it."""
+    node.dataplane("apply", SPEC)
+    script = (
+        "import json\n"
+        "from kubespan.apply.kernel import Kernel\n"
+        "with Kernel() as kernel:\n"
+        "    print(json.dumps(kernel.teardown()))\n"
+    )
+    removed = json.loads(node.python("-c", script))
+    assert "nftables table inet kubespan" in removed
+    assert not any(item.startswith("link") for item in removed), removed
+    assert "kubespan" in node.ip("-brief", "link", "show", "kubespan")

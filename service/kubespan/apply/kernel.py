@@ -165,9 +165,19 @@ class Kernel:
         """Remove everything kubespan created in the kernel, and only that; what was removed."""
         removed = self.dataplane.teardown()
         index = self.link_index(LINK_NAME)
-        if index is not None:
-            self._ipr.link("del", index=index)
-            removed.append(f"link {LINK_NAME}")
+        if index is None:
+            return removed
+        (link,) = self._ipr.get_links(index)
+        kind = str(link.get(("linkinfo", "kind")) or "")
+        if kind != "wireguard":
+            log.warning(
+                "link %s is a %s link, not ours (ours is WireGuard): left alone",
+                LINK_NAME,
+                kind or "kindless",
+            )
+            return removed
+        self._ipr.link("del", index=index)
+        removed.append(f"link {LINK_NAME}")
         return removed
 
     def _index(self, name: str) -> int:

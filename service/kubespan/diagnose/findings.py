@@ -101,35 +101,40 @@ def link_findings(facts: Facts) -> Iterator[Finding]:
 
 def rp_filter_findings(facts: Facts) -> Iterator[Finding]:
     """IPv4 reverse path filtering on the tunnel link: the kernel applies the larger of
-    `all` and the link's own value. Strict (1) drops decrypted packets whose source the
-    routing table would not send back through the link; loose (2) only needs the source to
-    be routable at all, which it is. With no link yet, its value is what the agent will set
-    (0), so `all` alone decides. The underlay's own values are shown to say what setting
-    `all` to 0 would change; they do not affect decrypted packets."""
+    `all` and the link's own value. The link has no IPv4 address, and for such a device the
+    kernel (__fib_validate_source) drops a packet whose source is not routed back through
+    it in loose mode (2) as in strict (1): every decrypted packet from a member's or pod's
+    address, since our routes to them are reached by mark only. With no link yet, its value
+    is what the agent will set (0), so `all` alone decides. The underlay's own values are
+    shown to say what setting `all` to 0 would change; they do not affect decrypted
+    packets."""
     all_value = facts.rp("all") or 0
     present = facts.link_kind is not None
     link_value = (facts.rp(facts.link) or 0) if present else 0
-    if max(all_value, link_value) != RP_STRICT:
+    effective = max(all_value, link_value)
+    if effective == 0:
         return
+    mode = "strict" if effective == RP_STRICT else "loose"
     link = facts.link
     what = (
-        f"reverse path filtering is strict on {link}: net.ipv4.conf.{link}.rp_filter="
+        f"reverse path filtering is {mode} on {link}: net.ipv4.conf.{link}.rp_filter="
         f"{link_value}, net.ipv4.conf.all.rp_filter={all_value}, and the larger applies"
         if present
-        else f"reverse path filtering will be strict on {link} once it exists: "
+        else f"reverse path filtering will be {mode} on {link} once it exists: "
         f"net.ipv4.conf.all.rp_filter={all_value} outweighs the 0 the agent sets on it"
     )
     why = (
         f"decrypted packets come out of {link} with a member's or a pod's address as source; "
-        f"strict filtering drops each one whose source is not routed back through {link}, so "
-        "traffic from members is lost"
+        f"{link} has no IPv4 address, and on such a link the kernel drops, loose or strict, "
+        f"each packet whose source is not routed back through {link}, so traffic from "
+        "members is lost"
     )
-    if all_value == RP_STRICT:
+    if all_value != 0:
         devices = [(n, v) for n, v in facts.rp_filter if n not in (*RP_SPECIAL, link)]
         kept = ", ".join(f"{name}={value}" for name, value in devices if value is not None)
         todo = (
-            "set net.ipv4.conf.all.rp_filter=2 (loose) or 0, in /etc/sysctl.d so it lasts; "
-            "devices meant to stay strict then need their own value set to 1"
+            "set net.ipv4.conf.all.rp_filter=0, in /etc/sysctl.d so it lasts; devices "
+            "meant to keep filtering then need their own value set (1 strict, 2 loose)"
             + (f" (now: {kept})" if kept else "")
         )
     else:
@@ -138,7 +143,7 @@ def rp_filter_findings(facts: Facts) -> Iterator[Finding]:
             "something sets it back; look for rp_filter lines in /etc/sysctl.d, "
             f"/usr/lib/sysctl.d and /run/sysctl.d, and add `net.ipv4.conf.{link}.rp_filter = 0`"
         )
-    yield Finding("rp-filter-strict", "error", what, why, todo)
+    yield Finding(f"rp-filter-{mode}", "error", what, why, todo)
 
 
 # --- MTU -----------------------------------------------------------------------------------
