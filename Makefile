@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUILD := build
 
-.PHONY: all venv host-deps demo test unit lint vmtest bench bench-mesh bench-idle clean image extension schema-docs
+.PHONY: all venv host-deps demo test unit lint vmtest bench bench-mesh bench-idle clean image disk-image extension schema-docs
 
 all: venv
 
@@ -33,7 +33,7 @@ lint: venv
 unit: host-deps venv
 	$(BIN)/pytest -m 'not vm' --durations=15 tests qemu-tests/test_kslab_router.py
 
-vmtest: host-deps venv image
+vmtest: host-deps venv image disk-image
 	$(BIN)/pytest -m vm --durations=0 qemu-tests
 
 test: host-deps lint unit vmtest

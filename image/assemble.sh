@@ -3,7 +3,7 @@
 # overlay image/rootfs, enable units, bake in the extension, move /var to a factory copy
 # (the real /var is the state disk), then export kernel, initramfs and an erofs root.
 # Usage: assemble.sh BASE.tar EXTENSION.raw OUTDIR
-# Writes OUTDIR/{root.erofs,vmlinuz,initrd.img}.
+# Writes OUTDIR/{root.erofs,vmlinuz,initrd.img,os-release}.
 set -euo pipefail
 
 base=$1 extension=$2 outdir=$3
@@ -34,7 +34,7 @@ install -D -m 0644 "$extension" "$root/usr/lib/extensions/kubespan.raw"
 # Units: our own, the stock ones this image relies on; no apt/dpkg housekeeping on a
 # read-only system.
 chroot "$root" systemctl --quiet enable \
-    kubespan-platform.service sysext-units.service systemd-sysext.service \
+    kubespan-platform.service kubespan-state-partition.service sysext-units.service systemd-sysext.service \
     systemd-networkd.service systemd-networkd-wait-online.service systemd-resolved.service
 chroot "$root" systemctl --quiet disable \
     apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
@@ -75,10 +75,12 @@ kernels=("$root"/boot/vmlinuz-*)
 version=${kernels[0]##*/vmlinuz-}
 cp "$root/boot/vmlinuz-$version" "$work/vmlinuz"
 cp "$root/boot/initrd.img-$version" "$work/initrd.img"
+# The unified kernel image of the disk image (disk.sh) carries the os-release as well.
+cp "$root/usr/lib/os-release" "$work/os-release"
 rm -rf "${root:?}"/boot/*
 
 mkfs.erofs --quiet -zlz4hc "$work/root.erofs" "$root"
-for f in root.erofs vmlinuz initrd.img; do
+for f in root.erofs vmlinuz initrd.img os-release; do
     mv "$work/$f" "$outdir/$f"
 done
 echo "image: $outdir/root.erofs ($(du -h --apparent-size "$outdir/root.erofs" | cut -f1)), kernel $version"

@@ -71,6 +71,10 @@ def test_boot(lab: Lab, tmp_path: Path) -> None:
     config = vm.check(["stat", "-c", "%a", "/var/lib/kubespan/machineconfig.yaml"])
     assert config.strip() == "600"
 
+    # https discovery needs a CA store the agent's TLS client verifies against.
+    stats = "import ssl; print(ssl.create_default_context().cert_store_stats()['x509_ca'])"
+    assert int(vm.check(["python3", "-c", stats])) > 50
+
     # Kernel WireGuard and nftables work.
     vm.check(["modprobe", "wireguard"])
     vm.check(["ip", "link", "add", "wgtest", "type", "wireguard"])

@@ -35,6 +35,8 @@ mmdebstrap \
     --essential-hook="mkdir -p \"\$1/etc/initramfs-tools/conf.d\" \"\$1/usr/share/initramfs-tools/modules.d\"" \
     --essential-hook="copy-in $here/initramfs.conf /etc/initramfs-tools/conf.d/" \
     --essential-hook="copy-in $here/initramfs-modules /usr/share/initramfs-tools/modules.d/" \
+    --essential-hook="copy-in $here/initramfs-tools/hooks /etc/initramfs-tools/" \
+    --essential-hook="copy-in $here/initramfs-tools/scripts /etc/initramfs-tools/" \
     --customize-hook="rm -rf \"\$1\"/var/cache/apt/* \"\$1\"/var/lib/apt/lists/* \"\$1\"/var/log/*.log" \
     bookworm "$tmp" \
     "deb $mirror bookworm main" \

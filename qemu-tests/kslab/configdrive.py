@@ -27,3 +27,19 @@ def build_config_drive(
             if result.returncode != 0:
                 raise LabError(f"{' '.join(argv)}: {result.stderr.strip()}")
     return path
+
+
+def build_nocloud_volume(path: Path, files: Sequence[tuple[str, str]]) -> Path:
+    """Write an ISO 9660 image at `path` labelled "cidata" holding `files` (name, text), as
+    cloud-init's NoCloud data source (and kubespan's) reads it."""
+    path.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files:
+            (Path(tmp) / name).write_text(text)
+        argv = ["xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-r"]
+        result = subprocess.run(
+            [*argv, "-o", str(path), tmp], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise LabError(f"xorriso {path}: {result.stderr.strip()}")
+    return path

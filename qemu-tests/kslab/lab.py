@@ -15,12 +15,12 @@ from typing import Self
 
 from kslab.artefacts import Image
 from kslab.capture import Capture
-from kslab.configdrive import build_config_drive
+from kslab.configdrive import build_config_drive, build_nocloud_volume
 from kslab.errors import LabError
 from kslab.netns import Namespace, Segment
 from kslab.platform import FW_CFG_PREFIX
 from kslab.proc import HostProcess
-from kslab.qemu import QemuMachine, QemuNic
+from kslab.qemu import QemuMachine, QemuNic, UefiBoot
 from kslab.router import LAN_IF, WAN_IF, Router, RouterSpec
 from kslab.vm import AttachedNic, NicSpec, Vm, VmSpec, render_network
 from kslab.wait import wait_until
@@ -183,7 +183,13 @@ class Lab:
         drives: tuple[tuple[Path, str], ...] = ()
         if spec.config_drive:
             drive = build_config_drive(directory / "config-drive.img", spec.config_drive)
-            drives = ((drive, "kubespan-config"),)
+            drives += ((drive, "kubespan-config"),)
+        if spec.nocloud:
+            volume = build_nocloud_volume(directory / "cidata.iso", spec.nocloud)
+            drives += ((volume, "cidata"),)
+        uefi = None
+        if spec.disk_image:
+            uefi = UefiBoot(disk=directory / "disk.qcow2", variables=directory / "OVMF_VARS.fd")
         machine = QemuMachine(
             name=spec.name,
             image=self.image,
@@ -196,6 +202,8 @@ class Lab:
             agent_socket=self._runtime_dir() / f"{spec.name}.qga",
             serial_log=directory / "serial.log",
             kernel_args=spec.kernel_args,
+            smbios=spec.smbios,
+            uefi=uefi,
             drives=drives,
         )
         vm = Vm(spec, machine, nics, self.ns.command([]), directory)

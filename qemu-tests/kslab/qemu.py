@@ -9,6 +9,19 @@ KERNEL_ARGS = ("console=ttyS0", "root=/dev/vda", "rootfstype=erofs", "ro", "quie
 STATE_DISK_SERIAL = "kubespan-state"  # the image mounts /dev/disk/by-id/virtio-<this> on /var
 
 
+# UEFI firmware from Debian's ovmf package (4 MiB flash, no Secure Boot).
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+@dataclass(frozen=True)
+class UefiBoot:
+    """Boot the disk image under OVMF instead of direct kernel boot."""
+
+    disk: Path  # this VM's own writable disk (a qcow2 overlay of the built image)
+    variables: Path  # this VM's copy of OVMF's variable store
+
+
 @dataclass(frozen=True)
 class QemuNic:
     tap: str
@@ -28,6 +41,8 @@ class QemuMachine:
     agent_socket: Path
     serial_log: Path
     kernel_args: tuple[str, ...] = ()
+    smbios: tuple[str, ...] = ()
+    uefi: UefiBoot | None = None
     drives: tuple[tuple[Path, str], ...] = ()  # extra read-only disks: (image file, serial)
 
 
@@ -40,14 +55,6 @@ def qemu_command(m: QemuMachine) -> list[str]:
         "-smp", str(m.cpus),
         "-uuid", m.uuid,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(m.image.kernel),
-        "-initrd", str(m.image.initrd),
-        "-append", " ".join((*KERNEL_ARGS, *m.kernel_args)),
-        # The root disk comes first so that it is /dev/vda.
-        "-drive", f"file={m.image.root},format=raw,if=none,id=root,readonly=on",
-        "-device", "virtio-blk-pci,drive=root,serial=kubespan-root",
-        "-drive", f"file={m.state_disk},format=raw,if=none,id=state,discard=unmap",
-        "-device", f"virtio-blk-pci,drive=state,serial={STATE_DISK_SERIAL}",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",
         "-chardev", f"socket,id=qga0,path={m.agent_socket},server=on,wait=off",
@@ -56,6 +63,7 @@ def qemu_command(m: QemuMachine) -> list[str]:
         "-chardev", f"file,id=serial0,path={m.serial_log},append=on",
         "-serial", "chardev:serial0",
     ]  # fmt: skip
+    argv += boot_arguments(m)
     for i, (path, serial) in enumerate(m.drives):
         argv += [
             "-drive", f"file={path},format=raw,if=none,id=extra{i},readonly=on",
@@ -69,4 +77,26 @@ def qemu_command(m: QemuMachine) -> list[str]:
         ]  # fmt: skip
     for name, path in m.fw_cfg:
         argv += ["-fw_cfg", f"name={name},file={path}"]
+    for value in m.smbios:
+        argv += ["-smbios", value]
     return argv
+
+
+def boot_arguments(m: QemuMachine) -> list[str]:
+    if m.uefi is not None:
+        return [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={m.uefi.variables}",
+            "-drive", f"file={m.uefi.disk},format=qcow2,if=none,id=disk,discard=unmap",
+            "-device", "virtio-blk-pci,drive=disk,serial=kubespan-disk,bootindex=0",
+        ]  # fmt: skip
+    return [
+        "-kernel", str(m.image.kernel),
+        "-initrd", str(m.image.initrd),
+        "-append", " ".join((*KERNEL_ARGS, *m.kernel_args)),
+        # The root disk comes first so that it is /dev/vda.
+        "-drive", f"file={m.image.root},format=raw,if=none,id=root,readonly=on",
+        "-device", "virtio-blk-pci,drive=root,serial=kubespan-root",
+        "-drive", f"file={m.state_disk},format=raw,if=none,id=state,discard=unmap",
+        "-device", f"virtio-blk-pci,drive=state,serial={STATE_DISK_SERIAL}",
+    ]  # fmt: skip

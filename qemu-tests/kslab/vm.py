@@ -2,6 +2,8 @@
 
 import ipaddress
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -9,7 +11,7 @@ from kslab.errors import LabError
 from kslab.netns import Segment
 from kslab.platform import FW_CFG_PREFIX, static_network
 from kslab.proc import HostProcess
-from kslab.qemu import QemuMachine, qemu_command
+from kslab.qemu import OVMF_VARS, QemuMachine, qemu_command
 from kslab.qga import ExecResult, GuestAgent, GuestAgentError
 from kslab.wait import wait_until
 
@@ -37,8 +39,17 @@ class VmSpec:
     cpus: int = 1
     state_disk_mib: int = 512
     kernel_args: tuple[str, ...] = ()
+    # QEMU -smbios values, e.g. "type=1,manufacturer=Amazon EC2": what a cloud's DMI says
+    smbios: tuple[str, ...] = ()
     fw_cfg: tuple[tuple[str, str], ...] = field(default=())  # extra (name, text) entries
     config_drive: tuple[tuple[str, str], ...] = ()  # files on a FAT disk labelled KUBESPAN
+    # Boot the disk image (`make disk-image`) under UEFI firmware, on a disk of this size,
+    # instead of direct kernel boot with a separate state disk.
+    disk_image: bool = False
+    disk_mib: int = 1024
+    # Files on an ISO 9660 volume labelled "cidata", as cloud-init's NoCloud reads it
+    # (user-data, meta-data).
+    nocloud: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not NAME.match(self.name):
@@ -91,9 +102,14 @@ class Vm:
         """Start QEMU (the state disk is created blank on the first start, kept after)."""
         if self.running:
             raise LabError(f"{self.name}: already running")
-        disk = self.machine.state_disk
-        if not disk.exists():
-            with disk.open("wb") as f:
+        uefi = self.machine.uefi
+        if uefi is not None:
+            if not uefi.disk.exists():
+                overlay_disk(self.machine.image.require_disk(), uefi.disk, self.spec.disk_mib)
+            if not uefi.variables.exists():
+                shutil.copyfile(OVMF_VARS, uefi.variables)
+        elif not self.machine.state_disk.exists():
+            with self.machine.state_disk.open("wb") as f:
                 f.truncate(self.spec.state_disk_mib * 1024 * 1024)
         self.agent.close()
         self._process = HostProcess(
@@ -275,3 +291,13 @@ def render_network(nics: tuple[AttachedNic, ...], primary: str | None) -> dict[s
     if not nics and primary is not None:
         entries[FW_CFG_PREFIX + "network"] = primary
     return entries
+
+
+def overlay_disk(image: Path, disk: Path, size_mib: int) -> None:
+    """A VM's own disk: writes go to `disk`, the built image stays as it is."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2"]
+    result = subprocess.run(
+        [*argv, str(disk), f"{size_mib}M"], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise LabError(f"qemu-img create {disk}: {result.stderr.strip()}")
