@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUILD := build
 
-.PHONY: all venv host-deps demo test unit lint vmtest bench bench-mesh bench-idle clean image disk-image extension schema-docs
+.PHONY: all venv host-deps demo test unit lint vmtest bench bench-mesh bench-idle clean image disk-image extension deb schema-docs
 
 all: venv
 
@@ -22,6 +22,7 @@ $(BIN)/kubespan: pyproject.toml
 venv: $(BIN)/kubespan
 
 include extension/extension.mk
+include deb/deb.mk
 include image/image.mk
 
 lint: venv

@@ -5,7 +5,8 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# extension/build.sh writes the build's identity into the installed package, next to this file.
+# extension/stage.sh (the extension's and the Debian package's build) writes the build's
+# identity into the installed package, next to this file.
 BUILD_FILE = "BUILD"
 BUILD_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:-]{0,63}")
 _BUILD_FILE_MAX_BYTES = 128
