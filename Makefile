@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUILD := build
 
-.PHONY: all venv host-deps demo test unit lint vmtest bench bench-mesh bench-idle clean image disk-image extension deb schema-docs
+.PHONY: all venv host-deps demo test unit lint vmtest bench bench-mesh bench-idle clean image disk-image plain-image extension deb schema-docs
 
 all: venv
 
@@ -34,7 +34,15 @@ lint: venv
 unit: host-deps venv
 	$(BIN)/pytest -m 'not vm' --durations=15 tests qemu-tests/test_kslab_router.py
 
-vmtest: host-deps venv image disk-image
+# A plain Debian 12 image (not ours) for the VM test that installs the Debian package.
+PLAIN_IMAGE := $(BUILD)/plain/vmlinuz $(BUILD)/plain/initrd.img $(BUILD)/plain/root.ext4
+
+$(PLAIN_IMAGE) &: $(wildcard qemu-tests/plain/*) | host-deps
+	qemu-tests/plain/build.sh $(BUILD)/plain
+
+plain-image: $(PLAIN_IMAGE)
+
+vmtest: host-deps venv image disk-image plain-image deb
 	$(BIN)/pytest -m vm --durations=0 qemu-tests
 
 test: host-deps lint unit vmtest

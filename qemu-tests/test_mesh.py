@@ -8,9 +8,13 @@ other's ULA through the tunnel.
   from their SMBIOS;
 - node4 boots the disk image (`make disk-image`) under UEFI firmware (OVMF): systemd-boot,
   the unified kernel image, the erofs root under dm-verity, the state partition made at
-  first boot to fill the disk; its config comes from a NoCloud `cidata` ISO 9660 volume.
+  first boot to fill the disk; its config comes from a NoCloud `cidata` ISO 9660 volume;
+- node5 is a plain Debian 12 host (`make plain-image`: Debian's packages, nothing of ours)
+  that installs the Debian package (`make deb`) with dpkg and runs from
+  /etc/kubespan/machineconfig.yaml; the last test purges the package and finds none of
+  kubespan's kernel objects left.
 
-One lab serves the three tests, which keeps the VM suite's time down."""
+One lab serves the four tests, which keeps the VM suite's time down."""
 
 from __future__ import annotations
 
@@ -25,12 +29,13 @@ from typing import Any
 
 import pytest
 
-from kslab import Image, Lab, NicSpec, Vm, VmSpec, wait_until
+from kslab import Image, Lab, NicSpec, Vm, VmSpec, find_plain_image, static_network, wait_until
 from kslab.metadata import METADATA_ADDRESS, PLATFORMS, SMBIOS, read_log
 from mesh import Cluster, node_status, start_cluster, wait_for_mesh, wait_for_passes
 
 pytestmark = pytest.mark.vm
 
+REPO = Path(__file__).resolve().parent.parent
 DISK_MIB = 1024
 # What kubespan calls each platform in its journal (config/platforms.py).
 PLATFORM_NAMES = {"ec2": "EC2", "gce": "GCE", "azure": "Azure"}
@@ -42,13 +47,14 @@ class MeshLab:
     cluster: Cluster
     clouds: list[Vm]  # node1 EC2, node2 GCE, node3 Azure
     disk: Vm  # node4, the disk image
+    host: Vm  # node5, plain Debian with the Debian package
     statuses: dict[str, dict[str, Any]]
     metadata_log: Path
     figures: dict[str, float]
 
     @property
     def nodes(self) -> list[Vm]:
-        return [*self.clouds, self.disk]
+        return [*self.clouds, self.disk, self.host]
 
 
 def serve_metadata(cluster: Cluster, directory: Path) -> Path:
@@ -86,6 +92,38 @@ def disk_node(cluster: Cluster) -> VmSpec:
     )
 
 
+def debian_package() -> Path:
+    packages = sorted((REPO / "build" / "deb").glob("kubespan_*_amd64.deb"))
+    assert len(packages) == 1, f"expected one package from `make deb`, found {packages}"
+    return packages[0]
+
+
+def host_node(cluster: Cluster, package: Path) -> VmSpec:
+    """Plain Debian: no platform data it would read; the package comes on a disk."""
+    return VmSpec(
+        "node5",
+        nics=(NicSpec("lan"),),
+        image=find_plain_image(REPO),
+        files=((package, "kubespan-deb"),),
+    )
+
+
+def install_package(vm: Vm, cluster: Cluster, package: Path) -> None:
+    """What an operator does on an existing host: network and hostname are the host's own;
+    then install the package, write the config, start the service."""
+    lan = cluster.lan
+    network = static_network(vm.nics[0].mac, (lan.address(15), lan.address6(15)))
+    vm.write_file("/etc/systemd/network/10-lan.network", network.encode())
+    vm.check(["networkctl", "reload"])
+    vm.check(["hostnamectl", "hostname", vm.name])
+    size = package.stat().st_size
+    vm.check(["sh", "-c", f"head -c {size} /dev/disk/by-id/virtio-kubespan-deb > /root/k.deb"])
+    installed = vm.check(["dpkg", "-i", "/root/k.deb"], timeout=300)
+    assert "/etc/kubespan/machineconfig.yaml" in installed, installed  # what to write next
+    vm.write_file("/etc/kubespan/machineconfig.yaml", cluster.config().encode(), mode="0600")
+    vm.check(["systemctl", "start", "kubespan"], timeout=300)
+
+
 def ready(vm: Vm) -> bool:
     return (node_status(vm) or {}).get("ready") is True
 
@@ -95,6 +133,7 @@ def mesh(
     image: Image, kubespan_bin: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MeshLab]:
     image.require_disk()
+    package = debian_package()
     directory = tmp_path_factory.mktemp("meshlab")
     with Lab(directory / "lab", image) as lab:
         cluster = start_cluster(lab, kubespan_bin, directory / "discovery")
@@ -102,13 +141,20 @@ def mesh(
         started = time.monotonic()
         disk = lab.add_vm(disk_node(cluster))
         disk.start()  # first: the firmware takes longest
-        clouds = lab.boot_all([cloud_node(cluster, i, p) for i, p in enumerate(PLATFORMS)])
+        clouds = lab.boot_all(
+            [
+                *(cloud_node(cluster, i, p) for i, p in enumerate(PLATFORMS)),
+                host_node(cluster, package),
+            ]
+        )
+        host = clouds.pop()
         disk.wait_agent(360)
         booted = time.monotonic()
         wait_until(lambda: ready(disk), 300, "node4 (disk image) ready", 1.0)
         disk_ready = time.monotonic()
-        cluster.nodes.extend([*clouds, disk])
-        statuses = wait_for_mesh([*clouds, disk])
+        install_package(host, cluster, package)
+        cluster.nodes.extend([*clouds, disk, host])
+        statuses = wait_for_mesh([*clouds, disk, host])
         meshed = time.monotonic()
         figures = {
             "vm_boot_s": booted - started,
@@ -116,7 +162,7 @@ def mesh(
             "mesh_after_agents_s": meshed - booted,
             "disk_image_firmware_to_ready_s": disk_ready - started,
         }
-        yield MeshLab(lab, cluster, clouds, disk, statuses, metadata_log, figures)
+        yield MeshLab(lab, cluster, clouds, disk, host, statuses, metadata_log, figures)
 
 
 def wg_peers(dump: str) -> list[list[str]]:
@@ -139,9 +185,10 @@ def test_each_cloud_node_took_its_config_from_its_platforms_metadata(mesh: MeshL
         assert f"platform from DMI: {name}" in journal, journal[-3000:]
         assert f"machine config from {name} user data" in journal, journal[-3000:]
         assert "Traceback" not in journal
-    # The disk-image node has no DMI of a cloud: it asked no metadata service.
-    disk_address = mesh.cluster.node_address(mesh.disk)
-    assert not [r for r in requests if r["client"] == disk_address]
+    # The other nodes have no DMI of a cloud: they asked no metadata service.
+    for vm in (mesh.disk, mesh.host):
+        address = mesh.cluster.node_address(vm)
+        assert not [r for r in requests if r["client"] == address], vm.name
 
 
 def test_the_disk_image_boots_under_uefi_with_a_verified_root_and_a_state_partition(
@@ -188,7 +235,7 @@ def test_the_disk_image_boots_under_uefi_with_a_verified_root_and_a_state_partit
         print(f"\ndisk_image_firmware_to_ready_s={figure:.1f}")
 
 
-def test_four_nodes_mesh_and_ping_over_the_tunnel(
+def test_five_nodes_mesh_and_ping_over_the_tunnel(
     mesh: MeshLab, capsys: pytest.CaptureFixture[str]
 ) -> None:
     statuses, nodes = mesh.statuses, mesh.nodes
@@ -240,3 +287,25 @@ def test_four_nodes_mesh_and_ping_over_the_tunnel(
 
     with capsys.disabled():
         print("\n" + " ".join(f"{k}={v:.1f}" for k, v in mesh.figures.items()))
+
+
+def test_the_package_runs_on_plain_debian_and_its_purge_leaves_nothing_of_ours(
+    mesh: MeshLab,
+) -> None:
+    """Last in this module: it takes node5 out of the mesh."""
+    vm = mesh.host
+    assert vm.exec(["test", "-e", "/usr/lib/extensions/kubespan.raw"]).exit_code != 0
+    assert "install ok installed" in vm.check(["dpkg-query", "-W", "-f=${Status}", "kubespan"])
+    assert vm.check(["systemctl", "is-enabled", "kubespan"]).strip() == "enabled"
+    journal = vm.journal("kubespan")
+    assert "machine config from /etc/kubespan/machineconfig.yaml" in journal, journal[-3000:]
+    assert "Traceback" not in journal
+
+    vm.check(["dpkg", "--purge", "kubespan"], timeout=300)
+    assert vm.exec(["ip", "link", "show", "kubespan"]).exit_code != 0
+    assert vm.exec(["nft", "list", "table", "inet", "kubespan"]).exit_code != 0
+    for family in ("-4", "-6"):
+        assert "lookup 180" not in vm.check(["ip", family, "rule", "show"])
+        assert vm.check(["ip", family, "route", "show", "table", "180"]).strip() == ""
+    assert vm.exec(["test", "-e", "/var/lib/kubespan"]).exit_code != 0
+    assert vm.exec(["systemctl", "cat", "kubespan"]).exit_code != 0

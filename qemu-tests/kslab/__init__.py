@@ -10,7 +10,7 @@ started inside that namespace. Nothing touches the host's own network.
         print(vm.check(["uname", "-r"]))
 """
 
-from kslab.artefacts import ArtefactMissingError, Image, find_image
+from kslab.artefacts import ArtefactMissingError, Image, find_image, find_plain_image
 from kslab.capture import Capture
 from kslab.errors import LabError
 from kslab.lab import Lab
@@ -43,6 +43,7 @@ __all__ = [
     "cluster_identity",
     "drop_rule",
     "find_image",
+    "find_plain_image",
     "nat_ruleset",
     "static_network",
     "wait_until",

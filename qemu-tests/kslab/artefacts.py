@@ -1,5 +1,6 @@
-"""The built image the VMs boot: kernel, initramfs and read-only root (`make image`), and the
-bootable disk image made from them (`make disk-image`)."""
+"""The built images the VMs boot: kernel, initramfs and read-only root (`make image`), the
+bootable disk image made from them (`make disk-image`), and a plain Debian 12 image that is
+not ours (`make plain-image`), for installing the Debian package as on any host."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,10 @@ class Image:
     initrd: Path
     root: Path
     disk: Path | None = None  # qcow2 for UEFI boot, when built
+    # How the kernel finds the root (the first virtio disk), and whether the VM writes to it
+    # (then through a qcow2 overlay of its own).
+    root_args: tuple[str, ...] = ("root=/dev/vda", "rootfstype=erofs", "ro")
+    writable_root: bool = False
 
     def require_disk(self) -> Path:
         if self.disk is None or not self.disk.is_file():
@@ -37,5 +42,24 @@ def find_image(repo: Path) -> Image:
     if missing:
         raise ArtefactMissingError(
             f"image not built ({', '.join(missing)} missing): run `make image` first"
+        )
+    return image
+
+
+def find_plain_image(repo: Path) -> Image:
+    """build/plain/{vmlinuz,initrd.img,root.ext4}: plain Debian 12, booted read-write."""
+    directory = repo / "build" / "plain"
+    image = Image(
+        kernel=directory / "vmlinuz",
+        initrd=directory / "initrd.img",
+        root=directory / "root.ext4",
+        root_args=("root=/dev/vda", "rootfstype=ext4", "rw"),
+        writable_root=True,
+    )
+    missing = [str(p) for p in (image.kernel, image.initrd, image.root) if not p.is_file()]
+    if missing:
+        raise ArtefactMissingError(
+            f"plain Debian image not built ({', '.join(missing)} missing): run "
+            "`make plain-image` first"
         )
     return image

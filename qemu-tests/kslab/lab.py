@@ -187,12 +187,15 @@ class Lab:
         if spec.nocloud:
             volume = build_nocloud_volume(directory / "cidata.iso", spec.nocloud)
             drives += ((volume, "cidata"),)
+        for path, serial in spec.files:
+            drives += ((sector_padded(path, directory / f"file-{serial}.img"), serial),)
+        image = spec.image or self.image
         uefi = None
         if spec.disk_image:
             uefi = UefiBoot(disk=directory / "disk.qcow2", variables=directory / "OVMF_VARS.fd")
         machine = QemuMachine(
             name=spec.name,
-            image=self.image,
+            image=image,
             memory_mib=spec.memory_mib,
             cpus=spec.cpus,
             uuid=str(uuid.uuid4()),
@@ -204,6 +207,7 @@ class Lab:
             kernel_args=spec.kernel_args,
             smbios=spec.smbios,
             uefi=uefi,
+            root_overlay=directory / "root.qcow2" if image.writable_root else None,
             drives=drives,
         )
         vm = Vm(spec, machine, nics, self.ns.command([]), directory)
@@ -268,3 +272,11 @@ class Lab:
             shutil.rmtree(self._runtime, ignore_errors=True)
             self._runtime = None
         atexit.unregister(self.close)
+
+
+def sector_padded(source: Path, target: Path) -> Path:
+    """A copy of `source` padded with zeros to whole 512-byte sectors, which is what a disk
+    image must hold (the guest reads the file's own length back)."""
+    data = source.read_bytes()
+    target.write_bytes(data + bytes(-len(data) % 512))
+    return target

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from kslab.artefacts import Image
 
-KERNEL_ARGS = ("console=ttyS0", "root=/dev/vda", "rootfstype=erofs", "ro", "quiet", "panic=-1")
+KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1")  # and the image's root_args
 STATE_DISK_SERIAL = "kubespan-state"  # the image mounts /dev/disk/by-id/virtio-<this> on /var
 
 
@@ -43,6 +43,7 @@ class QemuMachine:
     kernel_args: tuple[str, ...] = ()
     smbios: tuple[str, ...] = ()
     uefi: UefiBoot | None = None
+    root_overlay: Path | None = None  # this VM's writes to a writable root image
     drives: tuple[tuple[Path, str], ...] = ()  # extra read-only disks: (image file, serial)
 
 
@@ -90,12 +91,16 @@ def boot_arguments(m: QemuMachine) -> list[str]:
             "-drive", f"file={m.uefi.disk},format=qcow2,if=none,id=disk,discard=unmap",
             "-device", "virtio-blk-pci,drive=disk,serial=kubespan-disk,bootindex=0",
         ]  # fmt: skip
+    if m.root_overlay is not None:
+        root = f"file={m.root_overlay},format=qcow2,if=none,id=root"
+    else:
+        root = f"file={m.image.root},format=raw,if=none,id=root,readonly=on"
     return [
         "-kernel", str(m.image.kernel),
         "-initrd", str(m.image.initrd),
-        "-append", " ".join((*KERNEL_ARGS, *m.kernel_args)),
+        "-append", " ".join((*KERNEL_ARGS, *m.image.root_args, *m.kernel_args)),
         # The root disk comes first so that it is /dev/vda.
-        "-drive", f"file={m.image.root},format=raw,if=none,id=root,readonly=on",
+        "-drive", root,
         "-device", "virtio-blk-pci,drive=root,serial=kubespan-root",
         "-drive", f"file={m.state_disk},format=raw,if=none,id=state,discard=unmap",
         "-device", f"virtio-blk-pci,drive=state,serial={STATE_DISK_SERIAL}",

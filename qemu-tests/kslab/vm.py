@@ -7,6 +7,7 @@ import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kslab.artefacts import Image
 from kslab.errors import LabError
 from kslab.netns import Segment
 from kslab.platform import FW_CFG_PREFIX, static_network
@@ -50,6 +51,11 @@ class VmSpec:
     # Files on an ISO 9660 volume labelled "cidata", as cloud-init's NoCloud reads it
     # (user-data, meta-data).
     nocloud: tuple[tuple[str, str], ...] = ()
+    # Another image than the lab's (e.g. kslab.find_plain_image), booted directly.
+    image: Image | None = None
+    # Files handed to the guest as read-only disks, each readable in full at
+    # /dev/disk/by-id/virtio-SERIAL (zero-padded to a whole sector): (file, serial).
+    files: tuple[tuple[Path, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not NAME.match(self.name):
@@ -108,7 +114,9 @@ class Vm:
                 overlay_disk(self.machine.image.require_disk(), uefi.disk, self.spec.disk_mib)
             if not uefi.variables.exists():
                 shutil.copyfile(OVMF_VARS, uefi.variables)
-        elif not self.machine.state_disk.exists():
+        elif self.machine.root_overlay is not None and not self.machine.root_overlay.exists():
+            overlay_disk(self.machine.image.root, self.machine.root_overlay, None, "raw")
+        if uefi is None and not self.machine.state_disk.exists():
             with self.machine.state_disk.open("wb") as f:
                 f.truncate(self.spec.state_disk_mib * 1024 * 1024)
         self.agent.close()
@@ -293,11 +301,12 @@ def render_network(nics: tuple[AttachedNic, ...], primary: str | None) -> dict[s
     return entries
 
 
-def overlay_disk(image: Path, disk: Path, size_mib: int) -> None:
+def overlay_disk(
+    image: Path, disk: Path, size_mib: int | None, image_format: str = "qcow2"
+) -> None:
     """A VM's own disk: writes go to `disk`, the built image stays as it is."""
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2"]
-    result = subprocess.run(
-        [*argv, str(disk), f"{size_mib}M"], capture_output=True, text=True, check=False
-    )
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", image_format]
+    size = [] if size_mib is None else [f"{size_mib}M"]
+    result = subprocess.run([*argv, str(disk), *size], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise LabError(f"qemu-img create {disk}: {result.stderr.strip()}")
