@@ -36,6 +36,8 @@ if ! [[ $version =~ ^[0-9][A-Za-z0-9.+~]*$ ]]; then
 fi
 
 install -D -m 0644 "$here/machineconfig.yaml.example" "$root/etc/kubespan/machineconfig.yaml.example"
+install -D -m 0644 "$here/kubespan-package.conf" \
+    "$root/usr/lib/systemd/system/kubespan.service.d/10-package.conf"
 install -D -m 0644 "$here/copyright" "$root/usr/share/doc/kubespan/copyright"
 # Debian wants a changelog with every package: this build's entry (the project's history is
 # its git log).

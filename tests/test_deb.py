@@ -145,6 +145,7 @@ def test_files_are_the_extensions_tree_plus_etc(package: Path, extracted: Path) 
         "usr/bin/kubespan": "-rwxr-xr-x",
         "usr/lib/systemd/system/kubespan.service": "-rw-r--r--",
         "usr/lib/systemd/system/kubespan-discovery.service": "-rw-r--r--",
+        "usr/lib/systemd/system/kubespan.service.d/10-package.conf": "-rw-r--r--",
         "usr/lib/tmpfiles.d/kubespan.conf": "-rw-r--r--",
         "usr/lib/sysctl.d/60-kubespan.conf": "-rw-r--r--",
         f"{SITE}/kubespan/__init__.py": "-rw-r--r--",
@@ -175,6 +176,7 @@ def test_files_are_the_extensions_tree_plus_etc(package: Path, extracted: Path) 
             "usr/lib/systemd/system/kubespan-discovery.service",
         ),
         ("deb/machineconfig.yaml.example", EXAMPLE),
+        ("deb/kubespan-package.conf", "usr/lib/systemd/system/kubespan.service.d/10-package.conf"),
     ):
         assert (extracted / installed).read_bytes() == (REPO / source).read_bytes(), installed
 
@@ -400,14 +402,13 @@ def test_postinst_without_a_config_enables_and_says_what_to_do(sandbox: Sandbox)
     assert result.stdout == ASK_TO_WRITE
 
 
-@pytest.mark.parametrize("config", [CONFIG, "var/lib/kubespan/machineconfig.yaml"])
 @pytest.mark.parametrize("previous", ["", "0.1.0+20240101T000000Z"])
 def test_postinst_starts_an_enabled_agent_that_has_a_config(
-    sandbox: Sandbox, config: str, previous: str
+    sandbox: Sandbox, previous: str
 ) -> None:
     """Installed, upgraded (it restarts on the new code) or installed again after a removal;
-    from the operator's file or the last good copy the agent keeps."""
-    sandbox.write(config, "machine: {}\n")
+    from the operator's file (the only source of a packaged agent)."""
+    sandbox.write(CONFIG, "machine: {}\n")
     result = sandbox.run("postinst", "configure", previous)
     assert result.returncode == 0, result.stderr
     assert sandbox.calls() == [
@@ -630,3 +631,29 @@ def test_removal_takes_out_kubespans_kernel_objects(sandbox: Sandbox, extracted:
         assert node.ip("-6", "route", "show", "table", "180") == ""
         assert "lookup 200" in node.ip("rule", "show")
         assert "foreign0" in node.ip("link", "show")
+
+
+def test_the_packaged_agent_runs_from_the_hosts_file_alone(extracted: Path) -> None:
+    """Not the image's sources: on a host, cloud user data is cloud-init's (a #cloud-config
+    would be taken for a machine config with kubespan off)."""
+    dropin = (extracted / "usr/lib/systemd/system/kubespan.service.d/10-package.conf").read_text()
+    starts = [line for line in dropin.splitlines() if line.startswith("ExecStart=")]
+    assert starts[0] == "ExecStart=", "the unit's own ExecStart is reset first"
+    assert starts[1].split() == [
+        "ExecStart=/usr/bin/kubespan",
+        "agent",
+        "--state-dir",
+        "/var/lib/kubespan",
+        "--config",
+        "/etc/kubespan/machineconfig.yaml",
+    ]
+
+
+def test_postinst_does_not_start_an_agent_from_a_last_good_copy_alone(sandbox: Sandbox) -> None:
+    """The packaged agent reads only /etc/kubespan/machineconfig.yaml: without it, the
+    operator is asked to write it."""
+    sandbox.write("var/lib/kubespan/machineconfig.yaml", "machine: {}\n")
+    result = sandbox.run("postinst", "configure", "")
+    assert result.returncode == 0, result.stderr
+    assert "systemctl restart kubespan.service" not in sandbox.calls()
+    assert result.stdout == ASK_TO_WRITE

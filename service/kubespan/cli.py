@@ -139,7 +139,9 @@ def agent_config(args: argparse.Namespace) -> tuple[MachineConfig, bytes, Path]:
 
     if args.config is not None:
         raw = read_config_file(args.config)
-        return parse_or_raise(raw, str(args.config)), raw, args.config
+        config = parse_or_raise(raw, str(args.config))
+        log.info("machine config from %s (--config: no other source is asked)", args.config)
+        return config, raw, args.config
     resolved = resolve(platform_sources(args.runtime_dir), args.state_dir)
     log.info("machine config from %s", resolved.origin)
     return resolved.config, resolved.raw, store_path(args.state_dir)
