@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from kubespan.config.render import new_config_document, to_yaml
 from kslab import (
     Capture,
     HostProcess,
+    Image,
     Lab,
     NicSpec,
     Segment,
@@ -118,6 +121,14 @@ def start_cluster(lab: Lab, kubespan_bin: Path, state_dir: Path) -> Cluster:
     cluster_id, secret = cluster_identity()
     url = f"http://{host}:{DISCOVERY_PORT}"
     return Cluster(lab, lan, url, cluster_id, secret, process, argv)
+
+
+@contextmanager
+def shared_cluster(image: Image, kubespan_bin: Path, directory: Path) -> Iterator[Cluster]:
+    """A lab of its own with one LAN and a discovery service (state in DIRECTORY/discovery),
+    for the tests of one module to share; torn down when the block ends."""
+    with Lab(directory / "lab", image) as lab:
+        yield start_cluster(lab, kubespan_bin, directory / "discovery")
 
 
 def node_status(vm: Vm) -> dict[str, Any] | None:

@@ -1,20 +1,99 @@
-"""Machine config sources on the real image: the last good config survives a bad or missing
-platform config; config drive and kernel command line URL sources; turning kubespan off
-removes what it created and leaves discovery, turning it on brings the same mesh back."""
+"""Machine config sources on the real image: a bad config is explained in the journal and not
+retried; the last good config survives a bad or missing platform config; config drive and
+kernel command line URL sources; turning kubespan off removes what it created and leaves
+discovery, turning it on brings the same mesh back.
+
+One lab and one discovery service serve the three tests, and their four VMs boot at once:
+`bad1` (an invalid config), `solo` (a cluster of its own), `node1` and `node2` (a cluster of
+two)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kslab import Lab, NicSpec, Vm, VmSpec, wait_until
-from mesh import node_status, start_cluster, wait_for_mesh
+from kslab import Image, Lab, NicSpec, Vm, VmSpec, cluster_identity, wait_until
+from mesh import Cluster, machine_config, node_status, shared_cluster, wait_for_mesh
 
 pytestmark = pytest.mark.vm
 
 FW_CFG_SOURCE = "fw_cfg:opt/org.kubespan/machineconfig"
+
+
+@dataclass
+class SourcesLab:
+    cluster: Cluster  # node1 and node2's
+    bad: Vm
+    solo: Vm
+    solo_config: str  # a config of another cluster, on the same discovery service
+    node1: Vm
+    node2: Vm
+    url: str  # where node2's kernel command line points
+
+    @property
+    def lab(self) -> Lab:
+        return self.cluster.lab
+
+
+@pytest.fixture(scope="module")
+def sources(
+    image: Image, kubespan_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SourcesLab]:
+    directory = tmp_path_factory.mktemp("sources")
+    with shared_cluster(image, kubespan_bin, directory) as cluster:
+        lab, lan = cluster.lab, cluster.lan
+        host = str(lan.gateway.ip)
+        site = directory / "site"
+        site.mkdir()
+        (site / "node2.yaml").write_text(cluster.config())
+        lab.spawn(
+            "configs", [sys.executable, "-m", "http.server", "--bind", host, "8080"], cwd=site
+        )
+        lab.wait_tcp(host, 8080)
+        url = f"http://{host}:8080/node2.yaml"
+        bad = cluster.config(mtu=1000).replace("enabled: true", "enabld: true", 1)
+        solo_config = machine_config(cluster.discovery_url, *cluster_identity(), mtu=1400)
+        vms = lab.boot_all(
+            [
+                VmSpec("bad1", nics=(NicSpec("lan", (lan.address(21),)),), machineconfig=bad),
+                VmSpec(
+                    "solo", nics=(NicSpec("lan", (lan.address(31),)),), machineconfig=solo_config
+                ),
+                VmSpec(
+                    "node1",
+                    nics=(NicSpec("lan", (lan.address(11),)),),
+                    config_drive=(("machineconfig.yaml", cluster.config()),),
+                ),
+                VmSpec(
+                    "node2",
+                    nics=(NicSpec("lan", (lan.address(12),)),),
+                    kernel_args=(f"kubespan.config={url}",),
+                ),
+            ]
+        )
+        yield SourcesLab(cluster, vms[0], vms[1], solo_config, vms[2], vms[3], url)
+
+
+def test_invalid_config_is_reported_in_the_journal(sources: SourcesLab) -> None:
+    """A node that cannot configure says why in its journal, and the service stays down
+    (it is not restarted in a loop, since retrying a bad config cannot help)."""
+    vm = sources.bad
+    vm.wait_unit("kubespan.service", "failed")
+    journal = vm.journal("kubespan")
+    assert f"{FW_CFG_SOURCE}:5: machine.network.kubespan.enabld: unknown key" in journal
+    assert (
+        f"{FW_CFG_SOURCE}:6: machine.network.kubespan.mtu: must be at least 1280, not 1000"
+        in journal
+    )
+    assert "no machine config: no source had a valid one" in journal
+    assert "Traceback" not in journal
+    assert vm.exec(["ip", "link", "show", "kubespan"]).exit_code != 0
+    result = vm.exec(["systemctl", "show", "-p", "NRestarts", "--value", "kubespan"])
+    assert result.stdout.strip() == "0"
 
 
 def ready(vm: Vm) -> dict[str, object]:
@@ -32,20 +111,14 @@ def public_key(vm: Vm) -> str:
     return vm.check(["wg", "show", "kubespan", "public-key"]).strip()
 
 
-def test_last_good_config_survives_bad_and_missing_platform_config(
-    lab: Lab, kubespan_bin: Path, tmp_path: Path
-) -> None:
-    cluster = start_cluster(lab, kubespan_bin, tmp_path / "discovery")
-    good = cluster.config(mtu=1400)
-    vm = lab.boot(
-        VmSpec("node1", nics=(NicSpec("lan", (cluster.lan.address(11),)),), machineconfig=good)
-    )
+def test_last_good_config_survives_bad_and_missing_platform_config(sources: SourcesLab) -> None:
+    vm, good = sources.solo, sources.solo_config
     ready(vm)
     key = public_key(vm)
     assert vm.check(["cat", "/var/lib/kubespan/machineconfig.yaml"]) == good
     assert f"machine config from {FW_CFG_SOURCE}" in vm.journal("kubespan")
 
-    vm.set_fw_cfg("machineconfig", cluster.config(mtu=9))
+    vm.set_fw_cfg("machineconfig", good.replace("mtu: 1400", "mtu: 9"))
     vm.reboot()
     vm.wait_unit("kubespan.service", "active")
     ready(vm)
@@ -83,29 +156,8 @@ def kubespan_leftovers(vm: Vm) -> list[str]:
     return found
 
 
-def test_disable_then_enable_again(lab: Lab, kubespan_bin: Path, tmp_path: Path) -> None:
-    cluster = start_cluster(lab, kubespan_bin, tmp_path / "discovery")
-    host = str(cluster.lan.gateway.ip)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "node2.yaml").write_text(cluster.config())
-    lab.spawn("configs", [sys.executable, "-m", "http.server", "--bind", host, "8080"], cwd=site)
-    lab.wait_tcp(host, 8080)
-    url = f"http://{host}:8080/node2.yaml"
-    node1, node2 = lab.boot_all(
-        [
-            VmSpec(
-                "node1",
-                nics=(NicSpec("lan", (cluster.lan.address(11),)),),
-                config_drive=(("machineconfig.yaml", cluster.config()),),
-            ),
-            VmSpec(
-                "node2",
-                nics=(NicSpec("lan", (cluster.lan.address(12),)),),
-                kernel_args=(f"kubespan.config={url}",),
-            ),
-        ]
-    )
+def test_disable_then_enable_again(sources: SourcesLab) -> None:
+    cluster, node1, node2, url = sources.cluster, sources.node1, sources.node2, sources.url
     wait_for_mesh([node1, node2])
     assert "machine config from config drive KUBESPAN:machineconfig.yaml" in node1.journal(
         "kubespan"

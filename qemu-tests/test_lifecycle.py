@@ -23,7 +23,7 @@ from mesh import (
     Cluster,
     assert_only_wireguard_between,
     node_status,
-    start_cluster,
+    shared_cluster,
     wait_for_mesh,
     wait_for_passes,
 )
@@ -99,8 +99,8 @@ def life(
     image: Image, kubespan_bin: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LifeLab]:
     directory = tmp_path_factory.mktemp("lifelab")
-    with Lab(directory / "lab", image) as lab:
-        cluster = start_cluster(lab, kubespan_bin, directory / "discovery")
+    with shared_cluster(image, kubespan_bin, directory) as cluster:
+        lab = cluster.lab
         capture = lab.capture("lan")
         capture.wait_ready()
         nodes = cluster.boot(3)

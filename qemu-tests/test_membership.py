@@ -1,22 +1,25 @@
 """Membership that fails closed, on the image: the discovery service loses its state, or is
 down while a node reboots, and the mesh stays whole. A capture runs on the underlay for the
-whole of each test and must hold zero plaintext packets between members, while every node
-keeps pinging every other node's addresses all along."""
+whole of each test (the first one's from before the nodes boot) and must hold zero plaintext
+packets between members, while every node keeps pinging every other node's addresses all
+along. The two tests share one booted cluster, in this order."""
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kslab import Lab, Vm, wait_until
+from kslab import Capture, Image, Lab, Vm, wait_until
 from mesh import (
     Cluster,
     assert_only_wireguard_between,
     node_status,
-    start_cluster,
+    shared_cluster,
     start_pingers,
     wait_for_mesh,
 )
@@ -44,15 +47,36 @@ def peers_removed(vm: Vm) -> list[str]:
     return [line for line in vm.journal("kubespan").splitlines() if " remove" in line]
 
 
+@dataclass
+class Members:
+    cluster: Cluster
+    nodes: list[Vm]
+    state: Path  # the discovery service's state directory
+    capture: Capture  # running since before the nodes booted
+
+    @property
+    def lab(self) -> Lab:
+        return self.cluster.lab
+
+
+@pytest.fixture(scope="module")
+def members(
+    image: Image, kubespan_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Members]:
+    directory = tmp_path_factory.mktemp("members")
+    with shared_cluster(image, kubespan_bin, directory) as cluster:
+        state = directory / "discovery"
+        capture = cluster.lab.capture("lan")
+        nodes = cluster.boot(3)
+        wait_for_mesh(nodes)
+        ping_everyone(cluster, nodes)
+        yield Members(cluster, nodes, state, capture)
+
+
 def test_discovery_restarted_without_its_state_keeps_the_mesh(
-    lab: Lab, kubespan_bin: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    members: Members, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    state = tmp_path / "discovery"
-    cluster = start_cluster(lab, kubespan_bin, state)
-    capture = lab.capture("lan")
-    nodes = cluster.boot(3)
-    wait_for_mesh(nodes)
-    ping_everyone(cluster, nodes)
+    cluster, nodes, state, capture = members.cluster, members.nodes, members.state, members.capture
     wait_until(lambda: cluster.listed() == 3, 60, "every node listed", interval=1.0)
 
     cluster.stop_discovery()
@@ -77,13 +101,11 @@ def test_discovery_restarted_without_its_state_keeps_the_mesh(
 
 
 def test_a_node_rebooted_while_discovery_is_down_is_ready_from_its_cache(
-    lab: Lab, kubespan_bin: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    members: Members, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cluster = start_cluster(lab, kubespan_bin, tmp_path / "discovery")
-    capture = lab.capture("lan")
-    nodes = cluster.boot(3)
+    cluster, nodes = members.cluster, members.nodes
+    capture = members.lab.capture("lan", "capture-reboot")
     wait_for_mesh(nodes)
-    ping_everyone(cluster, nodes)
     node3 = nodes[2]
     wait_until(
         lambda: node3.exec(["test", "-s", "/var/lib/kubespan/peers.json"]).exit_code == 0,

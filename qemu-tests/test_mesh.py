@@ -31,7 +31,7 @@ import pytest
 
 from kslab import Image, Lab, NicSpec, Vm, VmSpec, find_plain_image, static_network, wait_until
 from kslab.metadata import METADATA_ADDRESS, PLATFORMS, SMBIOS, read_log
-from mesh import Cluster, node_status, start_cluster, wait_for_mesh, wait_for_passes
+from mesh import Cluster, node_status, shared_cluster, wait_for_mesh, wait_for_passes
 
 pytestmark = pytest.mark.vm
 
@@ -135,8 +135,8 @@ def mesh(
     image.require_disk()
     package = debian_package()
     directory = tmp_path_factory.mktemp("meshlab")
-    with Lab(directory / "lab", image) as lab:
-        cluster = start_cluster(lab, kubespan_bin, directory / "discovery")
+    with shared_cluster(image, kubespan_bin, directory) as cluster:
+        lab = cluster.lab
         metadata_log = serve_metadata(cluster, directory)
         started = time.monotonic()
         disk = lab.add_vm(disk_node(cluster))

@@ -38,12 +38,7 @@ def find_image(repo: Path) -> Image:
         root=directory / "root.erofs",
         disk=directory / "disk.qcow2",
     )
-    missing = [str(p) for p in (image.kernel, image.initrd, image.root) if not p.is_file()]
-    if missing:
-        raise ArtefactMissingError(
-            f"image not built ({', '.join(missing)} missing): run `make image` first"
-        )
-    return image
+    return built(image, "image", "make image")
 
 
 def find_plain_image(repo: Path) -> Image:
@@ -56,10 +51,14 @@ def find_plain_image(repo: Path) -> Image:
         root_args=("root=/dev/vda", "rootfstype=ext4", "rw"),
         writable_root=True,
     )
+    return built(image, "plain Debian image", "make plain-image")
+
+
+def built(image: Image, what: str, command: str) -> Image:
+    """`image`, once its kernel, initramfs and root are there."""
     missing = [str(p) for p in (image.kernel, image.initrd, image.root) if not p.is_file()]
     if missing:
         raise ArtefactMissingError(
-            f"plain Debian image not built ({', '.join(missing)} missing): run "
-            "`make plain-image` first"
+            f"{what} not built ({', '.join(missing)} missing): run `{command}` first"
         )
     return image

@@ -195,15 +195,21 @@ def ec2_token(answer: Answer) -> str:
     return token.decode("ascii")
 
 
-def ec2_user_data(answer: Answer) -> bytes | None:
+def _user_data_body(answer: Answer, what: str = "user data") -> bytes | None:
+    """The body of a user data answer: None for 404 (the instance has none), TryAgain when
+    the service is busy, SourceUnavailable for any other answer than 200."""
     _retry_when_busy(answer)
     if answer.status == 404:
         return None
+    if answer.status != 200:
+        raise SourceUnavailable(f"the {what} request was answered HTTP {answer.status}")
+    return answer.body
+
+
+def ec2_user_data(answer: Answer) -> bytes | None:
     if answer.status == 401:
         raise SourceUnavailable("IMDSv2 refused the session token (HTTP 401)")
-    if answer.status != 200:
-        raise SourceUnavailable(f"the user data request was answered HTTP {answer.status}")
-    return answer.body
+    return _user_data_body(answer)
 
 
 def gce_user_data(answer: Answer) -> bytes | None:
@@ -214,21 +220,12 @@ def gce_user_data(answer: Answer) -> bytes | None:
             f"the answer (HTTP {answer.status}) has no 'Metadata-Flavor: Google' header: "
             "not GCE's metadata server"
         )
-    _retry_when_busy(answer)
-    if answer.status == 404:
-        return None
-    if answer.status != 200:
-        raise SourceUnavailable(f"the user data request was answered HTTP {answer.status}")
-    return answer.body
+    return _user_data_body(answer)
 
 
 def azure_user_data(answer: Answer) -> bytes | None:
-    _retry_when_busy(answer)
-    if answer.status == 404:
-        return None
-    if answer.status != 200:
-        raise SourceUnavailable(f"the userData request was answered HTTP {answer.status}")
-    text = answer.body.strip()
+    body = _user_data_body(answer, "userData")
+    text = (body or b"").strip()
     if not text:
         return None
     try:
@@ -238,12 +235,7 @@ def azure_user_data(answer: Answer) -> bytes | None:
 
 
 def openstack_user_data(answer: Answer) -> bytes | None:
-    _retry_when_busy(answer)
-    if answer.status == 404:
-        return None
-    if answer.status != 200:
-        raise SourceUnavailable(f"the user data request was answered HTTP {answer.status}")
-    return answer.body
+    return _user_data_body(answer)
 
 
 def decode_user_data(raw: bytes, limit: int = USER_DATA_LIMIT) -> bytes | None:
