@@ -35,7 +35,10 @@ if ! [[ $version =~ ^[0-9][A-Za-z0-9.+~]*$ ]]; then
     exit 1
 fi
 
-install -D -m 0644 "$here/machineconfig.yaml.example" "$root/etc/kubespan/machineconfig.yaml.example"
+# /etc/kubespan holds the cluster secret (machineconfig.yaml): root's alone, whatever mode a
+# copy of the example ends up with.
+install -d -m 0700 "$root/etc/kubespan"
+install -m 0644 "$here/machineconfig.yaml.example" "$root/etc/kubespan/machineconfig.yaml.example"
 install -D -m 0644 "$here/kubespan-package.conf" \
     "$root/usr/lib/systemd/system/kubespan.service.d/10-package.conf"
 install -D -m 0644 "$here/copyright" "$root/usr/share/doc/kubespan/copyright"

@@ -44,13 +44,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# Build the wheel from a clean copy of the tree, so setuptools' scratch files stay out of
-# the repository (its default scratch directory `build/` is ours).
-mkdir -p "$work/src" "$work/wheels"
-tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.egg-info' \
-    --exclude=__pycache__ --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache \
-    -cf - . | tar -C "$work/src" -xf -
-"$python" -m pip wheel --quiet --no-deps --wheel-dir "$work/wheels" "$work/src"
+"$repo/extension/wheel.sh" "$python" "$work/wheels"
 
 # Install it with its dependencies as binary wheels for the guest, not for this host.
 "$python" -m pip install --quiet --no-compile --no-warn-script-location \

@@ -43,7 +43,9 @@ verity_uuid=$(as_uuid "${roothash:32:32}")
 
 # The unified kernel image: each section placed after the previous one, aligned as the stub
 # asks (the layout systemd 252's stub reads; its ukify is not in Debian 12).
-printf '%s' "console=ttyS0 root=/dev/mapper/root rootfstype=erofs ro quiet panic=-1 roothash=$roothash" \
+verity="roothash=$roothash systemd.verity_root_data=PARTUUID=$root_uuid"
+verity+=" systemd.verity_root_hash=PARTUUID=$verity_uuid"
+printf '%s' "console=ttyS0 root=/dev/mapper/root rootfstype=erofs ro quiet panic=-1 $verity" \
     > "$work/cmdline"
 align=$((16#$(objdump -p "$stub" | awk '$1 == "SectionAlignment" { print $2 }')))
 next=0
@@ -68,7 +70,9 @@ mkfs.vfat -F 32 -n ESP -C "$work/esp" $((esp_mib * 1024)) >/dev/null
 mmd -i "$work/esp" ::/EFI ::/EFI/BOOT ::/EFI/Linux ::/loader
 mcopy -i "$work/esp" "$boot" ::/EFI/BOOT/BOOTX64.EFI
 mcopy -i "$work/esp" "$work/kubespan.efi" ::/EFI/Linux/kubespan.efi
-printf 'timeout 0\n' > "$work/loader.conf"
+# editor no: without Secure Boot the stub takes a command line the loader passes, and one
+# typed at the console could drop roothash= (and with it dm-verity).
+printf 'timeout 0\neditor no\n' > "$work/loader.conf"
 mcopy -i "$work/esp" "$work/loader.conf" ::/loader/loader.conf
 
 # The disk: 1 MiB for the GPT, the partitions in MiB, 1 MiB for the backup GPT.

@@ -113,3 +113,28 @@ def test_apply_stores_only_valid_configs(
     assert code == 1
     assert "machine.network.kubespan.enabled: must be true or false" in err
     assert stored.read_bytes() == good.read_bytes()
+
+
+def test_a_config_given_with_config_that_others_can_read_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The packaged agent runs from /etc/kubespan/machineconfig.yaml: a copy of the example
+    made with `cp` is mode 0644, and the file holds the cluster secret."""
+    import argparse
+    import logging
+
+    from kubespan.cli import agent_config
+
+    _, cluster, _ = run(["gen", "cluster"], capsys)
+    (tmp_path / "cluster.yaml").write_text(cluster)
+    argv = ["gen", "config", "--discovery", "https://d.example:3000"]
+    _, out, _ = run([*argv, "--cluster", str(tmp_path / "cluster.yaml")], capsys)
+    config = tmp_path / "machineconfig.yaml"
+    config.write_text(out)
+    arguments = argparse.Namespace(config=config)
+    for mode, warned in ((0o644, True), (0o600, False)):
+        config.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            agent_config(arguments)
+        assert any("can be read by other users" in r.message for r in caplog.records) is warned

@@ -46,7 +46,7 @@ from kubespan.config.sources import (
     resolve,
     store_path,
 )
-from kubespan.errors import ConfigError, SourceUnavailable
+from kubespan.errors import SourceUnavailable
 
 VALID_OFF = b"machine: {network: {kubespan: {enabled: false}}}\n"
 VALID_MTU = b"machine: {network: {kubespan: {enabled: false, mtu: 1400}}}\n"
@@ -245,6 +245,8 @@ def write_dmi(directory: Path, **values: str) -> Path:
         ({"bios_vendor": "Amazon EC2", "sys_vendor": ""}, Platform.EC2),
         ({"sys_vendor": "Google", "product_name": "Google Compute Engine"}, Platform.GCE),
         ({"product_name": "Google Compute Engine"}, Platform.GCE),
+        # A coreboot Chromebook: Google's vendor string, not GCE.
+        ({"sys_vendor": "Google", "product_name": "Lazor"}, None),
         (
             {"sys_vendor": "Microsoft Corporation", "chassis_asset_tag": AZURE_TAG},
             Platform.AZURE,
@@ -451,6 +453,28 @@ def test_files_are_read_bounded(tmp_path: Path) -> None:
     assert read_file(path, limit=100)() == b"#" * 100
 
 
+def test_read_file_refuses_what_is_not_a_regular_file_without_blocking(tmp_path: Path) -> None:
+    """A FIFO would block the boot for ever; a device would be read as a config."""
+    fifo = tmp_path / "user-data"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="not a regular file"):
+        read_file(fifo)()
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(SourceUnavailable, match="not a regular file"):
+        read_file(Path("/dev/null"))()
+
+
+def test_a_symlink_on_a_drive_is_not_followed_but_a_local_one_is(tmp_path: Path) -> None:
+    host_file = tmp_path / "host-secret"
+    host_file.write_bytes(b"cluster: {}\n")
+    link = tmp_path / "machineconfig.yaml"
+    link.symlink_to(host_file)
+    with pytest.raises(SourceUnavailable, match="symbolic link"):
+        read_file(link, follow_symlinks=False)()
+    assert read_file(link)() == b"cluster: {}\n"  # the operator's own /etc may use links
+
+
 # --- among the sources ---------------------------------------------------------------------
 
 
@@ -645,19 +669,21 @@ def test_nocloud_drive_before_the_kubespan_drive_and_the_local_file(machine: Mac
     assert mounts.mounted == [("CIDATA", "iso9660,vfat")]
 
 
-def test_a_config_drive_user_data_that_is_not_utf8_is_one_error(
+def test_a_config_drive_user_data_that_is_not_utf8_is_one_line_and_skipped(
     machine: Machine, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A drive found by its label may be anyone's: what cannot be read from it is reported
+    and the sources after it are asked."""
     machine.drive("cidata", {"user-data": b"\xc3\x28"})
     machine.local(VALID_OFF)
-    with pytest.raises(ConfigError, match="no machine config"):
-        resolve(
-            platform_sources(machine.root / "run", "", machine.where(), FakeMounts()),
-            machine.state,
-        )
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == [
-        "config source failed source=NoCloud drive cidata:user-data error=user data is not "
+    resolved = resolve(
+        platform_sources(machine.root / "run", "", machine.where(), FakeMounts()),
+        machine.state,
+    )
+    assert resolved.origin == str(machine.where().local_file)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "config source skipped source=NoCloud drive cidata:user-data error=user data is not "
         "UTF-8 text (byte 0xc3 at offset 0); it must be the kubespan machine config YAML"
     ]
 
@@ -691,7 +717,9 @@ def test_a_cloud_drive_is_mounted_read_only_as_iso9660_or_fat_and_unmounted(
     )
     mount, umount = calls.read_text().splitlines()
     mountpoint = mount.split()[-1]
-    assert mount == f"mount -o ro,nosuid,nodev,noexec -t iso9660,vfat {device} {mountpoint}"
+    assert mount == (
+        f"mount -o ro,nosuid,nodev,noexec,nosymfollow -t iso9660,vfat {device} {mountpoint}"
+    )
     assert umount == f"umount {mountpoint}"
     assert Path(mountpoint).parent == tmp_path / "run"
     assert not Path(mountpoint).exists()

@@ -154,6 +154,7 @@ def test_files_are_the_extensions_tree_plus_etc(package: Path, extracted: Path) 
         f"{SITE}/nacl/": "drwxr-xr-x",
         f"{SITE}/uvloop/": "drwxr-xr-x",
         EXAMPLE: "-rw-r--r--",
+        "etc/kubespan/": "drwx------",
         "usr/share/doc/kubespan/copyright": "-rw-r--r--",
         "usr/share/doc/kubespan/changelog.gz": "-rw-r--r--",
     }
@@ -386,7 +387,7 @@ RUNTIME_STEPS = [
     "systemctl try-restart kubespan-discovery.service",
 ]
 ASK_TO_WRITE = (
-    "kubespan: write /etc/kubespan/machineconfig.yaml (example: "
+    "kubespan: write /etc/kubespan/machineconfig.yaml, mode 0600 (example: "
     "/etc/kubespan/machineconfig.yaml.example), then run: systemctl start kubespan\n"
 )
 

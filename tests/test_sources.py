@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import logging
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,8 @@ from kubespan.config.sources import (
     Source,
     cmdline_url,
     fetch_url,
+    http_get,
+    platform_sources,
     resolve,
     store_path,
 )
@@ -66,6 +72,27 @@ def test_unreachable_source_uses_the_last_good_config(tmp_path: Path) -> None:
     assert resolved.config.kubespan.mtu == 1400
 
 
+def test_an_unreadable_drive_is_skipped_not_a_reason_to_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who can attach a disk can label it cidata: one that will not mount must not
+    pin the node to its last good config (or, with none, stop it)."""
+    resolve([source("fw_cfg", VALID_MTU)], tmp_path)
+    junk = Source("NoCloud drive cidata:user-data", failing("x").fetch, skippable=True)
+    resolved = resolve([junk, source("local", VALID_OFF)], tmp_path)
+    assert resolved.origin == "local"
+    assert "config source skipped source=NoCloud drive cidata:user-data" in caplog.text
+    # A source that is the platform's own (a URL, a metadata service) still stops the walk.
+    resolved = resolve([failing("url"), source("local", VALID_MTU)], tmp_path)
+    assert resolved.origin == str(store_path(tmp_path))
+
+
+def test_the_drives_are_the_skippable_sources(tmp_path: Path) -> None:
+    labels = {s.label: s.skippable for s in platform_sources(tmp_path, cmdline="")}
+    skippable = sorted(label.split()[0] for label, skip in labels.items() if skip)
+    assert skippable == ["NoCloud", "OpenStack", "config"], labels
+
+
 def test_nothing_at_all_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         resolve([source("fw_cfg", None)], tmp_path)
@@ -113,3 +140,53 @@ def test_fetch_url_gives_up(caplog: pytest.LogCaptureFixture) -> None:
         fetch_url("http://x", wait=10, get=get, sleep=sleep, monotonic=lambda: clock[0])
     assert "gave up after 10s" in str(caught.value)
     assert clock[0] <= 10
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/huge":
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(40):  # 2.5 MiB, no Content-Length: only counting can stop it
+                self.wfile.write(b"#" * 65536)
+        elif self.path == "/trickle":
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"#")
+                self.wfile.flush()
+                time.sleep(0.1)
+        else:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(VALID_OFF)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_http_get_reads_a_config(server: str) -> None:
+    assert http_get(f"{server}/c.yaml", time.monotonic() + 10) == VALID_OFF
+
+
+def test_http_get_stops_at_the_size_bound(server: str) -> None:
+    with pytest.raises(SourceUnavailable, match="larger than 1048576 bytes"):
+        http_get(f"{server}/huge", time.monotonic() + 10)
+
+
+def test_http_get_gives_up_on_a_trickling_server(server: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="not complete in time"):
+        http_get(f"{server}/trickle", started + 1.0)
+    assert time.monotonic() - started < 5  # the server would take 10 s

@@ -136,11 +136,18 @@ def cleanup() -> int:
 def agent_config(args: argparse.Namespace) -> tuple[MachineConfig, bytes, Path]:
     """The machine config, its bytes, and the file to follow for changes."""
     from kubespan.config.sources import platform_sources, resolve, store_path
+    from kubespan.fsutil import readable_by_others
 
     if args.config is not None:
         raw = read_config_file(args.config)
         config = parse_or_raise(raw, str(args.config))
         log.info("machine config from %s (--config: no other source is asked)", args.config)
+        if readable_by_others(args.config):
+            log.warning(
+                "%s can be read by other users, and it holds the cluster secret: chmod 600 %s",
+                args.config,
+                args.config,
+            )
         return config, raw, args.config
     resolved = resolve(platform_sources(args.runtime_dir), args.state_dir)
     log.info("machine config from %s", resolved.origin)

@@ -48,3 +48,11 @@ def ensure_private_dir(path: Path) -> None:
     """Create `path` (and parents) if missing and make it accessible to its owner only."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.chmod(0o700)
+
+
+def readable_by_others(path: Path) -> bool:
+    """Whether group or others may read `path` (a file that holds a secret should not)."""
+    try:
+        return bool(path.stat().st_mode & 0o044)
+    except OSError:
+        return False

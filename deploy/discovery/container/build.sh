@@ -20,12 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# The wheel, from a clean copy of the tree (setuptools' scratch files stay out of it).
-mkdir -p "$work/src" "$work/wheels"
-tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.egg-info' \
-    --exclude=__pycache__ --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache \
-    -cf - . | tar -C "$work/src" -xf -
-"$python" -m pip wheel --quiet --no-deps --wheel-dir "$work/wheels" "$work/src"
+"$repo/extension/wheel.sh" "$python" "$work/wheels"
 wheel=$(echo "$work"/wheels/kubespan-*.whl)
 "$python" -m zipfile -e "$wheel" "$work/site"
 rm -rf "$work"/site/kubespan-*.dist-info

@@ -136,7 +136,9 @@ def detect_platform(dmi: Dmi) -> Platform | None:
         or "amazon" in product
     ):
         return Platform.EC2
-    if product == "google compute engine" or sys_vendor == "google":
+    # product_name only: coreboot Chromebooks and Chromeboxes also say sys_vendor "Google",
+    # and would then ask whatever answers at 169.254.169.254 on their LAN for a config.
+    if product == "google compute engine":
         return Platform.GCE
     if sys_vendor == "microsoft corporation" and dmi.chassis_asset_tag == AZURE_ASSET_TAG:
         return Platform.AZURE

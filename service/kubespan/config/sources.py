@@ -32,7 +32,11 @@ data), the last good copy is used.
 from __future__ import annotations
 
 import contextlib
+import errno
+import http.client
 import logging
+import os
+import stat
 import subprocess
 import tempfile
 import time
@@ -40,6 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kubespan.config import MachineConfig, parse_config
 from kubespan.config.platforms import (
@@ -82,6 +87,9 @@ class Source:
 
     label: str
     fetch: Callable[[], bytes | None]
+    # A volume found by its label, which anyone who can attach a disk can make: one that
+    # cannot be read is skipped, so that it cannot pin the node to its last good config.
+    skippable: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,15 +99,32 @@ class Resolved:
     origin: str
 
 
-def read_file(path: Path, limit: int = MAX_CONFIG_BYTES) -> Callable[[], bytes | None]:
+def read_file(
+    path: Path, limit: int = MAX_CONFIG_BYTES, follow_symlinks: bool = True
+) -> Callable[[], bytes | None]:
+    """Read a regular file of at most `limit` bytes. A FIFO or device there would block the
+    boot (or read a host device): opened without blocking, and refused unless regular. On a
+    drive someone else made, `follow_symlinks=False`: a link could point at any host file."""
+
     def fetch() -> bytes | None:
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        if not follow_symlinks:
+            flags |= os.O_NOFOLLOW
         try:
-            with path.open("rb") as handle:
-                raw = handle.read(limit + 1)
+            descriptor = os.open(path, flags)
         except FileNotFoundError:
             return None
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise SourceUnavailable(f"{path} is a symbolic link: not followed") from None
             raise SourceUnavailable(f"cannot read {path}: {error.strerror}") from None
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise SourceUnavailable(f"{path} is not a regular file")
+            try:
+                raw = handle.read(limit + 1)
+            except OSError as error:
+                raise SourceUnavailable(f"cannot read {path}: {error.strerror}") from None
         if len(raw) > limit:
             raise SourceUnavailable(f"{path} is larger than {limit} bytes")
         return raw
@@ -123,8 +148,8 @@ def fetch_url(
     monotonic: Callable[[], float] = time.monotonic,
 ) -> bytes:
     """GET `url`, retrying with backoff until it answers or `wait` seconds have passed."""
-    getter = get or _http_get
     deadline = monotonic() + wait
+    getter = get or (lambda address: http_get(address, deadline, monotonic))
     delay = 0.5
     while True:
         try:
@@ -139,16 +164,55 @@ def fetch_url(
             delay = min(delay * 2, 10.0)
 
 
-def _http_get(url: str) -> bytes:
-    import requests
+def http_get(
+    url: str,
+    deadline: float,
+    monotonic: Callable[[], float] = time.monotonic,
+    limit: int = MAX_CONFIG_BYTES,
+) -> bytes:
+    """The body at `url` (http or https, certificates verified), at most `limit` bytes, read
+    by `deadline` (monotonic clock): a server that trickles or never ends is given up on, not
+    waited for. Redirects are not followed: the command line names the config's own address."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SourceUnavailable("the config URL must be http:// or https://")
 
+    def time_left() -> float:
+        left = deadline - monotonic()
+        if left <= 0:
+            raise SourceUnavailable("the answer was not complete in time")
+        return min(left, 15.0)
+
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        response = requests.get(url, timeout=(5, 15))
-    except requests.RequestException as error:
+        connection = kind(parts.hostname, parts.port, timeout=time_left())
+    except ValueError as error:  # a port that is not a number
+        raise SourceUnavailable(str(error)) from None
+    try:
+        connection.request("GET", path, headers={"Connection": "close"})
+        sock = connection.sock
+        response = connection.getresponse()
+        if response.status != 200:
+            moved = " (redirects are not followed)" if 300 <= response.status < 400 else ""
+            raise SourceUnavailable(f"HTTP {response.status}{moved}")
+        body = bytearray()
+        while True:
+            if sock is not None:
+                sock.settimeout(time_left())
+            chunk = response.read1(65536)
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > limit:
+                raise SourceUnavailable(f"the answer is larger than {limit} bytes")
+            time_left()
+    except TimeoutError:
+        raise SourceUnavailable("the answer was not complete in time") from None
+    except (OSError, http.client.HTTPException) as error:
         raise SourceUnavailable(f"{type(error).__name__}: {error}") from None
-    if response.status_code != 200:
-        raise SourceUnavailable(f"HTTP {response.status_code}")
-    return response.content
+    finally:
+        connection.close()
 
 
 Mount = Callable[[Path, str | None, Path], AbstractContextManager[Path]]
@@ -163,7 +227,8 @@ def mount_read_only(device: Path, types: str | None, runtime_dir: Path) -> Itera
     with tempfile.TemporaryDirectory(
         dir=runtime_dir, prefix="config-drive-", ignore_cleanup_errors=True
     ) as mountpoint:
-        command = ["mount", "-o", "ro,nosuid,nodev,noexec"]
+        # nosymfollow: no symbolic link on a drive someone else made leads off it.
+        command = ["mount", "-o", "ro,nosuid,nodev,noexec,nosymfollow"]
         if types is not None:
             command += ["-t", types]
         command += [str(device), mountpoint]
@@ -213,7 +278,7 @@ def read_from_volume(
     if not device.exists():
         return None
     with mount(device, types, runtime_dir) as mounted:
-        return read_file(mounted / file)()
+        return read_file(mounted / file, follow_symlinks=False)()
 
 
 def labelled_device(by_label_dir: Path, labels: Sequence[str]) -> Path | None:
@@ -272,6 +337,7 @@ def platform_sources(
             lambda: read_cloud_drive(
                 where.by_label_dir, NOCLOUD_LABELS, NOCLOUD_FILE, runtime_dir, mount
             ),
+            skippable=True,
         )
     )
     drive = where.by_label_dir / CONFIG_DRIVE_LABEL
@@ -279,6 +345,7 @@ def platform_sources(
         Source(
             f"config drive {CONFIG_DRIVE_LABEL}:{CONFIG_DRIVE_FILE}",
             lambda: read_from_volume(drive, CONFIG_DRIVE_FILE, runtime_dir, mount=mount),
+            skippable=True,
         )
     )
     sources.append(Source(str(where.local_file), read_file(where.local_file)))
@@ -305,6 +372,7 @@ def _cloud_sources(
                 runtime_dir,
                 mount,
             ),
+            skippable=True,
         )
     )
     if platform is Platform.OPENSTACK:
@@ -342,6 +410,9 @@ def resolve(sources: list[Source], state_dir: Path) -> Resolved:
         try:
             raw = source.fetch()
         except SourceUnavailable as error:
+            if source.skippable:
+                log.warning("config source skipped source=%s error=%s", source.label, error)
+                continue
             log.error("config source failed source=%s error=%s", source.label, error)
             break
         if raw is None:
