@@ -32,10 +32,20 @@ DISCOVERY_PORT = 3000
 
 
 def machine_config(
-    discovery_url: str, cluster_id: str, secret: str, enabled: bool = True, **kubespan: Any
+    discovery_url: str,
+    cluster_id: str,
+    secret: str,
+    enabled: bool = True,
+    standby_url: str | None = None,
+    **kubespan: Any,
 ) -> str:
+    """The machine config of a node of this cluster; with `standby_url`, registered with two
+    independent discovery services."""
     document = new_config_document(discovery_url, cluster_id, secret)
     document["machine"]["network"]["kubespan"] = {"enabled": enabled, **kubespan}
+    if standby_url is not None:
+        registries = document["cluster"]["discovery"]["registries"]
+        registries["service"] = {"endpoints": [discovery_url, standby_url]}
     return to_yaml(document)
 
 
@@ -50,6 +60,7 @@ class Cluster:
     discovery_argv: list[str]
     nodes: list[Vm] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    standby_url: str | None = None  # a second, independent discovery service
 
     def stop_discovery(self) -> None:
         self.discovery.stop()
@@ -83,7 +94,13 @@ class Cluster:
         return str(self.lan.address6(10 + int(vm.name.removeprefix("node"))).ip)
 
     def config(self, **kubespan: Any) -> str:
-        return machine_config(self.discovery_url, self.cluster_id, self.secret, **kubespan)
+        return machine_config(
+            self.discovery_url,
+            self.cluster_id,
+            self.secret,
+            standby_url=self.standby_url,
+            **kubespan,
+        )
 
     def boot(self, count: int, first_host: int = 11, **kubespan: Any) -> list[Vm]:
         specs = [
@@ -103,32 +120,46 @@ class Cluster:
         return vms
 
 
-def start_cluster(lab: Lab, kubespan_bin: Path, state_dir: Path) -> Cluster:
-    """One LAN segment, the discovery service on its host side, a fresh cluster identity."""
+def start_cluster(lab: Lab, kubespan_bin: Path, state_dir: Path, standby: bool = False) -> Cluster:
+    """One LAN segment, the discovery service on its host side, a fresh cluster identity; with
+    `standby`, a second discovery service (port DISCOVERY_PORT + 1) every node registers with
+    too."""
     lan = lab.add_segment("lan")
     host = str(lan.gateway.ip)
-    argv = [
-        str(kubespan_bin),
-        "discovery",
-        "serve",
-        "--listen",
-        f"{host}:{DISCOVERY_PORT}",
-        "--state-dir",
-        str(state_dir),
-    ]
-    process = lab.spawn("discovery", argv)
-    lab.wait_tcp(host, DISCOVERY_PORT)
+
+    def serve(name: str, port: int, state: Path) -> tuple[HostProcess, list[str]]:
+        argv = [
+            str(kubespan_bin),
+            "discovery",
+            "serve",
+            "--listen",
+            f"{host}:{port}",
+            "--state-dir",
+            str(state),
+        ]
+        process = lab.spawn(name, argv)
+        lab.wait_tcp(host, port)
+        return process, argv
+
+    process, argv = serve("discovery", DISCOVERY_PORT, state_dir)
+    standby_url = None
+    if standby:
+        serve("standby", DISCOVERY_PORT + 1, state_dir.with_name(f"{state_dir.name}-standby"))
+        standby_url = f"http://{host}:{DISCOVERY_PORT + 1}"
     cluster_id, secret = cluster_identity()
     url = f"http://{host}:{DISCOVERY_PORT}"
-    return Cluster(lab, lan, url, cluster_id, secret, process, argv)
+    return Cluster(lab, lan, url, cluster_id, secret, process, argv, standby_url=standby_url)
 
 
 @contextmanager
-def shared_cluster(image: Image, kubespan_bin: Path, directory: Path) -> Iterator[Cluster]:
+def shared_cluster(
+    image: Image, kubespan_bin: Path, directory: Path, standby: bool = False
+) -> Iterator[Cluster]:
     """A lab of its own with one LAN and a discovery service (state in DIRECTORY/discovery),
-    for the tests of one module to share; torn down when the block ends."""
+    and with `standby` a second one, for the tests of one module to share; torn down when the
+    block ends."""
     with Lab(directory / "lab", image) as lab:
-        yield start_cluster(lab, kubespan_bin, directory / "discovery")
+        yield start_cluster(lab, kubespan_bin, directory / "discovery", standby)
 
 
 def node_status(vm: Vm) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
 """Machine config sources on the real image: a bad config is explained in the journal and not
 retried; the last good config survives a bad or missing platform config; config drive and
 kernel command line URL sources; turning kubespan off removes what it created and leaves
-discovery, turning it on brings the same mesh back.
+discovery, turning it on brings the same mesh back. The image's own parts (read-only root,
+/var on the state disk, the extension merged, kernel WireGuard) are checked on `solo`.
 
 One lab and one discovery service serve the three tests, and their four VMs boot at once:
 `bad1` (an invalid config), `solo` (a cluster of its own), `node1` and `node2` (a cluster of
@@ -96,6 +97,51 @@ def test_invalid_config_is_reported_in_the_journal(sources: SourcesLab) -> None:
     assert result.stdout.strip() == "0"
 
 
+def mount(vm: Vm, target: str) -> list[str]:
+    """SOURCE FSTYPE OPTIONS of the file system mounted at `target`."""
+    return vm.check(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", target]).split()
+
+
+def test_the_image_boots_read_only_with_its_extension_and_the_os_parts_kubespan_needs(
+    sources: SourcesLab,
+) -> None:
+    vm = sources.solo
+    vm.wait_unit("kubespan.service", "active")
+    # Read-only erofs root; /var is the state disk, ext4 and writable.
+    source, fstype, options = mount(vm, "/")
+    assert (fstype, options.split(",")[0]) == ("erofs", "ro"), (source, fstype, options)
+    source, fstype, options = mount(vm, "/var")
+    assert (source, fstype, options.split(",")[0]) == ("/dev/vdb", "ext4", "rw")
+    assert vm.exec(["touch", "/usr/lib/kubespan-write-test"]).exit_code != 0
+
+    # The extension is merged and carries the service and the command.
+    assert "kubespan" in vm.check(["systemd-sysext", "status"])
+    assert vm.exec(["test", "-x", "/usr/bin/kubespan"]).exit_code == 0
+    assert "agent" in vm.check(["kubespan", "--help"])
+    # The machine config from fw_cfg is kept as the last good copy, readable by root only.
+    config = vm.check(["stat", "-c", "%a", "/var/lib/kubespan/machineconfig.yaml"])
+    assert config.strip() == "600"
+    assert vm.check(["stat", "-c", "%a", "/var/lib/kubespan"]).strip() == "700"
+    # systemd watches the reconcile loop.
+    assert vm.check(["systemctl", "show", "-P", "WatchdogUSec", "kubespan"]).strip() == "1min"
+
+    # https discovery needs a CA store the agent's TLS client verifies against.
+    stats = "import ssl; print(ssl.create_default_context().cert_store_stats()['x509_ca'])"
+    assert int(vm.check(["python3", "-c", stats])) > 50
+
+    # Kernel WireGuard and nftables work.
+    vm.check(["modprobe", "wireguard"])
+    vm.check(["ip", "link", "add", "wgtest", "type", "wireguard"])
+    vm.check(["ip", "link", "del", "wgtest"])
+    vm.check(["nft", "list", "ruleset"])
+
+    # Hostname and static address came from fw_cfg; the host side is reachable.
+    assert vm.check(["hostname"]).strip() == "solo"
+    assert str(sources.cluster.lan.address(31).ip) in vm.check(["ip", "-brief", "address"])
+    fetch = f"import urllib.request as u; print(len(u.urlopen('{sources.url}').read()))"
+    assert int(vm.check(["python3", "-c", fetch])) > 0
+
+
 def ready(vm: Vm) -> dict[str, object]:
     status = wait_until(
         lambda: (s := node_status(vm)) is not None and s.get("ready") and s,
@@ -177,9 +223,18 @@ def test_disable_then_enable_again(sources: SourcesLab) -> None:
     assert node2.check(["wg", "show", "kubespan", "peers"]).strip() == ""
     assert "kubespan is disabled: removed link kubespan" in node1.journal("kubespan")
 
+    # The live status says why the agent idles.
+    idle = node1.exec(["kubespan", "status"])
+    assert idle.exit_code == 1 and "kubespan is disabled" in idle.stdout, idle
+
     node1.check(["kubespan", "config", "apply", "-"], stdin=cluster.config().encode())
     wait_for_mesh([node1, node2])
     assert public_key(node1) == key
     for vm in (node1, node2):
         other = node2 if vm is node1 else node1
         vm.check(["ping", "-c", "2", "-W", "3", node_status(other)["node"]["ula"]])  # type: ignore[index]
+
+    # Once the agent is stopped, nothing answers and status says so (exit 3).
+    node1.check(["systemctl", "stop", "kubespan"])
+    stopped = node1.exec(["kubespan", "status"])
+    assert stopped.exit_code == 3 and "no agent answers" in stopped.stderr, stopped

@@ -1,8 +1,9 @@
 """The node's lifecycle on a running cluster, one lab booted once: a unit ordered like kubelet
 starts with the mesh configured; `kill -9` of the agent keeps a TCP stream and a ping between
-members flowing; `kubespan check` explains what another program broke; two nodes join a
-running cluster at once and a powered-off node leaves every peer list. A capture on the
-segment runs throughout: not one plaintext packet between members."""
+members flowing; `kubespan check` explains what another program broke; with one of the
+cluster's two discovery services killed, two nodes join the running cluster at once and a
+powered-off node leaves every peer list. A capture on the segment runs throughout: not one
+plaintext packet between members."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def life(
     image: Image, kubespan_bin: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LifeLab]:
     directory = tmp_path_factory.mktemp("lifelab")
-    with shared_cluster(image, kubespan_bin, directory) as cluster:
+    with shared_cluster(image, kubespan_bin, directory, standby=True) as cluster:
         lab = cluster.lab
         capture = lab.capture("lan")
         capture.wait_ready()
@@ -268,9 +269,15 @@ def test_check_explains_an_underlay_mtu_too_small_and_a_rule_at_our_priority(
 def test_two_nodes_join_a_running_cluster_and_a_powered_off_one_leaves(
     life: LifeLab,
 ) -> None:
+    # Every node is registered with two discovery services; the first is killed outright.
+    # The new nodes join through the other, and the running ones learn of them there.
+    assert life.cluster.standby_url is not None
+    life.cluster.discovery.stop(timeout=0)  # SIGTERM then at once SIGKILL: it is gone
     joined = life.cluster.boot(2, first_host=14)
     everyone = [*life.nodes, *joined]
-    wait_for_mesh(everyone, 300)
+    statuses = wait_for_mesh(everyone, 300)
+    for name, status in statuses.items():
+        assert len(status["peers"]) == len(everyone) - 1, (name, status["peers"])
     clocks = Clocks()
     pairs = [(old, new) for old in everyone for new in joined if old is not new]
     print(f"\njoin_mesh_s={pairs_time(clocks, pairs):.1f}")
