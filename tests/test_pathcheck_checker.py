@@ -164,7 +164,13 @@ class FakePort:
         self.closed = False
         self.fail_next_receive = False
 
-    def send(self, destination: Endpoint, payload: bytes, source: IPAddress | None = None) -> None:
+    def send(
+        self,
+        destination: Endpoint,
+        payload: bytes,
+        source: IPAddress | None = None,
+        source_port: int | None = None,
+    ) -> None:
         assert not self.closed, "sent on a closed transport"
         assert len(payload) == codec.MESSAGE_BYTES
         # Answers go out from the address their request came to: this port's.

@@ -76,11 +76,12 @@ def test_hostile_ipv4_packets_are_ignored(packet: bytes) -> None:
     assert rawsock.parse_ipv4_udp(packet, 51820) is None
 
 
+@pytest.mark.parametrize("count", [1, 1000])
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_filter_jumps_stay_inside_the_program(family: socket.AddressFamily) -> None:
-    program = rawsock.payload_filter(family, 51820, STUN_MATCH)
+def test_filter_jumps_stay_inside_the_program(family: socket.AddressFamily, count: int) -> None:
+    program = rawsock.payload_filter(family, 51820, STUN_MATCH, count)
     for index, (code, jump_true, jump_false, _k) in enumerate(program):
-        if code in (rawsock._JEQ_K, rawsock._JSET_K):
+        if code in (rawsock._JEQ_K, rawsock._JSET_K, rawsock._JGE_K, rawsock._JGT_K):
             assert index + 1 + max(jump_true, jump_false) < len(program)
     assert program[-1] == (rawsock._RET_K, 0, 0, 0)  # what matches nothing is dropped
 
@@ -102,8 +103,13 @@ def run_filter(program: list[tuple[int, int, int, int]], packet: bytes) -> int:
             accumulator = struct.unpack_from("!I", packet, index + k)[0]
         elif code == rawsock._RET_K:
             return k
-        elif code in (rawsock._JEQ_K, rawsock._JSET_K):
-            hit = accumulator == k if code == rawsock._JEQ_K else bool(accumulator & k)
+        elif code in (rawsock._JEQ_K, rawsock._JSET_K, rawsock._JGE_K, rawsock._JGT_K):
+            hit = {
+                rawsock._JEQ_K: accumulator == k,
+                rawsock._JSET_K: bool(accumulator & k),
+                rawsock._JGE_K: accumulator >= k,
+                rawsock._JGT_K: accumulator > k,
+            }[code]
             pc += jump_true if hit else jump_false
         else:
             raise AssertionError(f"opcode {code:#x} not modelled")
@@ -142,3 +148,16 @@ def test_the_ipv6_filter_keeps_only_the_port_with_the_word(port: int, kept: bool
     program = rawsock.payload_filter(socket.AF_INET6, 51820, STUN_MATCH)
     segment = struct.pack("!HHHH", 3478, port, 8 + len(STUN_PAYLOAD), 0) + STUN_PAYLOAD
     assert (run_filter(program, segment) > 0) is kept
+
+
+@pytest.mark.parametrize(
+    ("port", "kept"), [(51820, False), (51821, True), (52000, True), (52820, True), (52821, False)]
+)
+def test_a_port_range_filter_keeps_exactly_its_ports(port: int, kept: bool) -> None:
+    ipv4 = rawsock.payload_filter(socket.AF_INET, 51821, STUN_MATCH, 1000)
+    assert (run_filter(ipv4, ipv4_packet(STUN_PAYLOAD, port=port)) > 0) is kept
+    ipv6 = rawsock.payload_filter(socket.AF_INET6, 51821, STUN_MATCH, 1000)
+    segment = struct.pack("!HHHH", 3478, port, 8 + len(STUN_PAYLOAD), 0) + STUN_PAYLOAD
+    assert (run_filter(ipv6, segment) > 0) is kept
+    parsed = rawsock.parse_ipv4_udp_to(ipv4_packet(b"x", port=port), 51821, 1000)
+    assert (parsed is not None and parsed[3] == port) is kept

@@ -70,6 +70,7 @@ class ClusterKeys:
     affiliate_id_key: bytes = field(repr=False)
     wireguard_psk: bytes = field(repr=False)
     path_check_key: bytes = field(repr=False)
+    relay_bind_key: bytes = field(repr=False)
 
     @classmethod
     def derive(cls, cluster_id: str, secret: bytes) -> ClusterKeys:
@@ -86,6 +87,7 @@ class ClusterKeys:
             affiliate_id_key=key("affiliate-id"),
             wireguard_psk=key("wireguard-psk"),
             path_check_key=key("path-check"),
+            relay_bind_key=key("relay-bind"),
         )
 
     @cached_property

@@ -42,6 +42,27 @@ class Endpoint:
         return cls(address, int(port_text))
 
 
+def endpoint_bytes(endpoint: Endpoint | None) -> tuple[bytes, int]:
+    """An endpoint as 16 address bytes (IPv4 mapped into IPv6) and a port, for fixed-size
+    wire formats; None is all zeros."""
+    if endpoint is None:
+        return bytes(16), 0
+    address = endpoint.address
+    if address.version == 4:
+        address = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
+    return address.packed, endpoint.port
+
+
+def endpoint_from_bytes(packed: bytes, port: int) -> Endpoint | None:
+    """The endpoint `endpoint_bytes` wrote; None for all zeros, an unspecified address or
+    port 0."""
+    address = ipaddress.IPv6Address(packed)
+    unmapped = address.ipv4_mapped or address
+    if port == 0 or unmapped.is_unspecified:
+        return None
+    return Endpoint(unmapped, port)
+
+
 @lru_cache(maxsize=1 << 16)
 def host_network(address: IPAddress) -> IPNetwork:
     """The /32 or /128 network holding exactly `address` (cached: every pass asks again for

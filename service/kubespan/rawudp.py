@@ -48,6 +48,7 @@ class Datagram:
     source: Endpoint
     payload: bytes
     destination: IPAddress | None  # the address it was sent to (one of ours); None: unknown
+    port: int | None = None  # the port it was sent to, when the transport listens on several
 
 
 class AddressedTransport(Protocol):
@@ -55,7 +56,11 @@ class AddressedTransport(Protocol):
     one chosen address."""
 
     def send(
-        self, destination: Endpoint, payload: bytes, source: IPAddress | None = None
+        self,
+        destination: Endpoint,
+        payload: bytes,
+        source: IPAddress | None = None,
+        source_port: int | None = None,
     ) -> None: ...
 
     def receive_datagram(
@@ -97,36 +102,54 @@ class DatagramTransport(Protocol):
 # Classic BPF opcodes (linux/filter.h).
 _LD_H_ABS, _LD_H_IND, _LD_W_IND, _LD_W_ABS = 0x28, 0x48, 0x40, 0x20
 _LDX_B_MSH, _JEQ_K, _JSET_K, _RET_K = 0xB1, 0x15, 0x45, 0x06
+_JGE_K, _JGT_K = 0x35, 0x25
 
 Instruction = tuple[int, int, int, int]
+_DROP = -1  # a jump to the program's last instruction, which drops
 
 
 def payload_filter(
-    family: socket.AddressFamily, port: int, match: PayloadMatch
+    family: socket.AddressFamily, port: int, match: PayloadMatch, count: int = 1
 ) -> list[Instruction]:
-    """Accept UDP to `port` whose payload carries `match`. An IPv4 raw socket's filter sees
-    the IP header first (and only first fragments carry the UDP header); an IPv6 raw
-    socket's sees the UDP header at offset 0."""
+    """Accept UDP to `port` (or to the `count` ports from `port` on) whose payload carries
+    `match`. An IPv4 raw socket's filter sees the IP header first (and only first fragments
+    carry the UDP header); an IPv6 raw socket's sees the UDP header at offset 0."""
     word_at = UDP_HEADER_BYTES + match.offset
+    if count == 1:
+        to_port = [(_JEQ_K, 0, _DROP, port)]
+    else:
+        to_port = [(_JGE_K, 0, _DROP, port), (_JGT_K, _DROP, 0, port + count - 1)]
     if family == socket.AF_INET:
-        return [
+        head = [
             (_LD_H_ABS, 0, 0, 6),  # flags and fragment offset
-            (_JSET_K, 6, 0, 0x1FFF),  # a later fragment: drop
+            (_JSET_K, _DROP, 0, 0x1FFF),  # a later fragment: drop
             (_LDX_B_MSH, 0, 0, 0),  # x = IP header length
             (_LD_H_IND, 0, 0, 2),  # UDP destination port
-            (_JEQ_K, 0, 3, port),
+            *to_port,
             (_LD_W_IND, 0, 0, word_at),
-            (_JEQ_K, 0, 1, match.word),
+        ]
+    else:
+        head = [(_LD_H_ABS, 0, 0, 2), *to_port, (_LD_W_ABS, 0, 0, word_at)]
+    return _resolve(
+        [
+            *head,
+            (_JEQ_K, 0, _DROP, match.word),
             (_RET_K, 0, 0, match.capture_bytes),
             (_RET_K, 0, 0, 0),
         ]
+    )
+
+
+def _resolve(program: list[Instruction]) -> list[Instruction]:
+    """Jumps to _DROP made relative: classic BPF jumps count the instructions skipped."""
+    last = len(program) - 1
+
+    def offset(index: int, jump: int) -> int:
+        return last - index - 1 if jump == _DROP else jump
+
     return [
-        (_LD_H_ABS, 0, 0, 2),
-        (_JEQ_K, 0, 3, port),
-        (_LD_W_ABS, 0, 0, word_at),
-        (_JEQ_K, 0, 1, match.word),
-        (_RET_K, 0, 0, match.capture_bytes),
-        (_RET_K, 0, 0, 0),
+        (code, offset(index, jump_true), offset(index, jump_false), k)
+        for index, (code, jump_true, jump_false, k) in enumerate(program)
     ]
 
 
@@ -166,13 +189,21 @@ def udp_segment(
 def parse_ipv4_udp(packet: bytes, port: int) -> tuple[IPAddress, int, bytes] | None:
     """Source address, source port and payload of an IPv4 UDP packet to `port`; None for
     anything else or anything truncated."""
+    parsed = parse_ipv4_udp_to(packet, port, 1)
+    return None if parsed is None else parsed[:3]
+
+
+def parse_ipv4_udp_to(
+    packet: bytes, port: int, count: int
+) -> tuple[IPAddress, int, bytes, int] | None:
+    """Like parse_ipv4_udp, for any of the `count` ports from `port`, and which one."""
     if len(packet) < 20 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_UDP:
         return None
     header_bytes = (packet[0] & 0x0F) * 4
     if header_bytes < 20 or len(packet) < header_bytes + UDP_HEADER_BYTES:
         return None
     return _udp_payload(
-        packet[header_bytes:], port, socket.inet_ntop(socket.AF_INET, packet[12:16])
+        packet[header_bytes:], port, count, socket.inet_ntop(socket.AF_INET, packet[12:16])
     )
 
 
@@ -192,24 +223,32 @@ def ipv6_destination(ancillary: list[tuple[int, int, bytes]]) -> IPAddress | Non
     return None
 
 
-def _udp_payload(segment: bytes, port: int, source: str) -> tuple[IPAddress, int, bytes] | None:
+def _udp_payload(
+    segment: bytes, port: int, count: int, source: str
+) -> tuple[IPAddress, int, bytes, int] | None:
     if len(segment) < UDP_HEADER_BYTES:
         return None
     source_port, destination_port, length = struct.unpack_from("!HHH", segment)
-    if destination_port != port or not UDP_HEADER_BYTES <= length <= len(segment):
+    if not port <= destination_port < port + count:
         return None
-    return ip_address(source), source_port, segment[UDP_HEADER_BYTES:length]
+    if not UDP_HEADER_BYTES <= length <= len(segment):
+        return None
+    return ip_address(source), source_port, segment[UDP_HEADER_BYTES:length], destination_port
 
 
 class RawUdpPort:
     """Payloads from `listen_port`, and those to it that `match`, over raw sockets. Sockets
     are opened per family on first use (a host without IPv6 sends IPv4 only), or by
-    `listen` for a program that answers."""
+    `listen` for a program that answers. With `count`, the `count` ports from `listen_port`
+    on (a relay's ports): datagrams say which one they came to, and answers choose theirs."""
 
-    def __init__(self, listen_port: int, match: PayloadMatch, mark: int = MARK_WIREGUARD) -> None:
-        if not 1 <= listen_port <= 65535:
-            raise ValueError(f"listen port {listen_port} is not 1 to 65535")
+    def __init__(
+        self, listen_port: int, match: PayloadMatch, mark: int = MARK_WIREGUARD, count: int = 1
+    ) -> None:
+        if count < 1 or not 1 <= listen_port <= 65536 - count:
+            raise ValueError(f"listen ports {listen_port}+{count} are not all within 1 to 65535")
         self.listen_port = listen_port
+        self.count = count
         self.match = match
         self.mark = mark
         self._receivers: dict[int, socket.socket] = {}
@@ -238,9 +277,19 @@ class RawUdpPort:
         self._receivers.clear()
         self._senders.clear()
 
-    def send(self, destination: Endpoint, payload: bytes, source: IPAddress | None = None) -> None:
+    def send(
+        self,
+        destination: Endpoint,
+        payload: bytes,
+        source: IPAddress | None = None,
+        source_port: int | None = None,
+    ) -> None:
         """Send from `source` (one of ours: an answer goes out from the address its request
-        came to, as WireGuard's own do), or from the address routing picks."""
+        came to, as WireGuard's own do), or from the address routing picks; from
+        `source_port`, one of ours, or the listen port."""
+        port = self.listen_port if source_port is None else source_port
+        if not self.listen_port <= port < self.listen_port + self.count:
+            raise ValueError(f"port {port} is not one this transport listens on")
         family = socket.AF_INET if destination.address.version == 4 else socket.AF_INET6
         self._receiver(family)  # before sending: the answer may come at once
         if source is None or source.version != destination.address.version:
@@ -260,7 +309,7 @@ class RawUdpPort:
                 sender.close()
                 raise
             self._senders[source] = sender
-        segment = udp_segment(source, destination, self.listen_port, payload)
+        segment = udp_segment(source, destination, port, payload)
         # The port of a raw socket's destination is the protocol number (ignored) on Linux.
         sender.sendto(segment, (str(destination.address), 0))
 
@@ -299,17 +348,18 @@ class RawUdpPort:
         packet, ancillary, _flags, sender = sock.recvmsg(READ_BYTES, PKTINFO_SPACE)
         destination: IPAddress | None
         if sock.family == socket.AF_INET:
-            parsed = parse_ipv4_udp(packet, self.listen_port)
+            parsed = parse_ipv4_udp_to(packet, self.listen_port, self.count)
             destination = ipv4_destination(packet)
         else:
             # An IPv6 raw socket returns no IP header: the packet starts at the UDP header,
             # and the destination comes as ancillary data.
-            parsed = _udp_payload(packet, self.listen_port, str(sender[0]).partition("%")[0])
+            source = str(sender[0]).partition("%")[0]
+            parsed = _udp_payload(packet, self.listen_port, self.count, source)
             destination = ipv6_destination(ancillary)
         if parsed is None or parsed[1] == 0:
             return None
-        address, port, payload = parsed
-        return Datagram(Endpoint(address, port), payload, destination)
+        address, port, payload, to_port = parsed
+        return Datagram(Endpoint(address, port), payload, destination, to_port)
 
     def _open(self, family: socket.AddressFamily) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_UDP)
@@ -328,7 +378,8 @@ class RawUdpPort:
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-            attach_filter(sock, payload_filter(family, self.listen_port, self.match))
+            program = payload_filter(family, self.listen_port, self.match, self.count)
+            attach_filter(sock, program)
             sock.setblocking(False)
             # Packets queued between socket() and the filter were not filtered.
             for _ in range(DRAIN_LIMIT):

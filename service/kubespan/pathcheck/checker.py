@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import logging
 import os
 import queue
 import random
-import select
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +36,7 @@ from kubespan.discovery.ratelimit import RateLimiter
 from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.pathcheck import codec
 from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch, RawUdpPort
+from kubespan.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +125,7 @@ class PathChecker:
         self._slice_start = float("-inf")
         self._slice_sent = 0
         self._stopping = False
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
+        self._wakeup = Wakeup()
         self.sent = 0  # requests sent, for tests and benchmarks
         self.answered = 0  # answers sent
         self._thread = threading.Thread(target=self._run, name="path checker", daemon=True)
@@ -157,8 +153,7 @@ class PathChecker:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
         if not self._thread.is_alive():
-            self._wake_reader.close()
-            self._wake_writer.close()
+            self._wakeup.close()
 
     def set_members(self, public_keys: Iterable[str]) -> None:
         """The members whose requests are answered and whose checks may be sent."""
@@ -211,9 +206,7 @@ class PathChecker:
             }
 
     def _poke(self) -> None:
-        # Full (a wake-up is pending anyway) or closed (stopping): nothing to do.
-        with contextlib.suppress(OSError):
-            self._wake_writer.send(b"\0")
+        self._wakeup.poke()
 
     # --- the thread ------------------------------------------------------------------
 
@@ -244,17 +237,11 @@ class PathChecker:
     def _sleep(self, delay: float) -> None:
         """Wait `delay`, or until stopped (checks asked for meanwhile wait: retrying the
         sockets at every pass would only log the same failure faster)."""
-        deadline = self.monotonic() + delay
-        while not self._stopping:
-            left = deadline - self.monotonic()
-            if left <= 0:
-                return
-            select.select([self._wake_reader], [], [], left)
-            self._drain_wake()  # else one wake-up ends every later wait at once
+        self._wakeup.sleep(delay, self.monotonic, lambda: self._stopping)
 
     def _turn(self, transport: AddressedTransport) -> None:
         """Start what was asked, send what is due, then read until the next send is due."""
-        self._drain_wake()
+        self._wakeup.drain()
         if self._stopping:
             return  # stop() came after the loop looked, and its wake-up was just drained
         now = self.monotonic()
@@ -265,20 +252,13 @@ class PathChecker:
         due = self._next_due()
         for _ in range(MAX_DATAGRAMS_PER_TURN):
             timeout = max(0.0, due - self.monotonic())
-            received = transport.receive_datagram(timeout, self._wake_reader)
+            received = transport.receive_datagram(timeout, self._wakeup.reader)
             if received is None:
                 return
             try:
                 self._handle(transport, received)
             except OSError as error:  # one answer that cannot be sent harms nothing else
                 log.debug("path check answer not sent to=%s error=%s", received.source, error)
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
 
     def _take_pending(self, now: float) -> None:
         with self._lock:

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import struct
 from dataclasses import dataclass
 
 import nacl.exceptions
 from nacl.bindings import crypto_scalarmult
 
-from kubespan.netaddr import Endpoint
+from kubespan.netaddr import Endpoint, endpoint_bytes, endpoint_from_bytes
 
 TAG = 0x4B537063  # "KSpc"
 VERSION = 1
@@ -79,23 +78,12 @@ def _mac(key: bytes, body: bytes) -> bytes:
     return hashlib.blake2b(body, key=key, digest_size=MAC_BYTES).digest()
 
 
-def _observed_bytes(observed: Endpoint | None) -> tuple[bytes, int]:
-    if observed is None:
-        return bytes(16), 0
-    address = observed.address
-    if address.version == 4:
-        return ipaddress.IPv6Address(
-            b"\0" * 10 + b"\xff\xff" + address.packed
-        ).packed, observed.port
-    return address.packed, observed.port
-
-
 def encode(
     kind: int, sender: bytes, transaction_id: bytes, key: bytes, observed: Endpoint | None = None
 ) -> bytes:
     if len(sender) != KEY_BYTES or len(transaction_id) != TRANSACTION_ID_BYTES:
         raise ValueError("a path check needs a 32-byte key and a 12-byte transaction id")
-    packed, port = _observed_bytes(observed)
+    packed, port = endpoint_bytes(observed)
     body = _HEADER.pack(TAG, kind, VERSION, 0, sender, transaction_id, packed, port)
     return body + _mac(key, body)
 
@@ -121,11 +109,10 @@ def parse(payload: bytes) -> PathMessage:
         return PathMessage(kind, sender, transaction_id, None)
     if kind != ANSWER:
         raise PathCheckError(f"unknown path check kind {kind}")
-    address = ipaddress.IPv6Address(packed)
-    observed = address.ipv4_mapped or address
-    if port == 0 or observed.is_unspecified:
+    observed = endpoint_from_bytes(packed, port)
+    if observed is None:
         raise PathCheckError("an answer without an observed endpoint")
-    return PathMessage(kind, sender, transaction_id, Endpoint(observed, port))
+    return PathMessage(kind, sender, transaction_id, observed)
 
 
 def authentic(payload: bytes, key: bytes) -> bool:

@@ -1,0 +1,135 @@
+"""The relay's side of binding, as data: which sides are bound, at which port and mapping,
+until when; the answer to each bind; and the pairs that follow (both sides bound with the
+same attempt, at the same relay address).
+
+Time and the clock are passed in: `now` is monotonic seconds (when bindings lapse), `wall_ms`
+the relay's clock (how fresh a bind is)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from kubespan.netaddr import Endpoint, IPAddress
+from kubespan.relay.bind import BindMessage, Kind, Refusal
+from kubespan.relay.forward import RelayedPair, RelaySide, RelaySpec
+from kubespan.relay.ports import MAX_ATTEMPTS, PortRange, pair_ports
+
+BIND_LIFETIME_SECONDS = 60.0  # a side binds again every 20 s: three lost binds and it lapses
+CLOCK_SKEW_MS = 90_000  # how far a side's clock may be from the relay's
+
+
+@dataclass(frozen=True)
+class SideBinding:
+    side: bytes
+    peer: bytes
+    attempt: int
+    port: int
+    address: IPAddress  # the relay's own address the side sends to
+    mapping: Endpoint  # where the side's datagrams come from, as the relay sees them
+    time_ms: int  # the side's clock in its latest bind: an older one is a replay
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class RelayPolicy:
+    relay_key: bytes
+    ports: PortRange
+    members: frozenset[bytes]  # WireGuard public keys of the cluster's members
+    max_pairs: int
+
+
+@dataclass(frozen=True)
+class BindOutcome:
+    bindings: tuple[SideBinding, ...]
+    answer: BindMessage
+
+
+def live(bindings: tuple[SideBinding, ...], now: float) -> tuple[SideBinding, ...]:
+    return tuple(b for b in bindings if b.expires_at > now)
+
+
+def take_bind(
+    bindings: tuple[SideBinding, ...],
+    message: BindMessage,
+    source: Endpoint,
+    destination: Endpoint,
+    policy: RelayPolicy,
+    now: float,
+    wall_ms: int,
+) -> BindOutcome | None:
+    """The bindings after an authentic BIND from `source` to the relay's `destination`, and
+    the answer; None for what deserves no answer (not a BIND, or not from a member)."""
+    if message.kind != Kind.BIND or message.sender not in policy.members:
+        return None
+    current = live(bindings, now)
+
+    def refuse(reason: Refusal) -> BindOutcome:
+        return BindOutcome(current, _answer(message, policy, Kind.REFUSED, reason=reason))
+
+    if message.peer == message.sender or message.peer not in policy.members:
+        return refuse(Refusal.UNKNOWN_PEER)
+    previous = next(
+        (b for b in current if (b.side, b.peer) == (message.sender, message.peer)), None
+    )
+    if abs(wall_ms - message.time_ms) > CLOCK_SKEW_MS or (
+        previous is not None and message.time_ms <= previous.time_ms
+    ):
+        return refuse(Refusal.STALE)
+    if message.attempt >= MAX_ATTEMPTS or destination.port not in policy.ports:
+        return refuse(Refusal.WRONG_PORT)
+    own, theirs = pair_ports(
+        policy.ports, policy.relay_key, message.sender, message.peer, message.attempt
+    )
+    if destination.port != own:
+        return refuse(Refusal.WRONG_PORT)
+    pair = frozenset((message.sender, message.peer))
+    others = [b for b in current if frozenset((b.side, b.peer)) != pair]
+    if any(b.port in (own, theirs) for b in others):
+        return refuse(Refusal.PORT_TAKEN)
+    if len({frozenset((b.side, b.peer)) for b in others}) >= policy.max_pairs:
+        return refuse(Refusal.FULL)
+    binding = SideBinding(
+        side=message.sender,
+        peer=message.peer,
+        attempt=message.attempt,
+        port=own,
+        address=destination.address,
+        mapping=source,
+        time_ms=message.time_ms,
+        expires_at=now + BIND_LIFETIME_SECONDS,
+    )
+    kept = tuple(b for b in current if b is not previous)
+    return BindOutcome((*kept, binding), _answer(message, policy, Kind.BOUND, observed=source))
+
+
+def forwarded(
+    bindings: tuple[SideBinding, ...], now: float, ports: PortRange | None = None
+) -> RelaySpec:
+    """The pairs to forward: both sides bound, with the same attempt and relay address."""
+    current = {(b.side, b.peer): b for b in live(bindings, now)}
+    pairs = []
+    for (side, peer), binding in current.items():
+        other = current.get((peer, side))
+        if side > peer or other is None:
+            continue  # each pair once, from its lower key; or not both bound yet
+        if other.attempt != binding.attempt or other.address != binding.address:
+            continue
+        pairs.append(
+            RelayedPair(
+                binding.address,
+                RelaySide(binding.port, binding.mapping),
+                RelaySide(other.port, other.mapping),
+            )
+        )
+    return RelaySpec.of(pairs, ports)
+
+
+def _answer(
+    message: BindMessage,
+    policy: RelayPolicy,
+    kind: Kind,
+    reason: Refusal | None = None,
+    observed: Endpoint | None = None,
+) -> BindMessage:
+    # The bind's clock and transaction echoed: the side matches the answer to its bind.
+    return replace(message, kind=kind, sender=policy.relay_key, reason=reason, observed=observed)

@@ -1,0 +1,275 @@
+"""Binding a pair's sides at a relay (relay.bind, relay.ports, relay.bindings): the message
+format and its authentication, the ports a pair gets, and the relay's answers to each kind
+of bind, table by table."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import replace
+
+import pytest
+from nacl.public import PrivateKey
+
+from kubespan.crypto import ClusterKeys
+from kubespan.netaddr import Endpoint
+from kubespan.pathcheck.codec import pair_key
+from kubespan.relay.bind import (
+    MESSAGE_BYTES,
+    BindError,
+    BindMessage,
+    Kind,
+    Refusal,
+    authentic,
+    encode,
+    parse,
+)
+from kubespan.relay.bindings import (
+    BIND_LIFETIME_SECONDS,
+    CLOCK_SKEW_MS,
+    RelayPolicy,
+    SideBinding,
+    forwarded,
+    take_bind,
+)
+from kubespan.relay.forward import RelaySide
+from kubespan.relay.ports import MAX_ATTEMPTS, PortRange, pair_ports
+
+RELAY_KEY, A, B, C, D = (bytes([n]) * 32 for n in (9, 1, 2, 3, 4))
+PORTS = PortRange(51821, 1000)
+RELAY_AT = ipaddress.ip_address("203.0.113.30")
+A_MAPPING = Endpoint.parse("198.51.100.1:40000")
+B_MAPPING = Endpoint.parse("192.0.2.2:51820")
+NOW, WALL = 1000.0, 1_800_000_000_000
+POLICY = RelayPolicy(RELAY_KEY, PORTS, frozenset({A, B, C, D}), max_pairs=10)
+
+
+def bind(side: bytes, peer: bytes, attempt: int = 0, time_ms: int = WALL) -> BindMessage:
+    return BindMessage(Kind.BIND, side, peer, attempt, time_ms, os.urandom(12))
+
+
+def port_of(side: bytes, peer: bytes, attempt: int = 0) -> Endpoint:
+    return Endpoint(RELAY_AT, pair_ports(PORTS, RELAY_KEY, side, peer, attempt)[0])
+
+
+def bound(
+    bindings: tuple[SideBinding, ...] = (),
+    message: BindMessage | None = None,
+    source: Endpoint = A_MAPPING,
+    to: Endpoint | None = None,
+    policy: RelayPolicy = POLICY,
+    now: float = NOW,
+) -> tuple[tuple[SideBinding, ...], BindMessage]:
+    message = message or bind(A, B)
+    outcome = take_bind(
+        bindings,
+        message,
+        source,
+        to or port_of(message.sender, message.peer, message.attempt),
+        policy,
+        now,
+        WALL,
+    )
+    assert outcome is not None
+    return outcome.bindings, outcome.answer
+
+
+# --- the message ---------------------------------------------------------------------
+
+
+def test_messages_round_trip_and_are_all_one_size() -> None:
+    key = os.urandom(32)
+    messages = [
+        bind(A, B, attempt=3),
+        replace(bind(A, B), kind=Kind.BOUND, sender=RELAY_KEY, observed=A_MAPPING),
+        replace(bind(A, B), kind=Kind.REFUSED, sender=RELAY_KEY, reason=Refusal.PORT_TAKEN),
+        replace(
+            bind(A, B),
+            kind=Kind.BOUND,
+            sender=RELAY_KEY,
+            observed=Endpoint.parse("[2001:db8::1]:7"),
+        ),
+    ]
+    for message in messages:
+        wire = encode(message, key)
+        assert len(wire) == MESSAGE_BYTES
+        assert wire[0] not in (1, 2, 3, 4)  # never WireGuard-shaped: never forwarded
+        assert authentic(wire, key)
+        assert parse(wire) == message
+
+
+def test_a_changed_byte_or_another_key_is_not_authentic() -> None:
+    key = os.urandom(32)
+    wire = encode(bind(A, B), key)
+    assert not authentic(wire, os.urandom(32))
+    for index in (0, 10, 50, len(wire) - 1):
+        changed = bytearray(wire)
+        changed[index] ^= 1
+        assert not authentic(bytes(changed), key)
+
+
+@pytest.mark.parametrize(
+    ("wire", "error"),
+    [
+        (b"", "a bind message is 126 bytes, not 0"),
+        (b"\x00" * 126, "not a bind message of this version"),
+        (b"KSrb\x07\x01" + bytes(120), "unknown bind message kind 7"),
+        (b"KSrb\x03\x01\x09" + bytes(119), "unknown refusal reason 9"),
+        (b"KSrb\x01\x01\x05" + bytes(119), "only REFUSED carries a reason"),
+        (b"KSrb\x02\x01" + bytes(120), "BOUND without the observed mapping"),
+        (b"KSrb\x01\x01" + bytes(89) + b"\x01" + bytes(30), "only BOUND carries"),
+    ],
+)
+def test_malformed_messages_say_what_is_wrong(wire: bytes, error: str) -> None:
+    with pytest.raises(BindError, match=error):
+        parse(wire)
+
+
+def test_side_and_relay_compute_the_same_key_and_no_one_else_does() -> None:
+    cluster = ClusterKeys.derive("cluster", os.urandom(32))
+    relay, side, other = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
+
+    def key(own: PrivateKey, peer: PrivateKey, cluster_key: bytes) -> bytes:
+        return pair_key(bytes(own), bytes(peer.public_key), bytes(own.public_key), cluster_key)
+
+    at_side = key(side, relay, cluster.relay_bind_key)
+    assert at_side == key(relay, side, cluster.relay_bind_key)
+    assert at_side != key(other, relay, cluster.relay_bind_key)  # another member's side
+    assert at_side != key(side, relay, cluster.path_check_key)  # path checks' keys differ
+    stranger = ClusterKeys.derive("cluster", os.urandom(32))
+    assert at_side != key(side, relay, stranger.relay_bind_key)
+
+
+# --- the ports -----------------------------------------------------------------------
+
+
+def test_both_sides_and_the_relay_agree_on_the_pairs_ports() -> None:
+    for attempt in range(MAX_ATTEMPTS):
+        a_port, b_port = pair_ports(PORTS, RELAY_KEY, A, B, attempt)
+        assert pair_ports(PORTS, RELAY_KEY, B, A, attempt) == (b_port, a_port)
+        assert a_port in PORTS and b_port in PORTS and abs(a_port - b_port) == 1
+        assert min(a_port, b_port) % 2 == PORTS.first % 2  # a slot's two ports
+    spread = {pair_ports(PORTS, RELAY_KEY, A, B, n) for n in range(MAX_ATTEMPTS)}
+    assert len(spread) > 1
+    assert pair_ports(PORTS, bytes(32), A, B, 0) != pair_ports(PORTS, RELAY_KEY, A, B, 0)
+
+
+@pytest.mark.parametrize(("first", "count"), [(51821, 1), (51821, 3), (0, 10), (65530, 10)])
+def test_impossible_port_ranges_are_refused(first: int, count: int) -> None:
+    with pytest.raises(ValueError, match="an even count"):
+        PortRange(first, count)
+
+
+def test_a_pair_needs_two_sides() -> None:
+    with pytest.raises(ValueError, match="two different sides"):
+        pair_ports(PORTS, RELAY_KEY, A, A, 0)
+
+
+# --- the relay's answers -------------------------------------------------------------
+
+
+def test_a_bind_is_answered_with_the_mapping_it_came_from() -> None:
+    bindings, answer = bound()
+    assert (answer.kind, answer.sender, answer.peer, answer.observed) == (
+        Kind.BOUND,
+        RELAY_KEY,
+        B,
+        A_MAPPING,
+    )
+    (binding,) = bindings
+    assert (binding.port, binding.mapping, binding.address) == (
+        port_of(A, B).port,
+        A_MAPPING,
+        RELAY_AT,
+    )
+
+
+def test_nothing_is_forwarded_until_both_sides_are_bound() -> None:
+    bindings, _ = bound()
+    assert forwarded(bindings, NOW).pairs == ()
+    bindings, _ = bound(bindings, bind(B, A), source=B_MAPPING)
+    (pair,) = forwarded(bindings, NOW).pairs
+    a_port, b_port = pair_ports(PORTS, RELAY_KEY, A, B, 0)
+    assert pair.address == RELAY_AT
+    assert {pair.first, pair.second} == {RelaySide(a_port, A_MAPPING), RelaySide(b_port, B_MAPPING)}
+
+
+def test_a_pair_lapses_when_one_side_stops_binding() -> None:
+    bindings, _ = bound()
+    bindings, _ = bound(bindings, bind(B, A), source=B_MAPPING, now=NOW + 30)
+    assert forwarded(bindings, NOW + BIND_LIFETIME_SECONDS - 1).pairs
+    assert forwarded(bindings, NOW + BIND_LIFETIME_SECONDS).pairs == ()
+
+
+def test_a_new_mapping_replaces_the_old_one() -> None:
+    bindings, _ = bound()
+    moved = Endpoint.parse("198.51.100.1:40999")
+    bindings, answer = bound(bindings, bind(A, B, time_ms=WALL + 1), source=moved)
+    assert answer.observed == moved
+    assert [b.mapping for b in bindings] == [moved]
+
+
+def test_sides_of_different_attempts_are_not_a_pair() -> None:
+    bindings, _ = bound()
+    bindings, _ = bound(bindings, bind(B, A, attempt=1), source=B_MAPPING)
+    assert forwarded(bindings, NOW).pairs == ()
+
+
+@pytest.mark.parametrize(
+    ("message", "to", "reason"),
+    [
+        (bind(A, A), None, Refusal.UNKNOWN_PEER),
+        (bind(A, bytes(32)), None, Refusal.UNKNOWN_PEER),
+        (bind(A, B, time_ms=WALL - CLOCK_SKEW_MS - 1), None, Refusal.STALE),
+        (bind(A, B, time_ms=WALL + CLOCK_SKEW_MS + 1), None, Refusal.STALE),
+        (bind(A, B, attempt=MAX_ATTEMPTS), Endpoint(RELAY_AT, 51821), Refusal.WRONG_PORT),
+        (bind(A, B), Endpoint(RELAY_AT, 51820), Refusal.WRONG_PORT),
+        (bind(A, B), Endpoint(RELAY_AT, port_of(B, A).port), Refusal.WRONG_PORT),
+    ],
+)
+def test_refusals(message: BindMessage, to: Endpoint | None, reason: Refusal) -> None:
+    outcome = take_bind((), message, A_MAPPING, to or port_of(A, B), POLICY, NOW, WALL)
+    assert outcome is not None
+    assert (outcome.answer.kind, outcome.answer.reason) == (Kind.REFUSED, reason)
+    assert outcome.bindings == ()
+
+
+def test_a_replayed_bind_is_stale() -> None:
+    first = bind(A, B)
+    bindings, _ = bound((), first)
+    elsewhere = Endpoint.parse("203.0.113.66:1234")
+    replayed, answer = bound(bindings, first, source=elsewhere)
+    assert (answer.kind, answer.reason) == (Kind.REFUSED, Refusal.STALE)
+    assert [b.mapping for b in replayed] == [A_MAPPING]
+
+
+def test_strangers_and_answers_get_no_answer() -> None:
+    stranger = bind(bytes([7]) * 32, B)
+    assert take_bind((), stranger, A_MAPPING, port_of(A, B), POLICY, NOW, WALL) is None
+    answer = replace(bind(A, B), kind=Kind.BOUND, observed=A_MAPPING)
+    assert take_bind((), answer, A_MAPPING, port_of(A, B), POLICY, NOW, WALL) is None
+
+
+def test_a_taken_slot_sends_the_pair_to_its_next_attempt() -> None:
+    narrow = PortRange(51821, 2)  # one slot: every pair wants it
+    policy = replace(POLICY, ports=narrow)
+
+    def at(side: bytes, peer: bytes, attempt: int = 0) -> Endpoint:
+        return Endpoint(RELAY_AT, pair_ports(narrow, RELAY_KEY, side, peer, attempt)[0])
+
+    bindings, _ = bound((), bind(A, B), to=at(A, B), policy=policy)
+    _, answer = bound(bindings, bind(C, D), to=at(C, D), policy=policy)
+    assert (answer.kind, answer.reason) == (Kind.REFUSED, Refusal.PORT_TAKEN)
+    # Once A's binding lapses, the slot is free again.
+    later = NOW + BIND_LIFETIME_SECONDS
+    _, answer = bound(bindings, bind(C, D), to=at(C, D), policy=policy, now=later)
+    assert answer.kind == Kind.BOUND
+
+
+def test_a_full_relay_refuses_new_pairs_but_keeps_its_own() -> None:
+    policy = replace(POLICY, max_pairs=1)
+    bindings, _ = bound((), bind(A, B), policy=policy)
+    bindings, answer = bound(bindings, bind(B, A), source=B_MAPPING, policy=policy)
+    assert answer.kind == Kind.BOUND
+    _, answer = bound(bindings, bind(C, D), policy=policy)
+    assert (answer.kind, answer.reason) == (Kind.REFUSED, Refusal.FULL)
