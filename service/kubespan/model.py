@@ -39,6 +39,9 @@ class MemberRecord:
     leave: bool = False
     # XEdDSA by the node's WireGuard key over everything above (discovery/payload.py).
     signature: bytes = field(default=b"", repr=False)
+    # Fields of a later payload version this one ignores, as canonical JSON of one object:
+    # kept so the record can be encoded again exactly as it was signed (the peer cache).
+    later_fields: bytes = field(default=b"", repr=False)
 
 
 # Endpoints other members saw a node at (harvested), kept per node beside its own.

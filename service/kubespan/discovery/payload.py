@@ -19,6 +19,12 @@ trailing spaces (JSON allows them) so every sealed record is exactly 1, 2 or 4 K
 endpoint is packed as 18 bytes (IPv4 as IPv4-mapped IPv6): blob sizes tell the service
 neither the address family nor the hostname's length.
 
+Forward compatibility: fields this version does not know are ignored, within the record's
+bounds (4 KiB, two levels deep), and still covered by the signature. So a later version can
+add what older members may ignore (a relay's endpoints, say) without splitting the cluster
+during a rolling upgrade; a change that older members must not ignore raises "v", which they
+refuse.
+
 Peers' records are untrusted even after they authenticate (every member holds the cluster
 secret, and may run other software): every field is checked, and a malformed record raises
 ValueError, never anything else.
@@ -51,7 +57,21 @@ MAX_RECORD_VERSION = (1 << 63) - 1
 MAX_VALID_UNTIL = 1 << 40
 ENDPOINT_BYTES = 18
 
-_FIELDS = frozenset(
+SIGNED_PREFIX = b"kubespan-record-v2\0"
+_NODE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9-]{1,63}")
+
+
+def valid_hostname(name: str) -> bool:
+    """DNS characters only: labels of letters, digits and hyphens, at most 253 in all."""
+    return len(name) <= MAX_HOSTNAME and all(_HOST_LABEL.fullmatch(p) for p in name.split("."))
+
+
+def valid_node_id(node_id: str) -> bool:
+    return _NODE_ID.fullmatch(node_id) is not None
+
+
+_KNOWN_FIELDS = frozenset(
     {
         "v",
         "node_id",
@@ -67,23 +87,13 @@ _FIELDS = frozenset(
         "sig",
     }
 )
-SIGNED_PREFIX = b"kubespan-record-v2\0"
-_NODE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
-_HOST_LABEL = re.compile(r"[A-Za-z0-9-]{1,63}")
-
-
-def valid_hostname(name: str) -> bool:
-    """DNS characters only: labels of letters, digits and hyphens, at most 253 in all."""
-    return len(name) <= MAX_HOSTNAME and all(_HOST_LABEL.fullmatch(p) for p in name.split("."))
-
-
-def valid_node_id(node_id: str) -> bool:
-    return _NODE_ID.fullmatch(node_id) is not None
 
 
 def _document(record: MemberRecord) -> dict[str, Any]:
     info = record.info
+    later: dict[str, Any] = json.loads(record.later_fields) if record.later_fields else {}
     return {
+        **later,
         "v": PAYLOAD_VERSION,
         "node_id": info.node_id,
         "hostname": info.hostname,
@@ -131,9 +141,6 @@ def decode_record(raw: bytes) -> MemberRecord:
     document: Any = boundedjson.loads(raw, SEALED_SIZES[-1], max_depth=2)
     if not isinstance(document, dict) or document.get("v") != PAYLOAD_VERSION:
         raise ValueError("record has an unknown payload version")
-    unknown = sorted(set(document) - _FIELDS)
-    if unknown:
-        raise ValueError(f"record has an unknown field {unknown[0]!r}")
     node_id = _string(document, "node_id", MAX_NODE_ID)
     if not valid_node_id(node_id):
         raise ValueError("node_id is not 1 to 64 letters and digits")
@@ -166,7 +173,16 @@ def decode_record(raw: bytes) -> MemberRecord:
     if not isinstance(leave, bool):
         raise ValueError("leave is not a boolean")
     info = AffiliateInfo(node_id, hostname, public_key, ula, addresses, pod_cidrs)
-    return MemberRecord(info, endpoints, version, valid_until, leave, signature)
+    later = {k: v for k, v in document.items() if k not in _KNOWN_FIELDS}
+    return MemberRecord(
+        info,
+        endpoints,
+        version,
+        valid_until,
+        leave,
+        signature,
+        canonical(later) if later else b"",
+    )
 
 
 def _signature(value: Any) -> bytes:
