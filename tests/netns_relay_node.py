@@ -34,6 +34,8 @@ def main() -> None:
     )
     server.set_members(raw(k) for k in spec["members"])
     server.start()
+    if not server.ready.wait(10):
+        sys.exit("the relay did not get ready")  # its log says why
     done = threading.Event()
 
     def watch() -> None:

@@ -27,6 +27,8 @@ from kubespan.relay.bind import (
 from kubespan.relay.bindings import (
     BIND_LIFETIME_SECONDS,
     CLOCK_SKEW_MS,
+    ONE_SIDED_PER_MEMBER,
+    REMEMBER_SECONDS,
     RelayPolicy,
     SideBinding,
     forwarded,
@@ -225,6 +227,7 @@ def test_sides_of_different_attempts_are_not_a_pair() -> None:
         (bind(A, B, attempt=MAX_ATTEMPTS), Endpoint(RELAY_AT, 51821), Refusal.WRONG_PORT),
         (bind(A, B), Endpoint(RELAY_AT, 51820), Refusal.WRONG_PORT),
         (bind(A, B), Endpoint(RELAY_AT, port_of(B, A).port), Refusal.WRONG_PORT),
+        (replace(bind(A, B), time_ms=0), None, Refusal.STALE),
     ],
 )
 def test_refusals(message: BindMessage, to: Endpoint | None, reason: Refusal) -> None:
@@ -234,13 +237,49 @@ def test_refusals(message: BindMessage, to: Endpoint | None, reason: Refusal) ->
     assert outcome.bindings == ()
 
 
-def test_a_replayed_bind_is_stale() -> None:
+def test_a_replayed_bind_moves_nothing_even_after_its_binding_lapsed() -> None:
     first = bind(A, B)
     bindings, _ = bound((), first)
     elsewhere = Endpoint.parse("203.0.113.66:1234")
-    replayed, answer = bound(bindings, first, source=elsewhere)
-    assert (answer.kind, answer.reason) == (Kind.REFUSED, Refusal.STALE)
-    assert [b.mapping for b in replayed] == [A_MAPPING]
+    for later in (NOW + 1, NOW + BIND_LIFETIME_SECONDS + 1):
+        replayed, answer = bound(bindings, first, source=elsewhere, now=later)
+        assert (answer.kind, answer.reason) == (Kind.REFUSED, Refusal.REPLAYED)
+        assert [b.mapping for b in replayed] == [A_MAPPING]
+        assert forwarded(replayed, later).pairs == ()
+    # Forgotten only once no bind that old passes the clock check any more (the relay's
+    # clock has moved on as much as its monotonic one).
+    later = NOW + REMEMBER_SECONDS
+    wall = WALL + int(REMEMBER_SECONDS * 1000)
+    outcome = take_bind(bindings, first, elsewhere, port_of(A, B), POLICY, later, wall)
+    assert outcome is not None
+    assert (outcome.answer.reason, outcome.bindings) == (Refusal.STALE, ())
+
+
+def test_sides_at_different_attempts_are_told_where_the_other_is() -> None:
+    bindings, _ = bound((), bind(A, B, attempt=1))
+    _, answer = bound(bindings, bind(B, A, attempt=0), source=B_MAPPING)
+    assert (answer.kind, answer.reason, answer.attempt) == (
+        Kind.REFUSED,
+        Refusal.PEER_AT_ATTEMPT,
+        1,
+    )
+    bindings, answer = bound(bindings, bind(B, A, attempt=1), source=B_MAPPING)
+    assert answer.kind == Kind.BOUND and len(forwarded(bindings, NOW).pairs) == 1
+
+
+def test_one_member_cannot_hold_every_slot_with_one_sided_bindings() -> None:
+    members = [bytes([0x40 + n]) * 32 for n in range(ONE_SIDED_PER_MEMBER + 2)]
+    policy = replace(POLICY, members=frozenset({A, *members}))
+    bindings: tuple[SideBinding, ...] = ()
+    answers = []
+    for peer in members:
+        outcome = take_bind(bindings, bind(A, peer), A_MAPPING, port_of(A, peer), policy, NOW, WALL)
+        assert outcome is not None
+        bindings = outcome.bindings
+        answers.append((outcome.answer.kind, outcome.answer.reason))
+    bound_ones = [a for a in answers if a[0] == Kind.BOUND]
+    assert len(bound_ones) <= ONE_SIDED_PER_MEMBER
+    assert (Kind.REFUSED, Refusal.FULL) in answers
 
 
 def test_strangers_and_answers_get_no_answer() -> None:

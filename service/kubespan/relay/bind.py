@@ -51,10 +51,12 @@ class Refusal(IntEnum):
 
     NOT_A_RELAY = 1  # this node does not relay
     UNKNOWN_PEER = 2  # the other side is not a member the relay knows
-    STALE = 3  # the bind's clock is too far from the relay's, or older than the last one
+    STALE = 3  # the bind's clock is too far from the relay's
     WRONG_PORT = 4  # not the port relay.ports gives this pair and attempt
     PORT_TAKEN = 5  # another pair holds the port: bind again with the next attempt
-    FULL = 6  # the relay carries as many pairs as it will
+    FULL = 6  # the relay carries as many pairs as it will, or this side holds its quota
+    PEER_AT_ATTEMPT = 7  # the other side is bound with the attempt in this answer: use it
+    REPLAYED = 8  # not newer than the side's last bind (never sent: it would reflect it)
 
 
 class BindError(ValueError):

@@ -16,6 +16,11 @@ from kubespan.relay.ports import MAX_ATTEMPTS, PortRange, pair_ports
 
 BIND_LIFETIME_SECONDS = 60.0  # a side binds again every 20 s: three lost binds and it lapses
 CLOCK_SKEW_MS = 90_000  # how far a side's clock may be from the relay's
+# A lapsed binding is remembered this much longer (not forwarded, holding no port), so its
+# last bind cannot be replayed once it has lapsed: any bind older is outside the clock window.
+REMEMBER_SECONDS = BIND_LIFETIME_SECONDS + 2 * CLOCK_SKEW_MS / 1000
+# One-sided bindings a member may hold at once: each holds two ports until its peer binds.
+ONE_SIDED_PER_MEMBER = 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,18 @@ def live(bindings: tuple[SideBinding, ...], now: float) -> tuple[SideBinding, ..
     return tuple(b for b in bindings if b.expires_at > now)
 
 
+def remembered(bindings: tuple[SideBinding, ...], now: float) -> tuple[SideBinding, ...]:
+    """Live bindings and those lapsed recently enough that their binds could be replayed."""
+    return tuple(
+        b for b in bindings if b.expires_at - BIND_LIFETIME_SECONDS + REMEMBER_SECONDS > now
+    )
+
+
+def next_change(bindings: tuple[SideBinding, ...], now: float) -> float | None:
+    """When the earliest live binding lapses (the forwarded pairs may change then)."""
+    return min((b.expires_at for b in live(bindings, now)), default=None)
+
+
 def take_bind(
     bindings: tuple[SideBinding, ...],
     message: BindMessage,
@@ -61,19 +78,22 @@ def take_bind(
     the answer; None for what deserves no answer (not a BIND, or not from a member)."""
     if message.kind != Kind.BIND or message.sender not in policy.members:
         return None
-    current = live(bindings, now)
+    kept = remembered(bindings, now)
+    current = live(kept, now)
 
-    def refuse(reason: Refusal) -> BindOutcome:
-        return BindOutcome(current, _answer(message, policy, Kind.REFUSED, reason=reason))
+    def refuse(reason: Refusal, attempt: int | None = None) -> BindOutcome:
+        answer = _answer(message, policy, Kind.REFUSED, reason=reason)
+        if attempt is not None:
+            answer = replace(answer, attempt=attempt)
+        return BindOutcome(kept, answer)
 
     if message.peer == message.sender or message.peer not in policy.members:
         return refuse(Refusal.UNKNOWN_PEER)
-    previous = next(
-        (b for b in current if (b.side, b.peer) == (message.sender, message.peer)), None
-    )
-    if abs(wall_ms - message.time_ms) > CLOCK_SKEW_MS or (
-        previous is not None and message.time_ms <= previous.time_ms
-    ):
+    side = (message.sender, message.peer)
+    previous = next((b for b in kept if (b.side, b.peer) == side), None)
+    if previous is not None and message.time_ms <= previous.time_ms:
+        return refuse(Refusal.REPLAYED)
+    if abs(wall_ms - message.time_ms) > CLOCK_SKEW_MS:
         return refuse(Refusal.STALE)
     if message.attempt >= MAX_ATTEMPTS or destination.port not in policy.ports:
         return refuse(Refusal.WRONG_PORT)
@@ -82,11 +102,24 @@ def take_bind(
     )
     if destination.port != own:
         return refuse(Refusal.WRONG_PORT)
-    pair = frozenset((message.sender, message.peer))
+    peer_side = next((b for b in current if (b.side, b.peer) == side[::-1]), None)
+    if peer_side is not None and peer_side.attempt != message.attempt:
+        # Both bound, at different attempts (one was sent on by PORT_TAKEN meanwhile): say
+        # where the other is, or they would wait for each other forever.
+        return refuse(Refusal.PEER_AT_ATTEMPT, peer_side.attempt)
+    pair = frozenset(side)
     others = [b for b in current if frozenset((b.side, b.peer)) != pair]
     if any(b.port in (own, theirs) for b in others):
         return refuse(Refusal.PORT_TAKEN)
-    if len({frozenset((b.side, b.peer)) for b in others}) >= policy.max_pairs:
+    complete = _complete_pairs(others)
+    one_sided = sum(
+        1
+        for b in others
+        if b.side == message.sender and frozenset((b.side, b.peer)) not in complete
+    )
+    if len(complete) >= policy.max_pairs or (
+        peer_side is None and one_sided >= ONE_SIDED_PER_MEMBER
+    ):
         return refuse(Refusal.FULL)
     binding = SideBinding(
         side=message.sender,
@@ -98,8 +131,13 @@ def take_bind(
         time_ms=message.time_ms,
         expires_at=now + BIND_LIFETIME_SECONDS,
     )
-    kept = tuple(b for b in current if b is not previous)
-    return BindOutcome((*kept, binding), _answer(message, policy, Kind.BOUND, observed=source))
+    rest = tuple(b for b in kept if b is not previous)
+    return BindOutcome((*rest, binding), _answer(message, policy, Kind.BOUND, observed=source))
+
+
+def _complete_pairs(bindings: list[SideBinding]) -> set[frozenset[bytes]]:
+    sides = {(b.side, b.peer) for b in bindings}
+    return {frozenset(s) for s in sides if s[::-1] in sides}
 
 
 def forwarded(

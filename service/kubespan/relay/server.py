@@ -4,11 +4,15 @@ pairs whose two sides are bound (relay.bindings), dropping pairs as their bindin
 
 Only members are answered: a bind whose sender is not a member costs one dictionary lookup
 and gets nothing (no X25519 for strangers), one that is not authentic gets nothing either,
-and answers are rate-limited per source and overall, so a replayed bind reflects little.
-The thread never dies of an exception: it logs, backs off and opens its sockets again."""
+a replay gets nothing, and answers are rate-limited per source and side and
+overall, so a replayed bind reflects little. A datagram recomputes the forwarded pairs only
+if it changed a binding; otherwise they are looked at again when the first binding lapses.
+An answer that cannot be sent is that answer's loss alone. The thread never dies of an
+exception: it logs, backs off and opens its sockets again."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import threading
@@ -17,20 +21,29 @@ from collections.abc import Callable, Iterable
 
 from kubespan.agent.backoff import Backoff
 from kubespan.discovery.ratelimit import RateLimiter
-from kubespan.netaddr import Endpoint
+from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.pathcheck.codec import pair_key
 from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch, RawUdpPort
 from kubespan.relay import bind
-from kubespan.relay.bindings import RelayPolicy, SideBinding, forwarded, live, take_bind
+from kubespan.relay.bindings import (
+    RelayPolicy,
+    SideBinding,
+    forwarded,
+    next_change,
+    remembered,
+    take_bind,
+)
 from kubespan.relay.forward import RelaySpec
 from kubespan.relay.kernel import RelayForwarder
 from kubespan.relay.ports import PortRange
 from kubespan.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 BIND_MATCH = PayloadMatch(offset=0, word=bind.TAG, max_payload=bind.MESSAGE_BYTES)
-TURN_SECONDS = 1.0  # how often lapsed bindings are looked for without any datagram
+TURN_SECONDS = 1.0  # the longest wait for datagrams between two looks at stopping
+READS_PER_TURN = 64  # datagrams taken in one turn before the forwarding is looked at
 ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE = 2.0, 10.0
 ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL = 500.0, 1000.0
 
@@ -62,9 +75,12 @@ class RelayServer:
         self._backoff = Backoff(base=2.0, cap=60.0, rng=rng or random.Random())
         self._lock = threading.Lock()
         self._members: frozenset[bytes] = frozenset()
-        self._keys: dict[bytes, bytes] = {}  # member key -> key of the member and the relay
+        # member key -> key of the member and the relay; b"" for a key that gives none
+        self._keys: dict[bytes, bytes] = {}
         self._bindings: tuple[SideBinding, ...] = ()
         self._forwarding: RelaySpec | None = None  # None: not applied yet
+        self._recompute_at: float | None = 0.0  # when to look at the pairs again; None: idle
+        self.ready = threading.Event()  # listening, and the first table applied
         self._per_source = RateLimiter(ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE)
         self._overall = RateLimiter(ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL)
         self._stopping = False
@@ -92,6 +108,8 @@ class RelayServer:
         self._poke()
 
     def join(self, timeout: float | None = None) -> None:
+        if self._thread.ident is None:
+            return  # never started
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self._wakeup.close()
@@ -102,6 +120,7 @@ class RelayServer:
         with self._lock:
             self._members = members - {self._public}
             self._keys = {k: v for k, v in self._keys.items() if k in members}
+            self._recompute_at = 0.0  # a side that left is unbound at once
         self._poke()
 
     def forwarding(self) -> RelaySpec:
@@ -139,73 +158,105 @@ class RelayServer:
 
     def _turn(self, transport: AddressedTransport) -> None:
         self._wakeup.drain()
+        if self._stopping:
+            return
         self._forward()  # first of all: the table that keeps binds from drawing ICMP errors
-        datagram = transport.receive_datagram(TURN_SECONDS, self._wakeup.reader)
-        if datagram is not None:
+        self.ready.set()
+        with self._lock:
+            due = self._recompute_at
+        wait = TURN_SECONDS if due is None else min(TURN_SECONDS, due - self.monotonic())
+        datagram = transport.receive_datagram(max(0.0, wait), self._wakeup.reader)
+        for _ in range(READS_PER_TURN):
+            if datagram is None:
+                break
             self._take(transport, datagram)
-        self._forward()
+            datagram = transport.receive_datagram(0.0)
 
     def _take(self, transport: AddressedTransport, datagram: Datagram) -> None:
-        if datagram.destination is None or datagram.port is None:
+        destination = datagram.destination
+        if destination is None or datagram.port is None or not _unicast(destination):
             return
         try:
             message = bind.parse(datagram.payload)
         except bind.BindError:
             return
-        with self._lock:
-            members = self._members
-            key = self._keys.get(message.sender)
-        if message.sender not in members:
-            return
-        if key is None:
-            try:
-                key = pair_key(self._private, message.sender, self._public, self._bind_key)
-            except ValueError:
-                return
-            with self._lock:
-                self._keys[message.sender] = key
-        if not bind.authentic(datagram.payload, key):
+        key = self._key_for(message.sender)
+        if key is None or not bind.authentic(datagram.payload, key):
             return
         now = self.monotonic()
-        relay_at = Endpoint(datagram.destination, datagram.port)
-        policy = RelayPolicy(self._public, self.ports, members, self._max_pairs)
+        relay_at = Endpoint(destination, datagram.port)
         with self._lock:
+            policy = RelayPolicy(self._public, self.ports, self._members, self._max_pairs)
             outcome = take_bind(
                 self._bindings, message, datagram.source, relay_at, policy, now, self.wall_ms()
             )
             if outcome is None:
                 return
-            self._bindings = outcome.bindings
-        if outcome.answer.kind == bind.Kind.REFUSED:
-            log.info(
+            if outcome.bindings != self._bindings:
+                self._bindings = outcome.bindings
+                self._recompute_at = now
+        answer = outcome.answer
+        if answer.reason == bind.Refusal.REPLAYED:
+            return  # answering a replay would reflect it to wherever it was sent from
+        if answer.kind == bind.Kind.REFUSED:
+            log.debug(
                 "relay refused a bind from=%s port=%d reason=%s",
                 datagram.source,
                 datagram.port,
-                outcome.answer.reason.name if outcome.answer.reason else "-",
+                answer.reason.name if answer.reason else "-",
             )
-        source = str(datagram.source.address)
-        if self._per_source.allow(source, now) and self._overall.allow("", now):
+        source = f"{datagram.source.address} {message.sender.hex()}"
+        if not (self._per_source.allow(source, now) and self._overall.allow("", now)):
+            return
+        try:
             transport.send(
                 datagram.source,
-                bind.encode(outcome.answer, key),
-                source=datagram.destination,
+                bind.encode(answer, key),
+                source=destination,
                 source_port=datagram.port,
             )
+        except OSError as error:
+            # This answer's loss alone (an address it cannot leave from, a route that
+            # refuses it): the side binds again, and every other side is still heard.
+            log.debug("relay answer to %s not sent: %s", datagram.source, error)
+
+    def _key_for(self, sender: bytes) -> bytes | None:
+        """The key of a member and the relay; None for a stranger or a key without one."""
+        with self._lock:
+            if sender not in self._members:
+                return None
+            key = self._keys.get(sender)
+        if key is None:
+            try:
+                key = pair_key(self._private, sender, self._public, self._bind_key)
+            except ValueError:
+                key = b""  # remembered: no X25519 again for it
+            with self._lock:
+                self._keys[sender] = key
+        return key or None
 
     def _forward(self) -> None:
         now = self.monotonic()
         with self._lock:
+            if self._recompute_at is None or now < self._recompute_at:
+                return
             members = self._members
             self._bindings = tuple(
-                b for b in live(self._bindings, now) if b.side in members and b.peer in members
+                b
+                for b in remembered(self._bindings, now)
+                if b.side in members and b.peer in members
             )
             spec = forwarded(self._bindings, now, self.ports)
+            self._recompute_at = next_change(self._bindings, now)
             applied = self._forwarding
-            changed = applied is None or spec.fingerprint != applied.fingerprint
-        if not changed:
+        if applied is not None and spec.fingerprint == applied.fingerprint:
             return
-        forwarder = self._forwarder_or_open()
-        forwarder.apply(spec)
+        try:
+            self._forwarder_or_open().apply(spec)
+        except Exception:
+            with self._lock:
+                self._recompute_at = now  # tried again at the next turn, after the backoff
+            raise
         with self._lock:
             self._forwarding = spec
         log.info("relay forwards pairs=%d", len(spec.pairs))
@@ -223,6 +274,9 @@ class RelayServer:
             self._forwarder.teardown()
         except Exception as error:  # noqa: BLE001 - stopping must finish
             log.warning("relay table not removed: %s", error)
+        finally:
+            self._forwarder.close()
+            self._forwarder = None
         with self._lock:
             self._forwarding = None
 
@@ -231,3 +285,12 @@ class RelayServer:
 
     def _poke(self) -> None:
         self._wakeup.poke()
+
+
+def _unicast(address: IPAddress) -> bool:
+    """Not an address no answer may come from (multicast, broadcast, unspecified)."""
+    return not (
+        address.is_multicast
+        or address.is_unspecified
+        or (address.version == 4 and address == _BROADCAST)
+    )
