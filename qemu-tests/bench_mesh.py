@@ -4,6 +4,10 @@ lines (seconds), one lab at a time:
     mesh_full_s_3, mesh_full_s_5  all nodes on one flat LAN, from the last agent's start to
                                   every pair up (each side's own report)
     nat_site_s, nat_to_nat_s, rotation_s, dead_path_s, roaming_s   the NAT lab (natlab.py)
+    relay_up_s                    a symmetric NAT's pairs with filtering NATs, relayed: from
+                                  the agents' start to the relayed pairs up
+    relay_throughput_ratio        TCP through a relay over the same pair's direct tunnel
+    relay_failover_s              the relay in use killed: to the ping answered again
     ipv6_mesh_s                   the IPv6-only underlay (with --ipv6)
 
 Times are read from the guests' journals, mapped onto the host's clock, so boot time and
@@ -27,10 +31,13 @@ from natlab import (
     build_nat_lab,
     build_v6_lab,
     flat_mesh_time,
+    scenario_blocked_sites,
     scenario_dead_path,
     scenario_ipv6_only,
     scenario_nat_site,
     scenario_nat_to_nat,
+    scenario_relay_failover,
+    scenario_relayed,
     scenario_roaming,
     scenario_rotation,
 )
@@ -72,7 +79,12 @@ def nat(bench: Bench, workdir: Path) -> None:
         bench.measure("nat_to_nat_s", lambda: scenario_nat_to_nat(shared))
         bench.measure("rotation_s", lambda: scenario_rotation(shared))
         bench.measure("dead_path_s", lambda: scenario_dead_path(shared))
+        bench.measure("relay_up_s", lambda: scenario_relayed(shared))
+        bench.measure(
+            "relay_throughput_ratio", lambda: scenario_blocked_sites(shared).throughput_ratio
+        )
         bench.measure("roaming_s", lambda: scenario_roaming(shared))
+        bench.measure("relay_failover_s", lambda: scenario_relay_failover(shared))
         keep_journals(shared.vms, shared.clocks, workdir / "nat-journals")
 
 

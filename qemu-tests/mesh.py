@@ -215,12 +215,29 @@ def between(a: str, b: str) -> str:
     return f"((src {a} and dst {b}) or (src {b} and dst {a}))"
 
 
-def assert_only_wireguard_between(capture: Capture, addresses: list[str], port: int = 51820) -> int:
+# What kubespan sends between members over UDP, told by the payload (IPv4 captures): a
+# WireGuard message (type 1 to 4, three zero bytes), a path check ("KSpc") or a relay bind
+# ("KSrb"), both authenticated control without member data.
+WIREGUARD_PAYLOAD = "(udp[8] >= 1 and udp[8] <= 4 and udp[9:2] = 0 and udp[11] = 0)"
+KUBESPAN_UDP = f"(udp and ({WIREGUARD_PAYLOAD} or udp[8:4] = 0x4b537063 or udp[8:4] = 0x4b537262))"
+
+
+def relayed_udp(relay_ports: tuple[int, int]) -> str:
+    """A capture filter for WireGuard messages to or from a relay's ports."""
+    first, count = relay_ports
+    return f"(udp portrange {first}-{first + count - 1} and {WIREGUARD_PAYLOAD})"
+
+
+def assert_only_wireguard_between(
+    capture: Capture, addresses: list[str], port: int = 51820, by_payload: bool = False
+) -> int:
     """Zero plaintext packets between any two member addresses (IPv4 and IPv6) in the whole
     capture. Allowed besides WireGuard's UDP: ICMP errors about WireGuard's own UDP (they quote
     its ciphertext; e.g. port unreachable while a booting peer has no link yet) and, for IPv6,
-    neighbour discovery (link-layer control, ICMPv6 types 135 and 136). Returns how many
-    WireGuard packets went between them."""
+    neighbour discovery (link-layer control, ICMPv6 types 135 and 136). WireGuard's UDP is
+    what goes to or from `port`; with `by_payload` (IPv4 only), behind NATs that give any
+    port, and through relays, it is any UDP whose payload is a WireGuard message, a path
+    check or a relay bind. Returns how many WireGuard packets went between them."""
     about_wireguard = {
         # ICMP header 8 bytes, the quoted IPv4 header 20: the quoted UDP ports at 28 and 30.
         "ip": f"(icmp and (icmp[28:2] == {port} or icmp[30:2] == {port}))",
@@ -228,18 +245,22 @@ def assert_only_wireguard_between(capture: Capture, addresses: list[str], port: 
         "ip6": f"(icmp6 and ip6[40] < 128 and (ip6[88:2] == {port} or ip6[90:2] == {port}))",
     }
     neighbour = {"ip": "", "ip6": " and not (icmp6 and (ip6[40] == 135 or ip6[40] == 136))"}
+    ours = KUBESPAN_UDP if by_payload else f"udp port {port}"
+    wireguard_udp = f"udp and {WIREGUARD_PAYLOAD}" if by_payload else f"udp port {port}"
     wireguard = 0
     for index, a in enumerate(addresses):
         for b in addresses[index + 1 :]:
             if (":" in a) != (":" in b):
                 continue
             family = "ip6" if ":" in a else "ip"
+            if by_payload and family == "ip6":
+                raise ValueError("payload checks are for IPv4 captures")
             plain = capture.packets(
-                f"{family} and {between(a, b)} and not udp port {port}"
+                f"{family} and {between(a, b)} and not {ours}"
                 f" and not {about_wireguard[family]}{neighbour[family]}"
             )
             assert plain == [], f"plaintext between members {a} and {b}: {plain[:5]}"
-            wireguard += len(capture.packets(f"udp port {port} and {between(a, b)}"))
+            wireguard += len(capture.packets(f"{wireguard_udp} and {between(a, b)}"))
     return wireguard
 
 

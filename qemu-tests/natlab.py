@@ -8,9 +8,13 @@ The NAT lab (one boot shared by scenarios 1 to 6):
       pub1 192.0.2.11 and 192.0.2.21     pub2 192.0.2.12
       r1 WAN 192.0.2.101 ─ site1 10.1.0.0/24: a1 10.1.0.11, a2 10.1.0.12 (both behind r1)
       r2 WAN 192.0.2.102 ─ site2 10.2.0.0/24: b1 10.2.0.21
-    r2 drops everything to 192.0.2.11 from the start: b1 reaches pub1 only at its second
-    address (scenario 4, rotation). Scenario 6 makes r1 drop a1 <-> pub1's address in use
-    for a while; scenario 5 renumbers pub2 to 192.0.2.13.
+      r3 WAN 192.0.2.103 ─ site3 10.3.0.0/24: c1 10.3.0.31 (r3 is a symmetric NAT)
+    pub1 and pub2 offer to relay (issue 12). r2 drops everything to 192.0.2.11 from the
+    start: b1 reaches pub1 only at its second address (scenario 4, rotation). Scenario 6
+    makes r1 drop a1 <-> pub1's address in use for a while; scenario 5 renumbers pub2 to
+    192.0.2.13. c1 has no direct path to a1, a2 or b1 (a symmetric NAT facing NATs that
+    admit replies only): relayed (relay scenario 1). Relay scenario 2 blocks UDP between r1
+    and r2 for a while; relay scenario 3 kills the relay c1 and a1 use.
 
 The lab namespace has no address on the site segments and does not forward: a site node
 reaches discovery and everyone else only through its router.
@@ -356,8 +360,10 @@ class NatLab:
     wan: Segment
     r1: Router
     r2: Router
+    r3: Router
     capture: Capture
     vms: dict[str, Vm] = field(default_factory=dict)
+    relay_capture: Capture | None = None  # started by the first relay scenario
     clocks: Clocks = field(default_factory=Clocks)
 
     def __getitem__(self, name: str) -> Vm:
@@ -366,10 +372,19 @@ class NatLab:
     @property
     def member_underlay(self) -> list[str]:
         """The members' addresses as seen on the internet segment."""
-        return ["192.0.2.11", "192.0.2.21", "192.0.2.12", self.r1.public_ip, self.r2.public_ip]
+        return [
+            "192.0.2.11",
+            "192.0.2.21",
+            "192.0.2.12",
+            self.r1.public_ip,
+            self.r2.public_ip,
+            self.r3.public_ip,
+        ]
 
 
 PUB1_SECOND = "192.0.2.21"
+RELAY_PORTS = (29100, 256)  # the relays' default ports (relay.ports in machine config)
+RELAYS = ("pub1", "pub2")
 SECOND_REFLECTOR = "192.0.2.2"  # the discovery host's second address: NAT kinds are told
 
 
@@ -378,11 +393,22 @@ def build_nat_lab(lab: Lab, kubespan_bin: Path, state_dir: Path) -> NatLab:
     wan = lab.add_segment("wan", "192.0.2.0/24", None, host=(4,))
     lab.add_segment("site1", "10.1.0.0/24", None, host=())
     lab.add_segment("site2", "10.2.0.0/24", None, host=())
+    lab.add_segment("site3", "10.3.0.0/24", None, host=())
     r1 = lab.add_router(
         RouterSpec("r1", "wan", Interface4("192.0.2.101/24"), "site1", Interface4("10.1.0.1/24"))
     )
     r2 = lab.add_router(
         RouterSpec("r2", "wan", Interface4("192.0.2.102/24"), "site2", Interface4("10.2.0.1/24"))
+    )
+    r3 = lab.add_router(
+        RouterSpec(
+            "r3",
+            "wan",
+            Interface4("192.0.2.103/24"),
+            "site3",
+            Interface4("10.3.0.1/24"),
+            kind=NatKind.SYMMETRIC,
+        )
     )
     assert r1.spec.kind is NatKind.ENDPOINT_INDEPENDENT
     r2.drop(drop_rule(destination="192.0.2.11"))  # scenario 4: pub1's first address
@@ -391,24 +417,28 @@ def build_nat_lab(lab: Lab, kubespan_bin: Path, state_dir: Path) -> NatLab:
     capture = lab.capture("wan", "wan-capture")
     cluster_id, secret = cluster_identity()
     config = machine_config(url, cluster_id, secret)
+    relay = machine_config(url, cluster_id, secret, relay={"enabled": True})
 
-    def spec(name: str, segment: str, addresses: list[str], gateway: str | None) -> VmSpec:
+    def spec(
+        name: str, segment: str, addresses: list[str], gateway: str | None, text: str = config
+    ) -> VmSpec:
         nic = NicSpec(
             segment,
             tuple(Interface4(a) for a in addresses),
             (ipaddress.IPv4Address(gateway),) if gateway else (),
         )
-        return VmSpec(name, nics=(nic,), machineconfig=config)
+        return VmSpec(name, nics=(nic,), machineconfig=text)
 
     specs = [
-        spec("pub1", "wan", ["192.0.2.11/24", f"{PUB1_SECOND}/24"], None),
-        spec("pub2", "wan", ["192.0.2.12/24"], None),
+        spec("pub1", "wan", ["192.0.2.11/24", f"{PUB1_SECOND}/24"], None, relay),
+        spec("pub2", "wan", ["192.0.2.12/24"], None, relay),
         spec("a1", "site1", ["10.1.0.11/24"], "10.1.0.1"),
         spec("a2", "site1", ["10.1.0.12/24"], "10.1.0.1"),
         spec("b1", "site2", ["10.2.0.21/24"], "10.2.0.1"),
+        spec("c1", "site3", ["10.3.0.31/24"], "10.3.0.1"),
     ]
     vms = lab.boot_all(specs, timeout=600)
-    nat = NatLab(lab, wan, r1, r2, capture, {vm.name: vm for vm in vms})
+    nat = NatLab(lab, wan, r1, r2, r3, capture, {vm.name: vm for vm in vms})
     for vm in vms:
         nat.clocks.offset(vm)
     return nat
@@ -464,23 +494,45 @@ def scenario_nat_to_nat(nat: NatLab) -> float:
     a1, a2, b1, pub1 = nat["a1"], nat["a2"], nat["b1"], nat["pub1"]
     cross = [(a1, b1), (a2, b1)]
     wait_for_pairs([*cross, (a1, pub1), (b1, pub1)], 180, "a1/a2 and b1 meshed directly")
-    for x, y, router in ((a1, b1, nat.r2), (a2, b1, nat.r2), (b1, a1, nat.r1), (b1, a2, nat.r1)):
-        endpoint = wg_endpoints(x).get(public_key(y), "(none)")
-        assert endpoint != "(none)" and split_endpoint(endpoint)[0] == router.public_ip, (
-            f"{x.name}'s endpoint for {y.name} is {endpoint}, not {y.name}'s router "
-            f"{router.public_ip}: no direct tunnel"
-        )
+    ends = ((a1, b1, nat.r2), (a2, b1, nat.r2), (b1, a1, nat.r1), (b1, a2, nat.r1))
+    # A pair whose hole punch took longer than the relay's wait may be relayed a moment
+    # first; a direct path that answers takes over within seconds.
+    wait_direct(ends, DIRECT_WITHIN_S)
     for x, y in cross:
         x.check(["ping", "-c", "2", "-W", "3", ula(y)])
     return pairs_time(nat.clocks, cross)
 
 
-def check_only_wireguard(nat: NatLab) -> int:
-    """Stop the internet segment's capture: zero plaintext between member addresses."""
+DIRECT_WITHIN_S = 90.0  # a relayed pair with a direct path moves to it within this
+
+
+def wait_direct(ends: tuple[tuple[Vm, Vm, Router], ...], timeout: float) -> None:
+    """Wait until each (x, y, router): x's WireGuard endpoint for y is y's router."""
+
+    def direct() -> bool:
+        return all(
+            split_endpoint(wg_endpoints(x).get(public_key(y), "(none):0"))[0] == router.public_ip
+            for x, y, router in ends
+        )
+
+    try:
+        wait_until(direct, timeout, "direct tunnels", interval=1.0)
+    except LabError as e:
+        shown = {f"{x.name}->{y.name}": wg_endpoints(x).get(public_key(y)) for x, y, _ in ends}
+        raise AssertionError(f"{e}: no direct tunnel, endpoints {shown}") from e
+
+
+def check_only_wireguard(nat: NatLab, capture: Capture | None = None) -> int:
+    """A capture of the internet segment (the lab's own, stopped here, unless another
+    stopped one is given): zero plaintext between member addresses; between a relay and
+    the sides it carries, only WireGuard messages and binds on its ports (told by payload:
+    behind NATs that give random ports, WireGuard's port is not a mark)."""
     from mesh import assert_only_wireguard_between
 
-    nat.capture.stop()
-    return assert_only_wireguard_between(nat.capture, nat.member_underlay)
+    if capture is None:
+        capture = nat.capture
+        capture.stop()
+    return assert_only_wireguard_between(capture, nat.member_underlay, by_payload=True)
 
 
 def scenario_rotation(nat: NatLab) -> float:
@@ -488,8 +540,15 @@ def scenario_rotation(nat: NatLab) -> float:
     pub1's next candidate."""
     b1, pub1 = nat["b1"], nat["pub1"]
     wait_for_pairs([(b1, pub1)], 180, "b1 and pub1 meshed")
-    endpoint = wg_endpoints(b1).get(public_key(pub1))
-    assert endpoint == f"{PUB1_SECOND}:{WIREGUARD_PORT}", endpoint
+    second = f"{PUB1_SECOND}:{WIREGUARD_PORT}"
+    try:
+        wait_until(
+            lambda: wg_endpoints(b1).get(public_key(pub1)) == second,
+            DIRECT_WITHIN_S,
+            "b1 on pub1's second address",
+        )
+    except LabError as e:
+        raise AssertionError(f"b1's endpoint for pub1: {wg_endpoints(b1)}, not {second}") from e
     return pairs_time(nat.clocks, [(b1, pub1)])
 
 
@@ -586,6 +645,188 @@ def scenario_roaming(nat: NatLab) -> float:
         for vm, unit in flows:
             stop_flow(vm, unit)
     return took
+
+
+# --- relay scenarios (issue 12) ------------------------------------------------------------
+
+SINK_ONCE = """\
+import socket, struct
+server = socket.create_server(("::", 5203), family=socket.AF_INET6)
+connection, _ = server.accept()
+received = 0
+while chunk := connection.recv(65536):
+    received += len(chunk)
+connection.sendall(struct.pack("!Q", received))
+"""
+# Sends argv[2] bytes to [argv[1]]:5203 (retrying the connect while the sink starts), then
+# half-closes and reads how much the sink got; prints {"sent", "received", "seconds"}.
+SEND = """\
+import json, socket, struct, sys, time
+deadline = time.monotonic() + 20
+while True:
+    try:
+        connection = socket.create_connection((sys.argv[1], 5203), timeout=60)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+size, chunk, sent = int(sys.argv[2]), bytes(65536), 0
+started = time.monotonic()
+while sent < size:
+    connection.sendall(chunk)
+    sent += len(chunk)
+connection.shutdown(socket.SHUT_WR)
+received = struct.unpack("!Q", connection.recv(8))[0]
+print(json.dumps({"sent": sent, "received": received, "seconds": time.monotonic() - started}))
+"""
+TRANSFER_BYTES = 8 << 20
+
+
+def tcp_rate(sender: Vm, receiver: Vm, size: int = TRANSFER_BYTES) -> float:
+    """One TCP stream of `size` bytes from `sender` to `receiver`'s ULA (through the
+    tunnel): every byte must arrive; bytes a second, the sink's count read back."""
+    receiver.exec(["systemctl", "reset-failed", "relay-sink"])
+    receiver.check(["systemd-run", "--unit=relay-sink", "python3", "-c", SINK_ONCE])
+    result = json.loads(
+        sender.check(["python3", "-c", SEND, ula(receiver), str(size)], timeout=300)
+    )
+    assert result["received"] == result["sent"] == size, result
+    return float(size / result["seconds"])
+
+
+def relay_of(vm: Vm, peer: Vm) -> str | None:
+    """The relay `vm`'s status says carries its pair with `peer` (None: direct, or down)."""
+    entry = peer_entry(node_status(vm), peer.name)
+    if not entry or entry["state"] != "up":
+        return None
+    relay = entry.get("relay")
+    return relay if isinstance(relay, str) else None
+
+
+def wait_relayed(pairs: list[tuple[Vm, Vm]], timeout: float) -> None:
+    """Wait until both sides of each pair report it up through a relay, the same one."""
+
+    def relayed() -> bool:
+        for x, y in pairs:
+            used = relay_of(x, y)
+            if used is None or used != relay_of(y, x):
+                return False
+        return True
+
+    try:
+        wait_until(relayed, timeout, "relayed pairs", interval=1.0)
+    except LabError as e:
+        shown = {f"{x.name}-{y.name}": (relay_of(x, y), relay_of(y, x)) for x, y in pairs}
+        raise AssertionError(f"{e}: relays {shown}") from e
+
+
+def assert_through_relay(nat: NatLab, x: Vm, y: Vm) -> str:
+    """x's WireGuard endpoint for y is a port of the relay its status names; that relay's
+    status shows pairs. Returns the relay's name."""
+    relay = relay_of(x, y)
+    assert relay in RELAYS, (x.name, y.name, relay)
+    endpoint = wg_endpoints(x).get(public_key(y), "(none):0")
+    host, port = split_endpoint(endpoint)
+    relay_addresses = {
+        split_endpoint(e)[0]
+        for e in (node_status(nat[relay]) or {}).get("node", {}).get("endpoints", [])
+    }
+    first, count = RELAY_PORTS
+    assert host in relay_addresses and first <= port < first + count, (
+        f"{x.name}'s endpoint for {y.name} is {endpoint}, not a port of {relay} "
+        f"({sorted(relay_addresses)})"
+    )
+    carried = (node_status(nat[relay]) or {}).get("node", {}).get("relay") or {}
+    assert carried.get("pairs"), f"{relay} shows no pairs: {carried}"
+    return relay
+
+
+def scenario_relayed(nat: NatLab) -> float:
+    """Relay 1. c1, behind a symmetric NAT, has no direct path to the nodes behind r1 and
+    r2 (NATs that admit replies only): its pairs with them come up through a relay, each
+    side's endpoint a port of the relay; ULAs answer pings, a TCP stream arrives whole.
+    Returns the time from the pair's agents' start to the relayed pairs up."""
+    c1, a1, b1 = nat["c1"], nat["a1"], nat["b1"]
+    pairs = [(c1, a1), (c1, b1)]
+    if nat.relay_capture is None:
+        nat.relay_capture = nat.lab.capture("wan", "relay-capture")
+    wait_relayed(pairs, 240)
+    for x, y in pairs:
+        assert_through_relay(nat, x, y)
+        assert_through_relay(nat, y, x)
+        x.check(["ping", "-c", "2", "-W", "3", ula(y)])
+        y.check(["ping", "-c", "2", "-W", "3", ula(x)])
+    tcp_rate(c1, a1, 1 << 20)
+    return pairs_time(nat.clocks, pairs)
+
+
+@dataclass(frozen=True)
+class BlockedSites:
+    relayed_s: float  # from blocking UDP between the sites to the pair up through a relay
+    direct_again_s: float  # from unblocking to a direct tunnel again
+    throughput_ratio: float  # TCP through the relay over the same pair's direct tunnel
+
+
+def scenario_blocked_sites(nat: NatLab) -> BlockedSites:
+    """Relay 2. a1 and b1 have a direct tunnel (scenario 3); their routers then drop all
+    UDP between the two sites: the pair comes up through a relay. Unblocked, it moves back
+    to a direct tunnel within two minutes. TCP throughput is measured on both paths."""
+    a1, b1 = nat["a1"], nat["b1"]
+    ends = ((a1, b1, nat.r2), (b1, a1, nat.r1))
+    wait_direct(ends, DIRECT_WITHIN_S)
+    direct_rate = tcp_rate(a1, b1)
+    blocks = ((nat.r1, nat.r2), (nat.r2, nat.r1))
+    for router, other in blocks:
+        router.drop(drop_rule(destination=other.public_ip, protocol="udp"))
+        router.drop(drop_rule(source=other.public_ip, protocol="udp"))
+    blocked = time.time()
+    try:
+        wait_relayed([(a1, b1)], 120)
+        relayed_s = time.time() - blocked
+        assert_through_relay(nat, a1, b1)
+        a1.check(["ping", "-c", "2", "-W", "3", ula(b1)])
+        relayed_rate = tcp_rate(a1, b1)
+    finally:
+        for router, _ in blocks:
+            router.clear_drops()
+        nat.r2.drop(drop_rule(destination="192.0.2.11"))  # scenario 4's, kept
+    opened = time.time()
+    wait_direct(ends, 120)
+    return BlockedSites(relayed_s, time.time() - opened, relayed_rate / direct_rate)
+
+
+def scenario_relay_failover(nat: NatLab) -> float:
+    """Relay 3. The relay carrying c1 and a1 is killed (the plug pulled, no leave) while
+    a ping flows: the pair is up again through the other relay. Returns the time from the
+    kill to the flow answered again. Last: the lab has one relay fewer afterwards."""
+    c1, a1 = nat["c1"], nat["a1"]
+    wait_relayed([(c1, a1)], 120)
+    used = assert_through_relay(nat, c1, a1)
+    (other,) = [r for r in RELAYS if r != used]
+    start_flow(c1, "relay-failover", ula(a1))
+    try:
+        wait_flows_recovered(nat.clocks, [(c1, "relay-failover")], time.time() - 60, 60)
+        killed = time.time()
+        nat[used].kill()
+        took = wait_flows_recovered(nat.clocks, [(c1, "relay-failover")], killed, 120)
+    finally:
+        stop_flow(c1, "relay-failover")
+    wait_relayed([(c1, a1)], 60)
+    assert relay_of(c1, a1) == other, (relay_of(c1, a1), other)
+    return took
+
+
+def check_relay_capture(nat: NatLab) -> int:
+    """The capture taken through the relay scenarios: no plaintext between members (the
+    relays' forwarding included); returns the WireGuard messages relays carried."""
+    from mesh import relayed_udp
+
+    capture = nat.relay_capture
+    assert capture is not None, "no relay scenario ran"
+    capture.stop()
+    check_only_wireguard(nat, capture)
+    return len(capture.packets(relayed_udp(RELAY_PORTS)))
 
 
 # --- flat LAN and IPv6-only labs -----------------------------------------------------------

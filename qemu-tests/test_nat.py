@@ -1,10 +1,12 @@
-"""Across NAT (issue 10), on the image: NAT routers in namespaces (masquerade, replies
-admitted by conntrack only), five nodes booted once and shared by scenarios 1 to 6, and an
-IPv6-only lab for scenario 7. Each scenario prints its time as `name=value`.
+"""Across NAT (issue 10) and through relays (issue 12), on the image: NAT routers in
+namespaces (masquerade, replies admitted by conntrack only; one symmetric), six nodes booted
+once and shared by NAT scenarios 1 to 6 and relay scenarios 1 to 3, and an IPv6-only lab
+for NAT scenario 7. Each scenario prints its time as `name=value`.
 
 Scenario 7 comes first so that its lab is gone before the shared NAT lab boots (two labs
-of VMs at once would share two cores). Scenarios 6 and 5 change the NAT lab, so they come
-last. The scenarios themselves live in natlab.py (also run by `make bench-mesh`)."""
+of VMs at once would share two cores). Scenarios that change the NAT lab come after those
+that read it: the relay failover, which kills a relay, is last. The scenarios themselves
+live in natlab.py (also run by `make bench-mesh`)."""
 
 from __future__ import annotations
 
@@ -19,10 +21,14 @@ from natlab import (
     build_nat_lab,
     build_v6_lab,
     check_only_wireguard,
+    check_relay_capture,
+    scenario_blocked_sites,
     scenario_dead_path,
     scenario_ipv6_only,
     scenario_nat_site,
     scenario_nat_to_nat,
+    scenario_relay_failover,
+    scenario_relayed,
     scenario_roaming,
     scenario_rotation,
     scenario_shared_nat,
@@ -93,7 +99,35 @@ def test_a_path_broken_while_up_is_detected_and_repaired(
     report(capsys, dead_path_s=scenario_dead_path(nat))
 
 
+def test_a_symmetric_nat_facing_filtering_nats_is_relayed(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report(capsys, relay_up_s=scenario_relayed(nat))
+
+
+def test_sites_whose_udp_is_blocked_are_relayed_then_direct_again(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocked = scenario_blocked_sites(nat)
+    assert blocked.direct_again_s <= 120, blocked
+    report(
+        capsys,
+        blocked_relayed_s=blocked.relayed_s,
+        unblocked_direct_s=blocked.direct_again_s,
+        relay_throughput_ratio=blocked.throughput_ratio,
+    )
+
+
 def test_a_node_whose_address_changes_recovers_without_restart(
     nat: NatLab, capsys: pytest.CaptureFixture[str]
 ) -> None:
     report(capsys, roaming_s=scenario_roaming(nat))
+
+
+def test_a_relay_that_dies_is_replaced_and_nothing_went_in_the_clear(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    took = scenario_relay_failover(nat)
+    relayed = check_relay_capture(nat)
+    assert relayed > 0, "the capture saw no relayed WireGuard message"
+    report(capsys, relay_failover_s=took)

@@ -99,6 +99,7 @@ def send_udp(
     mark: int | None = None,
     port: int = 9,
     source_port: int | None = None,
+    payload: bytes = b"kubespan-test",
 ) -> None:
     family = "socket.AF_INET6" if ":" in address else "socket.AF_INET"
     lines = ["import socket", f"s = socket.socket({family}, socket.SOCK_DGRAM)"]
@@ -106,7 +107,7 @@ def send_udp(
         lines.append(f"s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, {mark})")
     if source_port is not None:
         lines.append(f"s.bind(('', {source_port}))")
-    lines.append(f"for _ in range({count}): s.sendto(b'kubespan-test', ('{address}', {port}))")
+    lines.append(f"for _ in range({count}): s.sendto({payload!r}, ('{address}', {port}))")
     script = "\n".join(lines)
     ns.sh(f'python3 -c "{script}"')
 

@@ -39,7 +39,14 @@ def spec_from(document: dict[str, Any]) -> RulesetSpec:
     members = [ipaddress.ip_network(str(m)) for m in document["members"]]
     v4 = collapse([n for n in members if n.version == 4], 4)
     v6 = collapse([n for n in members if n.version == 6], 6)
-    return RulesetSpec(v4, v6, int(document.get("mtu", 1420)), int(document["listen_port"]))
+    relay = document.get("relay_ports")
+    return RulesetSpec(
+        v4,
+        v6,
+        int(document.get("mtu", 1420)),
+        int(document["listen_port"]),
+        (int(relay[0]), int(relay[1])) if relay else None,
+    )
 
 
 class Helper:

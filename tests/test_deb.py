@@ -609,6 +609,7 @@ def test_removal_takes_out_kubespans_kernel_objects(sandbox: Sandbox, extracted:
         node.sh(
             "nft 'add table inet kubespan'; nft 'add chain inet kubespan output "
             "{ type route hook output priority 0; }'; nft 'add table inet foreign'; "
+            "nft 'add table inet kubespan_relay'; "
             "ip rule add priority 32500 fwmark 0x40/0x60 lookup 180; "
             "ip -6 rule add priority 32500 fwmark 0x40/0x60 lookup 180; "
             "ip route add unreachable default metric 4294967295 table 180; "
@@ -625,6 +626,7 @@ def test_removal_takes_out_kubespans_kernel_objects(sandbox: Sandbox, extracted:
         assert result.returncode == 0, result.stderr
         assert sandbox.calls() == ["systemctl stop kubespan.service kubespan-discovery.service"]
         assert "removed nftables table inet kubespan" in result.stderr
+        assert "removed nftables table inet kubespan_relay" in result.stderr
         assert node.sh("nft list tables").split() == ["table", "inet", "foreign"]
         assert "lookup 180" not in node.ip("rule", "show")
         assert "lookup 180" not in node.ip("-6", "rule", "show")

@@ -102,6 +102,23 @@ def test_forwarded_traffic_carrying_0x20_still_goes_into_the_tunnel() -> None:
         assert counter(node, "member_clear") == 0
 
 
+def test_a_relays_bind_answers_go_out_on_the_underlay_and_nothing_else_from_its_ports(
+    node: Netns,
+) -> None:
+    """A relay answers binds from its ports with WireGuard's mark: those 126-byte "KSrb"
+    messages leave on the underlay; anything else sent from a relay port to a member, even
+    with the mark (any program can bind those ports), goes into the tunnel."""
+    node.dataplane("apply", {**SPEC, "relay_ports": [29100, 256]})
+    answer = b"KSrb" + bytes(122)
+    send_udp(node, MEMBER_V4, mark=0x20, source_port=29101, payload=answer)
+    assert counter(node, "to_tunnel") == 0
+    assert counter(node, "member_clear") == 3
+    send_udp(node, MEMBER_V4, mark=0x20, source_port=29102)  # not a bind answer
+    send_udp(node, MEMBER_V4, mark=0x20, source_port=29103, payload=b"KSrb" + bytes(130))
+    assert counter(node, "to_tunnel") == 6
+    assert counter(node, "member_clear") == 3
+
+
 def test_reapplying_changes_nothing(node: Netns) -> None:
     node.dataplane("apply", SPEC)
     table = node.sh("nft -j list table inet kubespan")

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from nacl.public import PrivateKey
 
 from kubespan.crypto import ClusterKeys
 from kubespan.rawudp import udp_checksum
 from kubespan.relay import bind
 from kubespan.relay.ports import PortRange, pair_ports
+from wgkeys import Keys
 
 from netlab import REPO, Netns, namespaces, veth
 
@@ -365,12 +365,6 @@ def ipv4_from_pcap(
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-class Keys:
-    def __init__(self) -> None:
-        key = PrivateKey.generate()
-        self.private, self.public = bytes(key), bytes(key.public_key)
 
 
 def side(

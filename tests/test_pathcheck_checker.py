@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 from nacl.public import PrivateKey
 
+from kubespan import rawthread
 from kubespan.agent.backoff import Backoff
 from kubespan.netaddr import Endpoint, IPAddress
-from kubespan.pathcheck import checker as checker_module
 from kubespan.pathcheck import codec
 from kubespan.pathcheck.checker import (
     ANSWER_BURST_OVERALL,
@@ -822,7 +822,7 @@ def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     def quick(base: float, cap: float, rng: random.Random) -> Backoff:
         return Backoff(base=0.02, cap=0.1, rng=rng)
 
-    monkeypatch.setattr(checker_module, "Backoff", quick)
+    monkeypatch.setattr(rawthread, "Backoff", quick)
 
 
 @pytest.mark.usefixtures("quick_backoff")

@@ -157,15 +157,15 @@ def test_every_field_is_checked(raw: bytes, message: str) -> None:
 
 
 def test_fields_of_later_versions_are_ignored_but_signed() -> None:
-    later = document(relay_endpoints=["192.0.2.9:51821"], relay_ports="51821-52820")
+    later = document(relay_endpoints=["192.0.2.9:51821"], zone="eu-west-1a")
     decoded = decode_record(later)
     assert replace(decoded, signature=b"", later_fields=b"") == replace(record(), signature=b"")
     # Encoded again (the peer cache does), it is the record the node signed, and verifies.
     assert decode_record(encode_record(decoded)) == decoded
-    assert json.loads(encode_record(decoded))["relay_ports"] == "51821-52820"
+    assert json.loads(encode_record(decoded))["zone"] == "eu-west-1a"
     # Still part of what the node signed: changed on the way, the record is refused.
     changed = json.loads(later)
-    changed["relay_ports"] = "1-65535"
+    changed["zone"] = "us-east-1a"
     with pytest.raises(ValueError, match="signature does not verify"):
         decode_record(json.dumps(changed).encode())
     # And within the record's bounds: nothing deeper than two levels.

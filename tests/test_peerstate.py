@@ -98,6 +98,7 @@ class Peer:
     answers: dict[Endpoint, float] = field(default_factory=dict)
     checks: int = 0
     restarts: int = 0
+    relayed: frozenset[Endpoint] = frozenset()  # candidates that go through a relay
 
     def run(self, now: float, wall: float = WALL) -> PeerState:
         if self.kernel_endpoint in self.reachable and (self.answer_due or self.chatty):
@@ -112,6 +113,7 @@ class Peer:
             sighting,
             TIMING,
             self.answers if self.checkable is not None else None,
+            self.relayed,
         )
         if decision.check and self.checkable is not None:
             self.checks += 1
@@ -558,3 +560,53 @@ def test_backed_off_dead_peers_share_passes() -> None:
     start = T0 + 2 * 60 + 10  # all in their first one-minute dwell by now
     passes = passes_of_dead_peers(100, start, start + window)
     assert passes <= window / BACKOFF_GRAIN + 1, passes
+
+
+# --- relayed pairs --------------------------------------------------------------------------
+
+RELAY = Endpoint(ipaddress.ip_address("203.0.113.30"), 29101)
+
+
+def relayed_peer(reachable: set[Endpoint], checkable: set[Endpoint]) -> Peer:
+    """A peer whose relay endpoint, bound, is its first candidate (plan.desired puts it
+    there); the relay never answers path checks (it forwards WireGuard's packets only)."""
+    return Peer(
+        candidates=(RELAY, ep(1), ep(2)),
+        reachable=reachable,
+        checkable=checkable - {RELAY},
+        relayed=frozenset({RELAY}),
+    )
+
+
+def test_a_relayed_peer_stays_on_its_relay_and_checks_direct_paths_every_minute() -> None:
+    peer = relayed_peer({RELAY}, set())
+    assert first_up(peer, T0, T0 + 10) is not None
+    assert peer.kernel_endpoint == RELAY
+    checks, changes = peer.checks, peer.changes
+    states = peer.run_until(T0 + 10, T0 + 10 + 5 * TIMING.direct_retry)
+    assert set(states) == {UP} and peer.kernel_endpoint == RELAY
+    assert peer.changes == changes
+    assert 4 <= peer.checks - checks <= 6  # one check of the direct paths a minute
+
+
+def test_a_direct_path_that_answers_replaces_the_relay_within_a_retry() -> None:
+    peer = relayed_peer({RELAY}, set())
+    assert first_up(peer, T0, T0 + 10) is not None
+    # The firewalls open: ep2 now carries handshakes and answers checks.
+    peer.reachable = {RELAY, ep(2)}
+    assert peer.checkable is not None
+    peer.checkable.add(ep(2))
+    opened = T0 + 20
+    states = peer.run_until(opened, opened + TIMING.direct_retry + 10)
+    assert peer.kernel_endpoint == ep(2)
+    assert states[-1] is UP
+
+
+def test_one_way_reachability_does_not_move_a_relayed_peer() -> None:
+    # ep1 takes our packets (reachable) but its answers to checks never come back.
+    peer = relayed_peer({RELAY, ep(1)}, set())
+    peer.kernel_endpoint = None
+    assert first_up(peer, T0, T0 + 10) is not None
+    changes = peer.changes
+    assert set(peer.run_until(T0 + 10, T0 + 400)) == {UP}
+    assert peer.kernel_endpoint == RELAY and peer.changes == changes

@@ -275,3 +275,25 @@ def test_restart_keeps_kernel_peers_until_discovery_answers() -> None:
     t.step("discovery answers without node2: it is kept until it is down", (a,), t0 + 30)
     t.step("275 s on, node2 never answered: removed", (a,), t0 + 300)
     t.check("restart_unknown_members")
+
+
+def test_a_bound_relay_is_tried_first_never_path_checked_and_shown_in_use() -> None:
+    """The endpoint bound at a relay leads the candidates (Kind.RELAYED); path checks go to
+    the direct ones only (a relay forwards WireGuard's messages, nothing else); once the
+    peer uses it, its report names the relay."""
+    from kubespan.plan.candidates import Kind
+
+    peer = member(1, ["10.9.0.1"], ["198.51.100.1:51820"])
+    relayed_at = Endpoint.parse("203.0.113.30:29101")
+    relayed = {key(1): (relayed_at, "relay1")}
+    first = plan(plan_input((peer,), 1000.0, relayed=relayed))
+    (report,) = first.reports
+    assert report.candidates[0].kind is Kind.RELAYED
+    assert report.candidates[0].endpoint == relayed_at
+    (spec,) = first.desired.peers
+    assert spec.endpoint == relayed_at  # a new peer starts on its best candidate
+    ((_, checked),) = first.checks
+    assert relayed_at not in checked and Endpoint.parse("198.51.100.1:51820") in checked
+    assert report.relay == "relay1"
+    direct = plan(plan_input((peer,), 1000.0))
+    assert direct.reports[0].relay is None

@@ -34,7 +34,7 @@ from kubespan.relay.bindings import (
     forwarded,
     take_bind,
 )
-from kubespan.relay.forward import RelaySide
+from kubespan.relay.forward import RelaySpec
 from kubespan.relay.ports import MAX_ATTEMPTS, PortRange, pair_ports
 
 RELAY_KEY, A, B, C, D = (bytes([n]) * 32 for n in (9, 1, 2, 3, 4))
@@ -117,7 +117,8 @@ def test_a_changed_byte_or_another_key_is_not_authentic() -> None:
         (b"\x00" * 126, "not a bind message of this version"),
         (b"KSrb\x07\x01" + bytes(120), "unknown bind message kind 7"),
         (b"KSrb\x03\x01\x09" + bytes(119), "unknown refusal reason 9"),
-        (b"KSrb\x01\x01\x05" + bytes(119), "only REFUSED carries a reason"),
+        (b"KSrb\x01\x01\x05" + bytes(119), "a BIND carries no reason"),
+        (b"KSrb\x02\x01\x02" + bytes(119), "unknown BOUND flags 2"),
         (b"KSrb\x02\x01" + bytes(120), "BOUND without the observed mapping"),
         (b"KSrb\x01\x01" + bytes(89) + b"\x01" + bytes(30), "only BOUND carries"),
     ],
@@ -192,8 +193,45 @@ def test_nothing_is_forwarded_until_both_sides_are_bound() -> None:
     bindings, _ = bound(bindings, bind(B, A), source=B_MAPPING)
     (pair,) = forwarded(bindings, NOW).pairs
     a_port, b_port = pair_ports(PORTS, RELAY_KEY, A, B, 0)
-    assert pair.address == RELAY_AT
-    assert {pair.first, pair.second} == {RelaySide(a_port, A_MAPPING), RelaySide(b_port, B_MAPPING)}
+    assert {pair.relay_address(pair.first), pair.relay_address(pair.second)} == {RELAY_AT}
+    assert {(s.port, s.mapping) for s in (pair.first, pair.second)} == {
+        (a_port, A_MAPPING),
+        (b_port, B_MAPPING),
+    }
+
+
+def test_bound_says_whether_the_other_side_is_bound_too() -> None:
+    bindings, first = bound()
+    assert first.kind == Kind.BOUND and not first.paired
+    _, second = bound(bindings, bind(B, A), source=B_MAPPING)
+    assert second.kind == Kind.BOUND and second.paired
+    key = os.urandom(32)
+    assert parse(encode(second, key)).paired and parse(encode(first, key)).paired is False
+
+
+def test_sides_reaching_the_relay_at_two_of_its_addresses_are_paired() -> None:
+    other_address = ipaddress.ip_address("203.0.113.31")
+    bindings, _ = bound()
+    b_port = pair_ports(PORTS, RELAY_KEY, B, A, 0)[0]
+    bindings, answer = bound(
+        bindings, bind(B, A), source=B_MAPPING, to=Endpoint(other_address, b_port)
+    )
+    assert answer.paired
+    (pair,) = forwarded(bindings, NOW).pairs
+    assert {pair.relay_address(pair.first), pair.relay_address(pair.second)} == {
+        RELAY_AT,
+        other_address,
+    }
+    text = RelaySpec.of([pair]).render()
+    # Each side's packets reach the other from the address that side sends to.
+    b_to_a = f"ip saddr {B_MAPPING.address} udp sport {B_MAPPING.port} ip daddr {A_MAPPING.address}"
+    assert f"{b_to_a} udp dport {A_MAPPING.port} ip saddr set {RELAY_AT}" in text
+
+
+def test_ipv6_binds_are_refused_relays_carry_ipv4_only() -> None:
+    six = Endpoint(ipaddress.ip_address("2001:db8::30"), pair_ports(PORTS, RELAY_KEY, A, B, 0)[0])
+    _, answer = bound(to=six, source=Endpoint.parse("[2001:db8:1::1]:51820"))
+    assert answer.reason == Refusal.NOT_A_RELAY
 
 
 def test_a_pair_lapses_when_one_side_stops_binding() -> None:

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from nacl.public import PrivateKey
 
 from kubespan.crypto import ClusterKeys
 from kubespan.netaddr import Endpoint, IPAddress
@@ -24,6 +23,7 @@ from kubespan.relay.bindings import BIND_LIFETIME_SECONDS
 from kubespan.relay.forward import RelaySpec
 from kubespan.relay.ports import PortRange, pair_ports
 from kubespan.relay.server import RelayServer
+from wgkeys import Keys
 
 PORTS = PortRange(51821, 1000)
 RELAY_AT = ipaddress.ip_address("203.0.113.30")
@@ -31,12 +31,6 @@ A_AT = Endpoint.parse("198.51.100.1:40000")
 B_AT = Endpoint.parse("192.0.2.2:51820")
 WAIT = 5.0
 CLUSTER = ClusterKeys.derive("relay-server", os.urandom(32))
-
-
-class Keys:
-    def __init__(self) -> None:
-        key = PrivateKey.generate()
-        self.private, self.public = bytes(key), bytes(key.public_key)
 
 
 class FakeTransport:

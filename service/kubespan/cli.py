@@ -53,6 +53,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from kubespan.apply.watch import KernelWatcher
     from kubespan.identity import Identity, load_or_create_identity
     from kubespan.pathcheck.checker import PathChecker
+    from kubespan.relay.client import RelayClient
+    from kubespan.relay.server import RelayServer
 
     refused = preflight_refusal(args)
     if refused:
@@ -102,6 +104,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 stun=ReflexiveProber,
                 paths=PathChecker,
                 latest=latest,
+                relay_client=RelayClient,
+                relay_server=RelayServer,
             )
 
         # Changes to our table, rules, routes, link or any address wake the loop at once

@@ -22,6 +22,8 @@ class AffiliateInfo:
     ula: ipaddress.IPv6Address
     addresses: tuple[IPAddress, ...]
     pod_cidrs: tuple[IPNetwork, ...] = ()
+    # The node relays for other members on these ports: (first, count). None: it does not.
+    relay_ports: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

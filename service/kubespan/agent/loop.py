@@ -13,6 +13,8 @@ cache and is READY once those peers are applied.
 
 from __future__ import annotations
 
+import base64
+import functools
 import ipaddress
 import logging
 import os
@@ -22,6 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Mapping as ReadOnlyMap
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,6 +88,10 @@ from kubespan.plan.harvest import Harvest, harvest_candidates
 from kubespan.plan.local import advertised_endpoints, excluded, underlay_networks
 from kubespan.plan.membership import Membership, absorb, expire
 from kubespan.plan.peerstate import Timing, Tracking, given_up, trial_seconds
+from kubespan.relay.choice import RelayOffer, offers_of, relay_order, wants_relay
+from kubespan.relay.client import Bound, RelayChanged
+from kubespan.relay.forward import RelaySpec
+from kubespan.relay.ports import PortRange
 from kubespan.stun.prober import MAX_REFLECTORS, Mapping, Reflexive
 
 log = logging.getLogger(__name__)
@@ -177,6 +184,42 @@ class PathChecks(Protocol):
 PathCheckFactory = Callable[[queue.Queue[Any], int, bytes, bytes, bytes], PathChecks]
 
 
+class RelaySides(Protocol):
+    """This node's side of relayed pairs (relay.client.RelayClient)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
+    def want(
+        self, wanted: ReadOnlyMap[bytes, tuple[RelayOffer, ...]], failing: frozenset[bytes]
+    ) -> None: ...
+    def bound(self) -> dict[bytes, Bound]: ...
+
+
+class RelayCarrier(Protocol):
+    """The relay this node offers to be (relay.server.RelayServer)."""
+
+    ready: threading.Event
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
+    def set_members(self, public_keys: Iterable[bytes]) -> None: ...
+    def forwarding(self) -> RelaySpec: ...
+
+
+# (events, listen port, private key, public key, cluster relay-bind key)
+RelayClientFactory = Callable[[queue.Queue[Any], int, bytes, bytes, bytes], RelaySides]
+# (private key, public key, cluster relay-bind key, ports, most pairs)
+RelayServerFactory = Callable[[bytes, bytes, bytes, PortRange, int], RelayCarrier]
+
+
+@functools.lru_cache(maxsize=8192)
+def raw_key(public_key: str) -> bytes:
+    """A member's WireGuard key as bytes (checked canonical base64 when its record was read)."""
+    return base64.b64decode(public_key)
+
+
 class Agent:
     def __init__(
         self,
@@ -195,6 +238,8 @@ class Agent:
         stun: StunFactory | None = None,
         paths: PathCheckFactory | None = None,
         latest: LatestStatus | None = None,
+        relay_client: RelayClientFactory | None = None,
+        relay_server: RelayServerFactory | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -246,12 +291,16 @@ class Agent:
         self._harvested: dict[Harvest, float] = {}
         self._init_paths(config)
         self._init_helpers(config, identity, stun, paths)
+        self._init_relay(config, identity, relay_client, relay_server)
         self.prefix = cluster_ula_prefix(config.cluster.id)
-        mac = first_physical_mac(kernel.link_hardware())
+        self.ula = self._node_ula()
+
+    def _node_ula(self) -> ipaddress.IPv6Address:
+        mac = first_physical_mac(self.kernel.link_hardware())
         if mac is None:
             log.warning("no physical interface with a MAC; deriving the ULA host part from node id")
-            mac = fallback_mac(identity.node_id)
-        self.ula = node_ula(config.cluster.id, mac)
+            mac = fallback_mac(self.identity.node_id)
+        return node_ula(self.config.cluster.id, mac)
 
     def _init_status(self, latest: LatestStatus | None) -> None:
         self.counters = LoopCounters()
@@ -287,6 +336,39 @@ class Agent:
         )
         self._path_members: tuple[str, ...] | None = None
         self._departed_holds: dict[str, Hold] = {}
+
+    def _init_relay(
+        self,
+        config: MachineConfig,
+        identity: Identity,
+        client: RelayClientFactory | None,
+        server: RelayServerFactory | None,
+    ) -> None:
+        """This node's side of relayed pairs, and the relay it offers to be when configured
+        to (relay/); None: not used (tests)."""
+        kubespan = config.kubespan
+        self.relay_client = (
+            client(
+                self.events,
+                kubespan.listen_port,
+                identity.private_key,
+                identity.public_key,
+                self.keys.relay_bind_key,
+            )
+            if client is not None
+            else None
+        )
+        self.relay_server: RelayCarrier | None = None
+        if server is not None and kubespan.relay:
+            first, count = kubespan.relay_ports
+            self.relay_server = server(
+                identity.private_key,
+                identity.public_key,
+                self.keys.relay_bind_key,
+                PortRange(first, count),
+                count // 2,
+            )
+        self._relay_members: tuple[str, ...] | None = None
 
     def _init_paths(self, config: MachineConfig) -> None:
         """What the agent tracks about its own way out and when to look again."""
@@ -373,6 +455,9 @@ class Agent:
             self.stun.start()
         if self.paths is not None:
             self.paths.start()
+        for relay in (self.relay_client, self.relay_server):
+            if relay is not None:
+                relay.start()
         self._start_metrics()
 
     def _start_metrics(self) -> None:
@@ -408,6 +493,10 @@ class Agent:
             self.stun.join(3.0)
         if self.paths is not None:
             self.paths.join(3.0)
+        for relay in (self.relay_client, self.relay_server):
+            if relay is not None:
+                relay.stop()
+                relay.join(3.0)
 
     def _may_be_ready(self) -> bool:
         """Ready once the members discovery reports are applied; with members from the
@@ -457,7 +546,7 @@ class Agent:
                 self.stun.trigger()
         elif isinstance(event, ReflexiveLearned):
             self._learned(event.result)
-        elif isinstance(event, PathAnswered):
+        elif isinstance(event, PathAnswered | RelayChanged):
             pass  # the pass that follows every event sets the endpoint that answered
 
     def _absorb_listing(self, event: ListingEvent) -> None:
@@ -645,6 +734,10 @@ class Agent:
             public_key=self.identity.public_key_b64,
             ula=self.ula,
             addresses=addresses,
+            # Offered once the relay listens and its table is in place.
+            relay_ports=kubespan.relay_ports
+            if self.relay_server is not None and self.relay_server.ready.is_set()
+            else None,
         )
         return info, endpoints
 
@@ -843,6 +936,7 @@ class Agent:
         if self.paths is not None:
             self.paths.set_own_addresses(self._own_addresses(networks))
         answers = self._path_answers(members)
+        relayed = self._relays(members, observed, answers, now)
         result = plan(
             PlanInput(
                 config=self.config.kubespan,
@@ -866,6 +960,10 @@ class Agent:
                 nudge_all=roamed,
                 probing=now >= self._probing_back_at,
                 answers=answers,
+                relayed=relayed,
+                relay_ports=self.config.kubespan.relay_ports
+                if self.relay_server is not None
+                else None,
             )
         )
         self._warnings = (
@@ -922,6 +1020,78 @@ class Agent:
                 self.paths.set_members(keys)
         return self.paths.answers()
 
+    def _relays(
+        self,
+        members: tuple[Member, ...] | None,
+        observed: ObservedLink | None,
+        answers: dict[str, dict[Endpoint, float]],
+        now: float,
+    ) -> dict[str, tuple[Endpoint, str]]:
+        """Tell the relay this node offers to be who the members are; tell this node's side
+        which peers to bind at which relays (relay.choice); what is bound, per peer."""
+        if members is None:
+            return {}
+        if self.relay_server is not None:
+            keys = tuple(sorted(m.info.public_key for m in members))
+            if keys != self._relay_members:
+                self._relay_members = keys
+                self.relay_server.set_members(raw_key(k) for k in keys)
+        if self.relay_client is None:
+            return {}
+        bound = {base64.b64encode(k).decode(): b for k, b in self.relay_client.bound().items()}
+        endpoints = {
+            raw_key(p.public_key): p.endpoint
+            for p in (observed.peers if observed is not None else ())
+            if p.endpoint is not None
+        }
+        offered = {
+            raw_key(m.info.public_key): (m.info.hostname, m.info.relay_ports)
+            for m in members
+            if m.info.relay_ports is not None
+        }
+        up = [raw_key(k) for k, state in self._states.items() if state is PeerState.UP]
+        offers = offers_of(offered, endpoints, up)
+        own = self.identity.public_key
+        wanted: dict[bytes, tuple[RelayOffer, ...]] = {}
+        failing: set[bytes] = set()
+        for member in members:
+            key = member.info.public_key
+            at = bound.get(key)
+            state = self._states.get(key, PeerState.UNKNOWN)
+            relayed_at = at.endpoint if at else None
+            direct_answered = any(
+                endpoint != relayed_at and now - answered <= self.timing.proven_for
+                for endpoint, answered in answers.get(key, {}).items()
+            )
+            if offers and wants_relay(
+                now, self.tracking.get(key), state, relayed_at, direct_answered
+            ):
+                order = relay_order(own, raw_key(key), offers)
+                if order:
+                    wanted[raw_key(key)] = order
+            tracking = self.tracking.get(key)
+            if at is not None and at.paired and tracking and at.endpoint in tracking.failed:
+                failing.add(raw_key(key))  # said forwarded, yet its trial failed
+        self.relay_client.want(wanted, frozenset(failing))
+        return {
+            key: (at.endpoint, at.relay.name) for key, at in bound.items() if raw_key(key) in wanted
+        }
+
+    def _relay_status(self) -> dict[str, Any] | None:
+        if self.relay_server is None:
+            return None
+        first, count = self.config.kubespan.relay_ports
+        return {
+            "ports": f"{first}-{first + count - 1}",
+            "pairs": [
+                {
+                    "first": f"{p.first.mapping} -> {p.address}:{p.first.port}",
+                    "second": f"{p.second.mapping} -> {p.address}:{p.second.port}",
+                }
+                for p in self.relay_server.forwarding().pairs
+            ],
+        }
+
     def _publish(
         self, info: AffiliateInfo, endpoints: tuple[Endpoint, ...], reports: tuple[PeerReport, ...]
     ) -> None:
@@ -937,6 +1107,7 @@ class Agent:
             nat=self.nat_status,
             state_since=self._state_since,
             pid=os.getpid(),
+            relay=self._relay_status(),
         )
         self._last_document = document
         self._write_status(document)

@@ -27,8 +27,10 @@ def status_document(
     nat: dict[str, Any] | None = None,
     state_since: dict[str, float] | None = None,
     pid: int | None = None,
+    relay: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The document `kubespan status --json` prints: its shape is STATUS_SCHEMA's."""
+    """The document `kubespan status --json` prints: its shape is STATUS_SCHEMA's.
+    `relay`: what this node relays for others, when it offers to."""
     since = state_since or {}
     return {
         "version": 1,
@@ -46,6 +48,7 @@ def status_document(
             "endpoints": [str(e) for e in endpoints],
             # What STUN says of the WireGuard port: {"mapped": [...], "mapping": ...}.
             "nat": nat or {"mapped": [], "mapping": "unknown", "reflectors": []},
+            "relay": relay,
         },
         "peers": [
             {
@@ -60,6 +63,7 @@ def status_document(
                 "tx_bytes": r.tx_bytes,
                 "refused": list(r.refused),
                 "why": r.why,
+                "relay": r.relay,
                 "candidates": [
                     {
                         "endpoint": str(c.endpoint),
@@ -134,6 +138,14 @@ def render_status(document: dict[str, Any], now: float | None = None) -> str:
         f"  status updated {_age(document['updated_at'], now)}, "
         f"{'ready' if document.get('ready') else 'starting'}",
     ]
+    relay = node.get("relay")
+    if isinstance(relay, dict):
+        lines.append(
+            f"  relays for members on ports {printable(relay.get('ports'))}: "
+            f"{len(relay.get('pairs', []))} pairs"
+        )
+        for pair in relay.get("pairs", []):
+            lines.append(f"    {printable(pair.get('first'))} <-> {printable(pair.get('second'))}")
     if document.get("last_error"):
         lines.append(f"  last error: {printable(document['last_error'], 400)}")
     for source in document.get("discovery", []):
@@ -151,7 +163,7 @@ def render_status(document: dict[str, Any], now: float | None = None) -> str:
     rows = [header] + [
         (
             printable(p["name"], 64),
-            printable(p["state"]),
+            printable(p["state"]) + (f" via {printable(p['relay'], 64)}" if p.get("relay") else ""),
             printable(p["endpoint"] or "-"),
             _age(p["last_handshake"], now),
             _bytes(p["rx_bytes"]),

@@ -34,6 +34,7 @@ from kubespan.plan.dataplane import (
     rule_deletions,
 )
 from kubespan.plan.routing import RouteSpec, RuleSpec
+from kubespan.relay.forward import RELAY_FAMILY, RELAY_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,10 @@ class Dataplane:
         if self.observe_ruleset() is not None:
             self._table.delete()
             removed.append(f"nftables table {NFT_FAMILY} {NFT_TABLE}")
+        if self._table.remove_other(RELAY_FAMILY, RELAY_TABLE):
+            # Left by a relay that did not stop cleanly (killed): its pairs' sides bind
+            # elsewhere, and nothing keeps forwarding for them.
+            removed.append(f"nftables table {RELAY_FAMILY} {RELAY_TABLE}")
         operations = [
             *rule_deletions(self.observe_rules()),
             *(DeleteRoute(route) for route in self.observe_routes()),

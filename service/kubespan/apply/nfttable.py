@@ -133,6 +133,15 @@ class NftTable:
         self._proven = None
         self._nft.run(teardown_batch())
 
+    def remove_other(self, family: str, name: str) -> bool:
+        """Delete another table of ours (the relay's), if it exists; whether it did."""
+        try:
+            self._nft.run(f"list table {family} {name}")
+        except ApplyError:
+            return False
+        self._nft.run(f"add table {family} {name}\ndelete table {family} {name}\n")
+        return True
+
     def _list(self) -> str | None:
         try:
             return self._nft.run(f"list table {NFT_FAMILY} {NFT_TABLE}")

@@ -13,6 +13,7 @@ from kubespan.config.model import (
     DEFAULT_ENDPOINT_TRIAL_SECONDS,
     DEFAULT_LISTEN_PORT,
     DEFAULT_MTU,
+    DEFAULT_RELAY_PORTS,
     ClusterConfig,
     DiscoveryConfig,
     EndpointFilter,
@@ -137,6 +138,19 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_port_range(text: str) -> tuple[int, int]:
+    """`FIRST-LAST`, both included, an even count: (first, count)."""
+    first, separator, last = text.strip().partition("-")
+    if not (separator and first.isdigit() and last.isdigit()):
+        raise ValueError(f"{text!r} is not FIRST-LAST")
+    low, high = int(first), int(last)
+    if not 1 <= low < high <= 65535:
+        raise ValueError(f"{text!r}: ports from 1 to 65535, the first below the last")
+    if (high - low + 1) % 2:
+        raise ValueError(f"{text!r} holds {high - low + 1} ports: two per pair, an even count")
+    return low, high - low + 1
+
+
 def _kubespan(reader: _Reader) -> KubeSpanConfig:
     return KubeSpanConfig(
         enabled=reader.typed((*KUBESPAN, "enabled"), bool, False),
@@ -159,6 +173,9 @@ def _kubespan(reader: _Reader) -> KubeSpanConfig:
         ),
         stun_servers=reader.each((*KUBESPAN, "stunServers"), parse_host_port),
         metrics_listen=reader.optional((*KUBESPAN, "metricsListen"), Endpoint.parse),
+        relay=reader.typed((*KUBESPAN, "relay", "enabled"), bool, False),
+        relay_ports=reader.optional((*KUBESPAN, "relay", "ports"), parse_port_range)
+        or DEFAULT_RELAY_PORTS,
     )
 
 
@@ -233,4 +250,10 @@ def interpret(document: LoadedDocument, file: str) -> tuple[MachineConfig, list[
     cluster = _cluster(reader, discovery)
     if kubespan.enabled:
         _check_enabled_needs(reader, discovery)
+    first, count = kubespan.relay_ports
+    if kubespan.relay and first <= kubespan.listen_port < first + count:
+        reader.problem(
+            (*KUBESPAN, "relay", "ports"),
+            f"holds listenPort {kubespan.listen_port}: WireGuard's port cannot be a relay port",
+        )
     return MachineConfig(kubespan=kubespan, cluster=cluster), reader.problems

@@ -9,6 +9,8 @@ from kubespan.netaddr import Endpoint, IPNetwork
 DEFAULT_MTU = 1420
 DEFAULT_ENDPOINT_TRIAL_SECONDS = 5
 DEFAULT_LISTEN_PORT = 51820
+# Below the ephemeral range (32768-60999) and Kubernetes' node ports (30000-32767).
+DEFAULT_RELAY_PORTS = (29100, 256)  # (first, count): 128 pairs
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class KubeSpanConfig:
     endpoint_trial_seconds: int = DEFAULT_ENDPOINT_TRIAL_SECONDS
     stun_servers: tuple[tuple[str, int], ...] = ()  # (host, port) beside discovery's own
     metrics_listen: Endpoint | None = None  # where /metrics is served; None: off
+    relay: bool = False  # offer this node as a relay (relay/)
+    relay_ports: tuple[int, int] = DEFAULT_RELAY_PORTS  # (first, count)
 
 
 @dataclass(frozen=True)

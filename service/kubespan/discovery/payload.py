@@ -4,6 +4,7 @@ Record (payload version 2), sealed with the data key:
 
     {"v": 2, "node_id", "hostname", "public_key", "ula", "addresses", "pod_cidrs",
      "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"],
+     "relay_ports": [first, count] (a relay only: the ports it relays pairs on),
      "version": strictly increasing per node, "valid_until": Unix seconds, "leave": bool,
      "sig": XEdDSA signature, base64}
 
@@ -84,6 +85,7 @@ _KNOWN_FIELDS = frozenset(
         "version",
         "valid_until",
         "leave",
+        "relay_ports",
         "sig",
     }
 )
@@ -92,8 +94,11 @@ _KNOWN_FIELDS = frozenset(
 def _document(record: MemberRecord) -> dict[str, Any]:
     info = record.info
     later: dict[str, Any] = json.loads(record.later_fields) if record.later_fields else {}
+    # Only a relay says so: every other record reads as older members wrote it.
+    relay = {"relay_ports": list(info.relay_ports)} if info.relay_ports else {}
     return {
         **later,
+        **relay,
         "v": PAYLOAD_VERSION,
         "node_id": info.node_id,
         "hostname": info.hostname,
@@ -172,7 +177,8 @@ def decode_record(raw: bytes) -> MemberRecord:
     leave = document.get("leave")
     if not isinstance(leave, bool):
         raise ValueError("leave is not a boolean")
-    info = AffiliateInfo(node_id, hostname, public_key, ula, addresses, pod_cidrs)
+    relay_ports = _relay_ports(document.get("relay_ports"))
+    info = AffiliateInfo(node_id, hostname, public_key, ula, addresses, pod_cidrs, relay_ports)
     later = {k: v for k, v in document.items() if k not in _KNOWN_FIELDS}
     return MemberRecord(
         info,
@@ -183,6 +189,21 @@ def decode_record(raw: bytes) -> MemberRecord:
         signature,
         canonical(later) if later else b"",
     )
+
+
+def _relay_ports(value: Any) -> tuple[int, int] | None:
+    """A relay's ports, [first, count]: an even count of at least 2 within 1 to 65535."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        first, count = value
+        if count >= 2 and count % 2 == 0 and 1 <= first <= 65536 - count:
+            return first, count
+    raise ValueError("relay_ports is not [first, count] with an even count within 1 to 65535")
 
 
 def _signature(value: Any) -> bytes:

@@ -23,20 +23,18 @@ import logging
 import os
 import queue
 import random
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubespan.agent.backoff import Backoff
 from kubespan.discovery.forwarded import source_key
 from kubespan.discovery.ratelimit import RateLimiter
 from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.pathcheck import codec
-from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch, RawUdpPort
-from kubespan.wakeup import Wakeup
+from kubespan.rawthread import RawPortThread, open_raw_port
+from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +81,7 @@ class _Outstanding:
     sent_at: float
 
 
-class PathChecker:
+class PathChecker(RawPortThread):
     def __init__(
         self,
         events: queue.Queue[Any],
@@ -97,16 +95,19 @@ class PathChecker:
         rng: random.Random | None = None,
     ) -> None:
         """`transport` replaces the raw sockets in tests."""
+        super().__init__(
+            "path checker",
+            "path checks",
+            transport or (lambda: open_raw_port(listen_port, PATH_CHECK_MATCH, "path checks")),
+            monotonic,
+            rng,
+        )
         self.events = events
         self.listen_port = listen_port
         self._private = private_key
         self._public = public_key
         self._cluster_key = cluster_key
-        self.monotonic = monotonic
         self.random_bytes = random_bytes
-        self._open: Callable[[], AddressedTransport] = transport or self._raw
-        self._backoff = Backoff(base=2.0, cap=60.0, rng=rng or random.Random())
-        self._lock = threading.Lock()
         self._members: dict[bytes, str] = {}  # raw public key -> base64
         self._raw_keys: dict[str, bytes] = {}  # base64 -> raw public key
         self._keys: dict[bytes, bytes] = {}  # raw public key -> pair key
@@ -124,36 +125,10 @@ class PathChecker:
         self._overall = RateLimiter(ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL)
         self._slice_start = float("-inf")
         self._slice_sent = 0
-        self._stopping = False
-        self._wakeup = Wakeup()
         self.sent = 0  # requests sent, for tests and benchmarks
         self.answered = 0  # answers sent
-        self._thread = threading.Thread(target=self._run, name="path checker", daemon=True)
-
-    def _raw(self) -> AddressedTransport:
-        port = RawUdpPort(self.listen_port, PATH_CHECK_MATCH)
-        errors = port.listen()
-        if len(errors) == 2:
-            port.close()
-            raise OSError("; ".join(errors))
-        for error in errors:
-            log.info("path checks without one family: %s", error)
-        return port
 
     # --- the agent's side (any thread) -------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-        self._poke()
-
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._wakeup.close()
 
     def set_members(self, public_keys: Iterable[str]) -> None:
         """The members whose requests are answered and whose checks may be sent."""
@@ -205,39 +180,10 @@ class PathChecker:
                 for key, by_endpoint in self._answers.items()
             }
 
-    def _poke(self) -> None:
-        self._wakeup.poke()
-
     # --- the thread ------------------------------------------------------------------
 
-    def _run(self) -> None:
-        transport: AddressedTransport | None = None
-        while not self._stopping:
-            try:
-                if transport is None:
-                    transport = self._open()
-                    self._backoff.reset()
-                    log.info("path checks ready port=%d", self.listen_port)
-                self._turn(transport)
-            except Exception as error:  # noqa: BLE001 - the thread must survive anything
-                delay = self._backoff.next_delay()
-                log.warning(
-                    "path checks failed retry_in=%.1fs error=%s: %s",
-                    delay,
-                    type(error).__name__,
-                    error,
-                )
-                if transport is not None:
-                    transport.close()
-                    transport = None
-                self._sleep(delay)
-        if transport is not None:
-            transport.close()
-
-    def _sleep(self, delay: float) -> None:
-        """Wait `delay`, or until stopped (checks asked for meanwhile wait: retrying the
-        sockets at every pass would only log the same failure faster)."""
-        self._wakeup.sleep(delay, self.monotonic, lambda: self._stopping)
+    def _opened(self) -> None:
+        log.info("path checks ready port=%d", self.listen_port)
 
     def _turn(self, transport: AddressedTransport) -> None:
         """Start what was asked, send what is due, then read until the next send is due."""

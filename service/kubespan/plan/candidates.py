@@ -32,6 +32,7 @@ class Kind(Enum):
     IPV6 = "ipv6"
     ANNOUNCED = "announced"
     HARVESTED = "harvested"
+    RELAYED = "relayed"
 
 
 _REASONS = {
@@ -41,6 +42,7 @@ _REASONS = {
     Kind.IPV6: "IPv6 host address",
     Kind.ANNOUNCED: "announced by the node (its NAT mapping, or an extra endpoint)",
     Kind.HARVESTED: "where another member saw the node",
+    Kind.RELAYED: "through a relay member (no direct path answered); tried first once bound",
 }
 _RANK = {kind: index for index, kind in enumerate(Kind)}
 

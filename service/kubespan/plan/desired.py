@@ -21,7 +21,7 @@ from kubespan.model import (
 from kubespan.names import LINK_NAME, MARK_WIREGUARD
 from kubespan.netaddr import Endpoint, IPAddress, IPNetwork, host_network, network_sort_key
 from kubespan.plan.admission import AdmissionRules, admit
-from kubespan.plan.candidates import Candidate, LocalNetwork, rank_candidates
+from kubespan.plan.candidates import Candidate, Kind, LocalNetwork, rank_candidates
 from kubespan.plan.claims import Claim, Division, divide
 from kubespan.plan.ipset import IntervalSet, collapse, network_range, range_networks
 from kubespan.plan.peerstate import (
@@ -66,6 +66,9 @@ class PlanInput:
     probing: bool = True  # False: probes could not be sent lately; judge without them
     # Per member: when each endpoint last answered a path check (monotonic).
     answers: Mapping[str, Mapping[Endpoint, float]] = field(default_factory=dict)
+    # Per member: the endpoint bound for it at a relay, and that relay's name.
+    relayed: Mapping[str, tuple[Endpoint, str]] = field(default_factory=dict)
+    relay_ports: tuple[int, int] | None = None  # this node relays on these (first, count)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class PeerReport:
     why: str = ""  # why the current endpoint
     # Seconds since each candidate last answered a path check (those that did).
     answered_ago: Mapping[Endpoint, float] = field(default_factory=dict)
+    relay: str | None = None  # the relay member carrying the pair, when it does
 
 
 @dataclass(frozen=True)
@@ -364,6 +368,14 @@ def member_peers(
         key = member.info.public_key
         seen = observed_peers.get(key)
         ranked = rank_candidates(member, plan_input.local_networks)
+        relay_endpoint, relay_name = plan_input.relayed.get(key, (None, None))
+        if relay_endpoint is not None:
+            # Bound at a relay after the direct paths failed: tried first (a relay that
+            # goes away is replaced at once), while direct paths that answer a check win.
+            ranked = (
+                Candidate(relay_endpoint, Kind.RELAYED),
+                *(c for c in ranked if c.endpoint != relay_endpoint),
+            )
         # A probe needs the member's ULA routed to it (a disputed one is held back) and a
         # socket to send it: without either, only WireGuard's own bound judges the path.
         probed = plan_input.probing and any(member.info.ula in n for n in routes[key])
@@ -375,6 +387,7 @@ def member_peers(
             sighting(seen),
             plan_input.timing if probed else replace(plan_input.timing, quiet=DOWN_AFTER),
             plan_input.answers.get(key),
+            frozenset((relay_endpoint,)) if relay_endpoint is not None else frozenset(),
         )
         out.decided(key, decision, seen, plan_input.nudge_all)
         if decision.probe and probed:
@@ -382,10 +395,11 @@ def member_peers(
         if decision.check:
             # The endpoint WireGuard has first (whether the path in use still answers; never
             # cut off by a cap on how many are checked), then the candidates in rank order.
+            # Never a relay's port: it forwards WireGuard's messages only, so a check there
+            # gets no answer (and would cross the relay's segment for nothing).
             current = (seen.endpoint,) if seen and seen.endpoint else ()
-            out.checks.append(
-                (key, tuple(dict.fromkeys((*current, *(c.endpoint for c in ranked)))))
-            )
+            checked = (e for e in (*current, *(c.endpoint for c in ranked)) if e != relay_endpoint)
+            out.checks.append((key, tuple(dict.fromkeys(checked))))
         out.peers.append(
             PeerSpec(
                 public_key=key,
@@ -394,13 +408,14 @@ def member_peers(
                 endpoint=decision.set_endpoint,
             )
         )
+        in_use = decision.set_endpoint or (seen.endpoint if seen else None)
         out.reports.append(
             PeerReport(
                 public_key=key,
                 name=member.info.hostname,
                 node_id=member.info.node_id,
                 state=decision.state,
-                endpoint=decision.set_endpoint or (seen.endpoint if seen else None),
+                endpoint=in_use,
                 last_handshake=seen.last_handshake if seen else None,
                 rx_bytes=seen.rx_bytes if seen else 0,
                 tx_bytes=seen.tx_bytes if seen else 0,
@@ -411,6 +426,7 @@ def member_peers(
                     e: max(0.0, plan_input.now - at)
                     for e, at in plan_input.answers.get(key, {}).items()
                 },
+                relay=relay_name if in_use is not None and in_use == relay_endpoint else None,
             )
         )
     return out
@@ -433,7 +449,7 @@ def _desired(
     desired = DesiredState(
         link=link,
         peers=tuple(planned.peers),
-        ruleset=RulesetSpec(v4, v6, link.mtu, link.listen_port),
+        ruleset=RulesetSpec(v4, v6, link.mtu, link.listen_port, plan_input.relay_ports),
         routing=routing_spec(link.mtu, link.name),
     )
     return Plan(

@@ -91,6 +91,7 @@ class Timing:
     # An up peer's path in use gets this long to answer its check (the checker's retries
     # at 0, 0.2, 0.6 and 1.4 s) before an answer elsewhere moves the peer.
     check_patience: float = 1.5
+    direct_retry: float = 60.0  # a peer up through a relay has its direct paths checked
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class Tracking:
     # displaced): a path check answer does not set them again until the next cycle.
     failed: tuple[Endpoint, ...] = ()
     why: str = ""  # why this endpoint: shown in status
+    direct_checked_at: float | None = None  # last check of direct paths while relayed
 
     @property
     def first_trial(self) -> bool:
@@ -235,11 +237,16 @@ def decide_endpoint(
     sighting: Sighting,
     timing: Timing = Timing(),
     answered: Mapping[Endpoint, float] | None = None,
+    relayed: frozenset[Endpoint] = frozenset(),
 ) -> EndpointDecision:
     """Keep a working endpoint; probe a quiet one; when a trial fails or a path dies, try
     the next candidate (best first), or at once the best one that answered a path check.
-    `answered`: when each endpoint last answered a path check (monotonic)."""
-    decision = _decide(now, wall_now, candidates, previous, sighting, timing, answered or {})
+    `answered`: when each endpoint last answered a path check (monotonic). `relayed`: the
+    candidates that go through a relay (never proven by a path check: a relay forwards
+    WireGuard's packets only); a direct path that answers replaces them."""
+    decision = _decide(
+        now, wall_now, candidates, previous, sighting, timing, answered or {}, relayed
+    )
     if previous is None or any(c not in previous.seen_candidates for c in candidates):
         decision = replace(decision, check=True)  # a new way to reach it: check it now
     return decision
@@ -253,6 +260,7 @@ def _decide(
     sighting: Sighting,
     timing: Timing,
     answered: Mapping[Endpoint, float],
+    relayed: frozenset[Endpoint],
 ) -> EndpointDecision:
     everything = frozenset(candidates)
     tracking = observe(previous, sighting, now, wall_now)
@@ -264,6 +272,8 @@ def _decide(
     # endpoints grows nothing here (a candidate that comes back counts as new again).
     tracking = replace(tracking, seen_candidates=everything)
     if state is PeerState.UP:
+        if tracking.endpoint in relayed or sighting.endpoint in relayed:
+            return _relayed_up(now, tracking, candidates, sighting, timing, answered, relayed)
         return _up(now, tracking, candidates, sighting, timing, answered)
     if tracking.alive_since_trial():
         # Was up, the path died: start over from the best candidate, now.
@@ -359,6 +369,58 @@ def _up(
         sighting.endpoint,
         nudge=True,
     )
+
+
+def _relayed_up(
+    now: float,
+    tracking: Tracking,
+    candidates: tuple[Endpoint, ...],
+    sighting: Sighting,
+    timing: Timing,
+    answered: Mapping[Endpoint, float],
+    relayed: frozenset[Endpoint],
+) -> EndpointDecision:
+    """An up peer reached through a relay: its direct candidates are checked every
+    `direct_retry`, and the best that answered (a round trip between the two WireGuard
+    ports: it works both ways) is set at once. Until then the relay carries the pair."""
+    direct = tuple(c for c in candidates if c not in relayed)
+    checked = tracking.direct_checked_at
+    answered_direct = next(
+        (
+            c
+            for c in direct
+            if checked is not None
+            and answered.get(c, float("-inf")) >= checked
+            and _proven(now, c, answered, timing)
+        ),
+        None,
+    )
+    if answered_direct is not None:
+        return _start(
+            now,
+            tracking,  # the check time kept: back on the relay, the next is a retry away
+            answered_direct,
+            tracking.tried,
+            0,
+            PeerState.UP,
+            "a direct path answered a path check; leaving the relay",
+            timing,
+            sighting.endpoint,
+            nudge=True,
+        )
+    decision = _up(now, tracking, candidates, sighting, timing, answered)
+    if decision.set_endpoint is not None or not direct:
+        return decision
+    kept = decision.tracking
+    # The first check as soon as the relay carries the pair: a hole punch that completes
+    # just after the relay took over moves the pair back within seconds.
+    due = checked + timing.direct_retry if checked is not None else now
+    if now >= due:
+        kept = replace(kept, direct_checked_at=now)
+        due = now + timing.direct_retry
+        decision = replace(decision, check=True)
+    wake = due if decision.wake_at is None else min(decision.wake_at, due)
+    return replace(decision, tracking=kept, wake_at=wake)
 
 
 def _proven(

@@ -78,6 +78,8 @@ MSS_OVERHEAD_V4 = 52
 MSS_OVERHEAD_V6 = 72
 
 _KEEP_MARK = 0xFFFFFFFF & ~MARK_MASK
+RELAY_TAG = 0x4B537262  # "KSrb", relay.bind.TAG (kept here: the planner imports no relay)
+RELAY_ANSWER_UDP_BYTES = 8 + 126  # UDP header + relay.bind.MESSAGE_BYTES
 # Link-level control of IPv6, never data: a neighbour advertisement to a member's underlay
 # address pulled into the tunnel means the neighbour is never resolved, and then not even
 # WireGuard's own packets reach the member (an IPv6-only underlay stalled this way).
@@ -98,6 +100,10 @@ class RulesetSpec:
     members_v6: tuple[IPNetwork, ...]
     mtu: int
     listen_port: int
+    # A relay's ports (first, count): its answers to binds (126-byte "KSrb" messages) leave
+    # from them with WireGuard's mark and are never pulled into the tunnel; nothing else
+    # from those ports is let out (any program can bind them).
+    relay_ports: tuple[int, int] | None = None
 
     def render(self) -> str:
         """The table in nft syntax: what an operator reads, what the fingerprint covers, and
@@ -121,6 +127,7 @@ class RulesetSpec:
             f"    type route hook output {hook}",
             f"    meta l4proto udp udp sport {self.listen_port} "
             f"meta mark & {MARK_MASK:#04x} == {MARK_WIREGUARD:#04x} accept",
+            *self._relay_answers(),
             '    oifname "lo" accept',
             f"    icmpv6 type {{ {', '.join(NEIGHBOUR_DISCOVERY)} }} accept",
             f"    ip daddr @{SET_V4} tcp flags syn tcp option maxseg size > {self.mss_v4} "
@@ -133,6 +140,16 @@ class RulesetSpec:
             "}",
         ]
         return "\n".join(lines)
+
+    def _relay_answers(self) -> list[str]:
+        if self.relay_ports is None:
+            return []
+        first, count = self.relay_ports
+        return [
+            f"    meta l4proto udp udp sport {first}-{first + count - 1} "
+            f"udp length {RELAY_ANSWER_UDP_BYTES} @th,64,32 {RELAY_TAG:#010x} "
+            f"meta mark & {MARK_MASK:#04x} == {MARK_WIREGUARD:#04x} accept"
+        ]
 
     def batch(self) -> str:
         """One nft script, one transaction, that replaces the table whole: add it (so that

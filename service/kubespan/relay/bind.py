@@ -10,7 +10,8 @@ the relay itself, from the very mapping the side's WireGuard packets use.
 Layout (126 bytes; answers exactly as long as binds, so a bind reflects no more than it
 costs):
 
-    tag "KSrb" (4) | kind (1) | version (1) | reason (1) | attempt (1) | sender's WireGuard
+    tag "KSrb" (4) | kind (1) | version (1) | reason (REFUSED) or flags (BOUND: 1, the
+    other side is bound too, so the pair is forwarded) (1) | attempt (1) | sender's WireGuard
     public key (32) | the pair's other side's key (32) | sender's clock, ms since the epoch (8)
     | transaction id (12) | observed mapping (16 address, IPv4 mapped, + 2 port; zero in a
     bind) | MAC (16)
@@ -38,6 +39,7 @@ TRANSACTION_ID_BYTES = 12
 MAC_BYTES = 16
 _BODY = struct.Struct("!IBBBB32s32sQ12s16sH")
 MESSAGE_BYTES = _BODY.size + MAC_BYTES
+PAIRED = 1  # BOUND's flags (the reason byte): the other side of the pair is bound too
 
 
 class Kind(IntEnum):
@@ -73,6 +75,7 @@ class BindMessage:
     transaction_id: bytes
     reason: Refusal | None = None  # REFUSED only
     observed: Endpoint | None = None  # BOUND only: where the bind came from
+    paired: bool = False  # BOUND only: the other side is bound too (the pair is forwarded)
 
 
 def encode(message: BindMessage, key: bytes) -> bytes:
@@ -83,11 +86,15 @@ def encode(message: BindMessage, key: bytes) -> bytes:
     if not 0 <= message.attempt <= 255:
         raise ValueError("a bind's attempt is 0 to 255")
     packed, port = endpoint_bytes(message.observed)
+    if message.kind == Kind.BOUND:
+        reason_byte = PAIRED if message.paired else 0
+    else:
+        reason_byte = message.reason or 0
     body = _BODY.pack(
         TAG,
         message.kind,
         VERSION,
-        message.reason or 0,
+        reason_byte,
         message.attempt,
         message.sender,
         message.peer,
@@ -110,20 +117,31 @@ def parse(payload: bytes) -> BindMessage:
         raise BindError("not a bind message of this version")
     if kind not in Kind.__members__.values():
         raise BindError(f"unknown bind message kind {kind}")
-    observed = endpoint_from_bytes(packed, port)
-    if kind == Kind.BOUND and observed is None:
-        raise BindError("BOUND without the observed mapping")
-    if kind != Kind.BOUND and (any(packed) or port):
-        raise BindError("only BOUND carries an observed mapping")
     refusal = None
     if kind == Kind.REFUSED:
         if reason not in Refusal.__members__.values():
             raise BindError(f"unknown refusal reason {reason}")
         refusal = Refusal(reason)
+    elif kind == Kind.BOUND:
+        if reason not in (0, PAIRED):
+            raise BindError(f"unknown BOUND flags {reason}")
     elif reason:
-        raise BindError("only REFUSED carries a reason")
+        raise BindError("a BIND carries no reason")
+    observed = endpoint_from_bytes(packed, port)
+    if kind == Kind.BOUND and observed is None:
+        raise BindError("BOUND without the observed mapping")
+    if kind != Kind.BOUND and (any(packed) or port):
+        raise BindError("only BOUND carries an observed mapping")
     return BindMessage(
-        Kind(kind), sender, peer, attempt, time_ms, transaction_id, refusal, observed
+        Kind(kind),
+        sender,
+        peer,
+        attempt,
+        time_ms,
+        transaction_id,
+        refusal,
+        observed,
+        paired=kind == Kind.BOUND and reason == PAIRED,
     )
 
 

@@ -1,6 +1,7 @@
 """The relay's side of binding, as data: which sides are bound, at which port and mapping,
 until when; the answer to each bind; and the pairs that follow (both sides bound with the
-same attempt, at the same relay address).
+same attempt, at relay addresses of the same IP version: each side may reach the relay at
+another of its addresses). Relays carry IPv4 pairs only, for now.
 
 Time and the clock are passed in: `now` is monotonic seconds (when bindings lapse), `wall_ms`
 the relay's clock (how fresh a bind is)."""
@@ -87,6 +88,8 @@ def take_bind(
             answer = replace(answer, attempt=attempt)
         return BindOutcome(kept, answer)
 
+    if destination.address.version != 4:
+        return refuse(Refusal.NOT_A_RELAY)  # IPv4 only: IPv6 forwarding is not set up
     if message.peer == message.sender or message.peer not in policy.members:
         return refuse(Refusal.UNKNOWN_PEER)
     side = (message.sender, message.peer)
@@ -132,7 +135,11 @@ def take_bind(
         expires_at=now + BIND_LIFETIME_SECONDS,
     )
     rest = tuple(b for b in kept if b is not previous)
-    return BindOutcome((*rest, binding), _answer(message, policy, Kind.BOUND, observed=source))
+    # Paired: the other side is bound too (same attempt, checked above), so the pair is
+    # forwarded; a side bound alone for long moves to another relay (relay.client).
+    paired = peer_side is not None and _same_version(binding, peer_side)
+    answer = _answer(message, policy, Kind.BOUND, observed=source, paired=paired)
+    return BindOutcome((*rest, binding), answer)
 
 
 def _complete_pairs(bindings: list[SideBinding]) -> set[frozenset[bytes]]:
@@ -150,16 +157,25 @@ def forwarded(
         other = current.get((peer, side))
         if side > peer or other is None:
             continue  # each pair once, from its lower key; or not both bound yet
-        if other.attempt != binding.attempt or other.address != binding.address:
+        if other.attempt != binding.attempt or not _same_version(binding, other):
             continue
         pairs.append(
             RelayedPair(
                 binding.address,
                 RelaySide(binding.port, binding.mapping),
-                RelaySide(other.port, other.mapping),
+                RelaySide(other.port, other.mapping, other.address),
             )
         )
     return RelaySpec.of(pairs, ports)
+
+
+def _same_version(one: SideBinding, other: SideBinding) -> bool:
+    return (
+        one.address.version
+        == other.address.version
+        == one.mapping.address.version
+        == (other.mapping.address.version)
+    )
 
 
 def _answer(
@@ -168,6 +184,14 @@ def _answer(
     kind: Kind,
     reason: Refusal | None = None,
     observed: Endpoint | None = None,
+    paired: bool = False,
 ) -> BindMessage:
     # The bind's clock and transaction echoed: the side matches the answer to its bind.
-    return replace(message, kind=kind, sender=policy.relay_key, reason=reason, observed=observed)
+    return replace(
+        message,
+        kind=kind,
+        sender=policy.relay_key,
+        reason=reason,
+        observed=observed,
+        paired=paired,
+    )

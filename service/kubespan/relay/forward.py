@@ -5,6 +5,9 @@ forwards between their sides, statelessly.
       chain prerouting (raw, before conntrack)   a WireGuard-shaped packet from a bound side's
                                                  mapping to that side's relay port: untracked,
                                                  and sent on to the other side's mapping
+      chain exempt (after the member table)      the same packets, sent on: out of this
+                                                 node's own tunnel (they are WireGuard's
+                                                 already), whoever the other side is
       chain postrouting                          the same packets, once routed: from the
                                                  relay's address and the other side's port
 
@@ -29,9 +32,11 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
+from kubespan.names import MARK_TUNNEL
 from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.relay.ports import PortRange
 
+_NOT_TUNNEL = 0xFFFFFFFF & ~MARK_TUNNEL
 RELAY_FAMILY = "inet"
 RELAY_TABLE = "kubespan_relay"
 # A WireGuard message's first four bytes, read as one big-endian number: type 1 to 4
@@ -42,10 +47,13 @@ WIREGUARD_HEADERS = "0x01000000, 0x02000000, 0x03000000, 0x04000000"
 @dataclass(frozen=True)
 class RelaySide:
     """One side of a relayed pair: the relay port it sends to, and where its packets come
-    from as the relay sees them (its NAT's mapping towards that port)."""
+    from as the relay sees them (its NAT's mapping towards that port). `address`: the relay's
+    address this side sends to, when not the pair's (a relay with several addresses, each
+    side reaching it at another)."""
 
     port: int
     mapping: Endpoint
+    address: IPAddress | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,8 @@ class RelayedPair:
         for side in (self.first, self.second):
             if not 1 <= side.port <= 65535:
                 raise ValueError(f"relay port {side.port} is not a UDP port")
-            if side.mapping.address.version != self.address.version:
+            versions = {side.mapping.address.version, self.relay_address(side).version}
+            if versions != {self.address.version}:
                 raise ValueError(
                     f"relay address {self.address} and side {side.mapping} are of different "
                     "IP versions"
@@ -71,6 +80,10 @@ class RelayedPair:
     @property
     def ports(self) -> tuple[int, int]:
         return (self.first.port, self.second.port)
+
+    def relay_address(self, side: RelaySide) -> IPAddress:
+        """The relay's address `side` sends to (and receives the other side's packets from)."""
+        return side.address if side.address is not None else self.address
 
     def directions(self) -> tuple[tuple[RelaySide, RelaySide], tuple[RelaySide, RelaySide]]:
         return ((self.first, self.second), (self.second, self.first))
@@ -88,10 +101,11 @@ class RelaySpec:
     def __post_init__(self) -> None:
         seen: dict[tuple[IPAddress, int], RelayedPair] = {}
         for pair in self.pairs:
-            for port in pair.ports:
-                taken = seen.setdefault((pair.address, port), pair)
+            for side in (pair.first, pair.second):
+                address = pair.relay_address(side)
+                taken = seen.setdefault((address, side.port), pair)
                 if taken is not pair:
-                    raise ValueError(f"relay port {port} on {pair.address} is in two pairs")
+                    raise ValueError(f"relay port {side.port} on {address} is in two pairs")
 
     @classmethod
     def of(
@@ -102,6 +116,7 @@ class RelaySpec:
 
     def render(self) -> str:
         prerouting: list[str] = []
+        exempt: list[str] = []
         postrouting: list[str] = []
         redirects: list[str] = []
         for pair in self.pairs:
@@ -110,13 +125,21 @@ class RelaySpec:
                 source, target = sender.mapping, receiver.mapping
                 from_source = f"{ip} saddr {source.address} udp sport {source.port}"
                 prerouting.append(
-                    f"    {ip} daddr {pair.address} udp dport {sender.port} {from_source} "
+                    f"    {ip} daddr {pair.relay_address(sender)} udp dport {sender.port} "
+                    f"{from_source} "
                     f"@th,64,32 {{ {WIREGUARD_HEADERS} }} notrack "
                     f"{ip} daddr set {target.address} udp dport set {target.port}"
                 )
+                forwarded = f"{from_source} {ip} daddr {target.address} udp dport {target.port}"
+                # Already encrypted end to end: never pulled into this node's own tunnel,
+                # even when the other side's mapping is a member's address.
+                exempt.append(
+                    f"{forwarded} @th,64,32 {{ {WIREGUARD_HEADERS} }} ct state untracked "
+                    f"meta mark set meta mark & {_NOT_TUNNEL:#010x}"
+                )
                 postrouting.append(
-                    f"    {from_source} {ip} daddr {target.address} udp dport {target.port} "
-                    f"{ip} saddr set {pair.address} udp sport set {receiver.port}"
+                    f"    {forwarded} {ip} saddr set {pair.relay_address(receiver)} "
+                    f"udp sport set {receiver.port}"
                 )
                 if ip == "ip":
                     # A relay with one interface forwards out where packets came in, and the
@@ -132,6 +155,11 @@ class RelaySpec:
                 "  chain prerouting {",
                 "    type filter hook prerouting priority raw; policy accept;",
                 *prerouting,
+                "  }",
+                "  chain exempt {",
+                # After the member table's prerouting chain (filter), before routing.
+                "    type filter hook prerouting priority 10; policy accept;",
+                *(f"    {rule}" for rule in exempt),
                 "  }",
                 "  chain postrouting {",
                 "    type filter hook postrouting priority srcnat; policy accept;",

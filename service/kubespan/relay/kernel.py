@@ -4,6 +4,8 @@ stateless, so there are no conntrack flows to clean up when a pair changes or go
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kubespan.apply.libnft import Nft
 from kubespan.relay.forward import RelaySpec, teardown_batch
 
@@ -31,3 +33,15 @@ class RelayForwarder:
         """Remove the table, if there is one."""
         self._applied = None
         self._nft.run(teardown_batch())
+
+
+IPV4_FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")
+
+
+def enable_ipv4_forwarding(path: Path = IPV4_FORWARDING) -> bool:
+    """Let the kernel forward IPv4 (a relay forwards between its pairs' sides; a Kubernetes
+    node forwards for its pods anyway); whether it was off before."""
+    if path.read_text().strip() == "1":
+        return False
+    path.write_text("1\n")
+    return True

@@ -19,11 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from kubespan.agent.backoff import Backoff
 from kubespan.discovery.ratelimit import RateLimiter
 from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.pathcheck.codec import pair_key
-from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch, RawUdpPort
+from kubespan.rawthread import RawPortThread, open_raw_port
+from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch
 from kubespan.relay import bind
 from kubespan.relay.bindings import (
     RelayPolicy,
@@ -34,9 +34,8 @@ from kubespan.relay.bindings import (
     take_bind,
 )
 from kubespan.relay.forward import RelaySpec
-from kubespan.relay.kernel import RelayForwarder
+from kubespan.relay.kernel import RelayForwarder, enable_ipv4_forwarding
 from kubespan.relay.ports import PortRange
-from kubespan.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -48,7 +47,7 @@ ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE = 2.0, 10.0
 ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL = 500.0, 1000.0
 
 
-class RelayServer:
+class RelayServer(RawPortThread):
     def __init__(
         self,
         private_key: bytes,
@@ -63,17 +62,14 @@ class RelayServer:
         rng: random.Random | None = None,
     ) -> None:
         """`forwarder` and `transport` replace the kernel's in tests."""
+        super().__init__("relay", "relay", transport or self._raw, monotonic, rng)
         self._private = private_key
         self._public = public_key
         self._bind_key = bind_key
         self.ports = ports
         self._max_pairs = max_pairs
         self._forwarder = forwarder
-        self._open = transport or self._raw
-        self.monotonic = monotonic
         self.wall_ms = wall_ms
-        self._backoff = Backoff(base=2.0, cap=60.0, rng=rng or random.Random())
-        self._lock = threading.Lock()
         self._members: frozenset[bytes] = frozenset()
         # member key -> key of the member and the relay; b"" for a key that gives none
         self._keys: dict[bytes, bytes] = {}
@@ -83,36 +79,13 @@ class RelayServer:
         self.ready = threading.Event()  # listening, and the first table applied
         self._per_source = RateLimiter(ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE)
         self._overall = RateLimiter(ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL)
-        self._stopping = False
-        self._wakeup = Wakeup()
-        self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
 
     def _raw(self) -> AddressedTransport:
-        port = RawUdpPort(self.ports.first, BIND_MATCH, count=self.ports.count)
-        errors = port.listen()
-        if len(errors) == 2:
-            port.close()
-            raise OSError("; ".join(errors))
-        for error in errors:
-            log.info("relay without one family: %s", error)
-        return port
+        if enable_ipv4_forwarding():
+            log.info("relay: IPv4 forwarding enabled (net.ipv4.ip_forward=1)")
+        return open_raw_port(self.ports.first, BIND_MATCH, "relay", count=self.ports.count)
 
     # --- any thread ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-        self._poke()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread.ident is None:
-            return  # never started
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._wakeup.close()
 
     def set_members(self, public_keys: Iterable[bytes]) -> None:
         """The members whose binds are answered; a side that stops being one is unbound."""
@@ -130,30 +103,12 @@ class RelayServer:
 
     # --- the relay's thread -------------------------------------------------------------
 
-    def _run(self) -> None:
-        transport: AddressedTransport | None = None
-        while not self._stopping:
-            try:
-                if transport is None:
-                    transport = self._open()
-                    self._backoff.reset()
-                    log.info(
-                        "relay ready ports=%d-%d",
-                        self.ports.first,
-                        self.ports.first + self.ports.count - 1,
-                    )
-                self._turn(transport)
-            except Exception as error:  # noqa: BLE001 - the thread must survive anything
-                delay = self._backoff.next_delay()
-                log.warning(
-                    "relay failed retry_in=%.1fs error=%s: %s", delay, type(error).__name__, error
-                )
-                if transport is not None:
-                    transport.close()
-                    transport = None
-                self._sleep(delay)
-        if transport is not None:
-            transport.close()
+    def _opened(self) -> None:
+        log.info(
+            "relay ready ports=%d-%d", self.ports.first, self.ports.first + self.ports.count - 1
+        )
+
+    def _finished(self) -> None:
         self._withdraw()
 
     def _turn(self, transport: AddressedTransport) -> None:
@@ -279,12 +234,6 @@ class RelayServer:
             self._forwarder = None
         with self._lock:
             self._forwarding = None
-
-    def _sleep(self, delay: float) -> None:
-        self._wakeup.sleep(delay, self.monotonic, lambda: self._stopping)
-
-    def _poke(self) -> None:
-        self._wakeup.poke()
 
 
 def _unicast(address: IPAddress) -> bool:

@@ -1,0 +1,354 @@
+"""A side's half of relaying: bind the pairs the agent wants relayed at their relay, from the
+WireGuard port, and keep the bindings alive.
+
+For each wanted peer the client binds at the first relay of the pair's order (relay.choice)
+that has not failed it lately: BIND at 0, 0.5, 1.5 and 3.5 s until an authentic answer with
+the round's transaction id comes. BOUND gives the endpoint the agent sets for the peer (the
+relay's address and this side's port, relay.ports); the binding is renewed every
+REFRESH_SECONDS, well within the relay's lifetime, and every UNPAIRED_REFRESH while the
+relay says the other side is not bound yet. A renewal that goes unanswered is retried while
+the relay still holds the binding; only then does the binding go. PORT_TAKEN moves to the
+next attempt, PEER_AT_ATTEMPT to the other side's; any other refusal, no answer to a first
+bind within ANSWER_WAIT, or the agent saying the relay did not carry the pair (`want`'s
+`failing`), fails that relay for the pair for FAILED_FOR and the next one is bound.
+
+Both sides normally pick the same relay (relay.choice), but their views can differ (one
+reaches a relay the other does not, one failed it lately). A side bound alone moves on:
+the side with the higher key after UNPAIRED_WAIT, the other after three times as long, so
+the higher one walks through its relays to the lower one's while that one waits. Every
+change of what is bound is put on the agent's queue (`RelayChanged`), so the pass that sets
+the endpoint comes at once.
+
+Answers are believed only from the relay asked, with the MAC of that relay's pair key and
+the transaction id of the round under way. Never dies: a failed socket is logged and opened
+again with backoff; the agent's direct paths do not depend on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubespan.netaddr import Endpoint
+from kubespan.pathcheck.codec import pair_key
+from kubespan.rawthread import RawPortThread, open_raw_port
+from kubespan.rawudp import AddressedTransport, Datagram
+from kubespan.relay import bind
+from kubespan.relay.choice import RelayOffer
+from kubespan.relay.ports import MAX_ATTEMPTS, pair_ports
+from kubespan.relay.server import BIND_MATCH
+
+log = logging.getLogger(__name__)
+
+SEND_AT = (0.0, 0.5, 1.5, 3.5)  # seconds into a round at which BIND is sent
+ANSWER_WAIT = 5.5  # a round without an answer this long: the relay failed the pair
+REFRESH_SECONDS = 20.0  # a binding is renewed this often (the relay keeps it 60 s)
+UNPAIRED_REFRESH = 2.0  # ... and this often while the other side is not bound there
+UNPAIRED_WAIT = 12.0  # bound alone this long, the side with the higher key moves on
+KEEP_BOUND = 50.0  # unanswered renewals keep the binding this long (the relay's is 60 s)
+FAILED_FOR = 60.0  # a relay that failed a pair is not asked for it again this long
+MAX_PAIRS = 256  # pairs bound at once at most (the relay's quota is lower per side anyway)
+TURN_SECONDS = 1.0
+READS_PER_TURN = 64
+
+
+@dataclass(frozen=True)
+class RelayChanged:
+    """What the client has bound changed: the agent's next pass sets the endpoints."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    relay: RelayOffer
+    endpoint: Endpoint  # the peer's WireGuard endpoint through the relay
+    attempt: int
+    paired: bool  # the relay said the other side is bound too: the pair is forwarded
+
+
+@dataclass
+class _Pair:
+    """One wanted peer, as the client's thread tracks it."""
+
+    relays: tuple[RelayOffer, ...]
+    relay: RelayOffer | None = None
+    attempt: int = 0
+    round_start: float | None = None
+    sends: int = 0
+    transaction: bytes = b""
+    bound: Bound | None = None
+    bound_at: float = 0.0
+    alone_since: float | None = None  # bound, the other side not (yet)
+    failed: dict[bytes, float] = field(default_factory=dict)  # relay key -> until
+
+
+class RelayClient(RawPortThread):
+    def __init__(
+        self,
+        events: queue.Queue[Any],
+        listen_port: int,
+        private_key: bytes,
+        public_key: bytes,
+        bind_key: bytes,
+        transport: Callable[[], AddressedTransport] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(
+            "relay-client",
+            "relay binds",
+            transport or (lambda: open_raw_port(listen_port, BIND_MATCH, "relay binds")),
+            monotonic,
+            rng,
+        )
+        self._events = events
+        self._private = private_key
+        self._public = public_key
+        self._bind_key = bind_key
+        self._wall_ms = wall_ms
+        self._random_bytes = random_bytes
+        self._wanted: dict[bytes, tuple[RelayOffer, ...]] = {}
+        self._failing: frozenset[bytes] = frozenset()
+        self._pairs: dict[bytes, _Pair] = {}  # the thread's own
+        self._bound: dict[bytes, Bound] = {}  # what the agent reads
+        self._keys: dict[bytes, bytes | None] = {}
+
+    # --- any thread ---------------------------------------------------------------------
+
+    def want(
+        self,
+        wanted: Mapping[bytes, tuple[RelayOffer, ...]],
+        failing: frozenset[bytes] = frozenset(),
+    ) -> None:
+        """The peers to bind, each with its relays in order (relay.choice.relay_order);
+        `failing`: peers whose relay said the pair is forwarded, yet the pair did not come
+        up through it (a relay that does not forward): that relay is left for the next."""
+        if len(wanted) > MAX_PAIRS:
+            log.warning("relay wanted for %d peers; binding the first %d", len(wanted), MAX_PAIRS)
+        trimmed = dict(list(wanted.items())[:MAX_PAIRS])
+        with self._lock:
+            if trimmed == self._wanted and failing == self._failing:
+                return
+            self._wanted, self._failing = trimmed, failing
+        self._poke()
+
+    def bound(self) -> dict[bytes, Bound]:
+        with self._lock:
+            return dict(self._bound)
+
+    # --- the client's thread ------------------------------------------------------------
+
+    def _turn(self, transport: AddressedTransport) -> None:
+        self._wakeup.drain()
+        now = self.monotonic()
+        self._take_wanted(now)
+        for peer, pair in self._pairs.items():
+            self._step(transport, peer, pair, now)
+        self._publish()
+        wait = max(0.0, min(TURN_SECONDS, self._next_due(now) - now))
+        datagram = transport.receive_datagram(wait, self._wakeup.reader)
+        for _ in range(READS_PER_TURN):
+            if datagram is None:
+                break
+            self._take(datagram)
+            datagram = transport.receive_datagram(0.0)
+        self._publish()
+
+    def _take_wanted(self, now: float) -> None:
+        with self._lock:
+            wanted, failing = dict(self._wanted), self._failing
+        self._pairs = {
+            peer: self._pairs.get(peer) or _Pair(relays) for peer, relays in wanted.items()
+        }
+        for peer, pair in self._pairs.items():
+            pair.relays = wanted[peer]
+            keys = {r.public_key: r for r in pair.relays}
+            if pair.relay is not None and keys.get(pair.relay.public_key) != pair.relay:
+                self._drop(pair)  # gone, or reached at another address now
+            if peer in failing and pair.bound is not None and pair.relay is not None:
+                log.info(
+                    "relay %s forwards nothing for peer %s; trying the next",
+                    pair.relay.name,
+                    peer.hex()[:16],
+                )
+                self._fail(pair, now)
+            if pair.relay is None:
+                pair.relay = next(
+                    (r for r in pair.relays if pair.failed.get(r.public_key, 0.0) <= now), None
+                )
+                pair.attempt = 0
+
+    def _step(self, transport: AddressedTransport, peer: bytes, pair: _Pair, now: float) -> None:
+        relay = pair.relay
+        if relay is None:
+            return
+        if self._alone_too_long(peer, pair, now):
+            log.info(
+                "relay %s: peer %s did not bind there; trying the next",
+                relay.name,
+                peer.hex()[:16],
+            )
+            self._fail(pair, now)
+            return
+        if pair.round_start is None and (pair.bound is None or now >= self._renew_at(pair)):
+            self._new_round(pair, now)
+        if pair.round_start is None:
+            return
+        if now - pair.round_start >= ANSWER_WAIT:
+            if pair.bound is not None and now - pair.bound_at < KEEP_BOUND:
+                self._new_round(pair, now)  # the relay still holds it: ask again
+            else:
+                log.info(
+                    "relay %s did not answer for peer %s; trying the next",
+                    relay.name,
+                    peer.hex()[:16],
+                )
+                self._fail(pair, now)
+                return
+        key = self._key(relay.public_key)
+        if key is None:
+            self._fail(pair, now)
+            return
+        while pair.sends < len(SEND_AT) and now - pair.round_start >= SEND_AT[pair.sends]:
+            pair.sends += 1
+            port = pair_ports(relay.ports, relay.public_key, self._public, peer, pair.attempt)[0]
+            message = bind.BindMessage(
+                bind.Kind.BIND,
+                self._public,
+                peer,
+                pair.attempt,
+                self._wall_ms(),
+                pair.transaction,
+            )
+            try:
+                transport.send(Endpoint(relay.address, port), bind.encode(message, key))
+            except OSError as error:
+                log.debug("relay bind to %s not sent: %s", relay.name, error)
+
+    def _take(self, datagram: Datagram) -> None:
+        try:
+            message = bind.parse(datagram.payload)
+        except bind.BindError:
+            return
+        pair = self._pairs.get(message.peer)
+        if (
+            pair is None
+            or pair.relay is None
+            or pair.round_start is None
+            or message.kind == bind.Kind.BIND
+            or message.sender != pair.relay.public_key
+            or message.transaction_id != pair.transaction
+        ):
+            return
+        key = self._key(pair.relay.public_key)
+        if key is None or not bind.authentic(datagram.payload, key):
+            return
+        now = self.monotonic()
+        relay = pair.relay
+        if message.kind == bind.Kind.BOUND:
+            port = pair_ports(
+                relay.ports, relay.public_key, self._public, message.peer, pair.attempt
+            )
+            bound = Bound(relay, Endpoint(relay.address, port[0]), pair.attempt, message.paired)
+            if pair.bound != bound:
+                log.info(
+                    "relay %s bound for peer %s at %s (seen from %s)%s",
+                    relay.name,
+                    message.peer.hex()[:16],
+                    bound.endpoint,
+                    message.observed,
+                    ", forwarded" if bound.paired else ", waiting for the peer to bind",
+                )
+            if bound.paired:
+                pair.alone_since = None
+            elif pair.alone_since is None:
+                pair.alone_since = now
+            pair.bound, pair.bound_at, pair.round_start = bound, now, None
+            return
+        reason = message.reason
+        if reason == bind.Refusal.PORT_TAKEN and pair.attempt + 1 < MAX_ATTEMPTS:
+            self._again(pair, pair.attempt + 1, now)
+        elif reason == bind.Refusal.PEER_AT_ATTEMPT and message.attempt < MAX_ATTEMPTS:
+            self._again(pair, message.attempt, now)
+        else:
+            log.info(
+                "relay %s refused peer %s: %s",
+                relay.name,
+                message.peer.hex()[:16],
+                reason.name if reason else "-",
+            )
+            self._fail(pair, now)
+
+    def _again(self, pair: _Pair, attempt: int, now: float) -> None:
+        pair.attempt, pair.bound = attempt, None
+        self._new_round(pair, now)
+
+    def _new_round(self, pair: _Pair, now: float) -> None:
+        pair.round_start, pair.sends = now, 0
+        pair.transaction = self._random_bytes(bind.TRANSACTION_ID_BYTES)
+
+    @staticmethod
+    def _renew_at(pair: _Pair) -> float:
+        paired = pair.bound is not None and pair.bound.paired
+        return pair.bound_at + (REFRESH_SECONDS if paired else UNPAIRED_REFRESH)
+
+    def _alone_too_long(self, peer: bytes, pair: _Pair, now: float) -> bool:
+        """Bound alone past this side's patience: the higher key waits UNPAIRED_WAIT, the
+        lower three times as long (so the higher one comes to it)."""
+        if pair.alone_since is None or pair.bound is None or pair.bound.paired:
+            return False
+        patience = UNPAIRED_WAIT if self._public > peer else 3 * UNPAIRED_WAIT
+        return now - pair.alone_since >= patience
+
+    def _fail(self, pair: _Pair, now: float) -> None:
+        if pair.relay is not None:
+            pair.failed[pair.relay.public_key] = now + FAILED_FOR
+        pair.failed = {k: until for k, until in pair.failed.items() if until > now}
+        self._drop(pair)
+
+    @staticmethod
+    def _drop(pair: _Pair) -> None:
+        pair.relay, pair.bound, pair.round_start, pair.attempt = None, None, None, 0
+        pair.alone_since = None
+
+    def _next_due(self, now: float) -> float:
+        due = now + TURN_SECONDS
+        for pair in self._pairs.values():
+            if pair.relay is None:
+                offered = {r.public_key for r in pair.relays}
+                waits = [u for k, u in pair.failed.items() if u > now and k in offered]
+                if waits:
+                    due = min(due, *waits)
+            elif pair.round_start is None:
+                due = min(due, self._renew_at(pair))
+            else:
+                at = SEND_AT[pair.sends] if pair.sends < len(SEND_AT) else ANSWER_WAIT
+                due = min(due, pair.round_start + at)
+            if pair.alone_since is not None:
+                due = min(due, pair.alone_since + UNPAIRED_WAIT)
+        return due
+
+    def _publish(self) -> None:
+        bound = {peer: pair.bound for peer, pair in self._pairs.items() if pair.bound is not None}
+        with self._lock:
+            changed = bound != self._bound
+            self._bound = bound
+        if changed:
+            self._events.put(RelayChanged())
+
+    def _key(self, relay: bytes) -> bytes | None:
+        if relay not in self._keys:
+            if len(self._keys) > 4 * MAX_PAIRS:
+                self._keys.clear()
+            try:
+                self._keys[relay] = pair_key(self._private, relay, self._public, self._bind_key)
+            except ValueError:
+                self._keys[relay] = None
+        return self._keys[relay]

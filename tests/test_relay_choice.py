@@ -1,0 +1,242 @@
+"""Which pairs ask for a relay and which relay they use (relay.choice), the record field
+that offers relaying, the config that turns it on, and the rules that keep a relay's own
+packets out of its tunnel."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import replace
+
+import pytest
+from nacl.public import PrivateKey
+
+from kubespan.config import parse_config
+from kubespan.discovery.payload import decode_record, encode_record, sign_record
+from kubespan.errors import ConfigError
+from kubespan.identity import generate_identity
+from kubespan.model import AffiliateInfo, MemberRecord, PeerState
+from kubespan.netaddr import Endpoint
+from kubespan.plan.peerstate import Tracking
+from kubespan.plan.ruleset import RulesetSpec
+from kubespan.relay.choice import (
+    MAX_RELAYS_PER_PAIR,
+    RELAY_AFTER,
+    RelayOffer,
+    offers_of,
+    relay_order,
+    wants_relay,
+)
+from kubespan.relay.forward import RelayedPair, RelaySide, RelaySpec
+from kubespan.relay.ports import PortRange
+
+UP, DOWN, UNKNOWN = PeerState.UP, PeerState.DOWN, PeerState.UNKNOWN
+T0 = 1000.0
+RELAYED_AT = Endpoint.parse("203.0.113.30:29101")
+DIRECT = Endpoint.parse("192.0.2.2:51820")
+
+
+def key() -> bytes:
+    return bytes(PrivateKey.generate().public_key)
+
+
+def tracked(endpoint: Endpoint = DIRECT, cycles: int = 0, known_since: float = T0) -> Tracking:
+    return Tracking(endpoint, T0, cycles=cycles, known_since=known_since)
+
+
+def test_a_direct_path_that_answers_needs_no_relay() -> None:
+    assert not wants_relay(T0 + 60, tracked(cycles=2), DOWN, None, direct_answered=True)
+
+
+@pytest.mark.parametrize(
+    ("now", "tracking", "state", "relayed_at", "wanted"),
+    [
+        (T0 + 1, None, UNKNOWN, None, False),  # not tracked yet
+        (T0 + 1, tracked(), UNKNOWN, None, False),  # a fair chance to come up directly
+        (T0 + RELAY_AFTER - 0.1, tracked(), DOWN, None, False),
+        (T0 + RELAY_AFTER, tracked(), DOWN, None, True),
+        (T0 + 1, tracked(cycles=1), DOWN, None, True),  # every candidate failed already
+        (T0 + 100, tracked(), UP, None, False),  # up directly: no relay
+        (T0 + 100, tracked(), UP, RELAYED_AT, False),  # bound, but up directly: let go
+        (T0 + 100, tracked(RELAYED_AT), UP, RELAYED_AT, True),  # up through it: kept
+        (T0 + 100, tracked(RELAYED_AT), DOWN, RELAYED_AT, True),  # the relay path died
+    ],
+)
+def test_wants_relay_table(
+    now: float,
+    tracking: Tracking | None,
+    state: PeerState,
+    relayed_at: Endpoint | None,
+    wanted: bool,
+) -> None:
+    assert wants_relay(now, tracking, state, relayed_at) is wanted
+
+
+def offer(public_key: bytes, address: str = "203.0.113.30") -> RelayOffer:
+    return RelayOffer(public_key, "r", ipaddress.ip_address(address), PortRange(29100, 256))
+
+
+def test_both_sides_rank_the_relays_alike_and_never_use_one_of_the_pair() -> None:
+    a, b = key(), key()
+    relays = [offer(key()) for _ in range(3)]
+    from_a = relay_order(a, b, [*relays, offer(a), offer(b)])
+    from_b = relay_order(b, a, list(reversed(relays)))
+    assert [o.public_key for o in from_a] == [o.public_key for o in from_b]
+    assert {o.public_key for o in from_a} == {o.public_key for o in relays}
+    # Pairs spread over relays: not every pair picks the same first one.
+    firsts = {relay_order(key(), key(), relays)[0].public_key for _ in range(40)}
+    assert len(firsts) > 1
+
+
+def test_a_pair_moves_through_a_few_relays_at_most() -> None:
+    relays = [offer(key()) for _ in range(MAX_RELAYS_PER_PAIR + 3)]
+    assert len(relay_order(key(), key(), relays)) == MAX_RELAYS_PER_PAIR
+
+
+def test_offers_are_relays_that_are_up_here_at_their_endpoints_address() -> None:
+    up_relay, down_relay, no_endpoint, not_relay = key(), key(), key(), key()
+    offered = {
+        up_relay: ("r1", (29100, 256)),
+        down_relay: ("r2", (29100, 256)),
+        no_endpoint: ("r3", (29100, 256)),
+    }
+    endpoints = {
+        up_relay: Endpoint.parse("203.0.113.30:51820"),
+        down_relay: Endpoint.parse("203.0.113.31:51820"),
+        not_relay: Endpoint.parse("203.0.113.32:51820"),
+    }
+    (found,) = offers_of(offered, endpoints, [up_relay, no_endpoint, not_relay])
+    assert found == replace(offer(up_relay), name="r1")
+
+
+# --- the record field -----------------------------------------------------------------------
+
+NODE = generate_identity(os.urandom)
+
+
+def record(relay_ports: tuple[int, int] | None) -> MemberRecord:
+    info = AffiliateInfo(
+        NODE.node_id,
+        "relay1",
+        NODE.public_key_b64,
+        ipaddress.IPv6Address("fd00::1"),
+        (ipaddress.ip_address("203.0.113.30"),),
+        relay_ports=relay_ports,
+    )
+    unsigned = MemberRecord(info, (Endpoint.parse("203.0.113.30:51820"),), 3, 1_800_000_000)
+    return sign_record(unsigned, NODE.private_key, os.urandom(64))
+
+
+def test_a_relay_says_so_in_its_signed_record_and_others_do_not_mention_it() -> None:
+    offered = record((29100, 256))
+    assert decode_record(encode_record(offered)) == offered
+    assert b'"relay_ports":[29100,256]' in encode_record(offered)
+    assert b"relay_ports" not in encode_record(record(None))
+
+
+@pytest.mark.parametrize("bad", [[29100], [29100, 255], [0, 2], [65535, 2], ["29100", 2], True])
+def test_a_malformed_relay_offer_refuses_the_record(bad: object) -> None:
+    import json
+
+    from kubespan import xeddsa
+    from kubespan.discovery.payload import SIGNED_PREFIX, canonical
+
+    document = json.loads(encode_record(record((29100, 256))))
+    document.pop("sig")
+    document["relay_ports"] = bad
+    signature = xeddsa.sign(NODE.private_key, SIGNED_PREFIX + canonical(document), os.urandom(64))
+    import base64
+
+    document["sig"] = base64.b64encode(signature).decode()
+    with pytest.raises(ValueError, match="relay_ports"):
+        decode_record(canonical(document))
+
+
+# --- config ---------------------------------------------------------------------------------
+
+CONFIG = """\
+machine:
+  network:
+    kubespan:
+      enabled: true
+      relay:
+        enabled: true
+{ports}cluster:
+  id: {cluster_id}
+  secret: {secret}
+  discovery:
+    enabled: true
+    registries:
+      service:
+        endpoint: https://discovery.example
+"""
+
+
+def config(ports: str = "") -> str:
+    line = f'        ports: "{ports}"\n' if ports else ""
+    return CONFIG.format(ports=line, cluster_id="c" * 43 + "=", secret="A" * 43 + "=")
+
+
+def test_relay_is_off_unless_enabled_and_has_default_ports() -> None:
+    parsed = parse_config(config().encode(), "node.yaml")
+    assert parsed.kubespan.relay and parsed.kubespan.relay_ports == (29100, 256)
+    assert parse_config(config("40000-40009").encode(), "node.yaml").kubespan.relay_ports == (
+        40000,
+        10,
+    )
+    plain = parse_config(
+        config().replace("      relay:\n        enabled: true\n", "").encode(), "n.yaml"
+    )
+    assert not plain.kubespan.relay
+
+
+@pytest.mark.parametrize(
+    "ports", ["40000-40010", "40010-40000", "0-9", "40000-70000", "x-y", "51800-51899"]
+)
+def test_bad_relay_ports_are_a_config_error_naming_the_field(ports: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(config(ports).encode(), "node.yaml")
+    assert any("relay.ports" in str(p) for p in raised.value.problems), raised.value.problems
+
+
+# --- rules ----------------------------------------------------------------------------------
+
+
+def test_a_relays_answers_leave_from_its_ports_like_wireguards_own_packets() -> None:
+    plain = RulesetSpec((), (), 1420, 51820).render()
+    relay = RulesetSpec((), (), 1420, 51820, (29100, 256)).render()
+    assert "udp sport 51820 meta mark & 0x60 == 0x20 accept" in plain
+    assert (
+        "udp sport 29100-29355 udp length 134 @th,64,32 0x4b537262 meta mark & 0x60 == 0x20 accept"
+    ) in relay
+    assert replace(RulesetSpec((), (), 1420, 51820), relay_ports=None).render() == plain
+
+
+def test_forwarded_packets_are_kept_out_of_the_relays_own_tunnel() -> None:
+    pair = RelayedPair(
+        ipaddress.ip_address("203.0.113.30"),
+        RelaySide(29100, Endpoint.parse("198.51.100.1:40000")),
+        RelaySide(29101, Endpoint.parse("192.0.2.2:51820")),
+    )
+    text = RelaySpec.of([pair]).render()
+    chain = text[text.index("chain exempt") : text.index("chain postrouting")]
+    assert "type filter hook prerouting priority 10;" in chain
+    assert (
+        "ip saddr 198.51.100.1 udp sport 40000 ip daddr 192.0.2.2 udp dport 51820 "
+        "@th,64,32 { 0x01000000, 0x02000000, 0x03000000, 0x04000000 } ct state untracked "
+        "meta mark set meta mark & 0xffffffbf"
+    ) in chain
+
+
+def test_the_relay_answer_exemption_matches_the_bind_codec() -> None:
+    from kubespan.plan import ruleset
+    from kubespan.relay import bind
+
+    assert ruleset.RELAY_TAG == bind.TAG
+    assert ruleset.RELAY_ANSWER_UDP_BYTES == 8 + bind.MESSAGE_BYTES
+
+
+def test_a_dead_peer_wants_no_relay() -> None:
+    from kubespan.plan.peerstate import DOWN_AFTER
+
+    assert not wants_relay(T0 + DOWN_AFTER + 1, tracked(), DOWN, None)

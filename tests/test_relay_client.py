@@ -1,0 +1,351 @@
+"""A side's binds (relay.client) against the real relay thread (relay.server), both on fake
+transports joined by a tiny network: both sides of a pair end bound on the ports relay.ports
+gives them and the relay forwards the pair; a relay that stays silent, refuses, or answers
+with a foreign key is left for the next; bindings are renewed; a peer no longer wanted is
+let go. tests/test_netns_relay.py runs the relay on raw sockets and the real table; the VM
+suite (qemu-tests/test_nat.py) runs both in the agent."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from kubespan.crypto import ClusterKeys
+from kubespan.netaddr import Endpoint, IPAddress
+from kubespan.pathcheck.codec import pair_key
+from kubespan.rawudp import Datagram
+from kubespan.relay import bind
+from kubespan.relay.choice import RelayOffer
+from kubespan.relay.client import (
+    ANSWER_WAIT,
+    FAILED_FOR,
+    KEEP_BOUND,
+    REFRESH_SECONDS,
+    UNPAIRED_WAIT,
+    RelayChanged,
+    RelayClient,
+)
+from kubespan.relay.forward import RelaySpec
+from kubespan.relay.ports import PortRange, pair_ports
+from kubespan.relay.server import RelayServer
+from wgkeys import Keys
+
+PORTS = PortRange(29100, 256)
+RELAY_AT = ipaddress.ip_address("203.0.113.30")
+SILENT_AT = ipaddress.ip_address("203.0.113.31")
+A_AT = Endpoint.parse("198.51.100.1:40000")  # side A's NAT mapping
+B_AT = Endpoint.parse("192.0.2.2:51820")
+WAIT = 5.0
+CLUSTER = ClusterKeys.derive("relay-client", os.urandom(32))
+
+
+class Wire:
+    """One end of the network: what is sent is delivered by the Net."""
+
+    def __init__(self, net: Net, at: Endpoint | IPAddress) -> None:
+        self.net, self.at = net, at
+        self.incoming: queue.Queue[Datagram] = queue.Queue()
+        self.sent = 0
+        self.payloads: list[bytes] = []
+
+    def send(
+        self,
+        destination: Endpoint,
+        payload: bytes,
+        source: IPAddress | None = None,
+        source_port: int | None = None,
+    ) -> None:
+        self.sent += 1
+        self.payloads.append(payload)
+        self.net.deliver(self, destination, payload, source, source_port)
+
+    def receive_datagram(
+        self, timeout: float, wake: socket.socket | None = None
+    ) -> Datagram | None:
+        try:
+            return self.incoming.get(timeout=min(timeout, 0.02))
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        pass
+
+
+class Net:
+    def __init__(self) -> None:
+        self.sides: dict[Endpoint, Wire] = {}
+        self.relay: Wire | None = None
+        self.lock = threading.Lock()
+
+    def deliver(
+        self,
+        sender: Wire,
+        destination: Endpoint,
+        payload: bytes,
+        source: IPAddress | None,
+        source_port: int | None,
+    ) -> None:
+        with self.lock:
+            if sender is self.relay:
+                wire = self.sides.get(destination)
+                if wire is not None and source is not None:
+                    wire.incoming.put(Datagram(Endpoint(source, source_port or 0), payload, None))
+            elif self.relay is not None and destination.address == RELAY_AT:
+                assert isinstance(sender.at, Endpoint)
+                self.relay.incoming.put(
+                    Datagram(sender.at, payload, destination.address, destination.port)
+                )
+
+
+class Forwarder:
+    def __init__(self) -> None:
+        self.applied: list[RelaySpec] = []
+
+    def apply(self, spec: RelaySpec) -> bool:
+        self.applied.append(spec)
+        return True
+
+    def teardown(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Lab:
+    def __init__(self) -> None:
+        self.net = Net()
+        self.clock = [1000.0]
+        self.relay, self.a, self.b = Keys(), Keys(), Keys()
+        self.forwarder = Forwarder()
+        self.server = RelayServer(
+            self.relay.private,
+            self.relay.public,
+            CLUSTER.relay_bind_key,
+            PORTS,
+            max_pairs=8,
+            forwarder=self.forwarder,  # type: ignore[arg-type]
+            transport=self._relay_wire,
+            monotonic=self.now,
+            wall_ms=lambda: int(self.clock[0] * 1000),
+        )
+        self.server.set_members([self.a.public, self.b.public])
+        self.events: dict[bytes, queue.Queue[object]] = {}
+        self.clients = {
+            keys.public: self._client(keys, at) for keys, at in ((self.a, A_AT), (self.b, B_AT))
+        }
+
+    def now(self) -> float:
+        return self.clock[0]
+
+    def advance(self, seconds: float, step: float = 0.5) -> None:
+        """Move the clock on in steps, letting the threads take each (as real time would)."""
+        end = self.clock[0] + seconds
+        while self.clock[0] < end:
+            self.clock[0] = min(end, self.clock[0] + step)
+            time.sleep(0.03)
+
+    def _relay_wire(self) -> Wire:
+        self.net.relay = Wire(self.net, RELAY_AT)
+        return self.net.relay
+
+    def _client(self, keys: Keys, at: Endpoint) -> RelayClient:
+        wire = Wire(self.net, at)
+        self.net.sides[at] = wire
+        events: queue.Queue[object] = queue.Queue()
+        self.events[keys.public] = events
+        return RelayClient(
+            events,
+            51820,
+            keys.private,
+            keys.public,
+            CLUSTER.relay_bind_key,
+            transport=lambda: wire,
+            monotonic=self.now,
+            wall_ms=lambda: int(self.clock[0] * 1000),
+        )
+
+    def offer(self, keys: Keys | None = None, at: IPAddress = RELAY_AT) -> RelayOffer:
+        relay = keys or self.relay
+        return RelayOffer(relay.public, "relay", at, PORTS)
+
+    def want_pair(self, *offers: RelayOffer) -> None:
+        self.clients[self.a.public].want({self.b.public: offers})
+        self.clients[self.b.public].want({self.a.public: offers})
+
+    def bound(self, side: Keys) -> Endpoint | None:
+        other = self.b if side is self.a else self.a
+        found = self.clients[side.public].bound().get(other.public)
+        return found.endpoint if found else None
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    made = Lab()
+    made.server.start()
+    assert made.server.ready.wait(WAIT)
+    for client in made.clients.values():
+        client.start()
+    yield made
+    for client in made.clients.values():
+        client.stop()
+    made.server.stop()
+    for client in made.clients.values():
+        client.join(WAIT)
+    made.server.join(WAIT)
+
+
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def ports_of(lab: Lab, side: Keys, peer: Keys) -> int:
+    return pair_ports(PORTS, lab.relay.public, side.public, peer.public, 0)[0]
+
+
+def test_both_sides_bind_their_ports_and_the_relay_forwards_the_pair(lab: Lab) -> None:
+    lab.want_pair(lab.offer())
+    wait_for(lambda: lab.bound(lab.a) and lab.bound(lab.b), "both sides bound")
+    assert lab.bound(lab.a) == Endpoint(RELAY_AT, ports_of(lab, lab.a, lab.b))
+    assert lab.bound(lab.b) == Endpoint(RELAY_AT, ports_of(lab, lab.b, lab.a))
+    wait_for(lambda: lab.server.forwarding().pairs, "the pair forwarded")
+    (pair,) = lab.server.forwarding().pairs
+    assert {pair.first.mapping, pair.second.mapping} == {A_AT, B_AT}
+    assert isinstance(lab.events[lab.a.public].get(timeout=WAIT), RelayChanged)
+
+
+def test_a_binding_is_renewed_before_the_relay_forgets_it(lab: Lab) -> None:
+    lab.want_pair(lab.offer())
+    wait_for(lambda: lab.bound(lab.a) and lab.bound(lab.b), "both sides bound")
+    wait_paired(lab)
+    sent = lab.net.sides[A_AT].sent
+    lab.advance(REFRESH_SECONDS + 0.1)
+    wait_for(lambda: lab.net.sides[A_AT].sent > sent, "a renewal")
+    time.sleep(0.1)  # the renewal's answer: the binding stays, never dropped meanwhile
+    assert lab.bound(lab.a) == Endpoint(RELAY_AT, ports_of(lab, lab.a, lab.b))
+
+
+def test_a_silent_relay_is_left_for_the_next_and_not_asked_again_for_a_while(lab: Lab) -> None:
+    silent = Keys()
+    lab.want_pair(lab.offer(silent, SILENT_AT), lab.offer())
+    wait_for(lambda: lab.net.sides[A_AT].sent >= 1, "a bind to the silent relay")
+    assert lab.bound(lab.a) is None
+    lab.advance(ANSWER_WAIT + 0.1)
+    wait_for(lambda: lab.bound(lab.a) and lab.bound(lab.b), "both bound at the next relay")
+    assert lab.clients[lab.a.public].bound()[lab.b.public].relay.public_key == lab.relay.public
+    wait_paired(lab)
+    lab.advance(FAILED_FOR / 2)  # the silent one failed lately: still not asked
+    time.sleep(0.1)
+    assert lab.clients[lab.a.public].bound()[lab.b.public].relay.public_key == lab.relay.public
+
+
+def test_only_an_answer_with_the_relays_key_and_the_rounds_id_is_believed(lab: Lab) -> None:
+    lab.net.relay = None  # the relay hears nothing: only forged answers reach A
+    lab.clients[lab.a.public].want({lab.b.public: (lab.offer(),)})
+    wait_for(lambda: lab.net.sides[A_AT].payloads, "a bind")
+    sent = bind.parse(lab.net.sides[A_AT].payloads[0])
+    port = ports_of(lab, lab.a, lab.b)
+
+    def answer(key: bytes, transaction: bytes) -> None:
+        bound = bind.BindMessage(
+            bind.Kind.BOUND,
+            lab.relay.public,
+            lab.b.public,
+            0,
+            int(lab.clock[0] * 1000),
+            transaction,
+            observed=A_AT,
+        )
+        lab.net.sides[A_AT].incoming.put(
+            Datagram(Endpoint(RELAY_AT, port), bind.encode(bound, key), None)
+        )
+
+    right = pair_key(lab.relay.private, lab.a.public, lab.relay.public, CLUSTER.relay_bind_key)
+    answer(os.urandom(32), sent.transaction_id)  # not the relay's key
+    answer(right, os.urandom(12))  # not this round's transaction
+    time.sleep(0.2)
+    assert lab.bound(lab.a) is None
+    answer(right, sent.transaction_id)
+    wait_for(lambda: lab.bound(lab.a) == Endpoint(RELAY_AT, port), "the true answer believed")
+
+
+def test_a_refusing_relay_is_left(lab: Lab) -> None:
+    lab.server.set_members([lab.a.public])  # B unknown to the relay: UNKNOWN_PEER for A
+    lab.clients[lab.a.public].want({lab.b.public: (lab.offer(),)})
+    wait_for(lambda: lab.net.sides[A_AT].sent >= 1, "a bind")
+    wait_for(lambda: lab.net.relay is not None and lab.net.relay.sent >= 1, "the refusal")
+    time.sleep(0.1)
+    assert lab.bound(lab.a) is None
+    sent = lab.net.sides[A_AT].sent
+    lab.advance(ANSWER_WAIT)
+    time.sleep(0.1)
+    assert lab.net.sides[A_AT].sent == sent  # failed for FAILED_FOR: not asked again
+
+
+def test_a_peer_no_longer_wanted_is_let_go(lab: Lab) -> None:
+    lab.want_pair(lab.offer())
+    wait_for(lambda: lab.bound(lab.a), "A bound")
+    lab.clients[lab.a.public].want({})
+    wait_for(lambda: lab.bound(lab.a) is None, "A's binding let go")
+
+
+def wait_paired(lab: Lab) -> None:
+    """Both sides told the pair is forwarded (the first to bind hears it at a renewal)."""
+
+    def paired(side: Keys, peer: Keys) -> bool:
+        found = lab.clients[side.public].bound().get(peer.public)
+        return found is not None and found.paired
+
+    deadline = time.monotonic() + WAIT
+    while not (paired(lab.a, lab.b) and paired(lab.b, lab.a)):
+        assert time.monotonic() < deadline, "timed out waiting for both sides paired"
+        lab.advance(0.5)
+
+
+def test_both_sides_learn_that_the_pair_is_forwarded(lab: Lab) -> None:
+    lab.want_pair(lab.offer())
+    wait_for(lambda: lab.bound(lab.a) and lab.bound(lab.b), "both sides bound")
+    wait_paired(lab)
+
+
+def test_a_side_bound_alone_moves_on_the_higher_key_first(lab: Lab) -> None:
+    other = Keys()
+    lab.server.set_members([lab.a.public, lab.b.public])
+    higher, lower = sorted((lab.a, lab.b), key=lambda k: k.public, reverse=True)
+    # Only the higher side wants the pair: it is bound alone, and leaves after UNPAIRED_WAIT.
+    lab.clients[higher.public].want({lower.public: (lab.offer(), lab.offer(other, SILENT_AT))})
+    wait_for(lambda: lab.bound(higher), "the higher side bound")
+    lab.advance(UNPAIRED_WAIT + 1.0)
+    wait_for(lambda: lab.bound(higher) is None, "the higher side to leave the relay")
+
+
+def test_a_relay_the_agent_says_forwards_nothing_is_left(lab: Lab) -> None:
+    lab.want_pair(lab.offer())
+    wait_for(lambda: lab.bound(lab.a), "A bound")
+    lab.clients[lab.a.public].want(
+        {lab.b.public: (lab.offer(),)}, failing=frozenset({lab.b.public})
+    )
+    wait_for(lambda: lab.bound(lab.a) is None, "the relay left")
+
+
+def test_unanswered_renewals_keep_the_binding_while_the_relay_holds_it(lab: Lab) -> None:
+    lab.want_pair(lab.offer())
+    wait_for(lambda: lab.bound(lab.a) and lab.bound(lab.b), "both sides bound")
+    wait_paired(lab)
+    kept = lab.bound(lab.a)
+    lab.net.relay = None  # the relay goes quiet
+    lab.advance(KEEP_BOUND - 10.0)
+    assert lab.bound(lab.a) == kept
+    lab.advance(20.0)
+    wait_for(lambda: lab.bound(lab.a) is None, "the binding given up")
