@@ -60,7 +60,8 @@ class Bench:
             print(f"{name}=fail", flush=True)
             print(f"{name}: {e}", file=sys.stderr, flush=True)
             return
-        print(f"{name}={value:.1f}", flush=True)
+        shown = f"{value:.2f}" if name.endswith("_ratio") else f"{value:.1f}"
+        print(f"{name}={shown}", flush=True)
 
 
 def flat(bench: Bench, workdir: Path, count: int) -> None:

@@ -758,6 +758,17 @@ def scenario_relayed(nat: NatLab) -> float:
         x.check(["ping", "-c", "2", "-W", "3", ula(y)])
         y.check(["ping", "-c", "2", "-W", "3", ula(x)])
     tcp_rate(c1, a1, 1 << 20)
+    # The relay counts what it carried: the stream's megabyte at least, in its status.
+    carrier = nat[assert_through_relay(nat, c1, a1)]
+
+    def counted() -> bool:
+        relay = (node_status(carrier) or {}).get("node", {}).get("relay") or {}
+        return any(p.get("bytes", 0) >= 1 << 20 for p in relay.get("pairs", []))
+
+    try:
+        wait_until(counted, 30, f"{carrier.name} to count the stream", interval=1.0)
+    except LabError as e:
+        raise AssertionError(f"{e}: {node_status(carrier)}") from e
     return pairs_time(nat.clocks, pairs)
 
 

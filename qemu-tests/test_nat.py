@@ -40,8 +40,15 @@ pytestmark = pytest.mark.vm
 
 
 def report(capsys: pytest.CaptureFixture[str], **values: float) -> None:
+    """Seconds to a tenth; ratios to a hundredth (a target of 0.8 must not be rounded up)."""
     with capsys.disabled():
-        print("\n" + " ".join(f"{name}={value:.1f}" for name, value in values.items()))
+        print(
+            "\n"
+            + " ".join(
+                f"{name}={value:.2f}" if name.endswith("_ratio") else f"{name}={value:.1f}"
+                for name, value in values.items()
+            )
+        )
 
 
 def test_ipv6_only_underlay_meshes_and_reaches_ula_and_underlay(

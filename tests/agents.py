@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from kubespan.agent.loop import Agent
 from kubespan.config import parse_config
@@ -52,7 +53,10 @@ def running(agent: Agent) -> Iterator[Agent]:
         assert not thread.is_alive()
 
 
-def make_agent(tmp: Path, name: str, last_octet: int, config: bytes) -> tuple[Agent, FakeKernel]:
+def make_agent(
+    tmp: Path, name: str, last_octet: int, config: bytes, **options: Any
+) -> tuple[Agent, FakeKernel]:
+    """`options`: more of Agent's arguments (the threads' factories, say)."""
     kernel = FakeKernel(
         addresses=(local_address("ens3", f"192.0.2.{last_octet}/24"),),
         hardware=(LinkHardware("ens3", f"52:54:00:00:00:{last_octet:02x}", True),),
@@ -66,5 +70,6 @@ def make_agent(tmp: Path, name: str, last_octet: int, config: bytes) -> tuple[Ag
         tmp / name / "state",
         hostname=lambda: name,
         tick=0.2,
+        **options,
     )
     return agent, kernel

@@ -71,6 +71,30 @@ def test_rendered_from_the_status_with_hostile_names_escaped() -> None:
     assert len(label("x" * 1000)) <= 128
 
 
+def test_relayed_peers_and_the_pairs_a_relay_carries_are_counted() -> None:
+    relayed = {**peer("a", "up", 1_000.0), "relay": "relay1"}
+    document = {
+        "peers": [relayed, peer("b", "up", 1_000.0)],
+        "node": {
+            "relay": {
+                "ports": "29100-29355",
+                "pairs": [
+                    {"first": "192.0.2.1:1 -> x", "second": "192.0.2.2:2 -> y", "bytes": 640}
+                ],
+            }
+        },
+    }
+    text = render(document, LoopCounters(), wall_now=1_010.0)
+    well_formed(text)
+    assert "kubespan_peers_relayed 1" in text.splitlines()
+    assert "kubespan_relay_pairs 1" in text.splitlines()
+    assert (
+        'kubespan_relay_pair_bytes{first="192.0.2.1:1 -> x",second="192.0.2.2:2 -> y"} 640'
+        in text.splitlines()
+    )
+    assert "kubespan_relay_pairs" not in render({"peers": []}, LoopCounters(), 0.0)
+
+
 def test_an_empty_status_renders_too() -> None:
     text = render({}, LoopCounters(), 0.0)
     well_formed(text)

@@ -253,6 +253,20 @@ def apply_relay(relay: Netns, pairs: list[dict[str, Any]]) -> str:
     return relay.sh("nft list table inet kubespan_relay", check=False)
 
 
+IPV4_UDP_HEADERS = 28
+
+
+def relay_sent_bytes(relay: Netns) -> dict[int, int]:
+    """RelayForwarder.sent_bytes in the relay's namespace: bytes by relay port."""
+    script = (
+        "import json\n"
+        "from kubespan.relay.kernel import RelayForwarder\n"
+        "print(json.dumps(RelayForwarder().sent_bytes()))\n"
+    )
+    found = json.loads(relay.python("-c", script))
+    return {int(port): count for port, count in found.items()}
+
+
 def test_two_nodes_no_path_could_join_reach_each_other_through_the_relay_alone(
     lab: dict[str, Netns], tmp_path: Path
 ) -> None:
@@ -282,15 +296,20 @@ def test_two_nodes_no_path_could_join_reach_each_other_through_the_relay_alone(
 
         # Every WireGuard message type crosses, both ways, each side seeing the relay's
         # port for the other as the source.
+        sent = {PORT_A: 0, PORT_B: 0}
         for kind in (1, 2, 3, 4):
             message = wireguard_shaped(kind, f"a to b {kind}".encode())
             a.send(f"{RELAY}:{PORT_A}", message)
             got = b.next()
             assert (got["from"], got["data"]) == (f"{RELAY}:{PORT_B}", message.hex()), got
-            reply = wireguard_shaped(kind, f"b to a {kind}".encode())
+            reply = wireguard_shaped(kind, f"b to a {kind}!".encode())
             b.send(f"{RELAY}:{PORT_B}", reply)
             got = a.next()
             assert (got["from"], got["data"]) == (f"{RELAY}:{PORT_A}", reply.hex()), got
+            sent[PORT_A] += IPV4_UDP_HEADERS + len(message)
+            sent[PORT_B] += IPV4_UDP_HEADERS + len(reply)
+        # What each side sent through the relay, counted per side (status and metrics).
+        assert relay_sent_bytes(lab["relay"]) == sent
 
         # Not WireGuard-shaped (a bind, a type 5, a non-zero reserved byte): the relay's own.
         for odd in (b"bind a", struct.pack("!B3x", 5) + b"x", b"\x01\x00\x01\x00x"):

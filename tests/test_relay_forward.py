@@ -27,14 +27,16 @@ def test_each_direction_is_one_rule_before_routing_and_one_after() -> None:
     a_to_b = (
         "ip daddr 203.0.113.30 udp dport 41000 ip saddr 198.51.100.1 udp sport 40000 "
         "@th,64,32 { 0x01000000, 0x02000000, 0x03000000, 0x04000000 } notrack "
-        "ip daddr set 192.0.2.2 udp dport set 51820"
+        'counter name "side_41000" ip daddr set 192.0.2.2 udp dport set 51820'
     )
     b_to_a = (
         "ip daddr 203.0.113.30 udp dport 41001 ip saddr 192.0.2.2 udp sport 51820 "
         "@th,64,32 { 0x01000000, 0x02000000, 0x03000000, 0x04000000 } notrack "
-        "ip daddr set 198.51.100.1 udp dport set 40000"
+        'counter name "side_41001" ip daddr set 198.51.100.1 udp dport set 40000'
     )
     assert a_to_b in text and b_to_a in text
+    # Each side's bytes are counted under its relay port (status and metrics).
+    assert "  counter side_41000 { }\n  counter side_41001 { }" in text
     # After routing, each packet leaves from the relay's port the receiver sends to.
     assert (
         "ip saddr 198.51.100.1 udp sport 40000 ip daddr 192.0.2.2 udp dport 51820 "
@@ -104,3 +106,20 @@ def test_the_icmp_the_relay_would_send_about_its_work_is_dropped() -> None:
     assert "icmp code port-unreachable @th,240,16 51821-52820 drop" in text
     assert "icmpv6 code port-unreachable @th,400,16 51821-52820 drop" in text
     assert "chain output" not in RelaySpec(()).render()
+
+
+def test_counters_are_read_by_relay_port_and_nothing_else_is_believed() -> None:
+    from kubespan.relay.kernel import parse_counters
+
+    listing = (
+        '{"nftables": [{"metainfo": {}}, '
+        '{"counter": {"family": "inet", "name": "side_41000", "table": "kubespan_relay", '
+        '"packets": 2, "bytes": 300}}, '
+        '{"counter": {"name": "side_41001", "table": "other", "bytes": 5}}, '
+        '{"counter": {"name": "side_x", "table": "kubespan_relay", "bytes": 5}}, '
+        '{"counter": {"name": "side_41002", "table": "kubespan_relay", "bytes": -1}}, '
+        '{"counter": {"name": "side_041003", "table": "kubespan_relay", "bytes": 7}}, '
+        '"junk"]}'
+    )
+    assert parse_counters(listing) == {41000: 300}
+    assert parse_counters("not json") == {} and parse_counters("[1]") == {}

@@ -168,6 +168,43 @@ def test_the_schema_accepts_what_the_agent_writes_and_refuses_what_it_never_woul
             validate(broken)
 
 
+def test_a_relayed_peer_and_a_relays_pairs_are_shown_and_fit_the_schema() -> None:
+    import ipaddress
+    from dataclasses import replace
+
+    from kubespan.agent.status import render_status
+
+    info = AffiliateInfo("relay1", "node-r", "R" * 43 + "=", ipaddress.IPv6Address("fd00::9"), ())
+    base = sample()
+    report = PeerReport(
+        "C" * 43 + "=",
+        "gamma",
+        "node-c",
+        PeerState.UP,
+        Endpoint.parse("203.0.113.30:29101"),
+        1_800_000_000.0,
+        92,
+        148,
+        relay="relay2",
+    )
+    relay = {
+        "ports": "29100-29355",
+        "pairs": [
+            {"first": "198.51.100.1:40000 -> 203.0.113.30:29100",
+             "second": "192.0.2.2:51820 -> 203.0.113.30:29101", "bytes": 3 << 20},
+        ],
+    }  # fmt: skip
+    document = status_document(
+        replace(info), (), (report,), base["discovery"], True, 1_800_000_000.0, relay=relay
+    )
+    validate(document)
+    text = render_status(document, now=1_800_000_001.0)
+    assert "up via relay2" in text
+    assert "relays for members on ports 29100-29355: 1 pairs" in text
+    assert "3.0 MiB" in text
+    assert document["peers"][0]["relay"] == "relay2" and sample()["peers"][0]["relay"] is None
+
+
 @pytest.mark.parametrize(("agent", "words"), [("starting", "starting"), ("disabled", "disabled")])
 def test_a_live_agent_without_a_report_says_why(
     tmp_path: Path, served: Any, capsys: pytest.CaptureFixture[str], agent: str, words: str

@@ -90,7 +90,7 @@ from kubespan.plan.membership import Membership, absorb, expire
 from kubespan.plan.peerstate import Timing, Tracking, given_up, trial_seconds
 from kubespan.relay.choice import RelayOffer, offers_of, relay_order, wants_relay
 from kubespan.relay.client import Bound, RelayChanged
-from kubespan.relay.forward import RelaySpec
+from kubespan.relay.forward import RelayedPair
 from kubespan.relay.ports import PortRange
 from kubespan.stun.prober import MAX_REFLECTORS, Mapping, Reflexive
 
@@ -205,7 +205,7 @@ class RelayCarrier(Protocol):
     def stop(self) -> None: ...
     def join(self, timeout: float | None = None) -> None: ...
     def set_members(self, public_keys: Iterable[bytes]) -> None: ...
-    def forwarding(self) -> RelaySpec: ...
+    def traffic(self) -> list[tuple[RelayedPair, int]]: ...
 
 
 # (events, listen port, private key, public key, cluster relay-bind key)
@@ -1085,10 +1085,11 @@ class Agent:
             "ports": f"{first}-{first + count - 1}",
             "pairs": [
                 {
-                    "first": f"{p.first.mapping} -> {p.address}:{p.first.port}",
-                    "second": f"{p.second.mapping} -> {p.address}:{p.second.port}",
+                    "first": f"{p.first.mapping} -> {p.relay_address(p.first)}:{p.first.port}",
+                    "second": f"{p.second.mapping} -> {p.relay_address(p.second)}:{p.second.port}",
+                    "bytes": sent,
                 }
-                for p in self.relay_server.forwarding().pairs
+                for p, sent in self.relay_server.traffic()
             ],
         }
 

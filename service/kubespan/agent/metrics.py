@@ -77,6 +77,9 @@ def render(document: dict[str, Any], counters: LoopCounters, wall_now: float) ->
             lines.append(
                 f"{PREFIX}_peer_{direction}_bytes{{{_peer_labels(peer)}}} {int(peer.get(key, 0))}"
             )
+    _metric(lines, "peers_relayed", "gauge", "Peers reached through a relay member.")
+    lines.append(f"{PREFIX}_peers_relayed {sum(1 for p in peers if p.get('relay'))}")
+    _relay_metrics(lines, document.get("node", {}).get("relay"))
     _metric(lines, "endpoint_changes_total", "counter", "Peer endpoints written by the agent.")
     lines.append(f"{PREFIX}_endpoint_changes_total {counters.endpoint_changes}")
     _metric(lines, "peer_restarts_total", "counter", "Peers recreated to handshake at once.")
@@ -92,6 +95,20 @@ def render(document: dict[str, Any], counters: LoopCounters, wall_now: float) ->
         up = 0 if source.get("last_error") else 1
         lines.append(f'{PREFIX}_discovery_up{{url="{label(source.get("url", ""))}"}} {up}')
     return "\n".join(lines) + "\n"
+
+
+def _relay_metrics(lines: list[str], relay: Any) -> None:
+    """What this node relays for others, when it offers to."""
+    if not isinstance(relay, dict):
+        return
+    pairs = [p for p in relay.get("pairs", []) if isinstance(p, dict)]
+    _metric(lines, "relay_pairs", "gauge", "Pairs of members this relay forwards between.")
+    lines.append(f"{PREFIX}_relay_pairs {len(pairs)}")
+    _metric(lines, "relay_pair_bytes", "gauge", "Bytes a relayed pair sent through this relay.")
+    for pair in pairs:
+        sides = f'first="{label(pair.get("first", ""))}",second="{label(pair.get("second", ""))}"'
+        sent = pair.get("bytes")
+        lines.append(f"{PREFIX}_relay_pair_bytes{{{sides}}} {sent if isinstance(sent, int) else 0}")
 
 
 def _peer_labels(peer: dict[str, Any]) -> str:

@@ -145,7 +145,11 @@ def render_status(document: dict[str, Any], now: float | None = None) -> str:
             f"{len(relay.get('pairs', []))} pairs"
         )
         for pair in relay.get("pairs", []):
-            lines.append(f"    {printable(pair.get('first'))} <-> {printable(pair.get('second'))}")
+            sent = pair.get("bytes")
+            lines.append(
+                f"    {printable(pair.get('first'))} <-> {printable(pair.get('second'))}  "
+                f"{_bytes(sent if isinstance(sent, int) else 0)}"
+            )
     if document.get("last_error"):
         lines.append(f"  last error: {printable(document['last_error'], 400)}")
     for source in document.get("discovery", []):

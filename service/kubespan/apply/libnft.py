@@ -18,6 +18,7 @@ from kubespan.errors import ApplyError
 
 NFT_CTX_DEFAULT = 0
 NFT_CTX_OUTPUT_STATELESS = 1 << 2
+NFT_CTX_OUTPUT_JSON = 1 << 4
 
 
 def _load() -> ctypes.CDLL:
@@ -44,10 +45,13 @@ def _load() -> ctypes.CDLL:
 class Nft:
     """A libnftables context. It stays in the network namespace it is first used in."""
 
-    def __init__(self) -> None:
+    def __init__(self, counters_json: bool = False) -> None:
+        """`counters_json`: listings in JSON with counter values (to read counters); by
+        default stateless text."""
         self._lib = _load()
         self._ctx = self._lib.nft_ctx_new(NFT_CTX_DEFAULT)
-        self._lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_STATELESS)
+        flags = NFT_CTX_OUTPUT_JSON if counters_json else NFT_CTX_OUTPUT_STATELESS
+        self._lib.nft_ctx_output_set_flags(self._ctx, flags)
         self._lib.nft_ctx_buffer_output(self._ctx)
         self._lib.nft_ctx_buffer_error(self._ctx)
 

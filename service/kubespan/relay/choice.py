@@ -13,6 +13,7 @@ they both reach it; a relay that does not answer a side is skipped by that side 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ def wants_relay(
 def relay_order(side: bytes, peer: bytes, offers: Iterable[RelayOffer]) -> tuple[RelayOffer, ...]:
     """The relays for the pair (side, peer), in the order both sides rank them: never one of
     the pair itself."""
+    return _ranked(side, peer, tuple(offers))
+
+
+@functools.lru_cache(maxsize=4096)  # the same pairs and relays every pass
+def _ranked(side: bytes, peer: bytes, offers: tuple[RelayOffer, ...]) -> tuple[RelayOffer, ...]:
     low, high = sorted((side, peer))
 
     def rank(offer: RelayOffer) -> bytes:

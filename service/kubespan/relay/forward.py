@@ -118,16 +118,19 @@ class RelaySpec:
         prerouting: list[str] = []
         exempt: list[str] = []
         postrouting: list[str] = []
+        counters: list[str] = []
         redirects: list[str] = []
         for pair in self.pairs:
             ip = "ip" if pair.address.version == 4 else "ip6"
             for sender, receiver in pair.directions():
                 source, target = sender.mapping, receiver.mapping
+                counters.append(f"  counter {counter_name(sender.port)} {{ }}")
                 from_source = f"{ip} saddr {source.address} udp sport {source.port}"
                 prerouting.append(
                     f"    {ip} daddr {pair.relay_address(sender)} udp dport {sender.port} "
                     f"{from_source} "
                     f"@th,64,32 {{ {WIREGUARD_HEADERS} }} notrack "
+                    f'counter name "{counter_name(sender.port)}" '
                     f"{ip} daddr set {target.address} udp dport set {target.port}"
                 )
                 forwarded = f"{from_source} {ip} daddr {target.address} udp dport {target.port}"
@@ -152,6 +155,7 @@ class RelaySpec:
         return "\n".join(
             [
                 f"table {RELAY_FAMILY} {RELAY_TABLE} {{",
+                *counters,
                 "  chain prerouting {",
                 "    type filter hook prerouting priority raw; policy accept;",
                 *prerouting,
@@ -201,6 +205,11 @@ class RelaySpec:
     @cached_property
     def fingerprint(self) -> str:
         return hashlib.sha256(self.render().encode()).hexdigest()[:32]
+
+
+def counter_name(port: int) -> str:
+    """The named counter of what one side sends through its relay port."""
+    return f"side_{port}"
 
 
 def teardown_batch() -> str:

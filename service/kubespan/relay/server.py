@@ -33,7 +33,7 @@ from kubespan.relay.bindings import (
     remembered,
     take_bind,
 )
-from kubespan.relay.forward import RelaySpec
+from kubespan.relay.forward import RelayedPair, RelaySpec
 from kubespan.relay.kernel import RelayForwarder, enable_ipv4_forwarding
 from kubespan.relay.ports import PortRange
 
@@ -75,6 +75,9 @@ class RelayServer(RawPortThread):
         self._keys: dict[bytes, bytes] = {}
         self._bindings: tuple[SideBinding, ...] = ()
         self._forwarding: RelaySpec | None = None  # None: not applied yet
+        # Bytes each pair (by its two ports) sent before the table was last replaced (a
+        # replacement starts the kernel's counters from zero).
+        self._banked: dict[tuple[int, int], int] = {}
         self._recompute_at: float | None = 0.0  # when to look at the pairs again; None: idle
         self.ready = threading.Event()  # listening, and the first table applied
         self._per_source = RateLimiter(ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE)
@@ -100,6 +103,16 @@ class RelayServer(RawPortThread):
         """The pairs forwarded now (for status and tests)."""
         with self._lock:
             return self._forwarding or RelaySpec(())
+
+    def traffic(self) -> list[tuple[RelayedPair, int]]:
+        """The pairs forwarded now, each with the bytes its two sides sent through the relay
+        while it was forwarded (status and metrics)."""
+        with self._lock:
+            spec, banked, forwarder = self._forwarding, dict(self._banked), self._forwarder
+        if spec is None:
+            return []
+        live = _sent_bytes(forwarder)
+        return [(pair, banked.get(pair.ports, 0) + _pair_bytes(pair, live)) for pair in spec.pairs]
 
     # --- the relay's thread -------------------------------------------------------------
 
@@ -206,6 +219,7 @@ class RelayServer(RawPortThread):
             applied = self._forwarding
         if applied is not None and spec.fingerprint == applied.fingerprint:
             return
+        self._bank(applied, spec)
         try:
             self._forwarder_or_open().apply(spec)
         except Exception:
@@ -215,6 +229,17 @@ class RelayServer(RawPortThread):
         with self._lock:
             self._forwarding = spec
         log.info("relay forwards pairs=%d", len(spec.pairs))
+
+    def _bank(self, applied: RelaySpec | None, spec: RelaySpec) -> None:
+        """Keep what the pairs that stay have sent, before the replacement zeroes it."""
+        live = _sent_bytes(self._forwarder) if applied is not None else {}
+        staying = {pair.ports for pair in spec.pairs}
+        with self._lock:
+            self._banked = {
+                pair.ports: self._banked.get(pair.ports, 0) + _pair_bytes(pair, live)
+                for pair in (applied.pairs if applied is not None else ())
+                if pair.ports in staying
+            }
 
     def _forwarder_or_open(self) -> RelayForwarder:
         if self._forwarder is None:
@@ -234,6 +259,20 @@ class RelayServer(RawPortThread):
             self._forwarder = None
         with self._lock:
             self._forwarding = None
+
+
+def _sent_bytes(forwarder: RelayForwarder | None) -> dict[int, int]:
+    if forwarder is None:
+        return {}
+    try:
+        return forwarder.sent_bytes()
+    except Exception as error:  # noqa: BLE001 - counting must never stop forwarding
+        log.debug("relay counters not read: %s", error)
+        return {}
+
+
+def _pair_bytes(pair: RelayedPair, sent: dict[int, int]) -> int:
+    return sent.get(pair.first.port, 0) + sent.get(pair.second.port, 0)
 
 
 def _unicast(address: IPAddress) -> bool:
