@@ -6,6 +6,8 @@ lines (seconds), one lab at a time:
     nat_site_s, nat_to_nat_s, rotation_s, dead_path_s, roaming_s   the NAT lab (natlab.py)
     relay_up_s                    a symmetric NAT's pairs with filtering NATs, relayed: from
                                   the agents' start to the relayed pairs up
+    relay_nearer_s                the relay in use slowed by 150 ms on one side: to the pair
+                                  up through the other (relays ranked by round trip)
     relay_throughput_ratio        TCP through a relay over the same pair's direct tunnel
     relay_failover_s              the relay in use killed: to the ping answered again
     ipv6_mesh_s                   the IPv6-only underlay (with --ipv6)
@@ -36,6 +38,7 @@ from natlab import (
     scenario_ipv6_only,
     scenario_nat_site,
     scenario_nat_to_nat,
+    scenario_nearer_relay,
     scenario_relay_failover,
     scenario_relayed,
     scenario_roaming,
@@ -81,6 +84,7 @@ def nat(bench: Bench, workdir: Path) -> None:
         bench.measure("rotation_s", lambda: scenario_rotation(shared))
         bench.measure("dead_path_s", lambda: scenario_dead_path(shared))
         bench.measure("relay_up_s", lambda: scenario_relayed(shared))
+        bench.measure("relay_nearer_s", lambda: scenario_nearer_relay(shared))
         bench.measure(
             "relay_throughput_ratio", lambda: scenario_blocked_sites(shared).throughput_ratio
         )

@@ -13,8 +13,9 @@ The NAT lab (one boot shared by scenarios 1 to 6):
     start: b1 reaches pub1 only at its second address (scenario 4, rotation). Scenario 6
     makes r1 drop a1 <-> pub1's address in use for a while; scenario 5 renumbers pub2 to
     192.0.2.13. c1 has no direct path to a1, a2 or b1 (a symmetric NAT facing NATs that
-    admit replies only): relayed (relay scenario 1). Relay scenario 2 blocks UDP between r1
-    and r2 for a while; relay scenario 3 kills the relay c1 and a1 use.
+    admit replies only): relayed (relay scenario 1). Relay scenario 4 slows c1's path to the
+    relay in use for a while; relay scenario 2 blocks UDP between r1 and r2 for a while;
+    relay scenario 3 kills the relay c1 and a1 use.
 
 The lab namespace has no address on the site segments and does not forward: a site node
 reaches discovery and everyone else only through its router.
@@ -770,6 +771,80 @@ def scenario_relayed(nat: NatLab) -> float:
     except LabError as e:
         raise AssertionError(f"{e}: {node_status(carrier)}") from e
     return pairs_time(nat.clocks, pairs)
+
+
+NEARER_DELAY_MS = 150  # added to c1's path to the relay its pair with a1 uses
+
+
+def relay_round_trips(vm: Vm) -> dict[str, int]:
+    """The round trips to relays `vm`'s record says (its status), by relay name, in ms."""
+    relays = (node_status(vm) or {}).get("node", {}).get("relays", [])
+    return {r["name"]: r["rtt_ms"] for r in relays}
+
+
+def scenario_nearer_relay(nat: NatLab) -> float:
+    """Relay 4. Relays are ranked by the round trip through them. c1 and a1 are relayed
+    (relay scenario 1); c1's path to the relay in use is then slowed by NEARER_DELAY_MS
+    (netem on c1, towards that relay's addresses only): c1 times it, says so in its record,
+    and both sides move the pair to the other relay, now much nearer. Returns the time from
+    the delay to the pair up through the other relay on both sides."""
+    c1, a1 = nat["c1"], nat["a1"]
+    wait_relayed([(c1, a1)], 120)
+    used = assert_through_relay(nat, c1, a1)
+    (other,) = [r for r in RELAYS if r != used]
+
+    def timed_both() -> bool:
+        return all(set(relay_round_trips(vm)) == set(RELAYS) for vm in (c1, a1))
+
+    try:  # both sides have said how far both relays are: the ranking is by round trip
+        wait_until(timed_both, 120, "c1 and a1 to time both relays", interval=1.0)
+    except LabError as e:
+        raise AssertionError(f"{e}: {[relay_round_trips(vm) for vm in (c1, a1)]}") from e
+    addresses = sorted(
+        {
+            split_endpoint(e)[0]
+            for e in (node_status(nat[used]) or {}).get("node", {}).get("endpoints", [])
+        }
+    )
+    assert addresses, f"{used} advertises no endpoint"
+    dev = c1.check(["sh", "-c", "ip -o -4 addr show | awk '/10.3.0.31/ {print $2}'"]).strip()
+    assert dev, "c1's underlay interface"
+    # Four bands, everything in the first but what the filters send to the fourth.
+    filters = " && ".join(
+        f"tc filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip dst {a}/32 flowid 1:4"
+        for a in addresses
+    )
+    script = (
+        f"tc qdisc add dev {dev} root handle 1: prio bands 4 "
+        "priomap 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 && "
+        f"tc qdisc add dev {dev} parent 1:4 handle 40: netem delay {NEARER_DELAY_MS}ms && "
+        f"{filters} && date +%s.%N"
+    )
+    result = c1.sh(script)
+    assert result.exit_code == 0, result
+    delayed = float(result.stdout.split()[-1]) + nat.clocks.offset(c1)
+    try:
+
+        def moved() -> bool:
+            return relay_of(c1, a1) == other == relay_of(a1, c1)
+
+        try:
+            wait_until(moved, 240, f"c1 and a1 to move to {other}", interval=1.0)
+        except LabError as e:
+            shown = {
+                vm.name: (relay_of(vm, peer), relay_round_trips(vm))
+                for vm, peer in ((c1, a1), (a1, c1))
+            }
+            raise AssertionError(f"{e}: (relay, round trips) {shown}") from e
+        took = time.time() - delayed
+        assert assert_through_relay(nat, c1, a1) == other
+        assert assert_through_relay(nat, a1, c1) == other
+        c1.check(["ping", "-c", "2", "-W", "3", ula(a1)])
+        timed = relay_round_trips(c1)
+        assert timed.get(used, 0) >= NEARER_DELAY_MS > timed.get(other, NEARER_DELAY_MS), timed
+    finally:
+        c1.sh(f"tc qdisc del dev {dev} root")
+    return took
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from natlab import (
     scenario_ipv6_only,
     scenario_nat_site,
     scenario_nat_to_nat,
+    scenario_nearer_relay,
     scenario_relay_failover,
     scenario_relayed,
     scenario_roaming,
@@ -110,6 +111,12 @@ def test_a_symmetric_nat_facing_filtering_nats_is_relayed(
     nat: NatLab, capsys: pytest.CaptureFixture[str]
 ) -> None:
     report(capsys, relay_up_s=scenario_relayed(nat))
+
+
+def test_a_pair_moves_to_a_relay_much_nearer_than_its_own(
+    nat: NatLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report(capsys, relay_nearer_s=scenario_nearer_relay(nat))
 
 
 def test_sites_whose_udp_is_blocked_are_relayed_then_direct_again(

@@ -75,6 +75,8 @@ class FakePaths:
         self.own: tuple[IPAddress, ...] = ()
         self.checked: list[tuple[str, tuple[Endpoint, ...]]] = []
         self.answered: dict[str, dict[Endpoint, float]] = {}
+        self.measured: list[tuple[str, Endpoint]] = []
+        self.timings: dict[tuple[str, Endpoint], tuple[float, ...]] = {}  # what the test says
         self.running = False
 
     def start(self) -> None:
@@ -94,6 +96,12 @@ class FakePaths:
 
     def check(self, public_key: str, endpoints: Sequence[Endpoint]) -> None:
         self.checked.append((public_key, tuple(endpoints)))
+
+    def measure(self, public_key: str, endpoint: Endpoint) -> None:
+        self.measured.append((public_key, endpoint))
+
+    def round_trips(self, public_key: str, endpoint: Endpoint) -> tuple[float, ...]:
+        return self.timings.get((public_key, endpoint), ())
 
     def answers(self) -> dict[str, dict[Endpoint, float]]:
         return {k: dict(v) for k, v in self.answered.items()}

@@ -38,6 +38,8 @@ from kubespan.pathcheck.checker import (
     CHECK_AT,
     CHECK_SPAN,
     MAX_ENDPOINTS_PER_PEER,
+    ROUND_TRIP_KEEP,
+    ROUND_TRIPS_KEPT,
     SEND_BUDGET,
     SEND_SLICE,
     PathAnswered,
@@ -873,3 +875,67 @@ def test_a_failing_transport_is_retried_with_backoff_even_when_checks_are_asked(
     a.checker.join(PATIENCE)
     assert not a.checker._thread.is_alive()
     assert time.monotonic() - started < 0.5  # stop wakes it from the backoff
+
+
+# --- timing a path in use ----------------------------------------------------------------
+
+
+def test_a_path_in_use_is_timed_and_its_latest_round_trips_kept(lab: Lab) -> None:
+    network, clock = fake_clock_lab()
+    a, b = lab.node(A_AT, network=network, clock=clock), lab.node(B_AT, network=network)
+    lab.members(a, b)
+    network.responders[NOWHERE] = lambda source, payload: []  # answered by hand, late
+    lab.start(a)
+    clock.limit = clock.now  # from here the clock moves only when told
+
+    def timed(endpoint: Endpoint, rtt: float) -> None:
+        begin, before = clock.now, len(network.sent(destination=endpoint))
+        timings = a.checker.timed
+        a.checker.measure(b.name, endpoint)
+        wait_until(lambda: len(network.sent(destination=endpoint)) > before, PATIENCE)
+        request = network.sent(destination=endpoint)[before]
+        assert request.at == begin
+        clock.run_until(begin + rtt)
+        tid = codec.parse(request.payload).transaction_id
+        network.inject(endpoint, A_AT, codec.answer(b.key.public, tid, b.key.pair(a.key), A_AT))
+        wait_until(lambda: a.checker.timed > timings, PATIENCE)
+        clock.run_until(begin + CHECK_SPAN + 1)  # the check is over: the next is a new one
+
+    assert a.checker.round_trips(b.name, NOWHERE) == ()
+    timed(NOWHERE, 0.05)
+    timed(NOWHERE, 0.5)  # answered late: requests went at 0.2 too, the first one's is timed
+    rtts = [0.05, 0.5, *(0.01 * (i + 1) for i in range(ROUND_TRIPS_KEPT - 2))]
+    for rtt in rtts[2:]:
+        timed(NOWHERE, rtt)
+    assert a.checker.round_trips(b.name, NOWHERE) == pytest.approx(tuple(rtts))
+    timed(NOWHERE, 0.2)  # the oldest drops out
+    assert a.checker.round_trips(b.name, NOWHERE) == pytest.approx((*rtts[1:], 0.2))
+    # Timing is not news: no event for the agent, no answer the path logic reads (a path
+    # in use that answers timings must not pass for a candidate that answers checks).
+    assert a.events.empty() and a.checker.answers() == {}
+    # A candidate's check of that endpoint while a timing runs starts anew, and counts.
+    sent = len(network.sent(destination=NOWHERE))
+    a.checker.measure(b.name, NOWHERE)
+    wait_until(lambda: len(network.sent(destination=NOWHERE)) == sent + 1, PATIENCE)
+    a.checker.check(b.name, [NOWHERE])
+    wait_until(lambda: len(network.sent(destination=NOWHERE)) == sent + 2, PATIENCE)
+    request = network.sent(destination=NOWHERE)[-1]
+    tid = codec.parse(request.payload).transaction_id
+    network.inject(NOWHERE, A_AT, codec.answer(b.key.public, tid, b.key.pair(a.key), A_AT))
+    wait_until(lambda: NOWHERE in a.checker.answers().get(b.name, {}), PATIENCE)
+    assert a.events.get(timeout=PATIENCE) == PathAnswered(b.name, NOWHERE)
+    clock.run_until(clock.now + CHECK_SPAN + 1)
+    # Round trips age out: none is older than ROUND_TRIP_KEEP.
+    clock.run_until(clock.now + ROUND_TRIP_KEEP + 1)
+    assert a.checker.round_trips(b.name, NOWHERE) == ()
+    # At another endpoint (the peer roamed), the round trips start again.
+    timed(C_AT, 0.2)
+    assert a.checker.round_trips(b.name, NOWHERE) == ()
+    assert a.checker.round_trips(b.name, C_AT) == pytest.approx((0.2,))
+    # A member that left is not timed, and its round trips are forgotten.
+    lab.members(a)
+    assert a.checker.round_trips(b.name, C_AT) == ()
+    before = len(network.sent(source=A_AT))
+    a.checker.measure(b.name, C_AT)
+    clock.run_until(clock.now + CHECK_SPAN + 1)
+    assert len(network.sent(source=A_AT)) == before

@@ -4,26 +4,39 @@ packets out of its tunnel."""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import json
 import os
 from dataclasses import replace
 
 import pytest
 from nacl.public import PrivateKey
 
+from kubespan import xeddsa
 from kubespan.config import parse_config
-from kubespan.discovery.payload import decode_record, encode_record, sign_record
+from kubespan.discovery.payload import (
+    SIGNED_PREFIX,
+    canonical,
+    decode_record,
+    encode_record,
+    sign_record,
+)
 from kubespan.errors import ConfigError
-from kubespan.identity import generate_identity
+from kubespan.identity import generate_identity, node_id_for
 from kubespan.model import AffiliateInfo, MemberRecord, PeerState
 from kubespan.netaddr import Endpoint
 from kubespan.plan.peerstate import Tracking
 from kubespan.plan.ruleset import RulesetSpec
 from kubespan.relay.choice import (
+    MAX_PUBLISHED,
     MAX_RELAYS_PER_PAIR,
     RELAY_AFTER,
     RelayOffer,
+    RoundTrips,
+    nearer,
     offers_of,
+    published_round_trips,
     relay_order,
     wants_relay,
 )
@@ -46,6 +59,13 @@ def tracked(endpoint: Endpoint = DIRECT, cycles: int = 0, known_since: float = T
 
 def test_a_direct_path_that_answers_needs_no_relay() -> None:
     assert not wants_relay(T0 + 60, tracked(cycles=2), DOWN, None, direct_answered=True)
+
+
+def test_a_pair_up_through_the_relay_while_a_direct_candidate_was_on_trial_keeps_it() -> None:
+    """The other side's packets came through the relay: WireGuard follows them, so the
+    pair is up through the relay although this side's trial endpoint was a direct one."""
+    assert wants_relay(T0 + 60, tracked(DIRECT), UP, RELAYED_AT, current=RELAYED_AT)
+    assert not wants_relay(T0 + 60, tracked(DIRECT), UP, RELAYED_AT, current=DIRECT)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +93,13 @@ def test_wants_relay_table(
 
 
 def offer(public_key: bytes, address: str = "203.0.113.30") -> RelayOffer:
-    return RelayOffer(public_key, "r", ipaddress.ip_address(address), PortRange(29100, 256))
+    return RelayOffer(
+        public_key,
+        node_id_for(public_key),
+        "r",
+        ipaddress.ip_address(address),
+        PortRange(29100, 256),
+    )
 
 
 def test_both_sides_rank_the_relays_alike_and_never_use_one_of_the_pair() -> None:
@@ -96,9 +122,8 @@ def test_a_pair_moves_through_a_few_relays_at_most() -> None:
 def test_offers_are_relays_that_are_up_here_at_their_endpoints_address() -> None:
     up_relay, down_relay, no_endpoint, not_relay = key(), key(), key(), key()
     offered = {
-        up_relay: ("r1", (29100, 256)),
-        down_relay: ("r2", (29100, 256)),
-        no_endpoint: ("r3", (29100, 256)),
+        k: (node_id_for(k), name, (29100, 256))
+        for k, name in ((up_relay, "r1"), (down_relay, "r2"), (no_endpoint, "r3"))
     }
     endpoints = {
         up_relay: Endpoint.parse("203.0.113.30:51820"),
@@ -109,12 +134,74 @@ def test_offers_are_relays_that_are_up_here_at_their_endpoints_address() -> None
     assert found == replace(offer(up_relay), name="r1")
 
 
+def rtts(*figures: tuple[RelayOffer, int]) -> RoundTrips:
+    return tuple(sorted((o.node_id, ms) for o, ms in figures))
+
+
+def test_both_sides_rank_relays_by_the_round_trip_through_them() -> None:
+    a, b = key(), key()
+    near, far, hashed = offer(key()), offer(key()), offer(key())
+    relays = [far, hashed, near]
+    # a is far from `near`, b very near it: the sum decides, not either side alone; a relay
+    # only one side timed comes after those both timed.
+    a_rtts = rtts((near, 40), (far, 30), (hashed, 1))
+    b_rtts = rtts((near, 2), (far, 30))
+    from_a = relay_order(a, b, relays, a_rtts, b_rtts)
+    from_b = relay_order(b, a, list(reversed(relays)), b_rtts, a_rtts)
+    assert from_a == from_b == (near, far, hashed)
+
+
+def test_equal_round_trips_fall_back_to_the_hash_order_both_sides_share() -> None:
+    a, b = key(), key()
+    relays = [offer(key()) for _ in range(3)]
+    same = rtts(*((r, 5) for r in relays))
+    assert relay_order(a, b, relays, same, same) == relay_order(a, b, relays)
+    assert relay_order(b, a, relays, same, same) == relay_order(a, b, relays)
+
+
+@pytest.mark.parametrize(
+    ("bound_ms", "first_ms", "moves"),
+    [
+        (130, 65, True),  # 65 ms nearer: half
+        (130, 66, False),  # 64 ms nearer: not half
+        (50, 10, True),  # 40 ms nearer, more than half
+        (50, 11, False),  # 39 ms: under the 40 ms floor
+        (None, 5, False),  # the bound one's round trip unknown: stay
+        (100, None, False),
+    ],
+)
+def test_a_bound_pair_moves_only_to_a_much_nearer_relay(
+    bound_ms: int | None, first_ms: int | None, moves: bool
+) -> None:
+    bound, first = offer(key()), offer(key())
+    # Split between the two sides: only the sum counts.
+    side = rtts(*((o, ms // 2) for o, ms in ((bound, bound_ms), (first, first_ms)) if ms))
+    peer = rtts(*((o, ms - ms // 2) for o, ms in ((bound, bound_ms), (first, first_ms)) if ms))
+    assert nearer((first, bound), bound, side, peer) is moves
+    assert nearer((bound, first), bound, side, peer) is False  # already at the first
+
+
+def test_published_round_trips_follow_the_network_not_jitter() -> None:
+    r1, r2, r3 = (node_id_for(key()) for _ in range(3))
+    published = published_round_trips((), {r1: 0.0031, r2: 0.0504})
+    assert published == tuple(sorted(((r1, 3), (r2, 50))))
+    # Within 5 ms, or a fifth: kept as said (no new record); beyond: the new figure.
+    assert published_round_trips(published, {r1: 0.0079, r2: 0.0599}) == published
+    moved = published_round_trips(published, {r1: 0.0091, r2: 0.0611, r3: 0.2})
+    assert moved == tuple(sorted(((r1, 9), (r2, 61), (r3, 200))))
+    # A relay no longer timed is dropped; absurd figures are bounded.
+    assert published_round_trips(moved, {r3: 99.0}) == ((r3, 60_000),)
+    many = {node_id_for(key()): i / 1000 for i in range(MAX_PUBLISHED + 4)}
+    kept = published_round_trips((), many)
+    assert sorted(ms for _, ms in kept) == list(range(MAX_PUBLISHED))
+
+
 # --- the record field -----------------------------------------------------------------------
 
 NODE = generate_identity(os.urandom)
 
 
-def record(relay_ports: tuple[int, int] | None) -> MemberRecord:
+def record(relay_ports: tuple[int, int] | None, relay_rtts: RoundTrips = ()) -> MemberRecord:
     info = AffiliateInfo(
         NODE.node_id,
         "relay1",
@@ -122,6 +209,7 @@ def record(relay_ports: tuple[int, int] | None) -> MemberRecord:
         ipaddress.IPv6Address("fd00::1"),
         (ipaddress.ip_address("203.0.113.30"),),
         relay_ports=relay_ports,
+        relay_rtts=relay_rtts,
     )
     unsigned = MemberRecord(info, (Endpoint.parse("203.0.113.30:51820"),), 3, 1_800_000_000)
     return sign_record(unsigned, NODE.private_key, os.urandom(64))
@@ -134,22 +222,46 @@ def test_a_relay_says_so_in_its_signed_record_and_others_do_not_mention_it() -> 
     assert b"relay_ports" not in encode_record(record(None))
 
 
-@pytest.mark.parametrize("bad", [[29100], [29100, 255], [0, 2], [65535, 2], ["29100", 2], True])
-def test_a_malformed_relay_offer_refuses_the_record(bad: object) -> None:
-    import json
+def test_round_trips_to_relays_travel_in_the_signed_record_only_when_known() -> None:
+    relay_ids = sorted(node_id_for(key()) for _ in range(2))
+    timed = record(None, ((relay_ids[0], 3), (relay_ids[1], 250)))
+    assert decode_record(encode_record(timed)) == timed
+    assert f'"relay_rtt_ms":{{"{relay_ids[0]}":3,'.encode() in encode_record(timed)
+    assert b"relay_rtt_ms" not in encode_record(record(None))
 
-    from kubespan import xeddsa
-    from kubespan.discovery.payload import SIGNED_PREFIX, canonical
 
+def resigned(field: str, value: object) -> bytes:
+    """The relay's record with `field` set to `value`, signed again by the node."""
     document = json.loads(encode_record(record((29100, 256))))
     document.pop("sig")
-    document["relay_ports"] = bad
+    document[field] = value
     signature = xeddsa.sign(NODE.private_key, SIGNED_PREFIX + canonical(document), os.urandom(64))
-    import base64
-
     document["sig"] = base64.b64encode(signature).decode()
+    return canonical(document)
+
+
+@pytest.mark.parametrize("bad", [[29100], [29100, 255], [0, 2], [65535, 2], ["29100", 2], True])
+def test_a_malformed_relay_offer_refuses_the_record(bad: object) -> None:
     with pytest.raises(ValueError, match="relay_ports"):
-        decode_record(canonical(document))
+        decode_record(resigned("relay_ports", bad))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["a", 1],
+        {"node-1": 3},
+        {"a": -1},
+        {"a": 60_001},
+        {"a": 2.5},
+        {"a": True},
+        {"a": "3"},
+        {f"n{i}": 1 for i in range(9)},
+    ],
+)
+def test_malformed_round_trips_refuse_the_record(bad: object) -> None:
+    with pytest.raises(ValueError, match="relay_rtt_ms"):
+        decode_record(resigned("relay_rtt_ms", bad))
 
 
 # --- config ---------------------------------------------------------------------------------

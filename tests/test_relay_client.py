@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kubespan.crypto import ClusterKeys
+from kubespan.identity import node_id_for
 from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.pathcheck.codec import pair_key
 from kubespan.rawudp import Datagram
@@ -27,6 +28,7 @@ from kubespan.relay.client import (
     ANSWER_WAIT,
     FAILED_FOR,
     KEEP_BOUND,
+    MOVE_EVERY,
     REFRESH_SECONDS,
     UNPAIRED_WAIT,
     RelayChanged,
@@ -54,6 +56,7 @@ class Wire:
         self.incoming: queue.Queue[Datagram] = queue.Queue()
         self.sent = 0
         self.payloads: list[bytes] = []
+        self.destinations: list[Endpoint] = []
 
     def send(
         self,
@@ -64,6 +67,7 @@ class Wire:
     ) -> None:
         self.sent += 1
         self.payloads.append(payload)
+        self.destinations.append(destination)
         self.net.deliver(self, destination, payload, source, source_port)
 
     def receive_datagram(
@@ -174,7 +178,7 @@ class Lab:
 
     def offer(self, keys: Keys | None = None, at: IPAddress = RELAY_AT) -> RelayOffer:
         relay = keys or self.relay
-        return RelayOffer(relay.public, "relay", at, PORTS)
+        return RelayOffer(relay.public, node_id_for(relay.public), "relay", at, PORTS)
 
     def want_pair(self, *offers: RelayOffer) -> None:
         self.clients[self.a.public].want({self.b.public: offers})
@@ -349,3 +353,39 @@ def test_unanswered_renewals_keep_the_binding_while_the_relay_holds_it(lab: Lab)
     assert lab.bound(lab.a) == kept
     lab.advance(20.0)
     wait_for(lambda: lab.bound(lab.a) is None, "the binding given up")
+
+
+def test_a_pair_told_of_a_much_nearer_relay_moves_there_without_a_gap_or_back(lab: Lab) -> None:
+    lab.want_pair(lab.offer())
+    wait_paired(lab)
+    side_a, at_relay = lab.clients[lab.a.public], lab.bound(lab.a)
+    wire = lab.net.sides[A_AT]
+    near = lab.offer(Keys(), SILENT_AT)
+    # First in the order, but not said to be much nearer: the pair stays where it works.
+    side_a.want({lab.b.public: (near, lab.offer())})
+    sent = wire.sent
+    lab.advance(REFRESH_SECONDS + 0.1)
+    wait_for(lambda: wire.sent > sent, "a renewal")
+    assert lab.bound(lab.a) == at_relay
+    assert all(d.address == RELAY_AT for d in wire.destinations)
+    # Much nearer: A binds there (it stays silent), and meanwhile the relay it left, which
+    # still forwards the pair, is what the agent sets: no gap.
+    side_a.want({lab.b.public: (near, lab.offer())}, nearer=frozenset({lab.b.public}))
+    wait_for(lambda: wire.destinations[-1].address == SILENT_AT, "a bind to the nearer relay")
+    assert lab.bound(lab.a) == at_relay
+    # It never answers: failed, A binds at the relay it left again, and stays (the nearer
+    # one failed a move: not tried again for long).
+    sent = wire.sent
+    lab.advance(ANSWER_WAIT + 0.1)
+    wait_for(lambda: wire.destinations[-1].address == RELAY_AT and wire.sent > sent, "rebind")
+    assert lab.bound(lab.a) == at_relay
+    lab.advance(MOVE_EVERY, step=5.0)  # no move is held back by the rate any more
+    # Nor to the next of the order, which nobody found nearer (the other side would not
+    # go there).
+    third = lab.offer(Keys(), ipaddress.ip_address("203.0.113.32"))
+    side_a.want({lab.b.public: (near, third, lab.offer())}, nearer=frozenset({lab.b.public}))
+    sent = wire.sent
+    lab.advance(2 * REFRESH_SECONDS + 1.0, step=5.0)
+    wait_for(lambda: wire.sent > sent + 1, "renewals")
+    assert {d.address for d in wire.destinations[sent:]} == {RELAY_AT}
+    assert lab.bound(lab.a) == at_relay

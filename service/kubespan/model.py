@@ -24,6 +24,9 @@ class AffiliateInfo:
     pod_cidrs: tuple[IPNetwork, ...] = ()
     # The node relays for other members on these ports: (first, count). None: it does not.
     relay_ports: tuple[int, int] | None = None
+    # Round trips from this node to the relays it reaches, in ms: ((relay node id, ms), ...)
+    # sorted by node id. Two sides of a pair rank relays by the sum of theirs (relay.choice).
+    relay_rtts: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

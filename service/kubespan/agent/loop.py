@@ -88,7 +88,17 @@ from kubespan.plan.harvest import Harvest, harvest_candidates
 from kubespan.plan.local import advertised_endpoints, excluded, underlay_networks
 from kubespan.plan.membership import Membership, absorb, expire
 from kubespan.plan.peerstate import Timing, Tracking, given_up, trial_seconds
-from kubespan.relay.choice import RelayOffer, offers_of, relay_order, wants_relay
+from kubespan.relay.choice import (
+    RTT_IDLE_SAMPLE_EVERY,
+    RTT_SAMPLE_EVERY,
+    RelayOffer,
+    RoundTrips,
+    nearer,
+    offers_of,
+    published_round_trips,
+    relay_order,
+    wants_relay,
+)
 from kubespan.relay.client import Bound, RelayChanged
 from kubespan.relay.forward import RelayedPair
 from kubespan.relay.ports import PortRange
@@ -97,6 +107,8 @@ from kubespan.stun.prober import MAX_REFLECTORS, Mapping, Reflexive
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 5.0
+TIMING_WARMUP_SECONDS = 1.0  # a relay is timed this often until it has ROUND_TRIPS_WANTED
+ROUND_TRIPS_WANTED = 3  # a relay's figure is the lowest of at least this many round trips
 READY_TIMEOUT_SECONDS = 30.0
 # With members from the cache, READY waits this long for discovery's first answer (so a
 # member that joined while this node was down is known before kubelet starts), unless
@@ -177,6 +189,8 @@ class PathChecks(Protocol):
     def set_members(self, public_keys: Iterable[str]) -> None: ...
     def set_own_addresses(self, addresses: Iterable[IPAddress]) -> None: ...
     def check(self, public_key: str, endpoints: Sequence[Endpoint]) -> None: ...
+    def measure(self, public_key: str, endpoint: Endpoint) -> None: ...
+    def round_trips(self, public_key: str, endpoint: Endpoint) -> tuple[float, ...]: ...
     def answers(self) -> dict[str, dict[Endpoint, float]]: ...
 
 
@@ -191,7 +205,10 @@ class RelaySides(Protocol):
     def stop(self) -> None: ...
     def join(self, timeout: float | None = None) -> None: ...
     def want(
-        self, wanted: ReadOnlyMap[bytes, tuple[RelayOffer, ...]], failing: frozenset[bytes]
+        self,
+        wanted: ReadOnlyMap[bytes, tuple[RelayOffer, ...]],
+        failing: frozenset[bytes],
+        nearer: frozenset[bytes],
     ) -> None: ...
     def bound(self) -> dict[bytes, Bound]: ...
 
@@ -369,6 +386,10 @@ class Agent:
                 count // 2,
             )
         self._relay_members: tuple[str, ...] | None = None
+        self._relay_rtts: RoundTrips = ()  # as this node's record says them
+        self._timed_at: dict[bytes, float] = {}  # relay key -> when its round trip was asked
+        self._relay_names: dict[str, str] = {}  # relay node id -> name, for the status
+        self._timing_read_at: float | None = None  # a relay's next warm-up timing is due
 
     def _init_paths(self, config: MachineConfig) -> None:
         """What the agent tracks about its own way out and when to look again."""
@@ -738,6 +759,7 @@ class Agent:
             relay_ports=kubespan.relay_ports
             if self.relay_server is not None and self.relay_server.ready.is_set()
             else None,
+            relay_rtts=self._relay_rtts,
         )
         return info, endpoints
 
@@ -754,7 +776,14 @@ class Agent:
         wall = self.clocks.wall()
         record = MemberRecord(info, endpoints, self.versions.next(wall), int(wall) + TTL_SECONDS)
         try:
-            self.registration = self._seal(record)
+            try:
+                self.registration = self._seal(record)
+            except ValueError:
+                if not info.relay_rtts:
+                    raise
+                # Too large with the round trips to relays: said without them (pairs then
+                # rank this node's relays by hash), rather than not at all.
+                self.registration = self._seal(replace(record, info=replace(info, relay_rtts=())))
         except ValueError as error:
             self._report_once(f"cannot register: {error}")
             return
@@ -937,6 +966,9 @@ class Agent:
             self.paths.set_own_addresses(self._own_addresses(networks))
         answers = self._path_answers(members)
         relayed = self._relays(members, observed, answers, now)
+        if info.relay_rtts != self._relay_rtts:  # said at once: the pair's order hangs on it
+            info = replace(info, relay_rtts=self._relay_rtts)
+            self._register(info, endpoints)
         result = plan(
             PlanInput(
                 config=self.config.kubespan,
@@ -984,6 +1016,8 @@ class Agent:
                 # silence must not be read as a dead path.
                 self._probing_back_at = now + PROBE_RETRY_SECONDS
         self._wake_at = result.wake_at
+        if self._timing_read_at is not None:
+            self._wake_at = min(self._wake_at or self._timing_read_at, self._timing_read_at)
         if self._underlay_changed_at is not None:
             settle = self._underlay_changed_at + ROAM_SETTLE_SECONDS
             self._wake_at = min(self._wake_at or settle, settle)
@@ -1029,6 +1063,7 @@ class Agent:
     ) -> dict[str, tuple[Endpoint, str]]:
         """Tell the relay this node offers to be who the members are; tell this node's side
         which peers to bind at which relays (relay.choice); what is bound, per peer."""
+        self._timing_read_at = None
         if members is None:
             return {}
         if self.relay_server is not None:
@@ -1045,15 +1080,28 @@ class Agent:
             if p.endpoint is not None
         }
         offered = {
-            raw_key(m.info.public_key): (m.info.hostname, m.info.relay_ports)
+            raw_key(m.info.public_key): (m.info.node_id, m.info.hostname, m.info.relay_ports)
             for m in members
             if m.info.relay_ports is not None
         }
-        up = [raw_key(k) for k, state in self._states.items() if state is PeerState.UP]
+        up = [
+            raw_key(k)
+            for k, state in self._states.items()
+            if state is PeerState.UP and k not in bound  # a relay reached through a relay: none
+        ]
         offers = offers_of(offered, endpoints, up)
+        needed = bool(bound) or any(
+            self._states.get(m.info.public_key) is not PeerState.UP for m in members
+        )
+        self._time_relays(
+            offers, endpoints, now, RTT_SAMPLE_EVERY if needed else RTT_IDLE_SAMPLE_EVERY
+        )
         own = self.identity.public_key
+        # This side's figures as its sealed record says them: what the peer ranks with.
+        ours = self.registration.record.info.relay_rtts if self.registration else ()
         wanted: dict[bytes, tuple[RelayOffer, ...]] = {}
         failing: set[bytes] = set()
+        moving: set[bytes] = set()
         for member in members:
             key = member.info.public_key
             at = bound.get(key)
@@ -1063,19 +1111,62 @@ class Agent:
                 endpoint != relayed_at and now - answered <= self.timing.proven_for
                 for endpoint, answered in answers.get(key, {}).items()
             )
+            current = endpoints.get(raw_key(key))
             if offers and wants_relay(
-                now, self.tracking.get(key), state, relayed_at, direct_answered
+                now, self.tracking.get(key), state, relayed_at, direct_answered, current
             ):
-                order = relay_order(own, raw_key(key), offers)
+                theirs = member.info.relay_rtts
+                order = relay_order(own, raw_key(key), offers, ours, theirs)
                 if order:
                     wanted[raw_key(key)] = order
+                if at is not None and at.paired and nearer(order, at.relay, ours, theirs):
+                    moving.add(raw_key(key))
             tracking = self.tracking.get(key)
             if at is not None and at.paired and tracking and at.endpoint in tracking.failed:
                 failing.add(raw_key(key))  # said forwarded, yet its trial failed
-        self.relay_client.want(wanted, frozenset(failing))
+        self.relay_client.want(wanted, frozenset(failing), frozenset(moving))
         return {
             key: (at.endpoint, at.relay.name) for key, at in bound.items() if raw_key(key) in wanted
         }
+
+    def _time_relays(
+        self,
+        offers: tuple[RelayOffer, ...],
+        endpoints: dict[bytes, Endpoint],
+        now: float,
+        every: float,
+    ) -> None:
+        """Time a round trip to each relay this node may use (a path check to its WireGuard
+        port): every TIMING_WARMUP_SECONDS until it has ROUND_TRIPS_WANTED, then `every`.
+        A relay's figure is the lowest of the latest (pathcheck's ROUND_TRIPS_KEPT), the
+        path's own latency (what a busy host or a queue adds to a few answers is noise, and
+        must move no pair); what the record says
+        follows the figures (relay.choice.published_round_trips)."""
+        if self.paths is None:
+            return
+        self._timed_at = {o.public_key: self._timed_at.get(o.public_key, -1e9) for o in offers}
+        figures: dict[str, float] = {}
+        for offer in offers:
+            key, endpoint = base64.b64encode(offer.public_key).decode(), endpoints[offer.public_key]
+            samples = self.paths.round_trips(key, endpoint)
+            warm = len(samples) >= ROUND_TRIPS_WANTED
+            if warm:
+                figures[offer.node_id] = min(samples)
+            due = self._timed_at[offer.public_key] + (every if warm else TIMING_WARMUP_SECONDS)
+            if now >= due:
+                self._timed_at[offer.public_key] = now
+                self.paths.measure(key, endpoint)
+                due = now + (every if warm else TIMING_WARMUP_SECONDS)
+            if not warm:
+                self._timing_read_at = min(self._timing_read_at or due, due)
+        self._relay_names = {o.node_id: o.name for o in offers}
+        published = published_round_trips(self._relay_rtts, figures)
+        if published != self._relay_rtts:
+            log.info(
+                "round trips to relays: %s",
+                " ".join(f"{self._relay_names.get(n, n)}={ms}ms" for n, ms in published) or "-",
+            )
+            self._relay_rtts = published
 
     def _relay_status(self) -> dict[str, Any] | None:
         if self.relay_server is None:
@@ -1109,6 +1200,7 @@ class Agent:
             state_since=self._state_since,
             pid=os.getpid(),
             relay=self._relay_status(),
+            relay_names=self._relay_names,
         )
         self._last_document = document
         self._write_status(document)

@@ -28,9 +28,12 @@ def status_document(
     state_since: dict[str, float] | None = None,
     pid: int | None = None,
     relay: dict[str, Any] | None = None,
+    relay_names: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The document `kubespan status --json` prints: its shape is STATUS_SCHEMA's.
-    `relay`: what this node relays for others, when it offers to."""
+    `relay`: what this node relays for others, when it offers to; `relay_names`: the names
+    of the relays its record gives round trips to (node id -> name)."""
+    names = relay_names or {}
     since = state_since or {}
     return {
         "version": 1,
@@ -49,6 +52,10 @@ def status_document(
             # What STUN says of the WireGuard port: {"mapped": [...], "mapping": ...}.
             "nat": nat or {"mapped": [], "mapping": "unknown", "reflectors": []},
             "relay": relay,
+            "relays": [
+                {"name": names.get(node_id, node_id), "node_id": node_id, "rtt_ms": ms}
+                for node_id, ms in info.relay_rtts
+            ],
         },
         "peers": [
             {
@@ -150,6 +157,14 @@ def render_status(document: dict[str, Any], now: float | None = None) -> str:
                 f"    {printable(pair.get('first'))} <-> {printable(pair.get('second'))}  "
                 f"{_bytes(sent if isinstance(sent, int) else 0)}"
             )
+    timed = [r for r in node.get("relays", []) if isinstance(r, dict)]
+    if timed:
+        lines.append(
+            "  round trips to relays: "
+            + ", ".join(
+                f"{printable(r.get('name'), 64)} {printable(r.get('rtt_ms'))} ms" for r in timed
+            )
+        )
     if document.get("last_error"):
         lines.append(f"  last error: {printable(document['last_error'], 400)}")
     for source in document.get("discovery", []):

@@ -5,6 +5,7 @@ Record (payload version 2), sealed with the data key:
     {"v": 2, "node_id", "hostname", "public_key", "ula", "addresses", "pod_cidrs",
      "endpoints": ["192.0.2.1:51820", "[2001:db8::1]:51820"],
      "relay_ports": [first, count] (a relay only: the ports it relays pairs on),
+     "relay_rtt_ms": {relay node id: ms} (round trips to the relays it reaches, when known),
      "version": strictly increasing per node, "valid_until": Unix seconds, "leave": bool,
      "sig": XEdDSA signature, base64}
 
@@ -57,6 +58,8 @@ MAX_HOSTNAME = 253
 MAX_RECORD_VERSION = (1 << 63) - 1
 MAX_VALID_UNTIL = 1 << 40
 ENDPOINT_BYTES = 18
+MAX_RELAY_RTTS = 8
+MAX_RTT_MS = 60_000
 
 SIGNED_PREFIX = b"kubespan-record-v2\0"
 _NODE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
@@ -86,6 +89,7 @@ _KNOWN_FIELDS = frozenset(
         "valid_until",
         "leave",
         "relay_ports",
+        "relay_rtt_ms",
         "sig",
     }
 )
@@ -96,9 +100,11 @@ def _document(record: MemberRecord) -> dict[str, Any]:
     later: dict[str, Any] = json.loads(record.later_fields) if record.later_fields else {}
     # Only a relay says so: every other record reads as older members wrote it.
     relay = {"relay_ports": list(info.relay_ports)} if info.relay_ports else {}
+    rtts = {"relay_rtt_ms": dict(info.relay_rtts)} if info.relay_rtts else {}
     return {
         **later,
         **relay,
+        **rtts,
         "v": PAYLOAD_VERSION,
         "node_id": info.node_id,
         "hostname": info.hostname,
@@ -177,10 +183,13 @@ def decode_record(raw: bytes) -> MemberRecord:
     leave = document.get("leave")
     if not isinstance(leave, bool):
         raise ValueError("leave is not a boolean")
-    relay_ports = _relay_ports(document.get("relay_ports"))
-    info = AffiliateInfo(node_id, hostname, public_key, ula, addresses, pod_cidrs, relay_ports)
+    relay_ports = _relay_ports(document["relay_ports"]) if "relay_ports" in document else None
+    relay_rtts = _relay_rtts(document["relay_rtt_ms"]) if "relay_rtt_ms" in document else ()
+    info = AffiliateInfo(
+        node_id, hostname, public_key, ula, addresses, pod_cidrs, relay_ports, relay_rtts
+    )
     later = {k: v for k, v in document.items() if k not in _KNOWN_FIELDS}
-    return MemberRecord(
+    record = MemberRecord(
         info,
         endpoints,
         version,
@@ -189,12 +198,16 @@ def decode_record(raw: bytes) -> MemberRecord:
         signature,
         canonical(later) if later else b"",
     )
+    # Kept records are encoded again (the peer cache): one that would not come out exactly
+    # as signed (an address not in its canonical form, an empty field written out) is
+    # refused here, where it harms only itself, not later, where it would spoil the cache.
+    if canonical(_document(record)) != canonical(document):
+        raise ValueError("record is not in canonical form: it would not encode back as signed")
+    return record
 
 
-def _relay_ports(value: Any) -> tuple[int, int] | None:
+def _relay_ports(value: Any) -> tuple[int, int]:
     """A relay's ports, [first, count]: an even count of at least 2 within 1 to 65535."""
-    if value is None:
-        return None
     if (
         isinstance(value, list)
         and len(value) == 2
@@ -204,6 +217,25 @@ def _relay_ports(value: Any) -> tuple[int, int] | None:
         if count >= 2 and count % 2 == 0 and 1 <= first <= 65536 - count:
             return first, count
     raise ValueError("relay_ports is not [first, count] with an even count within 1 to 65535")
+
+
+def _relay_rtts(value: Any) -> tuple[tuple[str, int], ...]:
+    """Round trips to relays, {node id: ms}: 1 to MAX_RELAY_RTTS, each 0 to MAX_RTT_MS."""
+    if isinstance(value, dict) and 1 <= len(value) <= MAX_RELAY_RTTS:
+        rtts = tuple(sorted(value.items()))
+        if all(
+            isinstance(relay, str)
+            and valid_node_id(relay)
+            and isinstance(ms, int)
+            and not isinstance(ms, bool)
+            and 0 <= ms <= MAX_RTT_MS
+            for relay, ms in rtts
+        ):
+            return rtts
+    raise ValueError(
+        f"relay_rtt_ms is not 1 to {MAX_RELAY_RTTS} node ids with round trips of 0 to "
+        f"{MAX_RTT_MS} ms"
+    )
 
 
 def _signature(value: Any) -> bytes:

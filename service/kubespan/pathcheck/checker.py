@@ -5,6 +5,10 @@ loses packets, and the first requests of a hole punch die at the other NAT until
 requests open it), until the endpoint answers. A valid answer is recorded with its time and
 reported to the agent (`PathAnswered`), which sets the best candidate that answered.
 
+`measure(peer, endpoint)` checks a path in use, only to time it: every answer's round trip
+is kept (the last ROUND_TRIPS_KEPT per member, at its latest endpoint: `round_trips`);
+the agent times the relays it may use this way (relay.choice).
+
 Requests from members are answered from the WireGuard port to wherever they came from.
 Everything from the network is hostile until checked, in the cheapest order: size and tag
 (the BPF filter and the codec), rate per source and overall, a sender that is a current
@@ -55,6 +59,8 @@ ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE = 20.0, 40.0
 ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL = 1000.0, 1000.0
 SEEN_TRANSACTIONS = 16384
 CHECK_BACK_GAP = 1.0
+ROUND_TRIPS_KEPT = 6  # per member: a minute's worth at the agent's busiest timing
+ROUND_TRIP_KEEP = 400.0  # seconds a round trip counts (six timings a minute apart)
 MAX_DATAGRAMS_PER_TURN = 256
 
 
@@ -72,6 +78,7 @@ class _Check:
     endpoint: Endpoint
     started: float
     sends: int = 0  # requests sent so far (indexes CHECK_AT)
+    timing_only: bool = False  # a path in use, timed: its answer is no news to the agent
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class _Outstanding:
     public_key: str
     endpoint: Endpoint
     sent_at: float
+    timing_only: bool = False
 
 
 class PathChecker(RawPortThread):
@@ -118,6 +126,9 @@ class PathChecker(RawPortThread):
         self._checks: OrderedDict[tuple[str, Endpoint], _Check] = OrderedDict()
         self._outstanding: OrderedDict[bytes, _Outstanding] = OrderedDict()
         self._answers: dict[str, dict[Endpoint, float]] = {}
+        # Per member: the endpoint last answered at, and the latest (when, round trip) there.
+        self._round_trips: dict[str, tuple[Endpoint, tuple[tuple[float, float], ...]]] = {}
+        self._measure: dict[str, Endpoint] = {}  # paths to time, asked since the last turn
         self._announced: dict[tuple[str, Endpoint], float] = {}
         self._checked_back: dict[tuple[str, Endpoint], float] = {}
         self._seen: OrderedDict[bytes, float] = OrderedDict()
@@ -127,6 +138,7 @@ class PathChecker(RawPortThread):
         self._slice_sent = 0
         self.sent = 0  # requests sent, for tests and benchmarks
         self.answered = 0  # answers sent
+        self.timed = 0  # round trips timed (answers to `measure`)
 
     # --- the agent's side (any thread) -------------------------------------------------
 
@@ -150,6 +162,8 @@ class PathChecker(RawPortThread):
             self._answers = {k: v for k, v in self._answers.items() if k in known}
             self._wanted = {k: v for k, v in self._wanted.items() if k in known}
             self._pending = {k: v for k, v in self._pending.items() if k in known}
+            self._round_trips = {k: v for k, v in self._round_trips.items() if k in known}
+            self._measure = {k: v for k, v in self._measure.items() if k in known}
 
     def set_own_addresses(self, addresses: Iterable[IPAddress]) -> None:
         """Our addresses: those on our interfaces and those STUN says our NAT maps us to.
@@ -169,6 +183,23 @@ class PathChecker(RawPortThread):
             self._pending[public_key] = wanted
             self._wanted[public_key] = frozenset(wanted)
         self._poke()
+
+    def measure(self, public_key: str, endpoint: Endpoint) -> None:
+        """Time a round trip to this member at this endpoint, a path in use (not a
+        candidate: no check back, no event)."""
+        with self._lock:
+            if public_key not in self._raw_keys:
+                return
+            self._measure[public_key] = endpoint
+        self._poke()
+
+    def round_trips(self, public_key: str, endpoint: Endpoint) -> tuple[float, ...]:
+        """The latest round trips to this member at this endpoint (at most ROUND_TRIPS_KEPT,
+        none older than ROUND_TRIP_KEEP), seconds, oldest first."""
+        with self._lock:
+            at, samples = self._round_trips.get(public_key, (endpoint, ()))
+        horizon = self.monotonic() - ROUND_TRIP_KEEP
+        return tuple(rtt for when, rtt in samples if when >= horizon) if at == endpoint else ()
 
     def answers(self) -> dict[str, dict[Endpoint, float]]:
         """Per member, the endpoints that answered and when (monotonic), fresh within
@@ -209,17 +240,26 @@ class PathChecker(RawPortThread):
     def _take_pending(self, now: float) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+            measure, self._measure = self._measure, {}
             members = set(self._members.values())
-        for public_key, endpoints in pending.items():
+        timed = ((k, (e,), True) for k, e in measure.items())
+        checked = ((k, endpoints, False) for k, endpoints in pending.items())
+        for public_key, endpoints, timing_only in (*timed, *checked):
             if public_key not in members:
                 continue
             for endpoint in endpoints:
                 identity = (public_key, endpoint)
                 running = self._checks.get(identity)
-                if running is not None and now - running.started < CHECK_SPAN:
+                # Under way: goes on, unless a candidate's check finds a timing running
+                # (whose answer is not recorded as a candidate's): that starts anew.
+                if (
+                    running is not None
+                    and now - running.started < CHECK_SPAN
+                    and (timing_only or not running.timing_only)
+                ):
                     continue
                 self._checks.pop(identity, None)
-                self._checks[identity] = _Check(public_key, endpoint, now)
+                self._checks[identity] = _Check(public_key, endpoint, now, 0, timing_only)
                 while len(self._checks) > MAX_CHECKS:
                     self._checks.popitem(last=False)
 
@@ -246,7 +286,10 @@ class PathChecker(RawPortThread):
                 continue
             check.sends += 1
             self._slice_sent += 1
-            if not self._send_request(transport, check.public_key, check.endpoint, now):
+            sent = self._send_request(
+                transport, check.public_key, check.endpoint, now, check.timing_only
+            )
+            if not sent:
                 check.sends = len(CHECK_AT)  # no key, or no route to it: no more tries
         for identity in finished:
             del self._checks[identity]
@@ -263,6 +306,7 @@ class PathChecker(RawPortThread):
         public_key: str,
         endpoint: Endpoint,
         now: float,
+        timing_only: bool = False,
     ) -> bool:
         """One request; False when it cannot be sent (not a member any more, no route to
         it: an IPv6 candidate on an IPv4-only host)."""
@@ -270,7 +314,7 @@ class PathChecker(RawPortThread):
         if key is None:
             return False
         transaction_id = self.random_bytes(codec.TRANSACTION_ID_BYTES)
-        self._outstanding[transaction_id] = _Outstanding(public_key, endpoint, now)
+        self._outstanding[transaction_id] = _Outstanding(public_key, endpoint, now, timing_only)
         while len(self._outstanding) > MAX_CHECKS * len(CHECK_AT):
             self._outstanding.popitem(last=False)
         try:
@@ -402,6 +446,22 @@ class PathChecker(RawPortThread):
         check = self._checks.get(identity)
         if check is not None:
             check.sends = len(CHECK_AT)  # answered: no more requests
+        rtt = now - asked.sent_at
+        with self._lock:
+            at, samples = self._round_trips.get(asked.public_key, (asked.endpoint, ()))
+            recent = samples[-(ROUND_TRIPS_KEPT - 1) :] if at == asked.endpoint else ()
+            self._round_trips[asked.public_key] = (asked.endpoint, (*recent, (now, rtt)))
+        if asked.timing_only:
+            # Not a candidate's answer: the agent's path logic never sees it (a path in use
+            # that answered a timing must not pass for one that answers its checks).
+            self.timed += 1
+            log.debug(
+                "path timed peer=%s endpoint=%s rtt_ms=%.1f",
+                asked.public_key[:8],
+                asked.endpoint,
+                rtt * 1000,
+            )
+            return
         with self._lock:
             by_endpoint = self._answers.setdefault(asked.public_key, {})
             by_endpoint[asked.endpoint] = now
@@ -422,7 +482,7 @@ class PathChecker(RawPortThread):
                 "path check answered peer=%s endpoint=%s rtt_ms=%.1f seen_as=%s",
                 asked.public_key[:8],
                 asked.endpoint,
-                (now - asked.sent_at) * 1000,
+                rtt * 1000,
                 message.observed,
             )
             self.events.put(PathAnswered(asked.public_key, asked.endpoint))

@@ -385,15 +385,8 @@ def _relayed_up(
     ports: it works both ways) is set at once. Until then the relay carries the pair."""
     direct = tuple(c for c in candidates if c not in relayed)
     checked = tracking.direct_checked_at
-    answered_direct = next(
-        (
-            c
-            for c in direct
-            if checked is not None
-            and answered.get(c, float("-inf")) >= checked
-            and _proven(now, c, answered, timing)
-        ),
-        None,
+    answered_direct = (
+        None if checked is None else _answered_since(now, checked, direct, answered, timing)
     )
     if answered_direct is not None:
         return _start(
@@ -464,13 +457,24 @@ def _answered_elsewhere(
     current = tracking.endpoint
     if current is not None and answered.get(current, float("-inf")) > heard:
         return None  # the path itself still answers: only the tunnel is quiet
+    others = tuple(c for c in candidates if c != current)
+    return _answered_since(now, math.nextafter(heard, math.inf), others, answered, timing)
+
+
+def _answered_since(
+    now: float,
+    since: float,
+    candidates: tuple[Endpoint, ...],
+    answered: Mapping[Endpoint, float],
+    timing: Timing,
+) -> Endpoint | None:
+    """The best of `candidates` that answered a path check at `since` or later, and lately
+    enough to be proven."""
     return next(
         (
             c
             for c in candidates
-            if c != current
-            and answered.get(c, float("-inf")) > heard
-            and _proven(now, c, answered, timing)
+            if answered.get(c, -math.inf) >= since and _proven(now, c, answered, timing)
         ),
         None,
     )

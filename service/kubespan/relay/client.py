@@ -10,7 +10,11 @@ relay says the other side is not bound yet. A renewal that goes unanswered is re
 the relay still holds the binding; only then does the binding go. PORT_TAKEN moves to the
 next attempt, PEER_AT_ATTEMPT to the other side's; any other refusal, no answer to a first
 bind within ANSWER_WAIT, or the agent saying the relay did not carry the pair (`want`'s
-`failing`), fails that relay for the pair for FAILED_FOR and the next one is bound.
+`failing`), fails that relay for the pair for FAILED_FOR and the next one is bound. A pair
+the agent says has a much nearer relay (`want`'s `nearer`, relay.choice.nearer) binds at
+the first of its order, at most every MOVE_EVERY; the relay it left carries the pair until
+the new one does (its bindings there lapse only after the relay's lifetime), and if the new
+one fails the pair, it is not tried again for MOVE_FAILED_FOR.
 
 Both sides normally pick the same relay (relay.choice), but their views can differ (one
 reaches a relay the other does not, one failed it lately). A side bound alone moves on:
@@ -53,6 +57,8 @@ UNPAIRED_REFRESH = 2.0  # ... and this often while the other side is not bound t
 UNPAIRED_WAIT = 12.0  # bound alone this long, the side with the higher key moves on
 KEEP_BOUND = 50.0  # unanswered renewals keep the binding this long (the relay's is 60 s)
 FAILED_FOR = 60.0  # a relay that failed a pair is not asked for it again this long
+MOVE_FAILED_FOR = 900.0  # ... when the pair had moved there from a working relay
+MOVE_EVERY = 300.0  # a pair moves to a nearer relay at most this often
 MAX_PAIRS = 256  # pairs bound at once at most (the relay's quota is lower per side anyway)
 TURN_SECONDS = 1.0
 READS_PER_TURN = 64
@@ -66,8 +72,7 @@ class RelayChanged:
 @dataclass(frozen=True)
 class Bound:
     relay: RelayOffer
-    endpoint: Endpoint  # the peer's WireGuard endpoint through the relay
-    attempt: int
+    endpoint: Endpoint  # the peer's WireGuard endpoint through the relay (and attempt)
     paired: bool  # the relay said the other side is bound too: the pair is forwarded
 
 
@@ -85,6 +90,10 @@ class _Pair:
     bound_at: float = 0.0
     alone_since: float | None = None  # bound, the other side not (yet)
     failed: dict[bytes, float] = field(default_factory=dict)  # relay key -> until
+    moving: bool = False  # left a working relay for a nearer one, not yet paired there
+    moved_at: float = float("-inf")
+    previous: Bound | None = None  # the binding left, still shown until `previous_until`
+    previous_until: float = 0.0
 
 
 class RelayClient(RawPortThread):
@@ -116,6 +125,7 @@ class RelayClient(RawPortThread):
         self._random_bytes = random_bytes
         self._wanted: dict[bytes, tuple[RelayOffer, ...]] = {}
         self._failing: frozenset[bytes] = frozenset()
+        self._nearer: frozenset[bytes] = frozenset()
         self._pairs: dict[bytes, _Pair] = {}  # the thread's own
         self._bound: dict[bytes, Bound] = {}  # what the agent reads
         self._keys: dict[bytes, bytes | None] = {}
@@ -126,17 +136,20 @@ class RelayClient(RawPortThread):
         self,
         wanted: Mapping[bytes, tuple[RelayOffer, ...]],
         failing: frozenset[bytes] = frozenset(),
+        nearer: frozenset[bytes] = frozenset(),
     ) -> None:
         """The peers to bind, each with its relays in order (relay.choice.relay_order);
         `failing`: peers whose relay said the pair is forwarded, yet the pair did not come
-        up through it (a relay that does not forward): that relay is left for the next."""
+        up through it (a relay that does not forward): that relay is left for the next;
+        `nearer`: peers whose pair should move to the first relay of its order (much
+        nearer than the one bound: relay.choice.nearer), unless that one failed lately."""
         if len(wanted) > MAX_PAIRS:
             log.warning("relay wanted for %d peers; binding the first %d", len(wanted), MAX_PAIRS)
         trimmed = dict(list(wanted.items())[:MAX_PAIRS])
         with self._lock:
-            if trimmed == self._wanted and failing == self._failing:
+            if trimmed == self._wanted and (failing, nearer) == (self._failing, self._nearer):
                 return
-            self._wanted, self._failing = trimmed, failing
+            self._wanted, self._failing, self._nearer = trimmed, failing, nearer
         self._poke()
 
     def bound(self) -> dict[bytes, Bound]:
@@ -163,7 +176,7 @@ class RelayClient(RawPortThread):
 
     def _take_wanted(self, now: float) -> None:
         with self._lock:
-            wanted, failing = dict(self._wanted), self._failing
+            wanted, failing, nearer = dict(self._wanted), self._failing, self._nearer
         self._pairs = {
             peer: self._pairs.get(peer) or _Pair(relays) for peer, relays in wanted.items()
         }
@@ -179,11 +192,34 @@ class RelayClient(RawPortThread):
                     peer.hex()[:16],
                 )
                 self._fail(pair, now)
-            if pair.relay is None:
-                pair.relay = next(
-                    (r for r in pair.relays if pair.failed.get(r.public_key, 0.0) <= now), None
+            first = next(
+                (r for r in pair.relays if pair.failed.get(r.public_key, 0.0) <= now), None
+            )
+            current = pair.relay
+            # Only to the first of the order, the one found nearer (and the one the other
+            # side moves to), and not while it failed this pair lately.
+            if (
+                peer in nearer
+                and current is not None
+                and first is not None
+                and first is pair.relays[0]
+                and current != first
+                and pair.bound is not None
+                and pair.bound.paired
+                and now - pair.moved_at >= MOVE_EVERY
+            ):
+                log.info(
+                    "relay %s is much nearer than %s for peer %s; moving there",
+                    first.name,
+                    current.name,
+                    peer.hex()[:16],
                 )
-                pair.attempt = 0
+                left, until = pair.bound, pair.bound_at + KEEP_BOUND
+                self._drop(pair)  # not failed: it stays the next choice
+                pair.moving, pair.moved_at = True, now
+                pair.previous, pair.previous_until = left, until
+            if pair.relay is None:
+                pair.relay, pair.attempt = first, 0
 
     def _step(self, transport: AddressedTransport, peer: bytes, pair: _Pair, now: float) -> None:
         relay = pair.relay
@@ -256,7 +292,7 @@ class RelayClient(RawPortThread):
             port = pair_ports(
                 relay.ports, relay.public_key, self._public, message.peer, pair.attempt
             )
-            bound = Bound(relay, Endpoint(relay.address, port[0]), pair.attempt, message.paired)
+            bound = Bound(relay, Endpoint(relay.address, port[0]), message.paired)
             if pair.bound != bound:
                 log.info(
                     "relay %s bound for peer %s at %s (seen from %s)%s",
@@ -267,7 +303,7 @@ class RelayClient(RawPortThread):
                     ", forwarded" if bound.paired else ", waiting for the peer to bind",
                 )
             if bound.paired:
-                pair.alone_since = None
+                pair.alone_since, pair.moving = None, False
             elif pair.alone_since is None:
                 pair.alone_since = now
             pair.bound, pair.bound_at, pair.round_start = bound, now, None
@@ -309,14 +345,17 @@ class RelayClient(RawPortThread):
 
     def _fail(self, pair: _Pair, now: float) -> None:
         if pair.relay is not None:
-            pair.failed[pair.relay.public_key] = now + FAILED_FOR
+            # A nearer relay that did not carry the pair is not moved to again for long:
+            # the pair had a working relay, and each try costs it a gap.
+            until = now + (MOVE_FAILED_FOR if pair.moving else FAILED_FOR)
+            pair.failed[pair.relay.public_key] = until
         pair.failed = {k: until for k, until in pair.failed.items() if until > now}
         self._drop(pair)
 
     @staticmethod
     def _drop(pair: _Pair) -> None:
         pair.relay, pair.bound, pair.round_start, pair.attempt = None, None, None, 0
-        pair.alone_since = None
+        pair.alone_since, pair.moving = None, False
 
     def _next_due(self, now: float) -> float:
         due = now + TURN_SECONDS
@@ -336,12 +375,29 @@ class RelayClient(RawPortThread):
         return due
 
     def _publish(self) -> None:
-        bound = {peer: pair.bound for peer, pair in self._pairs.items() if pair.bound is not None}
+        now = self.monotonic()
+        bound = {}
+        for peer, pair in self._pairs.items():
+            shown = self._shown(pair, now)
+            if shown is not None:
+                bound[peer] = shown
         with self._lock:
             changed = bound != self._bound
             self._bound = bound
         if changed:
             self._events.put(RelayChanged())
+
+    @staticmethod
+    def _shown(pair: _Pair, now: float) -> Bound | None:
+        """What the agent sets for the peer: a pair moving to a nearer relay keeps the
+        binding it left (the relay forwards it until it lapses) until it is paired at the
+        new one, so a move costs no gap, and one the other side does not follow none."""
+        moved_to = pair.bound
+        if pair.previous is not None and (
+            now >= pair.previous_until or (moved_to is not None and moved_to.paired)
+        ):
+            pair.previous = None
+        return pair.bound if pair.previous is None else pair.previous
 
     def _key(self, relay: bytes) -> bytes | None:
         if relay not in self._keys:
