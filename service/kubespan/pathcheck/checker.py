@@ -6,7 +6,8 @@ requests open it), until the endpoint answers. A valid answer is recorded with i
 reported to the agent (`PathAnswered`), which sets the best candidate that answered.
 
 `measure(peer, endpoint)` checks a path in use, only to time it: every answer's round trip
-is kept (the last ROUND_TRIPS_KEPT per member, at its latest endpoint: `round_trips`);
+is kept (the last ROUND_TRIPS_KEPT per endpoint, for a member's latest TIMED_ENDPOINTS:
+`round_trips`);
 the agent times the relays it may use this way (relay.choice).
 
 Requests from members are answered from the WireGuard port to wherever they came from.
@@ -59,7 +60,8 @@ ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE = 20.0, 40.0
 ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL = 1000.0, 1000.0
 SEEN_TRANSACTIONS = 16384
 CHECK_BACK_GAP = 1.0
-ROUND_TRIPS_KEPT = 6  # per member: a minute's worth at the agent's busiest timing
+ROUND_TRIPS_KEPT = 6  # per endpoint: a minute's worth at the agent's busiest timing
+TIMED_ENDPOINTS = 4  # endpoints per member whose round trips are kept
 ROUND_TRIP_KEEP = 400.0  # seconds a round trip counts (six timings a minute apart)
 MAX_DATAGRAMS_PER_TURN = 256
 
@@ -127,7 +129,7 @@ class PathChecker(RawPortThread):
         self._outstanding: OrderedDict[bytes, _Outstanding] = OrderedDict()
         self._answers: dict[str, dict[Endpoint, float]] = {}
         # Per member: the endpoint last answered at, and the latest (when, round trip) there.
-        self._round_trips: dict[str, tuple[Endpoint, tuple[tuple[float, float], ...]]] = {}
+        self._round_trips: dict[str, dict[Endpoint, tuple[tuple[float, float], ...]]] = {}
         self._measure: dict[str, Endpoint] = {}  # paths to time, asked since the last turn
         self._announced: dict[tuple[str, Endpoint], float] = {}
         self._checked_back: dict[tuple[str, Endpoint], float] = {}
@@ -197,9 +199,9 @@ class PathChecker(RawPortThread):
         """The latest round trips to this member at this endpoint (at most ROUND_TRIPS_KEPT,
         none older than ROUND_TRIP_KEEP), seconds, oldest first."""
         with self._lock:
-            at, samples = self._round_trips.get(public_key, (endpoint, ()))
+            samples = self._round_trips.get(public_key, {}).get(endpoint, ())
         horizon = self.monotonic() - ROUND_TRIP_KEEP
-        return tuple(rtt for when, rtt in samples if when >= horizon) if at == endpoint else ()
+        return tuple(rtt for when, rtt in samples if when >= horizon)
 
     def answers(self) -> dict[str, dict[Endpoint, float]]:
         """Per member, the endpoints that answered and when (monotonic), fresh within
@@ -448,9 +450,13 @@ class PathChecker(RawPortThread):
             check.sends = len(CHECK_AT)  # answered: no more requests
         rtt = now - asked.sent_at
         with self._lock:
-            at, samples = self._round_trips.get(asked.public_key, (asked.endpoint, ()))
-            recent = samples[-(ROUND_TRIPS_KEPT - 1) :] if at == asked.endpoint else ()
-            self._round_trips[asked.public_key] = (asked.endpoint, (*recent, (now, rtt)))
+            # Per endpoint: answers at a member's other candidates (checks of them while
+            # this one carries the tunnel) must not wipe the timings of this one.
+            timings = self._round_trips.setdefault(asked.public_key, {})
+            recent = timings.pop(asked.endpoint, ())[-(ROUND_TRIPS_KEPT - 1) :]
+            timings[asked.endpoint] = (*recent, (now, rtt))
+            while len(timings) > TIMED_ENDPOINTS:
+                del timings[next(iter(timings))]  # the one answered longest ago
         if asked.timing_only:
             # Not a candidate's answer: the agent's path logic never sees it (a path in use
             # that answered a timing must not pass for one that answers its checks).
