@@ -610,3 +610,20 @@ def test_one_way_reachability_does_not_move_a_relayed_peer() -> None:
     changes = peer.changes
     assert set(peer.run_until(T0 + 10, T0 + 400)) == {UP}
     assert peer.kernel_endpoint == RELAY and peer.changes == changes
+
+
+def test_a_new_direct_candidate_of_a_relayed_peer_is_checked_and_taken_at_once() -> None:
+    # A peer renumbered: up through the relay before its new address was known. Once the
+    # new address is advertised it must not wait for the minute's retry.
+    peer = relayed_peer({RELAY}, set())
+    assert first_up(peer, T0, T0 + 10) is not None
+    peer.run_until(T0 + 10, T0 + 20)
+    renumbered = ep(3)
+    peer.candidates = (RELAY, renumbered)
+    peer.reachable = {RELAY, renumbered}
+    assert peer.checkable is not None
+    peer.checkable.add(renumbered)
+    advertised = T0 + 20
+    peer.run_until(advertised, advertised + 2)
+    assert peer.kernel_endpoint == renumbered
+    assert set(peer.run_until(advertised + 2, advertised + 10)) == {UP}
