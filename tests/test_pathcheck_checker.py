@@ -941,3 +941,44 @@ def test_a_path_in_use_is_timed_and_its_latest_round_trips_kept(lab: Lab) -> Non
     a.checker.measure(b.name, C_AT)
     clock.run_until(clock.now + CHECK_SPAN + 1)
     assert len(network.sent(source=A_AT)) == before
+
+
+def test_a_check_asked_again_after_its_answer_is_asked_anew(lab: Lab) -> None:
+    """An answer from before may no longer count for the agent (a peer that came up
+    through a relay meanwhile counts only answers from its first check on): asked again,
+    even within CHECK_SPAN, the endpoint is asked again."""
+    network, clock = fake_clock_lab()
+    a, b = lab.node(A_AT, network=network, clock=clock), lab.node(B_AT, network=network)
+    lab.members(a, b)
+    network.responders[NOWHERE] = answers_from(b.key, a.key, 1)
+    start = clock.now
+    a.checker.check(b.name, [NOWHERE])
+    lab.start(a)
+    clock.run_until(start + 1.0)
+    assert a.checker.answers() == {b.name: {NOWHERE: start}}
+    a.checker.check(b.name, [NOWHERE])
+    clock.run_until(start + 1.0 + CHECK_SPAN + 1)
+    assert relative(network.sent(destination=NOWHERE), start) == [0.0, 1.0]
+    assert a.checker.answers() == {b.name: {NOWHERE: start + 1.0}}
+
+
+def test_a_timings_answer_does_not_end_the_candidate_check_that_replaced_it(lab: Lab) -> None:
+    network, clock = fake_clock_lab()
+    a, b = lab.node(A_AT, network=network, clock=clock), lab.node(B_AT, network=network)
+    lab.members(a, b)
+    network.responders[NOWHERE] = lambda source, payload: []  # answered by hand
+    lab.start(a)
+    clock.limit = clock.now  # from here the clock moves only when told
+    start = clock.now
+    a.checker.measure(b.name, NOWHERE)
+    wait_until(lambda: len(network.sent(destination=NOWHERE)) == 1, PATIENCE)
+    a.checker.check(b.name, [NOWHERE])
+    wait_until(lambda: len(network.sent(destination=NOWHERE)) == 2, PATIENCE)
+    timing = codec.parse(network.sent(destination=NOWHERE)[0].payload).transaction_id
+    answer = codec.answer(b.key.public, timing, b.key.pair(a.key), A_AT)
+    network.inject(NOWHERE, A_AT, answer)
+    wait_until(lambda: a.checker.timed == 1, PATIENCE)
+    # The candidate's check goes on asking (its own answer is what the agent reads).
+    clock.run_until(start + CHECK_SPAN + 1)
+    assert relative(network.sent(destination=NOWHERE), start) == [0.0, *CHECK_AT]
+    assert a.checker.answers() == {} and a.events.empty()

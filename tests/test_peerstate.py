@@ -627,3 +627,44 @@ def test_a_new_direct_candidate_of_a_relayed_peer_is_checked_and_taken_at_once()
     peer.run_until(advertised, advertised + 2)
     assert peer.kernel_endpoint == renumbered
     assert set(peer.run_until(advertised + 2, advertised + 10)) == {UP}
+
+
+@pytest.mark.parametrize(
+    ("answered_ago", "failed", "leaves"),
+    [
+        (2.0, (), True),  # checked during its trial, just before the relay carried the pair
+        (TIMING.proven_for + 1, (), False),  # too old to prove anything now
+        (2.0, (ep(3),), False),  # it answers checks, yet its trial got no handshake
+    ],
+)
+def test_a_direct_answer_from_just_before_the_relay_carried_the_pair_counts_at_once(
+    answered_ago: float, failed: tuple[Endpoint, ...], leaves: bool
+) -> None:
+    # The renumbered peer's new address was on trial and answered its check; the relay's
+    # endpoint, bound a moment later, ranked first and the pair came up through it.
+    now = T0 + 3
+    up_on_relay = Tracking(
+        RELAY,
+        T0,
+        handshake=WALL + T0 + 1,
+        rx_bytes=184,
+        heard=T0 + 1,
+        observed_at=T0 + 2.5,
+        seen_candidates=frozenset({RELAY, ep(3)}),
+        failed=failed,
+    )
+    decision = decide_endpoint(
+        now,
+        WALL + now,
+        (RELAY, ep(3)),
+        up_on_relay,
+        Sighting(RELAY, WALL + T0 + 1, 184),
+        TIMING,
+        {ep(3): now - answered_ago},
+        frozenset({RELAY}),
+    )
+    if leaves:
+        assert decision.set_endpoint == ep(3)
+    else:
+        assert decision.state is UP and decision.set_endpoint is None
+        assert decision.check  # the first check of the direct paths goes out at once

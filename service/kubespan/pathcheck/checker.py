@@ -2,8 +2,10 @@
 
 `check(peer, endpoints)` sends a request to each endpoint now and again at CHECK_AT (UDP
 loses packets, and the first requests of a hole punch die at the other NAT until its own
-requests open it), until the endpoint answers. A valid answer is recorded with its time and
-reported to the agent (`PathAnswered`), which sets the best candidate that answered.
+requests open it), until the endpoint answers; an endpoint asked for again after it answered
+is asked anew (the agent may count only answers from now on). A valid answer is recorded
+with its time and reported to the agent (`PathAnswered`), which sets the best candidate
+that answered.
 
 `measure(peer, endpoint)` checks a path in use, only to time it: every answer's round trip
 is kept (the last ROUND_TRIPS_KEPT per endpoint, for a member's latest TIMED_ENDPOINTS:
@@ -81,6 +83,7 @@ class _Check:
     started: float
     sends: int = 0  # requests sent so far (indexes CHECK_AT)
     timing_only: bool = False  # a path in use, timed: its answer is no news to the agent
+    answered: bool = False
 
 
 @dataclass(frozen=True)
@@ -252,10 +255,13 @@ class PathChecker(RawPortThread):
             for endpoint in endpoints:
                 identity = (public_key, endpoint)
                 running = self._checks.get(identity)
-                # Under way: goes on, unless a candidate's check finds a timing running
-                # (whose answer is not recorded as a candidate's): that starts anew.
+                # Under way: goes on, unless it was answered already (asked again, it is
+                # asked anew: an answer from before may no longer count for the agent), or a
+                # candidate's check finds a timing running (whose answer is not recorded as
+                # a candidate's).
                 if (
                     running is not None
+                    and not running.answered
                     and now - running.started < CHECK_SPAN
                     and (timing_only or not running.timing_only)
                 ):
@@ -446,8 +452,11 @@ class PathChecker(RawPortThread):
         now = self.monotonic()
         identity = (asked.public_key, asked.endpoint)
         check = self._checks.get(identity)
-        if check is not None:
-            check.sends = len(CHECK_AT)  # answered: no more requests
+        # Answered: no more requests. A timing's answer does not complete a candidate's
+        # check that replaced the timing (that answer is not recorded as a candidate's).
+        if check is not None and (check.timing_only or not asked.timing_only):
+            check.sends = len(CHECK_AT)
+            check.answered = True
         rtt = now - asked.sent_at
         with self._lock:
             # Per endpoint: answers at a member's other candidates (checks of them while

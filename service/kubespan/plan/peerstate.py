@@ -385,9 +385,16 @@ def _relayed_up(
     ports: it works both ways) is set at once. Until then the relay carries the pair."""
     direct = tuple(c for c in candidates if c not in relayed)
     checked = tracking.direct_checked_at
-    answered_direct = (
-        None if checked is None else _answered_since(now, checked, direct, answered, timing)
-    )
+    if checked is None:
+        # Before the first check while relayed, an answer still proven counts (a new address
+        # checked while its trial ran, just before the relay carried the pair, works now),
+        # unless its trial failed in this cycle (it answers checks, yet no handshake).
+        failed = set(tracking.failed)
+        answered_direct = _answered_since(
+            now, -math.inf, tuple(c for c in direct if c not in failed), answered, timing
+        )
+    else:
+        answered_direct = _answered_since(now, checked, direct, answered, timing)
     if answered_direct is not None:
         return _start(
             now,
