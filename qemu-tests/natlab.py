@@ -713,6 +713,15 @@ def tcp_rate(sender: Vm, receiver: Vm, size: int = TRANSFER_BYTES) -> float:
     return float(size / result["seconds"])
 
 
+RATE_RUNS = 3
+
+
+def best_tcp_rate(sender: Vm, receiver: Vm, runs: int = RATE_RUNS) -> float:
+    """The best of `runs` streams: under TCG the host's other work slows single streams by
+    up to half, in bursts; the best of a few is what the path can carry."""
+    return max(tcp_rate(sender, receiver) for _ in range(runs))
+
+
 def relay_of(vm: Vm, peer: Vm) -> str | None:
     """The relay `vm`'s status says carries its pair with `peer` (None: direct, or down)."""
     entry = peer_entry(node_status(vm), peer.name)
@@ -874,11 +883,12 @@ class BlockedSites:
 def scenario_blocked_sites(nat: NatLab) -> BlockedSites:
     """Relay 2. a1 and b1 have a direct tunnel (scenario 3); their routers then drop all
     UDP between the two sites: the pair comes up through a relay. Unblocked, it moves back
-    to a direct tunnel within two minutes. TCP throughput is measured on both paths."""
+    to a direct tunnel within two minutes. TCP throughput is measured on both paths (best of
+    RATE_RUNS streams each)."""
     a1, b1 = nat["a1"], nat["b1"]
     ends = ((a1, b1, nat.r2), (b1, a1, nat.r1))
     wait_direct(ends, DIRECT_WITHIN_S)
-    direct_rate = tcp_rate(a1, b1)
+    direct_rate = best_tcp_rate(a1, b1)
     blocks = ((nat.r1, nat.r2), (nat.r2, nat.r1))
     for router, other in blocks:
         router.drop(drop_rule(destination=other.public_ip, protocol="udp"))
@@ -889,7 +899,7 @@ def scenario_blocked_sites(nat: NatLab) -> BlockedSites:
         relayed_s = time.time() - blocked
         assert_through_relay(nat, a1, b1)
         a1.check(["ping", "-c", "2", "-W", "3", ula(b1)])
-        relayed_rate = tcp_rate(a1, b1)
+        relayed_rate = best_tcp_rate(a1, b1)
     finally:
         for router, _ in blocks:
             router.clear_drops()
