@@ -389,3 +389,27 @@ def test_a_pair_told_of_a_much_nearer_relay_moves_there_without_a_gap_or_back(la
     wait_for(lambda: wire.sent > sent + 1, "renewals")
     assert {d.address for d in wire.destinations[sent:]} == {RELAY_AT}
     assert lab.bound(lab.a) == at_relay
+
+
+def test_a_pair_that_leaves_and_comes_back_remembers_the_relay_that_failed_it(lab: Lab) -> None:
+    """Pairs come and go from what the agent wants (up directly for a while, a state that
+    flapped): what a pair learned must survive that, or a relay that failed a move is tried
+    again at once, and a pair moves on every return."""
+    lab.want_pair(lab.offer())
+    wait_paired(lab)
+    side_a = lab.clients[lab.a.public]
+    wire = lab.net.sides[A_AT]
+    near = lab.offer(Keys(), SILENT_AT)
+    side_a.want({lab.b.public: (near, lab.offer())}, nearer=frozenset({lab.b.public}))
+    wait_for(lambda: wire.destinations[-1].address == SILENT_AT, "a bind to the nearer relay")
+    sent = wire.sent
+    lab.advance(ANSWER_WAIT + 0.1)
+    wait_for(lambda: wire.destinations[-1].address == RELAY_AT and wire.sent > sent, "rebind")
+    # No longer wanted, then wanted again, the nearer relay first in the order.
+    side_a.want({})
+    wait_for(lambda: lab.bound(lab.a) is None, "the pair let go")
+    sent = wire.sent
+    side_a.want({lab.b.public: (near, lab.offer())}, nearer=frozenset({lab.b.public}))
+    wait_for(lambda: wire.sent > sent, "a bind on its return")
+    lab.advance(REFRESH_SECONDS, step=5.0)
+    assert {d.address for d in wire.destinations[sent:]} == {RELAY_AT}

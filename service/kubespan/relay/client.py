@@ -14,7 +14,9 @@ bind within ANSWER_WAIT, or the agent saying the relay did not carry the pair (`
 the agent says has a much nearer relay (`want`'s `nearer`, relay.choice.nearer) binds at
 the first of its order, at most every MOVE_EVERY; the relay it left carries the pair until
 the new one does (its bindings there lapse only after the relay's lifetime), and if the new
-one fails the pair, it is not tried again for MOVE_FAILED_FOR.
+one fails the pair, it is not tried again for MOVE_FAILED_FOR. A pair the agent stops
+wanting and wants again (up directly a while, a state that flapped) keeps both what failed
+it and when it last moved.
 
 Both sides normally pick the same relay (relay.choice), but their views can differ (one
 reaches a relay the other does not, one failed it lately). A side bound alone moves on:
@@ -127,6 +129,9 @@ class RelayClient(RawPortThread):
         self._failing: frozenset[bytes] = frozenset()
         self._nearer: frozenset[bytes] = frozenset()
         self._pairs: dict[bytes, _Pair] = {}  # the thread's own
+        # A pair no longer wanted (up directly a while, or its state flapped) comes back
+        # with what it learned: the relays that failed it and when it last moved.
+        self._left: dict[bytes, tuple[dict[bytes, float], float]] = {}
         self._bound: dict[bytes, Bound] = {}  # what the agent reads
         self._keys: dict[bytes, bytes | None] = {}
 
@@ -177,9 +182,21 @@ class RelayClient(RawPortThread):
     def _take_wanted(self, now: float) -> None:
         with self._lock:
             wanted, failing, nearer = dict(self._wanted), self._failing, self._nearer
+        for peer, pair in self._pairs.items():
+            if peer not in wanted:
+                self._left[peer] = (pair.failed, pair.moved_at)
         self._pairs = {
-            peer: self._pairs.get(peer) or _Pair(relays) for peer, relays in wanted.items()
+            peer: self._pairs.get(peer) or self._returning(peer, relays, now)
+            for peer, relays in wanted.items()
         }
+        self._left = {
+            peer: (failed, moved_at)
+            for peer, (failed, moved_at) in self._left.items()
+            if peer not in wanted
+            and (now - moved_at < MOVE_EVERY or any(u > now for u in failed.values()))
+        }
+        while len(self._left) > MAX_PAIRS:
+            del self._left[next(iter(self._left))]
         for peer, pair in self._pairs.items():
             pair.relays = wanted[peer]
             keys = {r.public_key: r for r in pair.relays}
@@ -220,6 +237,10 @@ class RelayClient(RawPortThread):
                 pair.previous, pair.previous_until = left, until
             if pair.relay is None:
                 pair.relay, pair.attempt = first, 0
+
+    def _returning(self, peer: bytes, relays: tuple[RelayOffer, ...], now: float) -> _Pair:
+        failed, moved_at = self._left.get(peer, ({}, float("-inf")))
+        return _Pair(relays, failed={k: u for k, u in failed.items() if u > now}, moved_at=moved_at)
 
     def _step(self, transport: AddressedTransport, peer: bytes, pair: _Pair, now: float) -> None:
         relay = pair.relay
