@@ -177,10 +177,10 @@ def decode_record(raw: bytes) -> MemberRecord:
     leave = document.get("leave")
     if not isinstance(leave, bool):
         raise ValueError("leave is not a boolean")
-    relay_ports = _relay_ports(document.get("relay_ports"))
+    relay_ports = _relay_ports(document["relay_ports"]) if "relay_ports" in document else None
     info = AffiliateInfo(node_id, hostname, public_key, ula, addresses, pod_cidrs, relay_ports)
     later = {k: v for k, v in document.items() if k not in _KNOWN_FIELDS}
-    return MemberRecord(
+    record = MemberRecord(
         info,
         endpoints,
         version,
@@ -189,12 +189,16 @@ def decode_record(raw: bytes) -> MemberRecord:
         signature,
         canonical(later) if later else b"",
     )
+    # Kept records are encoded again (the peer cache): one that would not come out exactly
+    # as signed (an address not in its canonical form, an empty field written out) is
+    # refused here, where it harms only itself, not later, where it would spoil the cache.
+    if canonical(_document(record)) != canonical(document):
+        raise ValueError("record is not in canonical form: it would not encode back as signed")
+    return record
 
 
-def _relay_ports(value: Any) -> tuple[int, int] | None:
+def _relay_ports(value: Any) -> tuple[int, int]:
     """A relay's ports, [first, count]: an even count of at least 2 within 1 to 65535."""
-    if value is None:
-        return None
     if (
         isinstance(value, list)
         and len(value) == 2
