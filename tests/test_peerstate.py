@@ -610,3 +610,32 @@ def test_one_way_reachability_does_not_move_a_relayed_peer() -> None:
     changes = peer.changes
     assert set(peer.run_until(T0 + 10, T0 + 400)) == {UP}
     assert peer.kernel_endpoint == RELAY and peer.changes == changes
+
+
+NEARER_RELAY = Endpoint(ipaddress.ip_address("203.0.113.31"), 29140)
+
+
+def test_a_pair_paired_at_a_nearer_relay_moves_there_and_stays_up() -> None:
+    peer = relayed_peer({RELAY, NEARER_RELAY}, set())
+    assert first_up(peer, T0, T0 + 10) is not None
+    peer.run_until(T0 + 10, T0 + 20)
+    assert peer.kernel_endpoint == RELAY
+    # Paired at the nearer relay: it is bound (first), the one left is still WireGuard's.
+    peer.candidates = (NEARER_RELAY, ep(1), ep(2))
+    peer.relayed = frozenset({NEARER_RELAY, RELAY})
+    changes = peer.changes
+    states = peer.run_until(T0 + 20, T0 + 60)
+    assert peer.kernel_endpoint == NEARER_RELAY and peer.changes == changes + 1
+    assert set(states) == {UP}  # a move, not a trial: never shown down
+    assert peer.tracking is not None and "another relay" in peer.tracking.why
+
+
+def test_a_nearer_relay_that_carries_nothing_is_found_dead_like_any_path() -> None:
+    peer = relayed_peer({RELAY}, set())
+    assert first_up(peer, T0, T0 + 10) is not None
+    peer.candidates = (NEARER_RELAY, ep(1), ep(2))
+    peer.relayed = frozenset({NEARER_RELAY, RELAY})
+    moved = T0 + 10
+    states = peer.run_until(moved, moved + DEAD_WITHIN + 1)
+    assert peer.run(moved + DEAD_WITHIN + 1) is not UP
+    assert states[0] is UP

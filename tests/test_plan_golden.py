@@ -297,3 +297,25 @@ def test_a_bound_relay_is_tried_first_never_path_checked_and_shown_in_use() -> N
     assert report.relay == "relay1"
     direct = plan(plan_input((peer,), 1000.0))
     assert direct.reports[0].relay is None
+
+
+def test_a_relays_port_in_use_counts_as_relayed_whoever_bound_it() -> None:
+    """WireGuard's endpoint on a relay's port (the binding left for a nearer relay, or the
+    peer's own binding it roamed to) is never judged as a direct path."""
+    from kubespan.plan.desired import relay_port_test, relayed_endpoints
+
+    relay = member(3, ["203.0.113.30"], ["203.0.113.30:51820", "198.51.100.30:40000"])
+    relay = Member(replace(relay.info, relay_ports=(29100, 256)), relay.endpoints)
+    plain = member(4, ["203.0.113.40"], ["203.0.113.40:51820"])
+    on_a_relay = relay_port_test((relay, plain))
+    assert on_a_relay(Endpoint.parse("203.0.113.30:29100"))
+    assert on_a_relay(Endpoint.parse("198.51.100.30:29355"))  # where others reach it
+    assert not on_a_relay(Endpoint.parse("203.0.113.30:29356"))  # past its range
+    assert not on_a_relay(Endpoint.parse("203.0.113.30:51820"))  # its WireGuard port
+    assert not on_a_relay(Endpoint.parse("203.0.113.40:29100"))  # not a relay
+    bound, left = Endpoint.parse("198.51.100.30:29200"), Endpoint.parse("203.0.113.30:29102")
+    direct = Endpoint.parse("203.0.113.40:51820")
+    assert relayed_endpoints(bound, left, on_a_relay) == {bound, left}
+    assert relayed_endpoints(None, left, on_a_relay) == {left}
+    assert relayed_endpoints(bound, direct, on_a_relay) == {bound}
+    assert relayed_endpoints(None, None, on_a_relay) == frozenset()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -345,6 +345,36 @@ def _uncovered(
     return tuple(sorted(dict.fromkeys(pieces), key=network_sort_key))
 
 
+def relay_port_test(members: tuple[Member, ...]) -> Callable[[Endpoint], bool]:
+    """Whether an endpoint is a relay's port: an address a relay member announces, a port
+    in the range its record offers."""
+    ranges: dict[IPAddress, list[tuple[int, int]]] = {}
+    for member in members:
+        if member.info.relay_ports is not None:
+            for endpoint in member.endpoints:
+                ranges.setdefault(endpoint.address, []).append(member.info.relay_ports)
+
+    def on_a_relay(endpoint: Endpoint) -> bool:
+        return any(
+            first <= endpoint.port < first + count
+            for first, count in ranges.get(endpoint.address, ())
+        )
+
+    return on_a_relay
+
+
+def relayed_endpoints(
+    bound: Endpoint | None, kernel: Endpoint | None, on_a_relay: Callable[[Endpoint], bool]
+) -> frozenset[Endpoint]:
+    """The endpoints that go through a relay: the one bound for the peer, and WireGuard's
+    own when it is a relay's port (the binding left for a nearer relay, or the peer's own
+    binding it roamed to): never judged as a direct path."""
+    relayed = {bound} if bound is not None else set()
+    if kernel is not None and kernel != bound and on_a_relay(kernel):
+        relayed.add(kernel)
+    return frozenset(relayed)
+
+
 def member_peers(
     plan_input: PlanInput,
     discovered: tuple[Member, ...],
@@ -364,6 +394,7 @@ def member_peers(
         observed_peers = {p.public_key: p for p in plan_input.observed.peers}
 
     out = Peers()
+    on_a_relay = relay_port_test(members)
     for member in members:
         key = member.info.public_key
         seen = observed_peers.get(key)
@@ -387,7 +418,7 @@ def member_peers(
             sighting(seen),
             plan_input.timing if probed else replace(plan_input.timing, quiet=DOWN_AFTER),
             plan_input.answers.get(key),
-            frozenset((relay_endpoint,)) if relay_endpoint is not None else frozenset(),
+            relayed_endpoints(relay_endpoint, seen.endpoint if seen else None, on_a_relay),
         )
         out.decided(key, decision, seen, plan_input.nudge_all)
         if decision.probe and probed:
@@ -398,7 +429,11 @@ def member_peers(
             # Never a relay's port: it forwards WireGuard's messages only, so a check there
             # gets no answer (and would cross the relay's segment for nothing).
             current = (seen.endpoint,) if seen and seen.endpoint else ()
-            checked = (e for e in (*current, *(c.endpoint for c in ranked)) if e != relay_endpoint)
+            checked = (
+                e
+                for e in (*current, *(c.endpoint for c in ranked))
+                if e != relay_endpoint and not on_a_relay(e)
+            )
             out.checks.append((key, tuple(dict.fromkeys(checked))))
         out.peers.append(
             PeerSpec(

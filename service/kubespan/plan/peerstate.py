@@ -383,6 +383,10 @@ def _relayed_up(
     """An up peer reached through a relay: its direct candidates are checked every
     `direct_retry`, and the best that answered (a round trip between the two WireGuard
     ports: it works both ways) is set at once. Until then the relay carries the pair."""
+    bound = candidates[0] if candidates and candidates[0] in relayed else None
+    on = sighting.endpoint or tracking.endpoint
+    if bound is not None and on in relayed and on != bound:
+        return _move_to_relay(now, tracking, bound, timing)
     direct = tuple(c for c in candidates if c not in relayed)
     checked = tracking.direct_checked_at
     answered_direct = next(
@@ -421,6 +425,29 @@ def _relayed_up(
         decision = replace(decision, check=True)
     wake = due if decision.wake_at is None else min(decision.wake_at, due)
     return replace(decision, tracking=kept, wake_at=wake)
+
+
+def _move_to_relay(
+    now: float, tracking: Tracking, bound: Endpoint, timing: Timing
+) -> EndpointDecision:
+    """The pair moved to another relay (a nearer one, paired there): set it now, not as a
+    trial (the peer is up, and the relay left forwards until its binding lapses), and probe
+    at once: unanswered, the path is found dead as any other and rotation resumes."""
+    moved = replace(
+        tracking,
+        endpoint=bound,
+        probe_since=now,
+        probed_at=now,
+        why="moved to another relay, paired there",
+    )
+    return EndpointDecision(
+        moved,
+        PeerState.UP,
+        bound,
+        nudge=True,
+        probe=True,
+        wake_at=now + timing.probe_interval,
+    )
 
 
 def _proven(
