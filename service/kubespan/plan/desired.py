@@ -367,8 +367,8 @@ def relayed_endpoints(
     bound: Endpoint | None, kernel: Endpoint | None, on_a_relay: Callable[[Endpoint], bool]
 ) -> frozenset[Endpoint]:
     """The endpoints that go through a relay: the one bound for the peer, and WireGuard's
-    own when it is a relay's port (the binding left for a nearer relay, or the peer's own
-    binding it roamed to): never judged as a direct path."""
+    own when it is a relay's port (a binding left behind, or the peer's own binding it
+    roamed to): never judged as a direct path."""
     relayed = {bound} if bound is not None else set()
     if kernel is not None and kernel != bound and on_a_relay(kernel):
         relayed.add(kernel)

@@ -430,9 +430,9 @@ def _relayed_up(
 def _move_to_relay(
     now: float, tracking: Tracking, bound: Endpoint, timing: Timing
 ) -> EndpointDecision:
-    """The pair moved to another relay (a nearer one, paired there): set it now, not as a
-    trial (the peer is up, and the relay left forwards until its binding lapses), and probe
-    at once: unanswered, the path is found dead as any other and rotation resumes."""
+    """The pair is bound at another relay (the one it used died or failed it): set that one
+    now, not as a trial (the peer is up), and probe at once: unanswered, the path is found
+    dead as any other and rotation resumes."""
     moved = replace(
         tracking,
         endpoint=bound,
