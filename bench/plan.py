@@ -2,11 +2,17 @@
 
 Prints `name=value` lines: plan_ms_N (plan + diff against an empty kernel), noop_ms_N (plan +
 diff when the kernel already matches, the steady-state cost of every reconcile tick) and
-noop_ops_N (operations a no-change pass produces: must be 0). The baseline for the ratios is
-the 10-member run in the same process.
+noop_ops_N (operations a no-change pass produces: must be 0), idle_pass_ms_N (plan + diff in
+the steady state of an idle mesh: every peer up, tracked from the pass before, its probes
+answered, passes two seconds apart). The baseline for the ratios is the 10-member run in the
+same process.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from kubespan.model import Member, ObservedLink, ObservedPeer
 from kubespan.plan.dataplane import RP_FILTER_OFF, ObservedRouting, expected_ruleset
@@ -51,6 +57,35 @@ def matching_kernel(group: tuple[Member, ...]) -> tuple[ObservedLink, ObservedRo
     ), routing
 
 
+def idle_passes(
+    group: tuple[Member, ...], observed: ObservedLink, routing: ObservedRouting
+) -> Callable[[], object]:
+    """One pass after another of an idle mesh: each call is the next pass, 2 s later, with
+    every peer's receive counter grown (its probe answered) and the tracking carried over."""
+    state: dict[str, Any] = {"now": 1_000_000.0, "tracking": {}, "observed": observed}
+
+    def one_pass() -> object:
+        state["now"] += 2.0
+        now = state["now"]
+        link = state["observed"]
+        link = replace(
+            link,
+            peers=tuple(
+                replace(p, rx_bytes=p.rx_bytes + 96, last_handshake=now - 30) for p in link.peers
+            ),
+        )
+        state["observed"] = link
+        planned = plan(
+            replace(plan_input(group, link), now=now, wall=now, tracking=state["tracking"])
+        )
+        state["tracking"] = planned.tracking
+        return diff(planned.desired, link, routing)
+
+    for _ in range(10):  # past the first passes: every peer tracked and up
+        one_pass()
+    return one_pass
+
+
 def main() -> None:
     baseline: dict[str, float] = {}
     for size in SIZES:
@@ -68,7 +103,11 @@ def main() -> None:
         ) -> object:
             return diff(plan(plan_input(group, observed)).desired, observed, routing)
 
-        figures = {"plan_ms": median_ms(full, repeat), "noop_ms": median_ms(noop, repeat)}
+        figures = {
+            "plan_ms": median_ms(full, repeat),
+            "noop_ms": median_ms(noop, repeat),
+            "idle_pass_ms": median_ms(idle_passes(group, observed, routing), repeat),
+        }
         noop_ops = len(diff(plan(plan_input(group, observed)).desired, observed, routing))
         for name, value in figures.items():
             baseline.setdefault(name, value)

@@ -3,6 +3,9 @@
     idle_cpu_percent_2, idle_rss_mb_2        node1's agent with 2 peers (node2, node3: VMs)
     idle_cpu_percent_100, idle_rss_mb_100    the same with 100 peers (98 of them fake)
     idle_rss_mb_python_baseline              an idle `python3 -c "import time; ..."` there
+    idle_passes_per_s_N, idle_cpu_ms_per_pass_N   reconcile passes in the window (the agent's
+                                             own counter, served on loopback metrics), and
+                                             the agent's CPU over them
 
 One lab, three nodes booted from the image, the discovery service on the lab's host side.
 Once the mesh is up and node1's agent has reconciled for 30 s more, node1's agent is
@@ -57,6 +60,13 @@ TARGET_RSS_MB = 60.0
 AGENT_UNIT = "kubespan"
 BASELINE_UNIT = "idle-python-baseline"
 BASELINE_ARGV = ["python3", "-c", "import time; time.sleep(1e6)"]
+METRICS_LISTEN = "127.0.0.1:9477"  # loopback in each guest: read by a guest command
+PASSES_METRIC = "kubespan_reconcile_passes_total"
+READ_PASSES = (
+    "import urllib.request; "
+    f"text = urllib.request.urlopen('http://{METRICS_LISTEN}/metrics', timeout=20).read(); "
+    f"print(next(l for l in text.decode().splitlines() if l.startswith('{PASSES_METRIC} ')))"
+)
 REGISTER_COMMAND = "register-fakes"  # internal: run inside the lab namespace (see below)
 # Written by the agent at every pass (agent/status.py, runtime dir of kubespan.service).
 STATUS_FILE = "/run/kubespan/status.json"
@@ -336,6 +346,25 @@ def peer_states(vm: Vm) -> str:
 # --- the run ---------------------------------------------------------------------------------
 
 
+def passes(vm: Vm) -> int:
+    """Reconcile passes the agent has finished, by its own counter."""
+    return int(vm.check(["python3", "-c", READ_PASSES]).split()[-1])
+
+
+def measure_passes(vm: Vm, pids: list[int]) -> tuple[dict[int, Usage], int]:
+    """`measure` over WINDOW_S, and the passes the agent finished meanwhile (the counter is
+    read just before and after, by commands of their own)."""
+    before = passes(vm)
+    used = measure(vm, pids, WINDOW_S)
+    return used, passes(vm) - before
+
+
+def report_passes(suffix: str, agent: Usage, count: int) -> None:
+    print(f"idle_passes_per_s_{suffix}={count / agent.seconds:.2f}")
+    cpu_ms = agent.cpu_percent / 100 * agent.seconds * 1000
+    print(f"idle_cpu_ms_per_pass_{suffix}={cpu_ms / max(count, 1):.1f}")
+
+
 def report(suffix: str, agent: Usage) -> None:
     print(f"idle_cpu_percent_{suffix}={agent.cpu_percent:.2f}")
     print(f"idle_rss_mb_{suffix}={agent.rss_mb:.1f}")
@@ -356,7 +385,7 @@ def run(lab: Lab, workdir: Path) -> None:
     state = workdir / "discovery-state"
     state.mkdir(parents=True)
     cluster = start_cluster(lab, KUBESPAN, state)
-    vms = cluster.boot(NODES)
+    vms = cluster.boot(NODES, metricsListen=METRICS_LISTEN)
     node1 = vms[0]
     statuses = wait_for_mesh(vms, timeout=480)
     print(
@@ -381,8 +410,9 @@ def run(lab: Lab, workdir: Path) -> None:
         "passes since the mesh came up",
         flush=True,
     )
-    used = measure(node1, [agent, baseline], WINDOW_S)
+    used, count = measure_passes(node1, [agent, baseline])
     report("2", used[agent])
+    report_passes("2", used[agent], count)
     print(f"# {AGENT_UNIT}.service restarts in node1 so far: {restarts(node1)}", flush=True)
     print(f"idle_rss_mb_python_baseline={used[baseline].rss_mb:.1f}")
     print(f"idle_cpu_percent_python_baseline={used[baseline].cpu_percent:.2f}")
@@ -414,8 +444,9 @@ def run(lab: Lab, workdir: Path) -> None:
     if main_pid(node1, AGENT_UNIT) != agent:
         print("# note: the agent's main process changed between the two phases", flush=True)
         agent = main_pid(node1, AGENT_UNIT)
-    used = measure(node1, [agent], WINDOW_S)
+    used, count = measure_passes(node1, [agent])
     report("100", used[agent])
+    report_passes("100", used[agent], count)
     print(f"# node1's peers after the window: {peer_states(node1)}", flush=True)
     print(f"# {AGENT_UNIT}.service restarts in node1 (whole run): {restarts(node1)}", flush=True)
 

@@ -32,7 +32,7 @@ UP, DOWN, UNKNOWN = PeerState.UP, PeerState.DOWN, PeerState.UNKNOWN
 TIMING = Timing()
 TRIAL = TIMING.trial
 # A path is found dead at most this long after the peer was last heard from, plus one poll.
-DEAD_WITHIN = TIMING.quiet + TIMING.probe_timeout + TIMING.poll
+DEAD_WITHIN = TIMING.quiet + TIMING.probe_grain + TIMING.probe_timeout + TIMING.poll
 
 
 def ep(last: int) -> Endpoint:
@@ -192,7 +192,7 @@ def test_a_quiet_peer_that_answers_probes_stays_up_and_keeps_its_endpoint() -> N
     assert peer.probes <= 3600 / TIMING.quiet + 2
 
 
-def test_a_path_that_dies_is_found_within_quiet_plus_probe_timeout_and_rotation_resumes() -> None:
+def test_a_path_that_dies_is_found_within_quiet_grain_and_probe_timeout_rotation_resumes() -> None:
     peer = Peer(CANDIDATES, reachable={ep(1), ep(2)}, chatty=True)
     peer.run(T0)
     assert peer.run_until(T0 + 0.5, T0 + 60) == [UP] * 119
@@ -534,10 +534,11 @@ def test_a_better_candidate_that_answers_later_takes_over_while_the_peer_is_not_
     assert peer.run(T0 + 1.5) is UP
 
 
-def passes_of_dead_peers(count: int, start: float, end: float) -> int:
-    """Passes an agent runs between `start` and `end` for `count` peers that never answer,
-    known from scattered moments (one every 0.6 s), when it wakes only as they ask."""
-    peers = [Peer((ep(1), ep(2))) for _ in range(count)]
+def passes_of_dead_peers(count: int, start: float, end: float, alive: bool = False) -> int:
+    """Passes an agent runs between `start` and `end` for `count` peers that never answer
+    (with `alive`: up on their first candidate, answering probes, otherwise silent), known
+    from scattered moments (one every 0.6 s), when it wakes only as they ask."""
+    peers = [Peer((ep(1), ep(2)), reachable={ep(1)} if alive else set()) for _ in range(count)]
     known = [T0 + i * 0.6 for i in range(count)]
     wakes: dict[int, float | None] = {}
     now, passes = T0, 0
@@ -560,6 +561,22 @@ def test_backed_off_dead_peers_share_passes() -> None:
     start = T0 + 2 * 60 + 10  # all in their first one-minute dwell by now
     passes = passes_of_dead_peers(100, start, start + window)
     assert passes <= window / BACKOFF_GRAIN + 1, passes
+
+
+def test_quiet_peers_answering_probes_share_passes() -> None:
+    """A hundred idle peers that went quiet at scattered moments would each wake the loop
+    for their probes at a time of their own (a pass every 0.2 s); on the probe grid their
+    rounds share a pass per grain, and each is still probed about every two grains."""
+    window = 120.0
+    start = T0 + 100 * 0.6 + 10  # all known and up by now
+    passes = passes_of_dead_peers(100, start, start + window, alive=True)
+    assert passes <= window / TIMING.probe_grain + 1, passes
+
+
+def test_a_dead_path_is_found_within_15_s_by_default() -> None:
+    """Issue 10's bound, from the last packet: quiet, then the wait for the grid, then the
+    probe's timeout (the pass that judges it wakes exactly then)."""
+    assert TIMING.quiet + TIMING.probe_grain + TIMING.probe_timeout <= 15.0
 
 
 # --- relayed pairs --------------------------------------------------------------------------

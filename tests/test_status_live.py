@@ -96,7 +96,9 @@ def test_a_socket_left_by_a_killed_agent_is_replaced(tmp_path: Path) -> None:
     first = StatusServer(tmp_path, LatestStatus())
     first.start()
     first._stopping.set()  # killed: the kernel closes its socket, the file stays behind
+    first._wakeup.poke()
     first._thread.join(5)
+    assert not first._thread.is_alive()
     assert first._sock is not None
     first._sock.close()
     assert (tmp_path / STATUS_SOCKET).exists()

@@ -11,6 +11,7 @@ import queue
 import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,8 @@ from kubespan.discovery import limits
 from kubespan.errors import ConfigError, KubespanError
 
 if TYPE_CHECKING:
+    from kubespan.agent.kernelcache import CachedKernel
+    from kubespan.apply.watch import KernelWatcher
     from kubespan.config import MachineConfig
 
 log = logging.getLogger("kubespan")
@@ -43,14 +46,14 @@ def setup_logging(verbose: bool) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from kubespan.agent.events import KernelChanged, Stop
+    from kubespan.agent.events import Stop
+    from kubespan.agent.kernelcache import CachedKernel
     from kubespan.agent.loop import Agent
     from kubespan.agent.reflexive import ReflexiveProber
     from kubespan.agent.shutdown import system_powering_off
     from kubespan.agent.statusserver import LatestStatus, StatusServer
     from kubespan.agent.supervisor import ConfigWatcher, Supervisor
     from kubespan.apply.kernel import Kernel
-    from kubespan.apply.watch import KernelWatcher
     from kubespan.identity import Identity, load_or_create_identity
     from kubespan.pathcheck.checker import PathChecker
     from kubespan.relay.client import RelayClient
@@ -91,7 +94,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except OSError as error:
         log.error("cannot serve the status on %s: %s", status_server.path, error)
         return 1
-    with Kernel() as kernel, _stopping(status_server):
+    with Kernel() as netlink, _stopping(status_server):
+        # An idle pass reads only WireGuard's peers; the rest is read again when the
+        # watcher below reports a change (agent/kernelcache.py).
+        kernel = CachedKernel(netlink, time.monotonic)
 
         def make_agent(config: MachineConfig, node: Identity, queue_: queue.Queue[Any]) -> Agent:
             return Agent(
@@ -111,7 +117,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         # Changes to our table, rules, routes, link or any address wake the loop at once
         # (drift is repaired within a pass, not at the next tick). Subscribed before the
         # first pass, so nothing after it goes unnoticed.
-        kernel_watcher = KernelWatcher(lambda reason: events.put(KernelChanged(reason)))
+        kernel_watcher = watch_kernel(kernel, events)
         kernel_watcher.start()
         watcher.start()
         try:
@@ -122,6 +128,17 @@ def cmd_agent(args: argparse.Namespace) -> int:
             watcher.stop()
             kernel_watcher.stop()
     return 0
+
+
+def watch_kernel(kernel: CachedKernel, events: queue.Queue[Any]) -> KernelWatcher:
+    from kubespan.agent.events import KernelChanged
+    from kubespan.apply.watch import KernelWatcher
+
+    def on_kernel_change(reason: str) -> None:
+        kernel.invalidate()  # before the event: the pass it wakes must read anew
+        events.put(KernelChanged(reason))
+
+    return KernelWatcher(on_kernel_change)
 
 
 def cleanup() -> int:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from kubespan import __version__, build_id, notify
 from kubespan.agent.backoff import Backoff
 from kubespan.agent.events import ConfigChanged, KernelChanged, Stop, Terminal
+from kubespan.agent.kernelcache import KernelShell
 from kubespan.agent.metrics import LoopCounters, MetricsServer
 from kubespan.agent.metrics import render as render_metrics
 from kubespan.agent.peercache import VersionCounter, load_membership, save_membership
@@ -57,12 +58,11 @@ from kubespan.discovery.payload import (
     valid_hostname,
 )
 from kubespan.errors import ApplyError
-from kubespan.identity import Identity, LinkHardware, fallback_mac, first_physical_mac, node_ula
+from kubespan.identity import Identity, fallback_mac, first_physical_mac, node_ula
 from kubespan.identity import ula_prefix as cluster_ula_prefix
 from kubespan.model import (
     AffiliateInfo,
     ListedRecord,
-    LocalAddress,
     Member,
     MemberRecord,
     ObservedLink,
@@ -154,16 +154,11 @@ def _records(membership: Membership) -> tuple[object, ...]:
     )
 
 
-class KernelPort(Protocol):
-    """What the loop needs from the kernel shell (apply.kernel.Kernel in production)."""
+class KernelPort(KernelShell, Protocol):
+    """What the loop needs from the kernel shell (agent.kernelcache.CachedKernel over
+    apply.kernel.Kernel in production)."""
 
     def observe_link(self, name: str) -> ObservedLink | None: ...
-    def observe_routing(self, link: str) -> ObservedRouting: ...
-    def local_addresses(self) -> tuple[LocalAddress, ...]: ...
-    def link_hardware(self) -> tuple[LinkHardware, ...]: ...
-    def apply(self, operations: list[Operation]) -> None: ...
-    def probe(self, targets: Sequence[ipaddress.IPv6Address]) -> int: ...
-    def teardown(self) -> list[str]: ...
 
 
 @dataclass

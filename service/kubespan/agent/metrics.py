@@ -10,6 +10,7 @@ and nobody else gets threads out of it.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 from kubespan import __version__
 from kubespan.netaddr import Endpoint
+from kubespan.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ class MetricsServer:
         self.scrape = scrape
         self._server: HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._wakeup = Wakeup()
 
     def start(self) -> None:
         """Bind now (OSError for the caller to report) and serve in a thread."""
@@ -150,10 +154,26 @@ class MetricsServer:
 
         family_server = _server_class(self.listen)
         self._server = family_server((str(self.listen.address), self.listen.port), Handler)
+        self._server.timeout = REQUEST_TIMEOUT  # handle_request's wait, should a client vanish
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics", daemon=True
+            target=self._serve, args=(self._server,), name="metrics", daemon=True
         )
         self._thread.start()
+
+    def _serve(self, server: HTTPServer) -> None:
+        """Blocks in select() until a scrape or stop() comes (serve_forever would look
+        whether to stop twice a second: an idle agent's wake-ups)."""
+        while not self._stopping.is_set():
+            try:
+                select.select([server.socket, self._wakeup.reader], [], [])
+                self._wakeup.drain()
+                if not self._stopping.is_set():
+                    server.handle_request()
+            except (OSError, ValueError):
+                if self._stopping.is_set():
+                    return
+                log.exception("metrics: serving a request failed")
+                self._stopping.wait(REQUEST_TIMEOUT)
 
     @property
     def port(self) -> int:
@@ -161,10 +181,15 @@ class MetricsServer:
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
+        self._stopping.set()
+        self._wakeup.poke()
+        if self._thread is not None:
+            self._thread.join(REQUEST_TIMEOUT + 1.0)
         if self._server is not None:
-            self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._thread is None or not self._thread.is_alive():
+            self._wakeup.close()
 
 
 def _server_class(listen: Endpoint) -> type[HTTPServer]:

@@ -14,16 +14,19 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
 from pathlib import Path
 
+from kubespan.wakeup import Wakeup
+
 log = logging.getLogger(__name__)
 
 STATUS_SOCKET = "status.sock"
 SEND_TIMEOUT = 2.0  # a client that does not read is dropped after this long
-ACCEPT_POLL = 1.0  # how often the thread looks whether it must stop
+ACCEPT_RETRY = 1.0  # the wait after a failed accept
 MAX_STATUS_BYTES = 16 << 20  # a status of thousands of peers is a few MiB
 
 
@@ -53,6 +56,9 @@ class StatusServer:
         self.path = runtime_dir / STATUS_SOCKET
         self.latest = latest
         self._stopping = threading.Event()
+        # Blocks in select() until a client or stop() comes: an idle agent's threads do not
+        # wake to look whether they must stop.
+        self._wakeup = Wakeup()
         self._sock: socket.socket | None = None
         self._thread = threading.Thread(target=self._run, name="status server", daemon=True)
         self.served = 0
@@ -72,15 +78,18 @@ class StatusServer:
         finally:
             os.umask(old_mask)
         sock.listen(8)
-        sock.settimeout(ACCEPT_POLL)
+        sock.setblocking(False)
         self._sock = sock
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self._thread.join(ACCEPT_POLL + SEND_TIMEOUT + 1.0)
+        self._wakeup.poke()
+        self._thread.join(SEND_TIMEOUT + 1.0)
         if self._sock is not None:
             self._sock.close()
+        if not self._thread.is_alive():
+            self._wakeup.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -88,14 +97,18 @@ class StatusServer:
         assert self._sock is not None
         while not self._stopping.is_set():
             try:
+                select.select([self._sock, self._wakeup.reader], [], [])
+                self._wakeup.drain()
+                if self._stopping.is_set():
+                    return
                 connection, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError as error:
+            except BlockingIOError:
+                continue  # the client left before we took it
+            except (OSError, ValueError) as error:
                 if self._stopping.is_set():
                     return
                 log.warning("status socket accept failed: %s", error)
-                self._stopping.wait(ACCEPT_POLL)
+                self._stopping.wait(ACCEPT_RETRY)
                 continue
             with connection:
                 try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kubespan.apply.dataplane import Dataplane
 from kubespan.apply.probe import TunnelProber
-from kubespan.apply.wgparse import parse_device
+from kubespan.apply.wgdump import WireGuardReader
 from kubespan.errors import ApplyError
 from kubespan.identity import LinkHardware
 from kubespan.model import LocalAddress, ObservedLink
@@ -44,6 +45,7 @@ class Kernel:
     def __init__(self) -> None:
         self._ipr = IPRoute()
         self._wg: WireGuard | None = None
+        self._wg_reader: WireGuardReader | None = None
         self._dataplane: Dataplane | None = None
         self._prober = TunnelProber()
 
@@ -65,6 +67,8 @@ class Kernel:
         self._ipr.close()
         if self._wg is not None:
             self._wg.close()
+        if self._wg_reader is not None:
+            self._wg_reader.close()
 
     @property
     def dataplane(self) -> Dataplane:
@@ -87,6 +91,12 @@ class Kernel:
         return int(found[0]) if found else None
 
     def observe_link(self, name: str) -> ObservedLink | None:
+        base = self.observe_link_base(name)
+        return None if base is None else self.observe_device(name, base)
+
+    def observe_link_base(self, name: str) -> ObservedLink | None:
+        """The link as rtnetlink has it (kind, MTU, state, addresses), without WireGuard's
+        device: what changes only with a link or address event."""
         index = self.link_index(name)
         if index is None:
             return None
@@ -95,24 +105,27 @@ class Kernel:
             ipaddress.ip_interface(f"{a.get('address')}/{a['prefixlen']}")
             for a in self._ipr.get_addr(index=index)
         )
-        kind = str(link.get(("linkinfo", "kind")) or "")
-        if kind != "wireguard":
-            # Another program's link under our name: reported, never configured.
-            return ObservedLink(
-                mtu=int(link.get("mtu") or 0),
-                up=bool(link["flags"] & IFF_UP),
-                addresses=addresses,
-                private_key=None,
-                listen_port=0,
-                fwmark=0,
-                peers=(),
-                kind=kind,
-            )
-        device = parse_device(self.wireguard.info(name))
         return ObservedLink(
-            mtu=int(link.get("mtu")),
+            mtu=int(link.get("mtu") or 0),
             up=bool(link["flags"] & IFF_UP),
             addresses=addresses,
+            private_key=None,
+            listen_port=0,
+            fwmark=0,
+            peers=(),
+            kind=str(link.get(("linkinfo", "kind")) or ""),
+        )
+
+    def observe_device(self, name: str, base: ObservedLink) -> ObservedLink:
+        """`base` with WireGuard's device read now (its peers' counters change by the
+        second); another program's link under our name is reported, never configured."""
+        if base.foreign:
+            return base
+        if self._wg_reader is None:
+            self._wg_reader = WireGuardReader()
+        device = self._wg_reader.device(name)
+        return replace(
+            base,
             private_key=device.private_key,
             listen_port=device.listen_port,
             fwmark=device.fwmark,

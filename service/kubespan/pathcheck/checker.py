@@ -66,6 +66,7 @@ ROUND_TRIPS_KEPT = 6  # per endpoint: a minute's worth at the agent's busiest ti
 TIMED_ENDPOINTS = 4  # endpoints per member whose round trips are kept
 ROUND_TRIP_KEEP = 400.0  # seconds a round trip counts (six timings a minute apart)
 MAX_DATAGRAMS_PER_TURN = 256
+IDLE_TURN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -273,10 +274,14 @@ class PathChecker(RawPortThread):
 
     def _next_due(self) -> float:
         now = self.monotonic()
-        due = now + 1.0  # idle: look at least this often for expired checks
+        # Nothing to send: wait for a datagram, or a check asked for (it pokes the thread);
+        # an idle agent's threads do not wake by the second.
+        due = now + IDLE_TURN_SECONDS
         for check in self._checks.values():
             if check.sends < len(CHECK_AT):
                 due = min(due, check.started + CHECK_AT[check.sends])
+            else:
+                due = min(due, check.started + CHECK_SPAN)  # when it is forgotten
         if self._slice_sent >= SEND_BUDGET:
             due = max(due, self._slice_start + SEND_SLICE)
         return due

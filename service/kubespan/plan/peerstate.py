@@ -16,12 +16,15 @@ has failed, trials back off and are no longer nudged: WireGuard's own retries re
 A peer that is up stays up while it is heard from. After `quiet` seconds of silence it is
 probed (ICMPv6 echo to its ULA, every `probe_interval`: data, which WireGuard answers within
 10 s even where the peer's kernel ignores echo requests); a probe unanswered for
-`probe_timeout` means the path is dead: rotation resumes at once, best candidate first. So a
-path is found dead at most quiet + probe_timeout after the last packet (14.5 s by default),
-not after WireGuard's 275 s. Where probes cannot be sent or routed, the planner is given a
-timing without them and only WireGuard's bound applies. While the peer is up its endpoint is
-never written: WireGuard moves it to wherever the peer's authenticated packets come from
-(roaming), and we must not undo that.
+`probe_timeout` means the path is dead: rotation resumes at once, best candidate first. A
+round of probes starts on a grid of the monotonic clock (`probe_grain`), so the rounds of
+many quiet peers share passes: an idle node's passes come every probe_grain, not whenever
+one of a hundred peers went quiet. So a path is found dead at most quiet + probe_grain +
+probe_timeout after the last packet (15 s by default), not after WireGuard's 275 s. Where
+probes cannot be sent or routed, the planner is given a timing without them and only
+WireGuard's bound applies. While the peer is up its endpoint is never written: WireGuard
+moves it to wherever the peer's authenticated packets come from (roaming), and we must not
+undo that.
 
 **Path checks** (pathcheck/) shorten all of this where they work: every trial start, and
 every new candidate, sends small authenticated requests from the WireGuard port to all of a
@@ -81,7 +84,8 @@ BACKOFF_GRAIN = 5.0  # backed-off trials start on this grid of the monotonic clo
 @dataclass(frozen=True)
 class Timing:
     trial: float = ENDPOINT_TRIAL  # how long one candidate gets to show evidence
-    quiet: float = 4.0  # silence after which an up peer is probed
+    quiet: float = 2.5  # silence after which an up peer is probed (at the next grain)
+    probe_grain: float = 2.0  # rounds of probes start on this grid of the monotonic clock
     # A probe is data: WireGuard answers any data within 10 s (a passive keepalive) even
     # when the peer's kernel ignores echo requests, so silence this long is a dead path.
     probe_timeout: float = 10.5
@@ -165,7 +169,12 @@ def backoff_wake(end: float) -> float:
     of its own (a hundred dead peers on one-minute dwells: a pass every 0.6 s); on a common
     grid, the ends of a grain share one pass. A trial a minute or more apart starts at most
     BACKOFF_GRAIN later."""
-    return math.ceil(end / BACKOFF_GRAIN) * BACKOFF_GRAIN
+    return on_grid(end, BACKOFF_GRAIN)
+
+
+def on_grid(at: float, grain: float) -> float:
+    """`at`, or the next multiple of `grain` after it."""
+    return math.ceil(at / grain) * grain if grain > 0 else at
 
 
 def given_up(now: float, tracking: Tracking, state: PeerState) -> bool:
@@ -613,9 +622,10 @@ def _keep_alive(
 ) -> EndpointDecision:
     """An up peer: probe it once it has been quiet, until it answers."""
     heard = tracking.heard if tracking.heard is not None else now
-    if now - heard < timing.quiet:
+    round_at = on_grid(heard + timing.quiet, timing.probe_grain)
+    if now < round_at:
         settled = replace(tracking, probe_since=None)
-        return EndpointDecision(settled, state, None, wake_at=heard + timing.quiet)
+        return EndpointDecision(settled, state, None, wake_at=round_at)
     since = tracking.probe_since
     if since is not None and since <= heard:
         since = None  # answered since: a new round of probes

@@ -63,6 +63,7 @@ MOVE_FAILED_FOR = 900.0  # ... when the pair had moved there from a working rela
 MOVE_EVERY = 300.0  # a pair moves to a nearer relay at most this often
 MAX_PAIRS = 256  # pairs bound at once at most (the relay's quota is lower per side anyway)
 TURN_SECONDS = 1.0
+IDLE_TURN_SECONDS = 30.0
 READS_PER_TURN = 64
 
 
@@ -170,7 +171,10 @@ class RelayClient(RawPortThread):
         for peer, pair in self._pairs.items():
             self._step(transport, peer, pair, now)
         self._publish()
-        wait = max(0.0, min(TURN_SECONDS, self._next_due(now) - now))
+        # With no pair to bind, only a datagram or a want() (it pokes) can change anything:
+        # an idle agent's threads do not wake by the second.
+        turn = TURN_SECONDS if self._pairs else IDLE_TURN_SECONDS
+        wait = max(0.0, min(turn, self._next_due(now) - now))
         datagram = transport.receive_datagram(wait, self._wakeup.reader)
         for _ in range(READS_PER_TURN):
             if datagram is None:
@@ -379,7 +383,7 @@ class RelayClient(RawPortThread):
         pair.alone_since, pair.moving = None, False
 
     def _next_due(self, now: float) -> float:
-        due = now + TURN_SECONDS
+        due = now + (TURN_SECONDS if self._pairs else IDLE_TURN_SECONDS)
         for pair in self._pairs.values():
             if pair.relay is None:
                 offered = {r.public_key for r in pair.relays}

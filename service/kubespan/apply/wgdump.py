@@ -1,0 +1,247 @@
+"""Read a WireGuard device (WG_CMD_GET_DEVICE over generic netlink) with our own parser.
+
+Every pass reads every peer's counters and handshake; decoding a hundred peers through
+pyroute2's generic attribute objects was the largest part of an idle pass. This reads the
+same dump with the small netlink codec of apply/netlink.py (tests/test_wgdump.py decodes
+messages pyroute2 encoded, and hand-made ones). Changes to the device still go through
+pyroute2 (apply/kernel.py): they are rare.
+
+The kernel splits a dump of many peers across messages: the device's own attributes come in
+the first, and a peer whose allowed IPs did not fit is repeated in the next with its public
+key and the rest of its allowed IPs (merge_peer joins them).
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kubespan.apply.netlink import (
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NetlinkFormatError,
+    attribute_map,
+    attributes,
+    encode_attribute,
+    u32,
+)
+from kubespan.apply.nlsocket import NetlinkSocket
+from kubespan.model import ObservedPeer
+from kubespan.netaddr import Endpoint, IPNetwork, network_sort_key
+
+NETLINK_GENERIC = 16
+GENL_HEADER = struct.Struct("=BBH")  # command, version, reserved
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+
+WG_GENL_NAME = "wireguard"
+WG_GENL_VERSION = 1
+WG_CMD_GET_DEVICE = 0
+WGDEVICE_A_IFNAME = 2
+WGDEVICE_A_PRIVATE_KEY = 3
+WGDEVICE_A_LISTEN_PORT = 6
+WGDEVICE_A_FWMARK = 7
+WGDEVICE_A_PEERS = 8
+WGPEER_A_PUBLIC_KEY = 1
+WGPEER_A_PRESHARED_KEY = 2
+WGPEER_A_ENDPOINT = 4
+WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL = 5
+WGPEER_A_LAST_HANDSHAKE_TIME = 6
+WGPEER_A_RX_BYTES = 7
+WGPEER_A_TX_BYTES = 8
+WGPEER_A_ALLOWEDIPS = 9
+WGALLOWEDIP_A_FAMILY = 1
+WGALLOWEDIP_A_IPADDR = 2
+WGALLOWEDIP_A_CIDR_MASK = 3
+
+KEY_SIZE = 32
+FAMILY = struct.Struct("=H")  # sockaddr's family, in host order
+PORT = struct.Struct("!H")  # its port, in network order
+SOCKADDR_IN_SIZE = 16  # family, port, 4-byte address, padding
+SOCKADDR_IN6_SIZE = 28  # family, port, flow info, 16-byte address, scope
+UNSIGNED = {2: struct.Struct("=H"), 8: struct.Struct("=Q")}
+TIMESPEC = struct.Struct("=qq")
+ZERO_KEY = bytes(KEY_SIZE)
+ALLOWED_IPS_KEPT = 4096  # parsed allowed-IP lists kept by their bytes (they rarely change)
+
+
+@dataclass
+class DeviceInfo:
+    private_key: str | None = field(default=None, repr=False)
+    listen_port: int = 0
+    fwmark: int = 0
+    peers: dict[str, ObservedPeer] = field(default_factory=dict)
+
+
+def merge_peer(old: ObservedPeer | None, new: ObservedPeer) -> ObservedPeer:
+    """A peer split across dump messages: the later part carries more allowed IPs."""
+    if old is None:
+        return new
+    ips = tuple(sorted(set(old.allowed_ips) | set(new.allowed_ips), key=network_sort_key))
+    return ObservedPeer(
+        public_key=old.public_key,
+        endpoint=old.endpoint or new.endpoint,
+        allowed_ips=ips,
+        keepalive=old.keepalive or new.keepalive,
+        last_handshake=old.last_handshake or new.last_handshake,
+        rx_bytes=max(old.rx_bytes, new.rx_bytes),
+        tx_bytes=max(old.tx_bytes, new.tx_bytes),
+        preshared_key=old.preshared_key or new.preshared_key,
+    )
+
+
+def _key(value: bytes) -> str:
+    if len(value) != KEY_SIZE:
+        raise NetlinkFormatError(f"a WireGuard key of {len(value)} bytes")
+    return base64.b64encode(value).decode()
+
+
+def _uint(value: bytes, size: int) -> int:
+    if len(value) != size:
+        raise NetlinkFormatError(f"{len(value)} bytes where {size} belong")
+    result: int = UNSIGNED[size].unpack(value)[0]
+    return result
+
+
+def parse_endpoint(value: bytes) -> Endpoint | None:
+    """A sockaddr_in or sockaddr_in6; None for no endpoint (unspecified, or port 0)."""
+    if len(value) < 2:
+        raise NetlinkFormatError("a WireGuard endpoint shorter than its family")
+    family = FAMILY.unpack_from(value)[0]
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if family == socket.AF_INET and len(value) >= SOCKADDR_IN_SIZE:
+        address = ipaddress.IPv4Address(value[4:8])
+    elif family == socket.AF_INET6 and len(value) >= SOCKADDR_IN6_SIZE:
+        address = ipaddress.IPv6Address(value[8:24])
+    else:
+        return None  # AF_UNSPEC: no endpoint set
+    port = PORT.unpack_from(value, 2)[0]
+    if not port or address.is_unspecified:
+        return None
+    return Endpoint(address, int(port))
+
+
+def parse_handshake(value: bytes) -> float | None:
+    if len(value) != TIMESPEC.size:
+        raise NetlinkFormatError(f"a handshake time of {len(value)} bytes")
+    seconds, nanos = TIMESPEC.unpack(value)
+    return None if not seconds else float(seconds) + float(nanos) / 1e9
+
+
+def parse_allowed_ips(value: bytes) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    for _, nested in attributes(value):
+        attrs = attribute_map(nested)
+        raw = attrs.get(WGALLOWEDIP_A_IPADDR)
+        mask = attrs.get(WGALLOWEDIP_A_CIDR_MASK)
+        if raw is None or mask is None or len(raw) not in (4, 16) or len(mask) != 1:
+            raise NetlinkFormatError("an allowed IP without its address or mask")
+        address = ipaddress.ip_address(raw)
+        out.append(ipaddress.ip_network((address, mask[0]), strict=False))
+    return tuple(sorted(set(out), key=network_sort_key))
+
+
+class DeviceParser:
+    """Turns dump messages into a DeviceInfo; keeps parsed allowed-IP lists by their bytes,
+    since they change only when we change them."""
+
+    def __init__(self) -> None:
+        self._allowed: dict[bytes, tuple[IPNetwork, ...]] = {}
+
+    def _allowed_ips(self, value: bytes) -> tuple[IPNetwork, ...]:
+        found = self._allowed.get(value)
+        if found is None:
+            found = parse_allowed_ips(value)
+            if len(self._allowed) >= ALLOWED_IPS_KEPT:
+                self._allowed.clear()
+            self._allowed[value] = found
+        return found
+
+    def peer(self, value: bytes) -> ObservedPeer:
+        attrs = attribute_map(value)
+        public_key = attrs.get(WGPEER_A_PUBLIC_KEY)
+        if public_key is None:
+            raise NetlinkFormatError("a WireGuard peer without its public key")
+        psk = attrs.get(WGPEER_A_PRESHARED_KEY)
+        endpoint = attrs.get(WGPEER_A_ENDPOINT)
+        keepalive = attrs.get(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL)
+        handshake = attrs.get(WGPEER_A_LAST_HANDSHAKE_TIME)
+        rx, tx = attrs.get(WGPEER_A_RX_BYTES), attrs.get(WGPEER_A_TX_BYTES)
+        allowed = attrs.get(WGPEER_A_ALLOWEDIPS)
+        return ObservedPeer(
+            public_key=_key(public_key),
+            endpoint=parse_endpoint(endpoint) if endpoint is not None else None,
+            allowed_ips=self._allowed_ips(allowed) if allowed is not None else (),
+            keepalive=_uint(keepalive, 2) if keepalive is not None else 0,
+            last_handshake=parse_handshake(handshake) if handshake is not None else None,
+            rx_bytes=_uint(rx, 8) if rx is not None else 0,
+            tx_bytes=_uint(tx, 8) if tx is not None else 0,
+            preshared_key="" if psk is None or psk == ZERO_KEY else _key(psk),
+        )
+
+    def device(self, payloads: Iterable[bytes]) -> DeviceInfo:
+        """The device in the payloads (generic netlink header first) of one dump."""
+        info = DeviceInfo()
+        for payload in payloads:
+            if len(payload) < GENL_HEADER.size:
+                raise NetlinkFormatError("a generic netlink message shorter than its header")
+            for kind, value in attributes(payload[GENL_HEADER.size :]):
+                if kind == WGDEVICE_A_PRIVATE_KEY:
+                    info.private_key = None if value == ZERO_KEY else _key(value)
+                elif kind == WGDEVICE_A_LISTEN_PORT:
+                    info.listen_port = _uint(value, 2)
+                elif kind == WGDEVICE_A_FWMARK:
+                    info.fwmark = u32(value)
+                elif kind == WGDEVICE_A_PEERS:
+                    for _, nested in attributes(value):
+                        peer = self.peer(nested)
+                        info.peers[peer.public_key] = merge_peer(
+                            info.peers.get(peer.public_key), peer
+                        )
+        return info
+
+
+def genl_payload(command: int, version: int, attrs: Iterable[tuple[int, bytes]]) -> bytes:
+    return GENL_HEADER.pack(command, version, 0) + b"".join(
+        encode_attribute(kind, value) for kind, value in attrs
+    )
+
+
+class WireGuardReader:
+    """Reads WireGuard devices over one generic netlink socket; close it when done."""
+
+    def __init__(self) -> None:
+        self._socket = NetlinkSocket(NETLINK_GENERIC)
+        self._family: int | None = None  # resolved on first use: the module may load later
+        self._parser = DeviceParser()
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def _family_id(self) -> int:
+        if self._family is None:
+            request = genl_payload(
+                CTRL_CMD_GETFAMILY, 1, [(CTRL_ATTR_FAMILY_NAME, WG_GENL_NAME.encode() + b"\0")]
+            )
+            for message in self._socket.request(GENL_ID_CTRL, NLM_F_ACK, request):
+                attrs = attribute_map(message.payload[GENL_HEADER.size :])
+                if CTRL_ATTR_FAMILY_ID in attrs and len(attrs[CTRL_ATTR_FAMILY_ID]) == 2:
+                    self._family = _uint(attrs[CTRL_ATTR_FAMILY_ID], 2)
+            if self._family is None:
+                raise OSError(f"no generic netlink family {WG_GENL_NAME!r} in the answer")
+        return self._family
+
+    def device(self, name: str) -> DeviceInfo:
+        """The device named `name`; OSError with the kernel's errno if there is none."""
+        family = self._family_id()
+        request = genl_payload(
+            WG_CMD_GET_DEVICE, WG_GENL_VERSION, [(WGDEVICE_A_IFNAME, name.encode() + b"\0")]
+        )
+        messages = self._socket.request(family, NLM_F_DUMP, request)
+        return self._parser.device(m.payload for m in messages if m.type == family)
