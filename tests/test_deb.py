@@ -266,7 +266,7 @@ def test_the_bundled_code_runs_on_this_hosts_python(extracted: Path, tmp_path: P
     before = tree(extracted)
     assert ok([kubespan, "--version"]) == f"kubespan {upstream_version()} (build {STAMP})\n"
     # The compiled dependencies, the discovery server's included, load here.
-    imports = "import nacl.bindings, uvloop, httptools, yaml, rpds, pyroute2, jsonschema"
+    imports = "import nacl.bindings, uvloop, httptools, yaml, rpds, jsonschema"
     ok(
         [
             HOST_PYTHON,

@@ -10,8 +10,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pyroute2 import IPRoute
-
 from kubespan.apply.libnft import Nft
 from kubespan.apply.netlink import NETLINK_NETFILTER, NETLINK_ROUTE, NetlinkFormatError
 from kubespan.apply.nfttable import NftTable
@@ -46,11 +44,9 @@ T = TypeVar("T")
 
 class Dataplane:
     """Our table, rules and routes in the network namespace this process runs in. Keep one
-    for the life of the agent: it remembers what it applied to recognise drift (nfttable).
-    `ipr` is accepted for the callers' convenience and not used: rules and routes go over
-    raw rtnetlink sockets of our own."""
+    for the life of the agent: it remembers what it applied to recognise drift (nfttable)."""
 
-    def __init__(self, ipr: IPRoute | None = None, nft: Nft | None = None) -> None:
+    def __init__(self, nft: Nft | None = None) -> None:
         self._rtnl = NetlinkSocket(NETLINK_ROUTE, strict=True)
         self._rules = Rules(self._rtnl)
         self._routes = Routes(self._rtnl)

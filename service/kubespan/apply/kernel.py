@@ -1,20 +1,22 @@
-"""Read and change kernel network state through netlink (pyroute2)."""
+"""Read and change kernel network state through netlink: links and addresses over
+rtnetlink (apply/links.py), WireGuard over generic netlink (apply/wireguard.py), rules,
+routes and nftables through apply/dataplane.py."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from pyroute2 import IPRoute, WireGuard
-from pyroute2.netlink.exceptions import NetlinkError
-
+from kubespan.apply import links
 from kubespan.apply.dataplane import Dataplane
+from kubespan.apply.netlink import NETLINK_ROUTE, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL
+from kubespan.apply.nlsocket import NetlinkSocket
 from kubespan.apply.probe import TunnelProber
-from kubespan.apply.wgdump import WireGuardReader
+from kubespan.apply.wireguard import WireGuardNetlink, set_device_request, set_peer_request
 from kubespan.errors import ApplyError
 from kubespan.identity import LinkHardware
 from kubespan.model import LocalAddress, ObservedLink
@@ -40,12 +42,11 @@ IFF_UP = 0x1
 
 
 class Kernel:
-    """One netlink session; close it when done (or use as a context manager)."""
+    """Netlink sessions; close them when done (or use as a context manager)."""
 
     def __init__(self) -> None:
-        self._ipr = IPRoute()
-        self._wg: WireGuard | None = None
-        self._wg_reader: WireGuardReader | None = None
+        self._rtnl = NetlinkSocket(NETLINK_ROUTE)
+        self._wg: WireGuardNetlink | None = None
         self._dataplane: Dataplane | None = None
         self._prober = TunnelProber()
 
@@ -64,31 +65,47 @@ class Kernel:
         self._prober.close()
         if self._dataplane is not None:
             self._dataplane.close()
-        self._ipr.close()
+        self._rtnl.close()
         if self._wg is not None:
             self._wg.close()
-        if self._wg_reader is not None:
-            self._wg_reader.close()
 
     @property
     def dataplane(self) -> Dataplane:
         if self._dataplane is None:
-            self._dataplane = Dataplane(self._ipr)
+            self._dataplane = Dataplane()
         return self._dataplane
 
     def observe_routing(self, link: str) -> ObservedRouting:
         return self.dataplane.observe(link)
 
     @property
-    def wireguard(self) -> WireGuard:
-        # Created on first use: the generic-netlink family exists only once the module loaded.
+    def wireguard(self) -> WireGuardNetlink:
         if self._wg is None:
-            self._wg = WireGuard()
+            self._wg = WireGuardNetlink()
         return self._wg
 
+    def _links(self) -> list[links.Link]:
+        answer = self._rtnl.request(links.RTM_GETLINK, NLM_F_DUMP, links.every_link())
+        return [links.parse_link(m) for m in answer if m.type == links.RTM_NEWLINK]
+
+    def _addresses(self) -> list[links.Address]:
+        answer = self._rtnl.request(links.RTM_GETADDR, NLM_F_DUMP, links.every_address())
+        found = (links.parse_address(m) for m in answer if m.type == links.RTM_NEWADDR)
+        return [a for a in found if a is not None]
+
+    def _link(self, name: str) -> links.Link | None:
+        try:
+            answer = self._rtnl.request(links.RTM_GETLINK, NLM_F_ACK, links.link_by_name(name))
+        except OSError as error:
+            if error.errno == errno.ENODEV:
+                return None
+            raise
+        found = [links.parse_link(m) for m in answer if m.type == links.RTM_NEWLINK]
+        return found[0] if found else None
+
     def link_index(self, name: str) -> int | None:
-        found = self._ipr.link_lookup(ifname=name)
-        return int(found[0]) if found else None
+        link = self._link(name)
+        return None if link is None else link.index
 
     def observe_link(self, name: str) -> ObservedLink | None:
         base = self.observe_link_base(name)
@@ -97,23 +114,18 @@ class Kernel:
     def observe_link_base(self, name: str) -> ObservedLink | None:
         """The link as rtnetlink has it (kind, MTU, state, addresses), without WireGuard's
         device: what changes only with a link or address event."""
-        index = self.link_index(name)
-        if index is None:
+        link = self._link(name)
+        if link is None:
             return None
-        (link,) = self._ipr.get_links(index)
-        addresses = tuple(
-            ipaddress.ip_interface(f"{a.get('address')}/{a['prefixlen']}")
-            for a in self._ipr.get_addr(index=index)
-        )
         return ObservedLink(
-            mtu=int(link.get("mtu") or 0),
-            up=bool(link["flags"] & IFF_UP),
-            addresses=addresses,
+            mtu=link.mtu,
+            up=link.up,
+            addresses=tuple(a.interface for a in self._addresses() if a.index == link.index),
             private_key=None,
             listen_port=0,
             fwmark=0,
             peers=(),
-            kind=str(link.get(("linkinfo", "kind")) or ""),
+            kind=link.kind,
         )
 
     def observe_device(self, name: str, base: ObservedLink) -> ObservedLink:
@@ -121,9 +133,7 @@ class Kernel:
         second); another program's link under our name is reported, never configured."""
         if base.foreign:
             return base
-        if self._wg_reader is None:
-            self._wg_reader = WireGuardReader()
-        device = self._wg_reader.device(name)
+        device = self.wireguard.device(name)
         return replace(
             base,
             private_key=device.private_key,
@@ -133,35 +143,32 @@ class Kernel:
         )
 
     def local_addresses(self) -> tuple[LocalAddress, ...]:
-        links: dict[int, Any] = {int(link["index"]): link for link in self._ipr.get_links()}
+        by_index = {link.index: link for link in self._links()}
         out = []
-        for entry in self._ipr.get_addr():
-            link = links.get(int(entry["index"]))
-            if link is None or entry.get("address") is None:
+        for address in self._addresses():
+            link = by_index.get(address.index)
+            if link is None:
                 continue
             out.append(
                 LocalAddress(
-                    interface=str(link.get("ifname")),
-                    address=ipaddress.ip_interface(f"{entry.get('address')}/{entry['prefixlen']}"),
-                    scope=int(entry["scope"]),
-                    link_up=bool(link["flags"] & IFF_UP),
-                    link_kind=str(link.get(("linkinfo", "kind")) or ""),
+                    interface=link.name,
+                    address=address.interface,
+                    scope=address.scope,
+                    link_up=link.up,
+                    link_kind=link.kind,
                 )
             )
         return tuple(out)
 
     def link_hardware(self) -> tuple[LinkHardware, ...]:
-        out = []
-        for link in self._ipr.get_links():
-            name = str(link.get("ifname"))
-            out.append(
-                LinkHardware(
-                    name=name,
-                    mac=str(link.get("address") or ""),
-                    physical=Path(f"/sys/class/net/{name}/device").exists(),
-                )
+        return tuple(
+            LinkHardware(
+                name=link.name,
+                mac=link.mac,
+                physical=Path(f"/sys/class/net/{link.name}/device").exists(),
             )
-        return tuple(out)
+            for link in self._links()
+        )
 
     def apply(self, operations: Sequence[Operation]) -> None:
         """Apply in order; the first refusal raises ApplyError naming the operation."""
@@ -171,25 +178,23 @@ class Kernel:
                 continue
             try:
                 self._apply_one(operation)
-            except (NetlinkError, OSError, ValueError) as error:
+            except (OSError, ValueError) as error:
                 raise ApplyError(f"{operation.render()}: {error}") from error
 
     def teardown(self) -> list[str]:
         """Remove everything kubespan created in the kernel, and only that; what was removed."""
         removed = self.dataplane.teardown()
-        index = self.link_index(LINK_NAME)
-        if index is None:
+        link = self._link(LINK_NAME)
+        if link is None:
             return removed
-        (link,) = self._ipr.get_links(index)
-        kind = str(link.get(("linkinfo", "kind")) or "")
-        if kind != "wireguard":
+        if link.kind != "wireguard":
             log.warning(
                 "link %s is a %s link, not ours (ours is WireGuard): left alone",
                 LINK_NAME,
-                kind or "kindless",
+                link.kind or "kindless",
             )
             return removed
-        self._ipr.link("del", index=index)
+        self._rtnl.request(links.RTM_DELLINK, NLM_F_ACK, links.link_by_index(link.index))
         removed.append(f"link {LINK_NAME}")
         return removed
 
@@ -199,54 +204,44 @@ class Kernel:
             raise ApplyError(f"link {name} does not exist")
         return index
 
+    def _link_request(self, kind: int, payload: bytes, flags: int = 0) -> None:
+        self._rtnl.request(kind, NLM_F_ACK | flags, payload)
+
     def _apply_one(self, op: LinkOperation) -> None:
         match op:
             case CreateLink(name=name):
-                self._ipr.link("add", ifname=name, kind="wireguard")
-            case SetLinkMtu(name=name, mtu=mtu):
-                self._ipr.link("set", index=self._index(name), mtu=mtu)
-            case SetLinkUp(name=name):
-                self._ipr.link("set", index=self._index(name), state="up")
-            case AddAddress(name=name, address=address) | RemoveAddress(name=name, address=address):
-                self._ipr.addr(
-                    "add" if isinstance(op, AddAddress) else "del",
-                    index=self._index(name),
-                    address=str(address.ip),
-                    prefixlen=address.network.prefixlen,
+                self._link_request(
+                    links.RTM_NEWLINK, links.create_wireguard(name), NLM_F_CREATE | NLM_F_EXCL
                 )
+            case SetLinkMtu(name=name, mtu=mtu):
+                self._link_request(links.RTM_NEWLINK, links.set_mtu(self._index(name), mtu))
+            case SetLinkUp(name=name):
+                self._link_request(links.RTM_NEWLINK, links.set_up(self._index(name)))
+            case AddAddress(name=name, address=address):
+                change = links.address_change(self._index(name), address)
+                self._link_request(links.RTM_NEWADDR, change, NLM_F_CREATE | NLM_F_EXCL)
+            case RemoveAddress(name=name, address=address):
+                change = links.address_change(self._index(name), address)
+                self._link_request(links.RTM_DELADDR, change)
             case ConfigureDevice(name=name):
                 self.wireguard.set(
-                    name,
-                    private_key=op.private_key,
-                    listen_port=op.listen_port,
-                    fwmark=op.fwmark,
+                    set_device_request(name, op.private_key, op.listen_port, op.fwmark)
                 )
             case SetPeer():
-                self.wireguard.set(op.name, peer=_peer_request(op))
+                self.wireguard.set(
+                    set_peer_request(
+                        op.name,
+                        op.public_key,
+                        preshared_key=op.preshared_key,
+                        endpoint=op.endpoint,
+                        keepalive=op.keepalive,
+                        allowed_ips=op.allowed_ips,
+                    )
+                )
             case RemovePeer(name=name, public_key=key):
-                self.wireguard.set(name, peer={"public_key": key, "remove": True})
+                self.wireguard.set(set_peer_request(name, key, remove=True))
             case NudgePeer(name=name, public_key=key, keepalive=keepalive):
                 for interval in (0, keepalive):
                     self.wireguard.set(
-                        name,
-                        peer={
-                            "public_key": key,
-                            "persistent_keepalive": interval,
-                            "update_only": True,
-                        },
+                        set_peer_request(name, key, keepalive=interval, update_only=True)
                     )
-
-
-def _peer_request(op: SetPeer) -> dict[str, Any]:
-    peer: dict[str, Any] = {"public_key": op.public_key}
-    if op.preshared_key is not None:
-        peer["preshared_key"] = op.preshared_key
-    if op.endpoint is not None:
-        peer["endpoint_addr"] = str(op.endpoint.address)
-        peer["endpoint_port"] = op.endpoint.port
-    if op.keepalive is not None:
-        peer["persistent_keepalive"] = op.keepalive
-    if op.allowed_ips is not None:
-        peer["allowed_ips"] = [str(n) for n in op.allowed_ips]
-        peer["replace_allowed_ips"] = True
-    return peer

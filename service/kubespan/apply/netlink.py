@@ -27,6 +27,7 @@ NLM_F_CREATE = 0x400
 NLM_F_APPEND = 0x800
 
 NLA_TYPE_MASK = 0x3FFF  # without the nested and byte-order flags
+NLA_F_NESTED = 0x8000
 
 NETLINK_ROUTE = 0
 NETLINK_NETFILTER = 12

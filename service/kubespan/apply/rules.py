@@ -1,4 +1,4 @@
-"""ip rules that look up table 180, over raw rtnetlink: what pyroute2 cannot do for us.
+"""ip rules that look up table 180, over raw rtnetlink.
 
 A rule is deleted by echoing the kernel's own message back, so the request sets every
 selector the rule has; and ours is added with NLM_F_APPEND instead of NLM_F_EXCL, because the

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from kubespan import boundedjson
 from kubespan.agent.statusserver import NoLiveStatus, read_live
 from kubespan.apply.dataplane import read_rp_filter
@@ -49,9 +47,9 @@ MAX_NFT_BYTES = 64 * 1024 * 1024
 MAX_NFT_DEPTH = 64
 MAX_PATHS = 1024
 RP_VALUES = range(3)  # off, strict, loose: the kernel takes nothing else
-# Whatever reading the kernel or the status can raise (NetlinkFormatError is a ValueError;
-# pyroute2's NetlinkError is not an OSError): each makes its part "not checked".
-READ_ERRORS = (OSError, ValueError, NetlinkError, KubespanError)
+# Whatever reading the kernel or the status can raise (NetlinkFormatError is a ValueError):
+# each makes its part "not checked".
+READ_ERRORS = (OSError, ValueError, KubespanError)
 
 
 class JsonNft(Nft):

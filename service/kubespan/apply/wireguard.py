@@ -1,10 +1,11 @@
-"""Read a WireGuard device (WG_CMD_GET_DEVICE over generic netlink) with our own parser.
+"""WireGuard devices over generic netlink, with our own codec: read (WG_CMD_GET_DEVICE) and
+set (WG_CMD_SET_DEVICE).
 
 Every pass reads every peer's counters and handshake; decoding a hundred peers through
-pyroute2's generic attribute objects was the largest part of an idle pass. This reads the
-same dump with the small netlink codec of apply/netlink.py (tests/test_wgdump.py decodes
-messages pyroute2 encoded, and hand-made ones). Changes to the device still go through
-pyroute2 (apply/kernel.py): they are rare.
+pyroute2's generic attribute objects was the largest part of an idle pass, and loading
+pyroute2 a third of an idle agent's memory. This reads and writes the same messages with the
+small netlink codec of apply/netlink.py (tests/test_wireguard.py decodes messages pyroute2
+encoded, encodes ones pyroute2 decodes, and hand-made ones).
 
 The kernel splits a dump of many peers across messages: the device's own attributes come in
 the first, and a peer whose allowed IPs did not fit is repeated in the next with its public
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kubespan.apply.netlink import (
+    NLA_F_NESTED,
     NLM_F_ACK,
     NLM_F_DUMP,
     NetlinkFormatError,
@@ -43,6 +45,7 @@ CTRL_ATTR_FAMILY_NAME = 2
 WG_GENL_NAME = "wireguard"
 WG_GENL_VERSION = 1
 WG_CMD_GET_DEVICE = 0
+WG_CMD_SET_DEVICE = 1
 WGDEVICE_A_IFNAME = 2
 WGDEVICE_A_PRIVATE_KEY = 3
 WGDEVICE_A_LISTEN_PORT = 6
@@ -50,6 +53,7 @@ WGDEVICE_A_FWMARK = 7
 WGDEVICE_A_PEERS = 8
 WGPEER_A_PUBLIC_KEY = 1
 WGPEER_A_PRESHARED_KEY = 2
+WGPEER_A_FLAGS = 3
 WGPEER_A_ENDPOINT = 4
 WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL = 5
 WGPEER_A_LAST_HANDSHAKE_TIME = 6
@@ -59,6 +63,9 @@ WGPEER_A_ALLOWEDIPS = 9
 WGALLOWEDIP_A_FAMILY = 1
 WGALLOWEDIP_A_IPADDR = 2
 WGALLOWEDIP_A_CIDR_MASK = 3
+WGPEER_F_REMOVE_ME = 1
+WGPEER_F_REPLACE_ALLOWEDIPS = 2
+WGPEER_F_UPDATE_ONLY = 4
 
 KEY_SIZE = 32
 FAMILY = struct.Struct("=H")  # sockaddr's family, in host order
@@ -213,8 +220,95 @@ def genl_payload(command: int, version: int, attrs: Iterable[tuple[int, bytes]])
     )
 
 
-class WireGuardReader:
-    """Reads WireGuard devices over one generic netlink socket; close it when done."""
+def _raw_key(text: str) -> bytes:
+    """A base64 key as the kernel takes it; "" (no preshared key) is 32 zero bytes."""
+    if not text:
+        return ZERO_KEY
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != KEY_SIZE:
+        raise ValueError(f"a WireGuard key of {len(raw)} bytes")
+    return raw
+
+
+def _nest(kind: int, parts: Iterable[bytes]) -> bytes:
+    return encode_attribute(kind | NLA_F_NESTED, b"".join(parts))
+
+
+def encode_endpoint(endpoint: Endpoint) -> bytes:
+    """A sockaddr_in or sockaddr_in6."""
+    address = endpoint.address
+    port = PORT.pack(endpoint.port)
+    if address.version == 4:
+        return FAMILY.pack(socket.AF_INET) + port + address.packed + bytes(8)
+    return FAMILY.pack(socket.AF_INET6) + port + bytes(4) + address.packed + bytes(4)
+
+
+def encode_allowed_ip(network: IPNetwork) -> bytes:
+    family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+    return _nest(
+        0,
+        (
+            encode_attribute(WGALLOWEDIP_A_FAMILY, FAMILY.pack(family)),
+            encode_attribute(WGALLOWEDIP_A_IPADDR, network.network_address.packed),
+            encode_attribute(WGALLOWEDIP_A_CIDR_MASK, bytes([network.prefixlen])),
+        ),
+    )
+
+
+def set_device_request(
+    name: str, private_key: str | None, listen_port: int | None, fwmark: int | None
+) -> bytes:
+    """WG_CMD_SET_DEVICE of the device's own settings (those not None)."""
+    attrs = [(WGDEVICE_A_IFNAME, name.encode() + b"\0")]
+    if private_key is not None:
+        attrs.append((WGDEVICE_A_PRIVATE_KEY, _raw_key(private_key)))
+    if listen_port is not None:
+        attrs.append((WGDEVICE_A_LISTEN_PORT, UNSIGNED[2].pack(listen_port)))
+    if fwmark is not None:
+        attrs.append((WGDEVICE_A_FWMARK, struct.pack("=I", fwmark)))
+    return genl_payload(WG_CMD_SET_DEVICE, WG_GENL_VERSION, attrs)
+
+
+def set_peer_request(
+    name: str,
+    public_key: str,
+    *,
+    remove: bool = False,
+    update_only: bool = False,
+    preshared_key: str | None = None,
+    endpoint: Endpoint | None = None,
+    keepalive: int | None = None,
+    allowed_ips: Iterable[IPNetwork] | None = None,
+) -> bytes:
+    """WG_CMD_SET_DEVICE of one peer: `allowed_ips` replace the peer's (not None);
+    `update_only`: nothing happens if the peer does not exist."""
+    flags = (
+        (WGPEER_F_REMOVE_ME if remove else 0)
+        | (WGPEER_F_UPDATE_ONLY if update_only else 0)
+        | (WGPEER_F_REPLACE_ALLOWEDIPS if allowed_ips is not None else 0)
+    )
+    parts = [encode_attribute(WGPEER_A_PUBLIC_KEY, _raw_key(public_key))]
+    if flags:
+        parts.append(encode_attribute(WGPEER_A_FLAGS, struct.pack("=I", flags)))
+    if preshared_key is not None:
+        parts.append(encode_attribute(WGPEER_A_PRESHARED_KEY, _raw_key(preshared_key)))
+    if endpoint is not None:
+        parts.append(encode_attribute(WGPEER_A_ENDPOINT, encode_endpoint(endpoint)))
+    if keepalive is not None:
+        parts.append(
+            encode_attribute(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, UNSIGNED[2].pack(keepalive))
+        )
+    if allowed_ips is not None:
+        parts.append(_nest(WGPEER_A_ALLOWEDIPS, (encode_allowed_ip(n) for n in allowed_ips)))
+    peers = _nest(WGDEVICE_A_PEERS, (_nest(0, parts),))
+    return genl_payload(
+        WG_CMD_SET_DEVICE, WG_GENL_VERSION, [(WGDEVICE_A_IFNAME, name.encode() + b"\0")]
+    ) + peers
+
+
+class WireGuardNetlink:
+    """Reads and sets WireGuard devices over one generic netlink socket; close it when
+    done. OSError with the kernel's errno when it refuses."""
 
     def __init__(self) -> None:
         self._socket = NetlinkSocket(NETLINK_GENERIC)
@@ -238,10 +332,14 @@ class WireGuardReader:
         return self._family
 
     def device(self, name: str) -> DeviceInfo:
-        """The device named `name`; OSError with the kernel's errno if there is none."""
+        """The device named `name`."""
         family = self._family_id()
         request = genl_payload(
             WG_CMD_GET_DEVICE, WG_GENL_VERSION, [(WGDEVICE_A_IFNAME, name.encode() + b"\0")]
         )
         messages = self._socket.request(family, NLM_F_DUMP, request)
         return self._parser.device(m.payload for m in messages if m.type == family)
+
+    def set(self, request: bytes) -> None:
+        """Send a set_device_request or set_peer_request; returns once the kernel took it."""
+        self._socket.request(self._family_id(), NLM_F_ACK, request)

@@ -1,4 +1,4 @@
-"""Our WireGuard dump parser (apply/wgdump.py): messages pyroute2 encoded as the kernel sends
+"""Our WireGuard dump parser (apply/wireguard.py): messages pyroute2 encoded as the kernel sends
 them, hand-made ones (peers split across messages, no endpoint), and malformed bytes, refused
 with a NetlinkFormatError."""
 
@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
-from kubespan.apply.netlink import HEADER, NetlinkFormatError, encode_attribute
-from kubespan.apply.wgdump import (
+from kubespan.apply.netlink import HEADER, NetlinkFormatError, attributes, encode_attribute
+from kubespan.apply.wireguard import (
+    WG_CMD_SET_DEVICE,
     WGALLOWEDIP_A_CIDR_MASK,
     WGALLOWEDIP_A_FAMILY,
     WGALLOWEDIP_A_IPADDR,
@@ -30,11 +31,17 @@ from kubespan.apply.wgdump import (
     WGPEER_A_PUBLIC_KEY,
     WGPEER_A_RX_BYTES,
     WGPEER_A_TX_BYTES,
+    WGPEER_F_REMOVE_ME,
+    WGPEER_F_REPLACE_ALLOWEDIPS,
+    WGPEER_F_UPDATE_ONLY,
     DeviceInfo,
     DeviceParser,
     genl_payload,
     parse_endpoint,
+    set_device_request,
+    set_peer_request,
 )
+from kubespan.netaddr import Endpoint
 
 NESTED = 0x8000
 
@@ -295,3 +302,86 @@ def test_peer_split_across_messages_is_merged() -> None:
     (peer,) = device.peers.values()
     assert [str(n) for n in peer.allowed_ips] == ["10.0.0.0/8", "192.0.2.0/24"]
     assert peer.keepalive == 25
+
+
+# --- set requests, decoded by pyroute2 as the kernel would read them -----------------------
+
+
+def hex_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """pyroute2 shows an allowed IP's address as hex bytes, colon separated."""
+    return ipaddress.ip_address(bytes.fromhex(text.replace(":", "")))
+
+
+def pyroute2_decoded(payload: bytes) -> Any:
+    message = wgmsg(HEADER.pack(HEADER.size + len(payload), 30, 5, 1, 0) + payload)
+    message.decode()
+    return message
+
+
+def test_a_device_request_carries_what_is_set_and_nothing_else() -> None:
+    message = pyroute2_decoded(set_device_request("kubespan", PRIVATE.decode(), 51820, 0x20))
+    assert message["cmd"] == WG_CMD_SET_DEVICE
+    assert message.get_attr("WGDEVICE_A_IFNAME") == "kubespan"
+    assert message.get_attr("WGDEVICE_A_PRIVATE_KEY") == PRIVATE
+    assert message.get_attr("WGDEVICE_A_LISTEN_PORT") == 51820
+    assert message.get_attr("WGDEVICE_A_FWMARK") == 0x20
+    only_port = pyroute2_decoded(set_device_request("kubespan", None, 51821, None))
+    assert only_port.get_attr("WGDEVICE_A_PRIVATE_KEY") is None
+    assert only_port.get_attr("WGDEVICE_A_FWMARK") is None
+
+
+@pytest.mark.parametrize("at", ["192.0.2.7:51820", "[2001:db8::5]:4500"])
+def test_a_peer_request_reads_back_as_asked(at: str) -> None:
+    endpoint = Endpoint.parse(at)
+    networks = tuple(ipaddress.ip_network(n) for n in ("10.244.1.0/24", "fd00::2/128"))
+    payload = set_peer_request(
+        "kubespan",
+        PEER.decode(),
+        preshared_key=PSK.decode(),
+        endpoint=endpoint,
+        keepalive=25,
+        allowed_ips=networks,
+    )
+    (peer,) = pyroute2_decoded(payload).get_attr("WGDEVICE_A_PEERS")
+    assert peer.get_attr("WGPEER_A_PUBLIC_KEY") == PEER
+    assert peer.get_attr("WGPEER_A_PRESHARED_KEY") == PSK
+    assert peer.get_attr("WGPEER_A_FLAGS") == WGPEER_F_REPLACE_ALLOWEDIPS
+    sockaddr = peer.get_attr("WGPEER_A_ENDPOINT")
+    assert Endpoint(ipaddress.ip_address(sockaddr["addr"]), sockaddr["port"]) == endpoint
+    assert peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") == 25
+    allowed = [
+        ipaddress.ip_network(
+            (hex_address(a.get_attr("WGALLOWEDIP_A_IPADDR")), a.get_attr("WGALLOWEDIP_A_CIDR_MASK"))
+        )
+        for a in peer.get_attr("WGPEER_A_ALLOWEDIPS")
+    ]
+    assert tuple(allowed) == networks
+    # And our own reader sees the same peer in it (the set and dump shapes agree).
+    assert DeviceParser().peer(_peer_nest(payload)).endpoint == endpoint
+
+
+def _peer_nest(payload: bytes) -> bytes:
+    peers = dict(attributes(payload[4:]))[WGDEVICE_A_PEERS]
+    return attributes(peers)[0][1]
+
+
+def test_remove_update_only_and_no_preshared_key() -> None:
+    removal = pyroute2_decoded(set_peer_request("kubespan", PEER.decode(), remove=True))
+    (peer,) = removal.get_attr("WGDEVICE_A_PEERS")
+    assert peer.get_attr("WGPEER_A_FLAGS") == WGPEER_F_REMOVE_ME
+    nudge = pyroute2_decoded(
+        set_peer_request("kubespan", PEER.decode(), keepalive=0, update_only=True)
+    )
+    (peer,) = nudge.get_attr("WGDEVICE_A_PEERS")
+    assert peer.get_attr("WGPEER_A_FLAGS") == WGPEER_F_UPDATE_ONLY
+    assert peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") == 0
+    assert peer.get_attr("WGPEER_A_ALLOWEDIPS") is None
+    cleared = set_peer_request("kubespan", PEER.decode(), preshared_key="")
+    assert DeviceParser().peer(_peer_nest(cleared)).preshared_key == ""  # zeros: none
+
+
+def test_a_key_that_is_not_32_bytes_of_base64_is_refused() -> None:
+    with pytest.raises(ValueError):
+        set_peer_request("kubespan", "bm90IGEga2V5")
+    with pytest.raises(ValueError):
+        set_device_request("kubespan", "not base64!", None, None)
