@@ -124,3 +124,14 @@ def test_another_programs_link_under_our_name_is_seen_as_foreign_and_left(ns: Ne
     assert seen["link"]["kind"] == "veth"
     assert "link kubespan" not in helper(ns, "teardown")["removed"]
     assert ip_json(ns, "link", "show", "kubespan")
+
+
+def test_a_link_whose_name_is_not_ascii_is_read_like_any_other(ns: Netns) -> None:
+    """Any byte but NUL, '/', ':' and white space makes a link name; another program's
+    link named so must not stop the agent from reading the rest."""
+    ns.ip("link", "add", "ethé", "type", "veth", "peer", "name", "eth\u00e9p")
+    ns.ip("addr", "add", "198.51.100.7/24", "dev", "ethé")
+    seen = helper(ns, "observe", "eth9")
+    assert ["ethé", "198.51.100.7/24", 0, False, "veth"] in seen["addresses"]
+    assert "ethé" in {name for name, _mac, _physical in seen["hardware"]}
+    assert seen["link"]["kind"] == "veth"

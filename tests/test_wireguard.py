@@ -5,6 +5,7 @@ with a NetlinkFormatError."""
 from __future__ import annotations
 
 import base64
+import errno
 import ipaddress
 import socket
 import struct
@@ -13,8 +14,16 @@ from typing import Any
 import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
-from kubespan.apply.netlink import HEADER, NetlinkFormatError, attributes, encode_attribute
+from kubespan.apply.netlink import (
+    HEADER,
+    Message,
+    NetlinkFormatError,
+    attributes,
+    encode_attribute,
+)
 from kubespan.apply.wireguard import (
+    CTRL_ATTR_FAMILY_ID,
+    GENL_ID_CTRL,
     WG_CMD_SET_DEVICE,
     WGALLOWEDIP_A_CIDR_MASK,
     WGALLOWEDIP_A_FAMILY,
@@ -36,12 +45,14 @@ from kubespan.apply.wireguard import (
     WGPEER_F_UPDATE_ONLY,
     DeviceInfo,
     DeviceParser,
+    WireGuardNetlink,
     genl_payload,
     parse_endpoint,
     set_device_request,
     set_peer_request,
+    set_peer_requests,
 )
-from kubespan.netaddr import Endpoint
+from kubespan.netaddr import Endpoint, network_sort_key
 
 NESTED = 0x8000
 
@@ -385,3 +396,72 @@ def test_a_key_that_is_not_32_bytes_of_base64_is_refused() -> None:
         set_peer_request("kubespan", "bm90IGEga2V5")
     with pytest.raises(ValueError):
         set_device_request("kubespan", "not base64!", None, None)
+
+
+# --- limits, and a kernel that changes under us --------------------------------------------
+
+
+def test_a_peer_with_more_allowed_ips_than_one_message_holds_is_set_in_several() -> None:
+    networks = tuple(ipaddress.ip_network(f"fd00:{i:x}::/64") for i in range(2500))
+    requests = set_peer_requests("kubespan", PEER.decode(), keepalive=25, allowed_ips=networks)
+    assert len(requests) == 3
+    assert all(len(r) < 65536 for r in requests)
+    decoded = [pyroute2_decoded(r).get_attr("WGDEVICE_A_PEERS")[0] for r in requests]
+    assert decoded[0].get_attr("WGPEER_A_FLAGS") == WGPEER_F_REPLACE_ALLOWEDIPS
+    assert decoded[0].get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") == 25
+    for more in decoded[1:]:  # added to the peer only if it exists, never replacing
+        assert more.get_attr("WGPEER_A_FLAGS") == WGPEER_F_UPDATE_ONLY
+    parser = DeviceParser()
+    sent = [n for r in requests for n in parser.peer(_peer_nest(r)).allowed_ips]
+    assert sorted(sent, key=network_sort_key) == sorted(networks, key=network_sort_key)
+    assert len(set_peer_requests("kubespan", PEER.decode(), allowed_ips=networks[:10])) == 1
+    assert len(set_peer_requests("kubespan", PEER.decode(), allowed_ips=None)) == 1
+
+
+def test_an_attribute_too_long_for_netlink_is_refused_as_a_value_error() -> None:
+    with pytest.raises(NetlinkFormatError):
+        encode_attribute(1, bytes(65536))
+
+
+def test_the_allowed_ip_lists_kept_are_only_the_last_dumps() -> None:
+    parser = DeviceParser()
+    parser.device(SPLIT)
+    parser.device([device_message([peer(7, networks=("10.9.0.0/16",))])])
+    parser.device([device_message([peer(7, networks=("10.9.0.0/16",))])])
+    assert len(parser._allowed) == 1
+
+
+class FakeGenl:
+    """Stands in for the generic netlink socket: the family id changes once (the module was
+    reloaded), and the old one is then refused as the kernel does (ENOENT)."""
+
+    def __init__(self) -> None:
+        self.family = 30
+        self.gone = False
+        self.sent: list[int] = []
+
+    def request(self, kind: int, flags: int, payload: bytes) -> list[Message]:
+        self.sent.append(kind)
+        if kind == GENL_ID_CTRL:
+            attrs = encode_attribute(CTRL_ATTR_FAMILY_ID, struct.pack("=H", self.family))
+            return [Message(kind, 0, 1, 0, genl_payload(1, 2, []) + attrs)]
+        if kind != self.family or self.gone:
+            raise OSError(errno.ENOENT, "No such file or directory")
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_reloaded_module_is_found_again_under_its_new_family() -> None:
+    netlink = WireGuardNetlink.__new__(WireGuardNetlink)
+    fake = FakeGenl()
+    netlink._socket, netlink._family, netlink._parser = fake, None, DeviceParser()  # type: ignore[assignment]
+    netlink.set(set_device_request("kubespan", None, 51820, None))
+    fake.family = 31
+    netlink.set(set_device_request("kubespan", None, 51821, None))
+    assert fake.sent == [GENL_ID_CTRL, 30, 30, GENL_ID_CTRL, 31]
+    fake.gone = True  # the module unloaded for good: refused after one more look
+    with pytest.raises(OSError):
+        netlink.set(set_device_request("kubespan", None, 51822, None))
+    assert fake.sent[5:] == [31, GENL_ID_CTRL, 31]

@@ -7,16 +7,30 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from kubespan.apply import links
 from kubespan.apply.dataplane import Dataplane
-from kubespan.apply.netlink import NETLINK_ROUTE, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL
+from kubespan.apply.netlink import (
+    NETLINK_ROUTE,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    Message,
+    NetlinkFormatError,
+)
 from kubespan.apply.nlsocket import NetlinkSocket
 from kubespan.apply.probe import TunnelProber
-from kubespan.apply.wireguard import WireGuardNetlink, set_device_request, set_peer_request
+from kubespan.apply.wireguard import (
+    WireGuardNetlink,
+    set_device_request,
+    set_peer_request,
+    set_peer_requests,
+)
 from kubespan.errors import ApplyError
 from kubespan.identity import LinkHardware
 from kubespan.model import LocalAddress, ObservedLink
@@ -38,7 +52,21 @@ from kubespan.plan.diff import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 IFF_UP = 0x1
+
+
+def _each(parse: Callable[[Message], T], messages: Iterable[Message]) -> list[T]:
+    """Each message parsed; one the codec cannot read is left out with a warning, so one
+    strange link or address (another program's) harms nothing else."""
+    out = []
+    for message in messages:
+        try:
+            out.append(parse(message))
+        except NetlinkFormatError as error:
+            log.warning("kernel answer left out: %s", error)
+    return out
 
 
 class Kernel:
@@ -86,11 +114,11 @@ class Kernel:
 
     def _links(self) -> list[links.Link]:
         answer = self._rtnl.request(links.RTM_GETLINK, NLM_F_DUMP, links.every_link())
-        return [links.parse_link(m) for m in answer if m.type == links.RTM_NEWLINK]
+        return _each(links.parse_link, (m for m in answer if m.type == links.RTM_NEWLINK))
 
     def _addresses(self) -> list[links.Address]:
         answer = self._rtnl.request(links.RTM_GETADDR, NLM_F_DUMP, links.every_address())
-        found = (links.parse_address(m) for m in answer if m.type == links.RTM_NEWADDR)
+        found = _each(links.parse_address, (m for m in answer if m.type == links.RTM_NEWADDR))
         return [a for a in found if a is not None]
 
     def _link(self, name: str) -> links.Link | None:
@@ -228,16 +256,15 @@ class Kernel:
                     set_device_request(name, op.private_key, op.listen_port, op.fwmark)
                 )
             case SetPeer():
-                self.wireguard.set(
-                    set_peer_request(
-                        op.name,
-                        op.public_key,
-                        preshared_key=op.preshared_key,
-                        endpoint=op.endpoint,
-                        keepalive=op.keepalive,
-                        allowed_ips=op.allowed_ips,
-                    )
-                )
+                for request in set_peer_requests(
+                    op.name,
+                    op.public_key,
+                    preshared_key=op.preshared_key,
+                    endpoint=op.endpoint,
+                    keepalive=op.keepalive,
+                    allowed_ips=op.allowed_ips,
+                ):
+                    self.wireguard.set(request)
             case RemovePeer(name=name, public_key=key):
                 self.wireguard.set(set_peer_request(name, key, remove=True))
             case NudgePeer(name=name, public_key=key, keepalive=keepalive):

@@ -77,12 +77,22 @@ def parse_link(message: Message) -> Link:
     mac = attrs.get(IFLA_ADDRESS)
     return Link(
         index=index,
-        name=string(attrs[IFLA_IFNAME]),
+        name=link_name(attrs[IFLA_IFNAME]),
         flags=flags,
         mtu=u32(attrs[IFLA_MTU]) if IFLA_MTU in attrs else 0,
         mac=":".join(f"{b:02x}" for b in mac) if mac is not None else "",
         kind=string(info[IFLA_INFO_KIND]) if IFLA_INFO_KIND in info else "",
     )
+
+
+def link_name(value: bytes) -> str:
+    """A link's name: any bytes but NUL, '/', ':' and white space, so not always ASCII or
+    even UTF-8; kept byte for byte (undecodable bytes as surrogates, as os.fsdecode does), so
+    /sys/class/net/<name> still finds it."""
+    raw, nul, _ = value.partition(b"\0")
+    if not nul:
+        raise NetlinkFormatError("link name without its NUL")
+    return raw.decode("utf-8", errors="surrogateescape")
 
 
 def parse_address(message: Message) -> Address | None:

@@ -20,6 +20,7 @@ NLMSG_OVERRUN = 4
 
 NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
+NLM_F_DUMP_INTR = 0x10  # the dump's data changed while it was read: not coherent
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
 NLM_F_EXCL = 0x200
@@ -127,8 +128,13 @@ def error_code(message: Message) -> int:
     return -int(ERROR.unpack_from(message.payload)[0])
 
 
+MAX_ATTRIBUTE = 0xFFFF  # an attribute's length is 16 bits, its header included
+
+
 def encode_attribute(kind: int, value: bytes) -> bytes:
     length = ATTRIBUTE.size + len(value)
+    if length > MAX_ATTRIBUTE:
+        raise NetlinkFormatError(f"an attribute of {length} bytes: at most {MAX_ATTRIBUTE} fit")
     return ATTRIBUTE.pack(length, kind) + value + b"\0" * (align(length) - length)
 
 

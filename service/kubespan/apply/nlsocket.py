@@ -3,12 +3,14 @@ or an acknowledgement). Only answers from the kernel to this request are taken."
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
 from kubespan.apply.netlink import (
     NLM_F_ACK,
     NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
@@ -23,6 +25,7 @@ SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12
 RECEIVE_BUFFER = 1 << 17  # the kernel's dump datagrams are at most 32 KiB
 TIMEOUT = 5.0  # the kernel answers at once; this only bounds a broken socket
+DUMP_TRIES = 3
 
 
 class NetlinkSocket:
@@ -43,13 +46,23 @@ class NetlinkSocket:
 
     def request(self, kind: int, flags: int, payload: bytes) -> list[Message]:
         """The messages answering one request; OSError with the kernel's errno if refused.
-        A dump ends with NLMSG_DONE; anything else must ask for an acknowledgement."""
+        A dump ends with NLMSG_DONE; anything else must ask for an acknowledgement. A dump
+        the kernel marks interrupted (its data changed meanwhile: a peer or link may be
+        missing from it) is asked again, and refused with EINTR if it stays so."""
         if not flags & (NLM_F_DUMP | NLM_F_ACK):
             raise ValueError("a request must be a dump or ask for an acknowledgement")
+        for _ in range(DUMP_TRIES):
+            answer, interrupted = self._exchange(kind, flags, payload)
+            if not interrupted:
+                return answer
+        raise OSError(errno.EINTR, "netlink dump interrupted again and again: data changing")
+
+    def _exchange(self, kind: int, flags: int, payload: bytes) -> tuple[list[Message], bool]:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         seq = self._seq
         self._socket.send(encode_message(kind, flags | NLM_F_REQUEST, seq, payload))
         answer: list[Message] = []
+        interrupted = False
         while True:
             data, _, msg_flags, address = self._socket.recvmsg(RECEIVE_BUFFER)
             if msg_flags & socket.MSG_TRUNC:
@@ -59,11 +72,12 @@ class NetlinkSocket:
             for message in split_messages(data):
                 if message.seq != seq or message.type == NLMSG_NOOP:
                     continue  # an answer to an earlier, abandoned request
+                interrupted |= bool(message.flags & NLM_F_DUMP_INTR)
                 if message.type == NLMSG_ERROR:
                     code = error_code(message)
                     if code:
                         raise OSError(code, os.strerror(code))
-                    return answer
+                    return answer, interrupted
                 if message.type == NLMSG_DONE:
-                    return answer
+                    return answer, interrupted
                 answer.append(message)

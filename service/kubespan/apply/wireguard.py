@@ -15,16 +15,18 @@ key and the rest of its allowed IPs (merge_peer joins them).
 from __future__ import annotations
 
 import base64
+import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kubespan.apply.netlink import (
     NLA_F_NESTED,
     NLM_F_ACK,
     NLM_F_DUMP,
+    Message,
     NetlinkFormatError,
     attribute_map,
     attributes,
@@ -75,7 +77,9 @@ SOCKADDR_IN6_SIZE = 28  # family, port, flow info, 16-byte address, scope
 UNSIGNED = {2: struct.Struct("=H"), 8: struct.Struct("=Q")}
 TIMESPEC = struct.Struct("=qq")
 ZERO_KEY = bytes(KEY_SIZE)
-ALLOWED_IPS_KEPT = 4096  # parsed allowed-IP lists kept by their bytes (they rarely change)
+# A peer's allowed IPs go in messages of at most this many (an IPv6 one takes 40 bytes, and an
+# attribute holds at most 64 KiB): a peer with more is set in several, as wg(8) does.
+ALLOWED_IPS_PER_MESSAGE = 1000
 
 
 @dataclass
@@ -159,15 +163,15 @@ class DeviceParser:
     since they change only when we change them."""
 
     def __init__(self) -> None:
+        # The lists of the last dump, and of this one: nothing outlives the dump after it.
+        self._last: dict[bytes, tuple[IPNetwork, ...]] = {}
         self._allowed: dict[bytes, tuple[IPNetwork, ...]] = {}
 
     def _allowed_ips(self, value: bytes) -> tuple[IPNetwork, ...]:
-        found = self._allowed.get(value)
+        found = self._allowed.get(value) or self._last.get(value)
         if found is None:
             found = parse_allowed_ips(value)
-            if len(self._allowed) >= ALLOWED_IPS_KEPT:
-                self._allowed.clear()
-            self._allowed[value] = found
+        self._allowed[value] = found
         return found
 
     def peer(self, value: bytes) -> ObservedPeer:
@@ -194,6 +198,7 @@ class DeviceParser:
 
     def device(self, payloads: Iterable[bytes]) -> DeviceInfo:
         """The device in the payloads (generic netlink header first) of one dump."""
+        self._last, self._allowed = self._allowed, {}
         info = DeviceInfo()
         for payload in payloads:
             if len(payload) < GENL_HEADER.size:
@@ -300,10 +305,55 @@ def set_peer_request(
         )
     if allowed_ips is not None:
         parts.append(_nest(WGPEER_A_ALLOWEDIPS, (encode_allowed_ip(n) for n in allowed_ips)))
-    peers = _nest(WGDEVICE_A_PEERS, (_nest(0, parts),))
-    return genl_payload(
+    return _device_peers(name, parts)
+
+
+def set_peer_requests(
+    name: str,
+    public_key: str,
+    *,
+    preshared_key: str | None = None,
+    endpoint: Endpoint | None = None,
+    keepalive: int | None = None,
+    allowed_ips: Sequence[IPNetwork] | None = None,
+) -> list[bytes]:
+    """set_peer_request, split when the allowed IPs do not fit one message: the first
+    replaces the peer's allowed IPs with the first part, the next ones add the rest (to the
+    peer only if it exists). Until the last is taken, ranges not yet added are dropped by
+    WireGuard, not sent in the clear."""
+    ips = None if allowed_ips is None else tuple(allowed_ips)
+    first = None if ips is None else ips[:ALLOWED_IPS_PER_MESSAGE]
+    requests = [
+        set_peer_request(
+            name,
+            public_key,
+            preshared_key=preshared_key,
+            endpoint=endpoint,
+            keepalive=keepalive,
+            allowed_ips=first,
+        )
+    ]
+    rest = () if ips is None else ips[ALLOWED_IPS_PER_MESSAGE:]
+    for start in range(0, len(rest), ALLOWED_IPS_PER_MESSAGE):
+        more = rest[start : start + ALLOWED_IPS_PER_MESSAGE]
+        requests.append(_more_allowed_ips(name, public_key, more))
+    return requests
+
+
+def _more_allowed_ips(name: str, public_key: str, networks: Sequence[IPNetwork]) -> bytes:
+    parts = (
+        encode_attribute(WGPEER_A_PUBLIC_KEY, _raw_key(public_key)),
+        encode_attribute(WGPEER_A_FLAGS, struct.pack("=I", WGPEER_F_UPDATE_ONLY)),
+        _nest(WGPEER_A_ALLOWEDIPS, (encode_allowed_ip(n) for n in networks)),
+    )
+    return _device_peers(name, parts)
+
+
+def _device_peers(name: str, peer_parts: Iterable[bytes]) -> bytes:
+    header = genl_payload(
         WG_CMD_SET_DEVICE, WG_GENL_VERSION, [(WGDEVICE_A_IFNAME, name.encode() + b"\0")]
-    ) + peers
+    )
+    return header + _nest(WGDEVICE_A_PEERS, (_nest(0, peer_parts),))
 
 
 class WireGuardNetlink:
@@ -331,15 +381,27 @@ class WireGuardNetlink:
                 raise OSError(f"no generic netlink family {WG_GENL_NAME!r} in the answer")
         return self._family
 
+    def _request(self, flags: int, payload: bytes) -> tuple[int, list[Message]]:
+        """The family and the answer; a family id the kernel no longer knows (the module was
+        reloaded) is looked up again, once."""
+        for attempt in range(2):
+            family = self._family_id()
+            try:
+                return family, self._socket.request(family, flags, payload)
+            except OSError as error:
+                if attempt or error.errno not in (errno.ENOENT, errno.EOPNOTSUPP):
+                    raise
+                self._family = None
+        raise AssertionError("unreachable")
+
     def device(self, name: str) -> DeviceInfo:
         """The device named `name`."""
-        family = self._family_id()
         request = genl_payload(
             WG_CMD_GET_DEVICE, WG_GENL_VERSION, [(WGDEVICE_A_IFNAME, name.encode() + b"\0")]
         )
-        messages = self._socket.request(family, NLM_F_DUMP, request)
+        family, messages = self._request(NLM_F_DUMP, request)
         return self._parser.device(m.payload for m in messages if m.type == family)
 
     def set(self, request: bytes) -> None:
         """Send a set_device_request or set_peer_request; returns once the kernel took it."""
-        self._socket.request(self._family_id(), NLM_F_ACK, request)
+        self._request(NLM_F_ACK, request)

@@ -166,6 +166,8 @@ class RelayClient(RawPortThread):
 
     def _turn(self, transport: AddressedTransport) -> None:
         self._wakeup.drain()
+        if self._stopping:
+            return  # stop() came after the loop looked, and its wake-up was just drained
         now = self.monotonic()
         self._take_wanted(now)
         for peer, pair in self._pairs.items():
