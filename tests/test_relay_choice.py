@@ -68,6 +68,19 @@ def test_a_pair_up_through_the_relay_while_a_direct_candidate_was_on_trial_keeps
     assert not wants_relay(T0 + 60, tracked(DIRECT), UP, RELAYED_AT, current=DIRECT)
 
 
+def test_a_pair_up_through_a_relay_that_died_keeps_its_binding_at_the_next() -> None:
+    """The relay carrying the pair died; the pair is still "up" on its port until found
+    dead, and this side has bound it at the next relay (waiting for the other side). Letting
+    that binding go would leave the pair with no way on: the other side binds there, its
+    packets come through, and this side's binding lapses a minute later (CI showed the pair
+    down again and neither side saying it was relayed)."""
+    dead_relays_port = Endpoint.parse("203.0.113.40:29300")
+    up_there = tracked(dead_relays_port)
+    assert wants_relay(T0 + 100, up_there, UP, RELAYED_AT, current=dead_relays_port, via_relay=True)
+    # Up directly, bound somewhere: let it go, as before.
+    assert not wants_relay(T0 + 100, tracked(), UP, RELAYED_AT, current=DIRECT, via_relay=False)
+
+
 @pytest.mark.parametrize(
     ("now", "tracking", "state", "relayed_at", "wanted"),
     [

@@ -74,7 +74,7 @@ from kubespan.netaddr import Endpoint, IPAddress, reachable_unicast
 from kubespan.pathcheck.checker import PathAnswered
 from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
 from kubespan.plan.departed import HOLD_SECONDS, Hold, held_departed, held_ranges
-from kubespan.plan.desired import PeerReport, Plan, PlanInput, plan
+from kubespan.plan.desired import PeerReport, Plan, PlanInput, plan, relay_port_test
 from kubespan.plan.diff import (
     NudgePeer,
     Operation,
@@ -1094,6 +1094,7 @@ class Agent:
         own = self.identity.public_key
         # This side's figures as its sealed record says them: what the peer ranks with.
         ours = self.registration.record.info.relay_rtts if self.registration else ()
+        on_a_relay = relay_port_test(members)
         wanted: dict[bytes, tuple[RelayOffer, ...]] = {}
         failing: set[bytes] = set()
         moving: set[bytes] = set()
@@ -1107,8 +1108,13 @@ class Agent:
                 for endpoint, answered in answers.get(key, {}).items()
             )
             current = endpoints.get(raw_key(key))
+            tracked = self.tracking.get(key)
+            via_relay = any(
+                e is not None and on_a_relay(e)
+                for e in (current, tracked.endpoint if tracked else None)
+            )
             if offers and wants_relay(
-                now, self.tracking.get(key), state, relayed_at, direct_answered, current
+                now, tracked, state, relayed_at, direct_answered, current, via_relay
             ):
                 theirs = member.info.relay_rtts
                 order = relay_order(own, raw_key(key), offers, ours, theirs)

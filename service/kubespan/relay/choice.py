@@ -63,16 +63,21 @@ def wants_relay(
     relayed_at: Endpoint | None,
     direct_answered: bool = False,
     current: Endpoint | None = None,
+    via_relay: bool = False,
 ) -> bool:
     """Whether this side should hold a relay binding for the peer now. `relayed_at`: the
     relay endpoint bound for it, if any; `direct_answered`: a direct candidate answered a
     path check lately (its trial is under way, and will most likely work); `current`:
     WireGuard's endpoint for the peer (it follows the peer's packets: a pair whose trial of
-    a direct candidate came up through the relay, the other side's, is up through it)."""
+    a direct candidate came up through the relay, the other side's, is up through it);
+    `via_relay`: that endpoint, or the one under trial, is a relay's port. A pair up through
+    a relay keeps a binding even when it is at another relay than the one it is up through:
+    the relay it was up through died, and the pair is not yet found dead (it is "up" on the
+    dead relay's port for up to 15 s), so the binding at the next relay is its way on."""
     if tracking is None:
         return False
     if state is PeerState.UP:
-        return relayed_at is not None and relayed_at in (tracking.endpoint, current)
+        return relayed_at is not None and (via_relay or relayed_at in (tracking.endpoint, current))
     if direct_answered or given_up(now, tracking, state):
         return False  # a dead peer holds no relay's ports
     return tracking.cycles >= 1 or now - tracking.known_since >= RELAY_AFTER
