@@ -30,6 +30,7 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,6 +93,9 @@ class ProcStat:
     hwm_kb: int
     threads: int
     children: int  # live child processes
+    # utime + stime of each thread, by the name it gave the kernel (threads of one name
+    # added up)
+    thread_ticks: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Usage:
     hwm_mb: float
     threads: int
     children: int
+    thread_cpu_percent: dict[str, float]  # by thread name; those that ran in the window
 
 
 def sample_script(pids: list[int]) -> str:
@@ -123,6 +128,11 @@ def sample_script(pids: list[int]) -> str:
     for pid in pids:
         lines.append(f"sed -n 's/^\\(VmRSS\\|VmHWM\\|Threads\\):/{pid} \\1/p' /proc/{pid}/status")
         lines.append(f"echo {pid} Children $(ps --no-headers --ppid {pid} -o pid | wc -l)")
+        # A thread may end between the glob and the read: its line is left out.
+        lines.append(
+            f'for t in /proc/{pid}/task/*; do s=$(cat "$t/stat" 2>/dev/null) && '
+            f'echo "T {pid} $s"; done'
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +151,14 @@ def parse_sample(text: str, pids: list[int]) -> Sample:
     stats = [parse_stat(line) for line in lines[1 : 1 + len(pids)]]
     clk_tck = int(lines[1 + len(pids)])
     fields: dict[tuple[int, str], int] = {}
+    threads: dict[int, dict[str, int]] = {pid: {} for pid in pids}
     for line in lines[2 + len(pids) :]:
+        if line.startswith("T "):
+            _, owner, stat = line.split(" ", 2)
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ticks = parse_stat(stat)[2]
+            threads[int(owner)][name] = threads[int(owner)].get(name, 0) + ticks
+            continue
         pid, name, value = line.split(None, 2)
         fields[int(pid), name] = int(value.split()[0])  # "123 kB" or a count
     procs = {
@@ -154,6 +171,7 @@ def parse_sample(text: str, pids: list[int]) -> Sample:
             fields[pid, "VmHWM"],
             fields[pid, "Threads"],
             fields[pid, "Children"],
+            threads[pid],
         )
         for pid, start, cpu, child in stats
     }
@@ -183,6 +201,11 @@ def usage(first: Sample, last: Sample, pid: int) -> Usage:
         b.hwm_kb / 1024,
         b.threads,
         b.children,
+        {
+            name: (ticks - a.thread_ticks.get(name, 0)) / per_second
+            for name, ticks in sorted(b.thread_ticks.items())
+            if ticks > a.thread_ticks.get(name, 0)
+        },
     )
 
 
@@ -367,6 +390,11 @@ def report_passes(suffix: str, agent: Usage, count: int) -> None:
 
 def report(suffix: str, agent: Usage) -> None:
     print(f"idle_cpu_percent_{suffix}={agent.cpu_percent:.2f}")
+    # Where it goes: each thread by the name it gave the kernel (the main thread's is the
+    # program's); threads that did not run in the window are left out.
+    for name, percent in agent.thread_cpu_percent.items():
+        key = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "unnamed"
+        print(f"idle_thread_cpu_percent_{suffix}_{key}={percent:.2f}")
     print(f"idle_rss_mb_{suffix}={agent.rss_mb:.1f}")
     print(f"idle_hwm_mb_{suffix}={agent.hwm_mb:.1f}")
     print(f"idle_child_cpu_percent_{suffix}={agent.child_cpu_percent:.2f}")

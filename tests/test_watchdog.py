@@ -121,3 +121,19 @@ def test_a_long_pass_that_makes_progress_keeps_feeding(
         fed.extend(messages(systemd))
         assert applied[0] >= 5
         assert fed.count("WATCHDOG=1") == applied[0]
+
+
+def test_systemd_is_told_the_status_line_only_when_it_changes(
+    tmp_path: Path, systemd: socket.socket
+) -> None:
+    """Each datagram is work for PID 1 as well: an idle node's passes say nothing new."""
+    cluster_id = base64.b64encode(os.urandom(32)).decode()
+    secret = base64.b64encode(os.urandom(32)).decode()
+    with discovery_server() as server:
+        agent, _kernel = make_agent(
+            tmp_path, "told", 23, config_text(server.url, cluster_id, secret)
+        )
+        for _ in range(3):
+            agent.reconcile()
+        told = [m for m in messages(systemd) if m.startswith("STATUS=")]
+        assert told == ["STATUS=0 peers, 0 up"]

@@ -9,15 +9,19 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
     """Replace `path` with `data` so that readers see the old or the new content, never a mix.
 
-    The file is created with `mode` from the start (never briefly world-readable).
+    The file is created with `mode` from the start (never briefly world-readable). Not
+    `durable`: not synced to disk (a runtime file, gone at boot anyway: only the rename's
+    atomicity matters).
     """
-    atomic_write_chunks(path, (data,), mode)
+    atomic_write_chunks(path, (data,), mode, durable)
 
 
-def atomic_write_chunks(path: Path, chunks: Iterable[bytes], mode: int = 0o600) -> None:
+def atomic_write_chunks(
+    path: Path, chunks: Iterable[bytes], mode: int = 0o600, durable: bool = True
+) -> None:
     """`atomic_write` of content produced piece by piece (a large snapshot is never held
     whole in memory). The temporary file gets a fresh random name (mkstemp, created 0600),
     so a stale one left by a crash, or by another process with the same PID in another
@@ -30,13 +34,16 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes], mode: int = 0o600) 
             for chunk in chunks:
                 handle.write(chunk)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         tmp.chmod(mode)
         tmp.replace(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    if not durable:
+        return
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)

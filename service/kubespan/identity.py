@@ -22,6 +22,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from nacl.public import PrivateKey
@@ -44,7 +45,7 @@ class Identity:
     private_key: bytes = field(repr=False)
     stored_node_id: str = field(default="", compare=False)  # as the file had it
 
-    @property
+    @cached_property  # asked at every pass: a scalar multiplication each time otherwise
     def public_key(self) -> bytes:
         return bytes(PrivateKey(self.private_key).public_key)
 

@@ -18,10 +18,14 @@ class Endpoint:
     address: IPAddress
     port: int
 
+    def __hash__(self) -> int:
+        # ipaddress hashes through a hex string: endpoints are hashed for every candidate
+        # at every pass. An IPv4 and an IPv6 address with the same number share a hash and
+        # still differ.
+        return hash((int(self.address), self.port))
+
     def __str__(self) -> str:
-        if self.address.version == 6:
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
+        return _endpoint_text(self.address, self.port)
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
@@ -40,6 +44,11 @@ class Endpoint:
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
         return cls(address, int(port_text))
+
+
+@lru_cache(maxsize=4096)  # every candidate of every peer is shown at every pass
+def _endpoint_text(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def endpoint_bytes(endpoint: Endpoint | None) -> tuple[bytes, int]:
@@ -80,6 +89,7 @@ def address_sort_key(address: IPAddress) -> tuple[int, int]:
     return (address.version, int(address))
 
 
+@lru_cache(maxsize=4096)  # asked of every member's every endpoint at every pass
 def reachable_unicast(address: IPAddress) -> bool:
     """Whether another host could send to `address`: not unspecified, loopback, multicast,
     link-local (no zone to go with it), reserved or the IPv4 broadcast address."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from kubespan.agent.backoff import Backoff
 from kubespan.rawudp import AddressedTransport, PayloadMatch, RawUdpPort
+from kubespan.threads import named_thread
 from kubespan.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class RawPortThread:
         self._lock = threading.Lock()
         self._stopping = False
         self._wakeup = Wakeup()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = named_thread(self._run, name)
 
     def start(self) -> None:
         self._thread.start()

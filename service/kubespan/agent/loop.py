@@ -316,6 +316,7 @@ class Agent:
 
     def _init_status(self, latest: LatestStatus | None) -> None:
         self.counters = LoopCounters()
+        self._status_line: str | None = None  # what systemd was last told
         self.metrics: MetricsServer | None = None  # started with the threads, if configured
         self._state_since: dict[str, float] = {}  # wall time of each peer's last change
         self.latest = latest  # what the status socket serves; None: file only (tests)
@@ -1206,7 +1207,10 @@ class Agent:
         self._last_document = document
         self._write_status(document)
         up = sum(1 for r in reports if r.state is PeerState.UP)
-        notify.status(f"{len(reports)} peers, {up} up")
+        line = f"{len(reports)} peers, {up} up"
+        if line != self._status_line:  # systemd has it: each datagram costs PID 1 work too
+            self._status_line = line
+            notify.status(line)
 
     def _write_status(self, document: dict[str, Any]) -> None:
         encoded = write_status(self.runtime_dir, document)

@@ -19,6 +19,7 @@ from typing import Any
 
 from kubespan import __version__
 from kubespan.netaddr import Endpoint
+from kubespan.threads import named_thread
 from kubespan.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,7 @@ class MetricsServer:
         family_server = _server_class(self.listen)
         self._server = family_server((str(self.listen.address), self.listen.port), Handler)
         self._server.timeout = REQUEST_TIMEOUT  # handle_request's wait, should a client vanish
-        self._thread = threading.Thread(
-            target=self._serve, args=(self._server,), name="metrics", daemon=True
-        )
+        self._thread = named_thread(self._serve, "metrics", args=(self._server,))
         self._thread.start()
 
     def _serve(self, server: HTTPServer) -> None:

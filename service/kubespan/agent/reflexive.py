@@ -22,6 +22,7 @@ from kubespan.agent.backoff import Backoff
 from kubespan.netaddr import Endpoint
 from kubespan.stun import prober
 from kubespan.stun.prober import Reflexive
+from kubespan.threads import named_thread
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ReflexiveProber:
         self._earliest = float("-inf")
         self.min_gap = min_gap
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="stun prober", daemon=True)
+        self._thread = named_thread(self._run, "stun prober")
 
     def start(self) -> None:
         self._thread.start()

@@ -33,6 +33,7 @@ from kubespan.discovery.protocol import Listing
 from kubespan.discovery.view import ClusterView
 from kubespan.errors import DiscoveryError
 from kubespan.netaddr import Endpoint, IPAddress, reachable_unicast
+from kubespan.threads import named_thread
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,8 @@ class DiscoverySession:
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._threads = [
-            threading.Thread(target=self._register_loop, name=f"register {url}", daemon=True),
-            threading.Thread(target=self._watch_loop, name=f"watch {url}", daemon=True),
+            named_thread(self._register_loop, f"register {url}"),
+            named_thread(self._watch_loop, f"watch {url}"),
         ]
 
     def start(self) -> None:

@@ -98,7 +98,8 @@ def write_status(runtime_dir: Path, document: dict[str, Any]) -> bytes:
     # Compact: the C encoder (indent would take the pure-Python one, a third of an idle
     # pass with a hundred peers); `kubespan status --json` indents what it prints.
     encoded = json.dumps(document, separators=(",", ":")).encode()
-    atomic_write(runtime_dir / STATUS_FILE, encoded, mode=0o644)
+    # In /run, written every pass: never synced (it is gone at boot anyway).
+    atomic_write(runtime_dir / STATUS_FILE, encoded, mode=0o644, durable=False)
     return encoded
 
 

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from kubespan.threads import named_thread
 from kubespan.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class StatusServer:
         # wake to look whether they must stop.
         self._wakeup = Wakeup()
         self._sock: socket.socket | None = None
-        self._thread = threading.Thread(target=self._run, name="status server", daemon=True)
+        self._thread = named_thread(self._run, "status server")
         self.served = 0
 
     def start(self) -> None:

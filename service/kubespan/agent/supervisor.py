@@ -25,6 +25,7 @@ from kubespan.agent.statusserver import LatestStatus, placeholder
 from kubespan.config import MachineConfig, parse_config
 from kubespan.errors import ConfigError
 from kubespan.identity import Identity
+from kubespan.threads import named_thread
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class ConfigWatcher:
         self._stamp = stamp(path)
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="config watcher", daemon=True)
+        self._thread = named_thread(self._loop, "config watcher")
 
     def start(self) -> None:
         self._thread.start()

@@ -38,6 +38,7 @@ from kubespan.apply.changes import (
 )
 from kubespan.apply.netlink import NETLINK_NETFILTER, NETLINK_ROUTE
 from kubespan.names import LINK_NAME
+from kubespan.threads import named_thread
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class KernelWatcher:
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sockets: dict[socket.socket, bool] = {}  # socket -> carries nftables messages
         self._state = WatchState()
-        self._thread = threading.Thread(target=self._run, name="kubespan-watch", daemon=True)
+        self._thread = named_thread(self._run, "kernel watcher")
 
     def start(self) -> None:
         """Subscribe (in the caller's thread, so nothing after this call is missed), then

@@ -139,14 +139,19 @@ def diff_routes(
     deletes may hit another of the group than meant, but exactly one remains either way, and
     the replace turns it into ours. Routes under keys we do not use are deleted."""
     ops: list[DataplaneOperation] = []
+    groups: dict[tuple[int, str, str, int, int], list[RouteSpec]] = {}
+    for route in have:
+        groups.setdefault(route.key, []).append(route)
+    keys = set()
     for route in wanted:
-        group = [r for r in have if r.key == route.key]
+        key = route.key
+        keys.add(key)
+        group = groups.get(key, [])
         if group == [route]:
             continue
         ops += [DeleteRoute(r) for r in group[1:]]
         ops.append(ReplaceRoute(route))
-    keys = {route.key for route in wanted}
-    ops += [DeleteRoute(r) for r in have if r.key not in keys]
+    ops += [DeleteRoute(r) for key, group in groups.items() if key not in keys for r in group]
     return ops
 
 

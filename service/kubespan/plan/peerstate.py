@@ -279,7 +279,8 @@ def _decide(
     fresh = [c for c in candidates if c not in tracking.seen_candidates]
     # Only the current candidates are remembered: a member that keeps changing its
     # endpoints grows nothing here (a candidate that comes back counts as new again).
-    tracking = replace(tracking, seen_candidates=everything)
+    if tracking.seen_candidates != everything:
+        tracking = replace(tracking, seen_candidates=everything)
     if state is PeerState.UP:
         if tracking.endpoint in relayed or sighting.endpoint in relayed:
             return _relayed_up(now, tracking, candidates, sighting, timing, answered, relayed)
@@ -624,7 +625,7 @@ def _keep_alive(
     heard = tracking.heard if tracking.heard is not None else now
     round_at = on_grid(heard + timing.quiet, timing.probe_grain)
     if now < round_at:
-        settled = replace(tracking, probe_since=None)
+        settled = tracking if tracking.probe_since is None else replace(tracking, probe_since=None)
         return EndpointDecision(settled, state, None, wake_at=round_at)
     since = tracking.probe_since
     if since is not None and since <= heard:
