@@ -84,7 +84,9 @@ class Clock:
 
     def __init__(self) -> None:
         self.now = 1000.0
-        self.limit = float("inf")
+        # Still until a test lets it run: a checker started before `run_until` bounds it
+        # would otherwise wait its way past every deadline first (a race CI lost once).
+        self.limit = self.now
 
     def run_until(self, at: float) -> None:
         """Let the checker's waits move the clock to `at`, and wait for that."""
