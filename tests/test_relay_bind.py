@@ -25,6 +25,7 @@ from kubespan.relay.bind import (
     parse,
 )
 from kubespan.relay.bindings import (
+    ALONE_RENEWED_WITHIN_SECONDS,
     BIND_LIFETIME_SECONDS,
     CLOCK_SKEW_MS,
     ONE_SIDED_PER_MEMBER,
@@ -73,6 +74,7 @@ def bound(
         WALL,
     )
     assert outcome is not None
+    assert outcome.answer is not None
     return outcome.bindings, outcome.answer
 
 
@@ -83,6 +85,7 @@ def test_messages_round_trip_and_are_all_one_size() -> None:
     key = os.urandom(32)
     messages = [
         bind(A, B, attempt=3),
+        replace(bind(A, B), leaving=True),
         replace(bind(A, B), kind=Kind.BOUND, sender=RELAY_KEY, observed=A_MAPPING),
         replace(bind(A, B), kind=Kind.REFUSED, sender=RELAY_KEY, reason=Refusal.PORT_TAKEN),
         replace(
@@ -117,7 +120,7 @@ def test_a_changed_byte_or_another_key_is_not_authentic() -> None:
         (b"\x00" * 126, "not a bind message of this version"),
         (b"KSrb\x07\x01" + bytes(120), "unknown bind message kind 7"),
         (b"KSrb\x03\x01\x09" + bytes(119), "unknown refusal reason 9"),
-        (b"KSrb\x01\x01\x05" + bytes(119), "a BIND carries no reason"),
+        (b"KSrb\x01\x01\x05" + bytes(119), "unknown BIND flags 5"),
         (b"KSrb\x02\x01\x02" + bytes(119), "unknown BOUND flags 2"),
         (b"KSrb\x02\x01" + bytes(120), "BOUND without the observed mapping"),
         (b"KSrb\x01\x01" + bytes(89) + b"\x01" + bytes(30), "only BOUND carries"),
@@ -209,6 +212,75 @@ def test_bound_says_whether_the_other_side_is_bound_too() -> None:
     assert parse(encode(second, key)).paired and parse(encode(first, key)).paired is False
 
 
+def test_a_binding_its_side_left_waiting_alone_pairs_no_one() -> None:
+    """A side told it is alone renews every 2 s; one that stopped gave up waiting and moved
+    on, leaving its binding to lapse. The other side, binding later, must hear that it is
+    alone, or it takes the leftover for its peer and finds out only when it lapses."""
+    bindings, answer = bound()
+    assert not answer.paired
+    late = NOW + ALONE_RENEWED_WITHIN_SECONDS + 1
+    bindings, answer = bound(bindings, bind(B, A), source=B_MAPPING, now=late)
+    assert answer.kind == Kind.BOUND and not answer.paired
+    assert forwarded(bindings, late).pairs  # forwarded while the binding lives, all the same
+    # The side comes back: both are told.
+    bindings, answer = bound(bindings, bind(A, B, time_ms=WALL + 1), now=late + 1)
+    assert answer.paired
+    _, answer = bound(bindings, bind(B, A, time_ms=WALL + 2), source=B_MAPPING, now=late + 2)
+    assert answer.paired
+
+
+def leave(
+    bindings: tuple[SideBinding, ...],
+    side: bytes,
+    peer: bytes,
+    time_ms: int,
+    attempt: int = 0,
+    now: float = NOW,
+) -> tuple[SideBinding, ...]:
+    message = replace(bind(side, peer, attempt, time_ms), leaving=True)
+    source = A_MAPPING if side == A else B_MAPPING
+    outcome = take_bind(bindings, message, source, port_of(side, peer), POLICY, now, WALL)
+    assert outcome is not None and outcome.answer is None  # nothing to answer
+    return outcome.bindings
+
+
+def test_a_side_that_leaves_stops_the_pair_at_once_and_its_peer_hears_it_is_alone() -> None:
+    bindings, _ = bound()
+    bindings, answer = bound(bindings, bind(B, A), source=B_MAPPING, now=NOW + 1)
+    assert answer.paired and forwarded(bindings, NOW + 1).pairs
+    bindings = leave(bindings, A, B, WALL + 1, now=NOW + 2)
+    assert forwarded(bindings, NOW + 2).pairs == ()
+    _, answer = bound(bindings, bind(B, A, time_ms=WALL + 2), source=B_MAPPING, now=NOW + 3)
+    assert not answer.paired
+    # Its binds from before the leave are replays now, and it can bind again after.
+    _, answer = bound(bindings, bind(A, B, time_ms=WALL), now=NOW + 3)
+    assert answer.reason == Refusal.REPLAYED
+    bindings, answer = bound(bindings, bind(A, B, time_ms=WALL + 3), now=NOW + 4)
+    assert answer.kind == Kind.BOUND and answer.paired
+
+
+def test_a_leave_moves_only_its_own_binding_and_only_when_fresh() -> None:
+    bindings, _ = bound()
+    bindings, _ = bound(bindings, bind(B, A), source=B_MAPPING, now=NOW + 1)
+    # A replayed leave (not newer than the side's last bind), one for another attempt, and
+    # one from a side with no binding: nothing changes.
+    assert leave(bindings, A, B, WALL) == bindings
+    assert leave(bindings, A, B, WALL + 1, attempt=1) == bindings
+    assert leave(bindings, A, C, WALL + 1) == bindings
+    assert forwarded(leave(bindings, B, A, WALL + 1, now=NOW + 2), NOW + 2).pairs == ()
+
+
+def test_a_binding_told_it_was_paired_counts_while_it_lives() -> None:
+    """A side told it is paired renews every 20 s, and one moving to a nearer relay leaves
+    its binding here to carry the pair meanwhile: the side that stays is still paired."""
+    bindings, _ = bound()
+    bindings, answer = bound(bindings, bind(B, A), source=B_MAPPING, now=NOW + 1)
+    assert answer.paired
+    later = NOW + BIND_LIFETIME_SECONDS - 1  # B bound last at NOW + 1: still live
+    _, answer = bound(bindings, bind(A, B, time_ms=WALL + 1), now=later)
+    assert answer.paired
+
+
 def test_sides_reaching_the_relay_at_two_of_its_addresses_are_paired() -> None:
     other_address = ipaddress.ip_address("203.0.113.31")
     bindings, _ = bound()
@@ -270,7 +342,7 @@ def test_sides_of_different_attempts_are_not_a_pair() -> None:
 )
 def test_refusals(message: BindMessage, to: Endpoint | None, reason: Refusal) -> None:
     outcome = take_bind((), message, A_MAPPING, to or port_of(A, B), POLICY, NOW, WALL)
-    assert outcome is not None
+    assert outcome is not None and outcome.answer is not None
     assert (outcome.answer.kind, outcome.answer.reason) == (Kind.REFUSED, reason)
     assert outcome.bindings == ()
 
@@ -289,7 +361,7 @@ def test_a_replayed_bind_moves_nothing_even_after_its_binding_lapsed() -> None:
     later = NOW + REMEMBER_SECONDS
     wall = WALL + int(REMEMBER_SECONDS * 1000)
     outcome = take_bind(bindings, first, elsewhere, port_of(A, B), POLICY, later, wall)
-    assert outcome is not None
+    assert outcome is not None and outcome.answer is not None
     assert (outcome.answer.reason, outcome.bindings) == (Refusal.STALE, ())
 
 
@@ -312,7 +384,7 @@ def test_one_member_cannot_hold_every_slot_with_one_sided_bindings() -> None:
     answers = []
     for peer in members:
         outcome = take_bind(bindings, bind(A, peer), A_MAPPING, port_of(A, peer), policy, NOW, WALL)
-        assert outcome is not None
+        assert outcome is not None and outcome.answer is not None
         bindings = outcome.bindings
         answers.append((outcome.answer.kind, outcome.answer.reason))
     bound_ones = [a for a in answers if a[0] == Kind.BOUND]

@@ -29,8 +29,11 @@ from kubespan.relay.client import (
     FAILED_FOR,
     KEEP_BOUND,
     MOVE_EVERY,
+    NEARER_HOLD,
     REFRESH_SECONDS,
+    UNPAIRED_REFRESH,
     UNPAIRED_WAIT,
+    Bound,
     RelayChanged,
     RelayClient,
 )
@@ -42,6 +45,7 @@ from wgkeys import Keys
 PORTS = PortRange(29100, 256)
 RELAY_AT = ipaddress.ip_address("203.0.113.30")
 SILENT_AT = ipaddress.ip_address("203.0.113.31")
+NEAR_AT = ipaddress.ip_address("203.0.113.33")  # a second relay that answers
 A_AT = Endpoint.parse("198.51.100.1:40000")  # side A's NAT mapping
 B_AT = Endpoint.parse("192.0.2.2:51820")
 WAIT = 5.0
@@ -86,6 +90,7 @@ class Net:
     def __init__(self) -> None:
         self.sides: dict[Endpoint, Wire] = {}
         self.relay: Wire | None = None
+        self.other_relays: dict[IPAddress, Wire] = {}
         self.lock = threading.Lock()
 
     def deliver(
@@ -97,13 +102,16 @@ class Net:
         source_port: int | None,
     ) -> None:
         with self.lock:
-            if sender is self.relay:
+            relays = dict(self.other_relays)
+            if self.relay is not None:
+                relays[RELAY_AT] = self.relay
+            if sender in relays.values():
                 wire = self.sides.get(destination)
                 if wire is not None and source is not None:
                     wire.incoming.put(Datagram(Endpoint(source, source_port or 0), payload, None))
-            elif self.relay is not None and destination.address == RELAY_AT:
+            elif destination.address in relays:
                 assert isinstance(sender.at, Endpoint)
-                self.relay.incoming.put(
+                relays[destination.address].incoming.put(
                     Datagram(sender.at, payload, destination.address, destination.port)
                 )
 
@@ -129,18 +137,8 @@ class Lab:
         self.clock = [1000.0]
         self.relay, self.a, self.b = Keys(), Keys(), Keys()
         self.forwarder = Forwarder()
-        self.server = RelayServer(
-            self.relay.private,
-            self.relay.public,
-            CLUSTER.relay_bind_key,
-            PORTS,
-            max_pairs=8,
-            forwarder=self.forwarder,  # type: ignore[arg-type]
-            transport=self._relay_wire,
-            monotonic=self.now,
-            wall_ms=lambda: int(self.clock[0] * 1000),
-        )
-        self.server.set_members([self.a.public, self.b.public])
+        self.server = self._server(self.relay, self._relay_wire)
+        self.other_servers: list[RelayServer] = []
         self.events: dict[bytes, queue.Queue[object]] = {}
         self.clients = {
             keys.public: self._client(keys, at) for keys, at in ((self.a, A_AT), (self.b, B_AT))
@@ -159,6 +157,31 @@ class Lab:
     def _relay_wire(self) -> Wire:
         self.net.relay = Wire(self.net, RELAY_AT)
         return self.net.relay
+
+    def _server(self, keys: Keys, wire: Callable[[], Wire]) -> RelayServer:
+        server = RelayServer(
+            keys.private,
+            keys.public,
+            CLUSTER.relay_bind_key,
+            PORTS,
+            max_pairs=8,
+            forwarder=self.forwarder,  # type: ignore[arg-type]
+            transport=wire,
+            monotonic=self.now,
+            wall_ms=lambda: int(self.clock[0] * 1000),
+        )
+        server.set_members([self.a.public, self.b.public])
+        return server
+
+    def add_relay(self, at: IPAddress) -> RelayOffer:
+        """Another relay that answers, at `at`, running: its offer."""
+        keys = Keys()
+        self.net.other_relays[at] = Wire(self.net, at)
+        server = self._server(keys, lambda: self.net.other_relays[at])
+        self.other_servers.append(server)
+        server.start()
+        assert server.ready.wait(WAIT)
+        return self.offer(keys, at)
 
     def _client(self, keys: Keys, at: Endpoint) -> RelayClient:
         wire = Wire(self.net, at)
@@ -200,10 +223,12 @@ def lab() -> Iterator[Lab]:
     yield made
     for client in made.clients.values():
         client.stop()
-    made.server.stop()
+    for server in (made.server, *made.other_servers):
+        server.stop()
     for client in made.clients.values():
         client.join(WAIT)
-    made.server.join(WAIT)
+    for server in (made.server, *made.other_servers):
+        server.join(WAIT)
 
 
 def wait_for(condition: Callable[[], object], what: str) -> None:
@@ -368,9 +393,13 @@ def test_a_pair_told_of_a_much_nearer_relay_moves_there_without_a_gap_or_back(la
     wait_for(lambda: wire.sent > sent, "a renewal")
     assert lab.bound(lab.a) == at_relay
     assert all(d.address == RELAY_AT for d in wire.destinations)
-    # Much nearer: A binds there (it stays silent), and meanwhile the relay it left, which
-    # still forwards the pair, is what the agent sets: no gap.
+    # Much nearer, once the agent has said so for NEARER_HOLD: A binds there (it stays
+    # silent), and meanwhile the relay it left, which still forwards the pair, is what the
+    # agent sets: no gap.
     side_a.want({lab.b.public: (near, lab.offer())}, nearer=frozenset({lab.b.public}))
+    lab.advance(NEARER_HOLD - 1.0)
+    assert all(d.address == RELAY_AT for d in wire.destinations)
+    lab.advance(2.0)
     wait_for(lambda: wire.destinations[-1].address == SILENT_AT, "a bind to the nearer relay")
     assert lab.bound(lab.a) == at_relay
     # It never answers: failed, A binds at the relay it left again, and stays (the nearer
@@ -401,6 +430,7 @@ def test_a_pair_that_leaves_and_comes_back_remembers_the_relay_that_failed_it(la
     wire = lab.net.sides[A_AT]
     near = lab.offer(Keys(), SILENT_AT)
     side_a.want({lab.b.public: (near, lab.offer())}, nearer=frozenset({lab.b.public}))
+    lab.advance(NEARER_HOLD + 1.0)
     wait_for(lambda: wire.destinations[-1].address == SILENT_AT, "a bind to the nearer relay")
     sent = wire.sent
     lab.advance(ANSWER_WAIT + 0.1)
@@ -413,3 +443,50 @@ def test_a_pair_that_leaves_and_comes_back_remembers_the_relay_that_failed_it(la
     wait_for(lambda: wire.sent > sent, "a bind on its return")
     lab.advance(REFRESH_SECONDS, step=5.0)
     assert {d.address for d in wire.destinations[sent:]} == {RELAY_AT}
+
+
+@pytest.mark.parametrize("told_later", [0.0, 13.0, 45.0])
+def test_a_move_the_other_side_does_not_follow_is_tried_again_until_it_does(
+    lab: Lab, told_later: float
+) -> None:
+    """The higher key finds a relay much nearer first and moves there; the lower one finds
+    it `told_later` (at once, or once the higher has gone back). Nothing is wrong with the
+    relay: the pair must not shun it for MOVE_FAILED_FOR (each side's failed move would
+    block the other's), the sides' tries must meet, and meanwhile both sides always show a
+    binding (no gap), never two different relays for longer than a renewal takes."""
+    lab.want_pair(lab.offer())
+    wait_paired(lab)
+    near = lab.add_relay(NEAR_AT)
+    order = (near, lab.offer())
+    higher, lower = sorted((lab.a, lab.b), key=lambda k: k.public, reverse=True)
+    lab.clients[lower.public].want({higher.public: order})
+    lab.clients[higher.public].want({lower.public: order}, nearer=frozenset({lower.public}))
+    clock_at_start = lab.now()
+    told = False
+
+    def shown(side: Keys, peer: Keys) -> Bound | None:
+        return lab.clients[side.public].bound().get(peer.public)
+
+    apart_since: float | None = None
+    deadline = lab.now() + 5 * (60.0 + 3 * UNPAIRED_WAIT)
+    while True:
+        ours, theirs = shown(higher, lower), shown(lower, higher)
+        assert ours is not None and theirs is not None, f"a gap at {lab.now()}"
+        if ours.relay == theirs.relay:
+            apart_since = None
+            if ours.relay == near and ours.paired and theirs.paired:
+                break  # moved, both sides
+        elif apart_since is None:
+            apart_since = lab.now()
+        else:
+            assert lab.now() - apart_since <= 2 * UNPAIRED_REFRESH + 2.0, "the sides split"
+        assert lab.now() < deadline, "the sides' moves never met"
+        if not told and lab.now() - clock_at_start >= told_later:
+            lab.clients[lower.public].want(
+                {higher.public: order}, nearer=frozenset({higher.public})
+            )
+            told = True
+        lab.advance(1.0, step=1.0)
+    # Only the relay moved to: nothing was failed on the way.
+    for side in (lab.clients[higher.public], lab.clients[lower.public]):
+        assert all(not pair.failed for pair in side._pairs.values())

@@ -11,7 +11,8 @@ Layout (126 bytes; answers exactly as long as binds, so a bind reflects no more 
 costs):
 
     tag "KSrb" (4) | kind (1) | version (1) | reason (REFUSED) or flags (BOUND: 1, the
-    other side is bound too, so the pair is forwarded) (1) | attempt (1) | sender's WireGuard
+    other side is bound too, so the pair is forwarded; BIND: 1, leaving: the side gives its
+    binding up, and wants no answer) (1) | attempt (1) | sender's WireGuard
     public key (32) | the pair's other side's key (32) | sender's clock, ms since the epoch (8)
     | transaction id (12) | observed mapping (16 address, IPv4 mapped, + 2 port; zero in a
     bind) | MAC (16)
@@ -40,6 +41,7 @@ MAC_BYTES = 16
 _BODY = struct.Struct("!IBBBB32s32sQ12s16sH")
 MESSAGE_BYTES = _BODY.size + MAC_BYTES
 PAIRED = 1  # BOUND's flags (the reason byte): the other side of the pair is bound too
+LEAVING = 1  # BIND's flags: the side gives its binding up (relays before it ignore this)
 
 
 class Kind(IntEnum):
@@ -76,6 +78,7 @@ class BindMessage:
     reason: Refusal | None = None  # REFUSED only
     observed: Endpoint | None = None  # BOUND only: where the bind came from
     paired: bool = False  # BOUND only: the other side is bound too (the pair is forwarded)
+    leaving: bool = False  # BIND only: the side gives its binding up
 
 
 def encode(message: BindMessage, key: bytes) -> bytes:
@@ -88,6 +91,8 @@ def encode(message: BindMessage, key: bytes) -> bytes:
     packed, port = endpoint_bytes(message.observed)
     if message.kind == Kind.BOUND:
         reason_byte = PAIRED if message.paired else 0
+    elif message.kind == Kind.BIND:
+        reason_byte = LEAVING if message.leaving else 0
     else:
         reason_byte = message.reason or 0
     body = _BODY.pack(
@@ -125,8 +130,8 @@ def parse(payload: bytes) -> BindMessage:
     elif kind == Kind.BOUND:
         if reason not in (0, PAIRED):
             raise BindError(f"unknown BOUND flags {reason}")
-    elif reason:
-        raise BindError("a BIND carries no reason")
+    elif reason not in (0, LEAVING):
+        raise BindError(f"unknown BIND flags {reason}")
     observed = endpoint_from_bytes(packed, port)
     if kind == Kind.BOUND and observed is None:
         raise BindError("BOUND without the observed mapping")
@@ -142,6 +147,7 @@ def parse(payload: bytes) -> BindMessage:
         refusal,
         observed,
         paired=kind == Kind.BOUND and reason == PAIRED,
+        leaving=kind == Kind.BIND and reason == LEAVING,
     )
 
 

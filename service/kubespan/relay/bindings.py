@@ -20,6 +20,12 @@ CLOCK_SKEW_MS = 90_000  # how far a side's clock may be from the relay's
 # A lapsed binding is remembered this much longer (not forwarded, holding no port), so its
 # last bind cannot be replayed once it has lapsed: any bind older is outside the clock window.
 REMEMBER_SECONDS = BIND_LIFETIME_SECONDS + 2 * CLOCK_SKEW_MS / 1000
+# A side told it is alone renews its binding every 2 s (relay.client). One not renewed for
+# this long was left by its side (it gave up waiting and moved on): a side binding later is
+# told it is alone too, instead of taking the leftover for its peer and finding out when it
+# lapses. (A side told it is paired renews every 20 s, and a side moving to another relay
+# leaves that binding to carry the pair meanwhile: it counts while it lives.)
+ALONE_RENEWED_WITHIN_SECONDS = 10.0
 # One-sided bindings a member may hold at once: each holds two ports until its peer binds.
 ONE_SIDED_PER_MEMBER = 16
 
@@ -34,6 +40,7 @@ class SideBinding:
     mapping: Endpoint  # where the side's datagrams come from, as the relay sees them
     time_ms: int  # the side's clock in its latest bind: an older one is a replay
     expires_at: float
+    paired: bool = False  # what its latest bind was told: the other side was bound too
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class RelayPolicy:
 @dataclass(frozen=True)
 class BindOutcome:
     bindings: tuple[SideBinding, ...]
-    answer: BindMessage
+    answer: BindMessage | None  # None: nothing to answer (a side leaving)
 
 
 def live(bindings: tuple[SideBinding, ...], now: float) -> tuple[SideBinding, ...]:
@@ -81,6 +88,10 @@ def take_bind(
         return None
     kept = remembered(bindings, now)
     current = live(kept, now)
+    if message.leaving:
+        side = (message.sender, message.peer)
+        previous = next((b for b in kept if (b.side, b.peer) == side), None)
+        return BindOutcome(_left(kept, previous, message, now, wall_ms), None)
 
     def refuse(reason: Refusal, attempt: int | None = None) -> BindOutcome:
         answer = _answer(message, policy, Kind.REFUSED, reason=reason)
@@ -134,12 +145,44 @@ def take_bind(
         time_ms=message.time_ms,
         expires_at=now + BIND_LIFETIME_SECONDS,
     )
+    # Paired: the other side is bound too (same attempt, checked above) and has not left, so
+    # the pair is forwarded; a side bound alone for long moves to another relay
+    # (relay.client).
+    paired = (
+        peer_side is not None
+        and _same_version(binding, peer_side)
+        and (
+            peer_side.paired
+            or now - (peer_side.expires_at - BIND_LIFETIME_SECONDS) <= ALONE_RENEWED_WITHIN_SECONDS
+        )
+    )
+    binding = replace(binding, paired=paired)
     rest = tuple(b for b in kept if b is not previous)
-    # Paired: the other side is bound too (same attempt, checked above), so the pair is
-    # forwarded; a side bound alone for long moves to another relay (relay.client).
-    paired = peer_side is not None and _same_version(binding, peer_side)
     answer = _answer(message, policy, Kind.BOUND, observed=source, paired=paired)
     return BindOutcome((*rest, binding), answer)
+
+
+def _left(
+    kept: tuple[SideBinding, ...],
+    previous: SideBinding | None,
+    message: BindMessage,
+    now: float,
+    wall_ms: int,
+) -> tuple[SideBinding, ...]:
+    """The bindings after a side's leave (a BIND saying it gives its binding up): that
+    binding lapsed now, and remembered with the leave's clock, so no bind from before it can
+    be replayed; the pair stops, and a side binding later is told it is alone. A leave that
+    is not newer than the side's last bind, too far from the relay's clock, or for another
+    attempt changes nothing; none is answered."""
+    if (
+        previous is None
+        or message.time_ms <= previous.time_ms
+        or abs(wall_ms - message.time_ms) > CLOCK_SKEW_MS
+        or previous.attempt != message.attempt
+    ):
+        return kept
+    gone = replace(previous, time_ms=message.time_ms, expires_at=min(previous.expires_at, now))
+    return tuple(gone if b is previous else b for b in kept)
 
 
 def _complete_pairs(bindings: list[SideBinding]) -> set[frozenset[bytes]]:

@@ -14,9 +14,17 @@ bind within ANSWER_WAIT, or the agent saying the relay did not carry the pair (`
 the agent says has a much nearer relay (`want`'s `nearer`, relay.choice.nearer) binds at
 the first of its order, at most every MOVE_EVERY; the relay it left carries the pair until
 the new one does (its bindings there lapse only after the relay's lifetime), and if the new
-one fails the pair, it is not tried again for MOVE_FAILED_FOR. A pair the agent stops
-wanting and wants again (up directly a while, a state that flapped) keeps both what failed
-it and when it last moved.
+one fails the pair, it is not tried again for MOVE_FAILED_FOR. The agent must have said so
+for NEARER_HOLD: both sides act on the same records, and a figure that came and went would
+move one side only. A move the other side did not follow (bound alone there too long) is no
+fault of the relay: the pair goes back to the relay it left (before that one's binding
+lapses), and may move again after FAILED_FOR, UNFOLLOWED_TRIES times in a row while the
+relay stays much nearer; the relay remains a choice should the pair's relay fail. A pair
+the agent stops wanting and wants again (up directly a while, a state that flapped) keeps
+what failed it, where it is not to move, and when it last moved. A side that gives a
+binding up (the relay failed the pair, a move was not followed, the peer is no longer
+wanted) says so to the relay (a BIND marked leaving), which stops forwarding the pair and
+tells the other side, should it bind there later, that it is alone.
 
 Both sides normally pick the same relay (relay.choice), but their views can differ (one
 reaches a relay the other does not, one failed it lately). A side bound alone moves on:
@@ -61,6 +69,9 @@ KEEP_BOUND = 50.0  # unanswered renewals keep the binding this long (the relay's
 FAILED_FOR = 60.0  # a relay that failed a pair is not asked for it again this long
 MOVE_FAILED_FOR = 900.0  # ... when the pair had moved there from a working relay
 MOVE_EVERY = 300.0  # a pair moves to a nearer relay at most this often
+NEARER_HOLD = 15.0  # a relay is found much nearer this long before the pair moves there
+UNFOLLOWED_TRIES = 4  # moves in a row the other side does not follow, tried FAILED_FOR apart
+LEAVE_MARGIN = 5.0  # a move not followed is given up this long before the binding left lapses
 MAX_PAIRS = 256  # pairs bound at once at most (the relay's quota is lower per side anyway)
 TURN_SECONDS = 1.0
 IDLE_TURN_SECONDS = 30.0
@@ -93,8 +104,12 @@ class _Pair:
     bound_at: float = 0.0
     alone_since: float | None = None  # bound, the other side not (yet)
     failed: dict[bytes, float] = field(default_factory=dict)  # relay key -> until
+    no_move: dict[bytes, float] = field(default_factory=dict)  # not moved to until (by key)
     moving: bool = False  # left a working relay for a nearer one, not yet paired there
     moved_at: float = float("-inf")
+    moved_before: float = float("-inf")  # `moved_at` before the move under way
+    unfollowed: int = 0  # moves in a row the other side did not follow
+    nearer_since: float | None = None  # the agent has said a much nearer relay since then
     previous: Bound | None = None  # the binding left, still shown until `previous_until`
     previous_until: float = 0.0
 
@@ -131,10 +146,12 @@ class RelayClient(RawPortThread):
         self._nearer: frozenset[bytes] = frozenset()
         self._pairs: dict[bytes, _Pair] = {}  # the thread's own
         # A pair no longer wanted (up directly a while, or its state flapped) comes back
-        # with what it learned: the relays that failed it and when it last moved.
-        self._left: dict[bytes, tuple[dict[bytes, float], float]] = {}
+        # with what it learned: the relays that failed it, those it is not to move to, and
+        # when it last moved.
+        self._left: dict[bytes, tuple[dict[bytes, float], dict[bytes, float], float]] = {}
         self._bound: dict[bytes, Bound] = {}  # what the agent reads
         self._keys: dict[bytes, bytes | None] = {}
+        self._outbox: list[tuple[Endpoint, bytes]] = []  # releases, sent at the turn's end
 
     # --- any thread ---------------------------------------------------------------------
 
@@ -172,6 +189,7 @@ class RelayClient(RawPortThread):
         self._take_wanted(now)
         for peer, pair in self._pairs.items():
             self._step(transport, peer, pair, now)
+        self._send_outbox(transport)
         self._publish()
         # With no pair to bind, only a datagram or a want() (it pokes) can change anything:
         # an idle agent's threads do not wake by the second.
@@ -183,23 +201,36 @@ class RelayClient(RawPortThread):
                 break
             self._take(datagram)
             datagram = transport.receive_datagram(0.0)
+        self._send_outbox(transport)
         self._publish()
+
+    def _send_outbox(self, transport: AddressedTransport) -> None:
+        outbox, self._outbox = self._outbox, []
+        for destination, payload in outbox:
+            try:
+                transport.send(destination, payload)
+            except OSError as error:
+                log.debug("relay release to %s not sent: %s", destination, error)
 
     def _take_wanted(self, now: float) -> None:
         with self._lock:
             wanted, failing, nearer = dict(self._wanted), self._failing, self._nearer
         for peer, pair in self._pairs.items():
             if peer not in wanted:
-                self._left[peer] = (pair.failed, pair.moved_at)
+                self._left[peer] = (pair.failed, pair.no_move, pair.moved_at)
+                self._release(peer, pair)
         self._pairs = {
             peer: self._pairs.get(peer) or self._returning(peer, relays, now)
             for peer, relays in wanted.items()
         }
         self._left = {
-            peer: (failed, moved_at)
-            for peer, (failed, moved_at) in self._left.items()
+            peer: (failed, no_move, moved_at)
+            for peer, (failed, no_move, moved_at) in self._left.items()
             if peer not in wanted
-            and (now - moved_at < MOVE_EVERY or any(u > now for u in failed.values()))
+            and (
+                now - moved_at < MOVE_EVERY
+                or any(u > now for u in (*failed.values(), *no_move.values()))
+            )
         }
         while len(self._left) > MAX_PAIRS:
             del self._left[next(iter(self._left))]
@@ -214,19 +245,26 @@ class RelayClient(RawPortThread):
                     pair.relay.name,
                     peer.hex()[:16],
                 )
-                self._fail(pair, now)
+                self._fail(peer, pair, now)
             first = next(
                 (r for r in pair.relays if pair.failed.get(r.public_key, 0.0) <= now), None
             )
             current = pair.relay
+            if peer not in nearer:
+                pair.nearer_since, pair.unfollowed = None, 0
+            elif pair.nearer_since is None:
+                pair.nearer_since = now
             # Only to the first of the order, the one found nearer (and the one the other
-            # side moves to), and not while it failed this pair lately.
+            # side moves to), not while it failed this pair lately, and not on a figure that
+            # came and went: the other side acts on the same records, and must find it too.
             if (
-                peer in nearer
+                pair.nearer_since is not None
+                and now - pair.nearer_since >= NEARER_HOLD
                 and current is not None
                 and first is not None
                 and first is pair.relays[0]
                 and current != first
+                and pair.no_move.get(first.public_key, 0.0) <= now
                 and pair.bound is not None
                 and pair.bound.paired
                 and now - pair.moved_at >= MOVE_EVERY
@@ -239,26 +277,35 @@ class RelayClient(RawPortThread):
                 )
                 left, until = pair.bound, pair.bound_at + KEEP_BOUND
                 self._drop(pair)  # not failed: it stays the next choice
-                pair.moving, pair.moved_at = True, now
+                pair.moving, pair.moved_before, pair.moved_at = True, pair.moved_at, now
                 pair.previous, pair.previous_until = left, until
             if pair.relay is None:
                 pair.relay, pair.attempt = first, 0
 
     def _returning(self, peer: bytes, relays: tuple[RelayOffer, ...], now: float) -> _Pair:
-        failed, moved_at = self._left.get(peer, ({}, float("-inf")))
-        return _Pair(relays, failed={k: u for k, u in failed.items() if u > now}, moved_at=moved_at)
+        failed, no_move, moved_at = self._left.get(peer, ({}, {}, float("-inf")))
+        return _Pair(
+            relays,
+            failed={k: u for k, u in failed.items() if u > now},
+            no_move={k: u for k, u in no_move.items() if u > now},
+            moved_at=moved_at,
+        )
 
     def _step(self, transport: AddressedTransport, peer: bytes, pair: _Pair, now: float) -> None:
         relay = pair.relay
         if relay is None:
             return
-        if self._alone_too_long(peer, pair, now):
+        alone_until = self._alone_until(peer, pair)
+        if alone_until is not None and now >= alone_until:
             log.info(
                 "relay %s: peer %s did not bind there; trying the next",
                 relay.name,
                 peer.hex()[:16],
             )
-            self._fail(pair, now)
+            if pair.moving:
+                self._unfollowed(peer, pair, now)
+            else:
+                self._fail(peer, pair, now)
             return
         if pair.round_start is None and (pair.bound is None or now >= self._renew_at(pair)):
             self._new_round(pair, now)
@@ -273,23 +320,16 @@ class RelayClient(RawPortThread):
                     relay.name,
                     peer.hex()[:16],
                 )
-                self._fail(pair, now)
+                self._fail(peer, pair, now)
                 return
         key = self._key(relay.public_key)
         if key is None:
-            self._fail(pair, now)
+            self._fail(peer, pair, now)
             return
         while pair.sends < len(SEND_AT) and now - pair.round_start >= SEND_AT[pair.sends]:
             pair.sends += 1
             port = pair_ports(relay.ports, relay.public_key, self._public, peer, pair.attempt)[0]
-            message = bind.BindMessage(
-                bind.Kind.BIND,
-                self._public,
-                peer,
-                pair.attempt,
-                self._wall_ms(),
-                pair.transaction,
-            )
+            message = self._bind(peer, pair, pair.transaction)
             try:
                 transport.send(Endpoint(relay.address, port), bind.encode(message, key))
             except OSError as error:
@@ -330,6 +370,8 @@ class RelayClient(RawPortThread):
                     ", forwarded" if bound.paired else ", waiting for the peer to bind",
                 )
             if bound.paired:
+                if pair.moving:
+                    pair.unfollowed = 0
                 pair.alone_since, pair.moving = None, False
             elif pair.alone_since is None:
                 pair.alone_since = now
@@ -347,7 +389,7 @@ class RelayClient(RawPortThread):
                 message.peer.hex()[:16],
                 reason.name if reason else "-",
             )
-            self._fail(pair, now)
+            self._fail(message.peer, pair, now)
 
     def _again(self, pair: _Pair, attempt: int, now: float) -> None:
         pair.attempt, pair.bound = attempt, None
@@ -362,22 +404,76 @@ class RelayClient(RawPortThread):
         paired = pair.bound is not None and pair.bound.paired
         return pair.bound_at + (REFRESH_SECONDS if paired else UNPAIRED_REFRESH)
 
-    def _alone_too_long(self, peer: bytes, pair: _Pair, now: float) -> bool:
-        """Bound alone past this side's patience: the higher key waits UNPAIRED_WAIT, the
-        lower three times as long (so the higher one comes to it)."""
+    def _alone_until(self, peer: bytes, pair: _Pair) -> float | None:
+        """When this side, bound alone, stops waiting: the higher key waits UNPAIRED_WAIT,
+        the lower three times as long (so the higher one comes to it); a side moving goes
+        back before the binding it left lapses (that one carries the pair meanwhile)."""
         if pair.alone_since is None or pair.bound is None or pair.bound.paired:
-            return False
+            return None
         patience = UNPAIRED_WAIT if self._public > peer else 3 * UNPAIRED_WAIT
-        return now - pair.alone_since >= patience
+        until = pair.alone_since + patience
+        if pair.moving and pair.previous is not None:
+            until = min(until, pair.previous_until - LEAVE_MARGIN)
+        return until
 
-    def _fail(self, pair: _Pair, now: float) -> None:
+    def _fail(self, peer: bytes, pair: _Pair, now: float, wait: float | None = None) -> None:
+        self._release(peer, pair)
         if pair.relay is not None:
             # A nearer relay that did not carry the pair is not moved to again for long:
             # the pair had a working relay, and each try costs it a gap.
-            until = now + (MOVE_FAILED_FOR if pair.moving else FAILED_FOR)
-            pair.failed[pair.relay.public_key] = until
+            if wait is None:
+                wait = MOVE_FAILED_FOR if pair.moving else FAILED_FOR
+            pair.failed[pair.relay.public_key] = now + wait
         pair.failed = {k: until for k, until in pair.failed.items() if until > now}
         self._drop(pair)
+
+    def _unfollowed(self, peer: bytes, pair: _Pair, now: float) -> None:
+        """A move the other side did not make (it found the relay nearer later, or not at
+        all): no fault of the relay, and it cost no gap (the binding left is still shown).
+        The pair goes back to the relay it left, and may move again once the other side
+        can be expected to agree, after FAILED_FOR; the move it did not make is not counted
+        against MOVE_EVERY. A fixed wait, so two sides out of step still meet: the higher
+        key tries about every 72 s (FAILED_FOR and its 12 s alone), the lower waits up to
+        36 s alone about every 96 s, so one of a few tries falls in a wait of the other's.
+        After UNFOLLOWED_TRIES in a row, the other side is not coming (it does not find
+        the relay nearer, or does not reach it): MOVE_FAILED_FOR. The relay is still a
+        choice should the one the pair is at fail: it is not failed."""
+        moved_to, left = pair.relay, pair.previous
+        pair.unfollowed += 1
+        pair.moved_at = pair.moved_before
+        if moved_to is not None:
+            wait = FAILED_FOR if pair.unfollowed < UNFOLLOWED_TRIES else MOVE_FAILED_FOR
+            pair.no_move[moved_to.public_key] = now + wait
+        pair.no_move = {k: until for k, until in pair.no_move.items() if until > now}
+        self._release(peer, pair)
+        self._drop(pair)
+        if left is not None and left.relay in pair.relays:
+            pair.relay = left.relay
+
+    def _release(self, peer: bytes, pair: _Pair) -> None:
+        """Tell the relay this side gives its binding up (sent with the turn's datagrams),
+        so it stops forwarding the pair and a peer binding later hears it is alone; lost,
+        the binding lapses by itself. A binding left for a nearer relay is not released:
+        it carries the pair until the new one does."""
+        relay, bound = pair.relay, pair.bound
+        key = None if relay is None else self._key(relay.public_key)
+        if relay is None or bound is None or key is None:
+            return
+        message = self._bind(peer, pair, self._random_bytes(bind.TRANSACTION_ID_BYTES), True)
+        self._outbox.append((bound.endpoint, bind.encode(message, key)))
+
+    def _bind(
+        self, peer: bytes, pair: _Pair, transaction: bytes, leaving: bool = False
+    ) -> bind.BindMessage:
+        return bind.BindMessage(
+            bind.Kind.BIND,
+            self._public,
+            peer,
+            pair.attempt,
+            self._wall_ms(),
+            transaction,
+            leaving=leaving,
+        )
 
     @staticmethod
     def _drop(pair: _Pair) -> None:
@@ -386,7 +482,7 @@ class RelayClient(RawPortThread):
 
     def _next_due(self, now: float) -> float:
         due = now + (TURN_SECONDS if self._pairs else IDLE_TURN_SECONDS)
-        for pair in self._pairs.values():
+        for peer, pair in self._pairs.items():
             if pair.relay is None:
                 offered = {r.public_key for r in pair.relays}
                 waits = [u for k, u in pair.failed.items() if u > now and k in offered]
@@ -397,8 +493,11 @@ class RelayClient(RawPortThread):
             else:
                 at = SEND_AT[pair.sends] if pair.sends < len(SEND_AT) else ANSWER_WAIT
                 due = min(due, pair.round_start + at)
-            if pair.alone_since is not None:
-                due = min(due, pair.alone_since + UNPAIRED_WAIT)
+            alone_until = self._alone_until(peer, pair)
+            if alone_until is not None:
+                due = min(due, max(now, alone_until))
+            if pair.nearer_since is not None and pair.nearer_since + NEARER_HOLD > now:
+                due = min(due, pair.nearer_since + NEARER_HOLD)
         return due
 
     def _publish(self) -> None:

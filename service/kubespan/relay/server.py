@@ -164,6 +164,8 @@ class RelayServer(RawPortThread):
                 self._bindings = outcome.bindings
                 self._recompute_at = now
         answer = outcome.answer
+        if answer is None:
+            return  # a side leaving: it wants no answer
         if answer.reason == bind.Refusal.REPLAYED:
             return  # answering a replay would reflect it to wherever it was sent from
         if answer.kind == bind.Kind.REFUSED:
