@@ -13,7 +13,8 @@ bind within ANSWER_WAIT, or the agent saying the relay did not carry the pair (`
 `failing`), fails that relay for the pair for FAILED_FOR and the next one is bound. A pair
 the agent says has a much nearer relay (`want`'s `nearer`, relay.choice.nearer) binds at
 the first of its order, at most every MOVE_EVERY; the relay it left carries the pair until
-the new one does (its bindings there lapse only after the relay's lifetime), and if the new
+the new one has paired it in every answer for CONFIRM_FOR (its bindings there lapse only
+after the relay's lifetime), and if the new
 one fails the pair, it is not tried again for MOVE_FAILED_FOR. The agent must have said so
 for NEARER_HOLD: both sides act on the same records, and a figure that came and went would
 move one side only. A move the other side did not follow (bound alone there too long) is no
@@ -71,6 +72,7 @@ MOVE_FAILED_FOR = 900.0  # ... when the pair had moved there from a working rela
 MOVE_EVERY = 300.0  # a pair moves to a nearer relay at most this often
 NEARER_HOLD = 15.0  # a relay is found much nearer this long before the pair moves there
 UNFOLLOWED_TRIES = 4  # moves in a row the other side does not follow, tried FAILED_FOR apart
+CONFIRM_FOR = 12.0  # paired this long at a relay moved to (beyond the relay's 10 s) to be so
 LEAVE_MARGIN = 5.0  # a move not followed is given up this long before the binding left lapses
 MAX_PAIRS = 256  # pairs bound at once at most (the relay's quota is lower per side anyway)
 TURN_SECONDS = 1.0
@@ -105,11 +107,12 @@ class _Pair:
     alone_since: float | None = None  # bound, the other side not (yet)
     failed: dict[bytes, float] = field(default_factory=dict)  # relay key -> until
     no_move: dict[bytes, float] = field(default_factory=dict)  # not moved to until (by key)
-    moving: bool = False  # left a working relay for a nearer one, not yet paired there
+    moving: bool = False  # left a working relay for a nearer one, not yet settled there
     moved_at: float = float("-inf")
     moved_before: float = float("-inf")  # `moved_at` before the move under way
     unfollowed: int = 0  # moves in a row the other side did not follow
     nearer_since: float | None = None  # the agent has said a much nearer relay since then
+    confirmed_from: float | None = None  # moving: paired at the new relay in every answer since
     previous: Bound | None = None  # the binding left, still shown until `previous_until`
     previous_until: float = 0.0
 
@@ -370,11 +373,13 @@ class RelayClient(RawPortThread):
                     ", forwarded" if bound.paired else ", waiting for the peer to bind",
                 )
             if bound.paired:
+                pair.alone_since = None
                 if pair.moving:
-                    pair.unfollowed = 0
-                pair.alone_since, pair.moving = None, False
-            elif pair.alone_since is None:
-                pair.alone_since = now
+                    self._confirm(pair, now)
+            else:
+                pair.confirmed_from = None
+                if pair.alone_since is None:
+                    pair.alone_since = now
             pair.bound, pair.bound_at, pair.round_start = bound, now, None
             return
         reason = message.reason
@@ -400,9 +405,21 @@ class RelayClient(RawPortThread):
         pair.transaction = self._random_bytes(bind.TRANSACTION_ID_BYTES)
 
     @staticmethod
+    def _confirm(pair: _Pair, now: float) -> None:
+        """Paired at the relay moved to: the move is made once every answer for
+        CONFIRM_FOR said so. A first "paired" can come from a binding the other side is
+        just giving up (its leave not yet there, or lost: then the relay believes it for
+        up to bindings.ALONE_RENEWED_WITHIN_SECONDS); meanwhile the binding left is still
+        shown, so a pair that was not there costs no gap."""
+        if pair.confirmed_from is None:
+            pair.confirmed_from = now
+        if now - pair.confirmed_from >= CONFIRM_FOR:
+            pair.moving, pair.confirmed_from, pair.unfollowed = False, None, 0
+
+    @staticmethod
     def _renew_at(pair: _Pair) -> float:
-        paired = pair.bound is not None and pair.bound.paired
-        return pair.bound_at + (REFRESH_SECONDS if paired else UNPAIRED_REFRESH)
+        settled = pair.bound is not None and pair.bound.paired and not pair.moving
+        return pair.bound_at + (REFRESH_SECONDS if settled else UNPAIRED_REFRESH)
 
     def _alone_until(self, peer: bytes, pair: _Pair) -> float | None:
         """When this side, bound alone, stops waiting: the higher key waits UNPAIRED_WAIT,
@@ -478,7 +495,7 @@ class RelayClient(RawPortThread):
     @staticmethod
     def _drop(pair: _Pair) -> None:
         pair.relay, pair.bound, pair.round_start, pair.attempt = None, None, None, 0
-        pair.alone_since, pair.moving = None, False
+        pair.alone_since, pair.moving, pair.confirmed_from = None, False, None
 
     def _next_due(self, now: float) -> float:
         due = now + (TURN_SECONDS if self._pairs else IDLE_TURN_SECONDS)
@@ -516,11 +533,13 @@ class RelayClient(RawPortThread):
     @staticmethod
     def _shown(pair: _Pair, now: float) -> Bound | None:
         """What the agent sets for the peer: a pair moving to a nearer relay keeps the
-        binding it left (the relay forwards it until it lapses) until it is paired at the
-        new one, so a move costs no gap, and one the other side does not follow none."""
+        binding it left (the relay forwards it until it lapses) until the move is made
+        (paired at the new one, and confirmed), so a move costs no gap, and one the other
+        side does not follow none."""
         moved_to = pair.bound
         if pair.previous is not None and (
-            now >= pair.previous_until or (moved_to is not None and moved_to.paired)
+            now >= pair.previous_until
+            or (moved_to is not None and moved_to.paired and not pair.moving)
         ):
             pair.previous = None
         return pair.bound if pair.previous is None else pair.previous
