@@ -81,6 +81,17 @@ def test_a_pair_up_through_a_relay_that_died_keeps_its_binding_at_the_next() -> 
     assert not wants_relay(T0 + 100, tracked(), UP, RELAYED_AT, current=DIRECT, via_relay=False)
 
 
+def test_a_pair_up_through_a_relay_wants_one_while_its_binding_is_made_again() -> None:
+    """The relay is reached at another address now (a relay with two), or the pair is
+    moving to a nearer one: for a pass or two this side holds no binding. Let go then, the
+    pair stayed up on the binding it left until that lapsed a minute later, and went down
+    with neither side relayed (CI: c1 and a1, the relay with two addresses)."""
+    relays_port = Endpoint.parse("203.0.113.40:29300")
+    up_there = tracked(relays_port)
+    assert wants_relay(T0 + 100, up_there, UP, None, current=relays_port, via_relay=True)
+    assert not wants_relay(T0 + 100, tracked(), UP, None, current=DIRECT, via_relay=False)
+
+
 @pytest.mark.parametrize(
     ("now", "tracking", "state", "relayed_at", "wanted"),
     [

@@ -73,11 +73,14 @@ def wants_relay(
     `via_relay`: that endpoint, or the one under trial, is a relay's port. A pair up through
     a relay keeps a binding even when it is at another relay than the one it is up through:
     the relay it was up through died, and the pair is not yet found dead (it is "up" on the
-    dead relay's port for up to 15 s), so the binding at the next relay is its way on."""
+    dead relay's port for up to 15 s), so the binding at the next relay is its way on. And
+    it wants one while it has none: its binding is being made again (the relay is reached
+    at another address now, or the pair is moving to a nearer one), and a pair let go then
+    would lose its relay when the binding it is up through lapses, a minute later."""
     if tracking is None:
         return False
     if state is PeerState.UP:
-        return relayed_at is not None and (via_relay or relayed_at in (tracking.endpoint, current))
+        return via_relay or (relayed_at is not None and relayed_at in (tracking.endpoint, current))
     if direct_answered or given_up(now, tracking, state):
         return False  # a dead peer holds no relay's ports
     return tracking.cycles >= 1 or now - tracking.known_since >= RELAY_AFTER

@@ -1,0 +1,120 @@
+"""Where an idle agent's main thread spends its time, in a VM: node1's agent restarted under
+cProfile on the bench-idle lab (three nodes, optionally the 98 fake peers), profiled for a
+window, then stopped so that cProfile writes its file; the top functions are printed.
+
+Not a benchmark (cProfile slows every call it sees): a tool for finding what to make cheaper.
+The main thread only: cProfile does not follow other threads (`make bench-idle` prints each
+thread's CPU). Run as root:
+
+    .venv/bin/python qemu-tests/profile_idle.py [--fakes] [--window 90] [--sort tottime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_idle import (
+    AGENT_UNIT,
+    FAKE_PEERS,
+    METRICS_LISTEN,
+    NODES,
+    REPO,
+    SETTLE_2_S,
+    _interrupt,
+    add_fakes,
+    passes,
+    wait_for_passes,
+    wait_for_peers,
+)
+
+from kslab import Lab, LabError, find_image
+from mesh import start_cluster, wait_for_mesh
+
+KUBESPAN = REPO / ".venv" / "bin" / "kubespan"
+# In the unit's StateDirectory: ProtectSystem=strict leaves little else writable, and the
+# RuntimeDirectory goes when the unit stops, before the file could be read.
+PROFILE = "/var/lib/kubespan/agent.prof"
+DROP_IN = f"/run/systemd/system/{AGENT_UNIT}.service.d/profile.conf"
+
+
+def profile(window: float, fakes: bool, sort: str, lines: int, workdir: Path) -> None:
+    with Lab(workdir / "lab", find_image(REPO)) as lab:
+        state = workdir / "discovery-state"
+        state.mkdir(parents=True)
+        cluster = start_cluster(lab, KUBESPAN, state)
+        vms = cluster.boot(NODES, metricsListen=METRICS_LISTEN)
+        node1 = vms[0]
+        wait_for_mesh(vms, timeout=480)
+        if fakes:
+            add_fakes(cluster, FAKE_PEERS)
+            wait_for_peers(node1, NODES - 1 + FAKE_PEERS, timeout=300)
+        exec_start = node1.check(
+            ["systemctl", "show", "-p", "ExecStart", "--value", f"{AGENT_UNIT}.service"]
+        )
+        argv = exec_start.split("argv[]=", 1)[1].split(" ;", 1)[0].split()
+        node1.check(["mkdir", "-p", str(Path(DROP_IN).parent)])
+        node1.write_file(
+            DROP_IN,
+            (
+                "[Service]\nExecStart=\n"
+                f"ExecStart=/usr/bin/python3 -m cProfile -o {PROFILE} {' '.join(argv)}\n"
+            ).encode(),
+        )
+        node1.check(["systemctl", "daemon-reload"])
+        node1.check(["systemctl", "restart", f"{AGENT_UNIT}.service"], timeout=300)
+        started = time.time()
+        wait_for_passes(node1, started, SETTLE_2_S)
+        before = passes(node1)
+        window_started = time.monotonic()
+        time.sleep(window)
+        count = passes(node1) - before
+        elapsed = time.monotonic() - window_started
+        node1.check(["systemctl", "stop", f"{AGENT_UNIT}.service"], timeout=120)
+        print(f"# {count} passes in {elapsed:.0f} s (host time) under cProfile", flush=True)
+        print(
+            node1.check(
+                [
+                    "python3",
+                    "-c",
+                    "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats(sys.argv[2])"
+                    ".print_stats(int(sys.argv[3]))",
+                    PROFILE,
+                    sort,
+                    str(lines),
+                ],
+                timeout=300,
+            ),
+            flush=True,
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fakes", action="store_true", help=f"add {FAKE_PEERS} fake peers")
+    parser.add_argument("--window", type=float, default=90.0, help="seconds profiled")
+    parser.add_argument("--sort", default="tottime", help="a pstats sort key")
+    parser.add_argument("--lines", type=int, default=40)
+    parser.add_argument("--workdir", type=Path, help="keep the lab here (default: a temp dir)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("profile-idle needs root (network namespaces, taps)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    with tempfile.TemporaryDirectory(prefix="profile-idle-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        try:
+            profile(args.window, args.fakes, args.sort, args.lines, workdir)
+        except (AssertionError, LabError) as e:
+            print(f"profile-idle: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
