@@ -455,8 +455,8 @@ def test_a_path_that_answers_checks_but_never_handshakes_is_set_once_per_cycle()
 
 def test_an_up_peer_whose_path_went_silent_moves_to_a_candidate_that_answered() -> None:
     """A peer that roamed behind a NAT filtering its new source: our packets to its old
-    endpoint go nowhere, its new one answers a check. Found in quiet + probe_interval, not
-    after a probe timeout."""
+    endpoint go nowhere, its new one answers a check. Found in quiet + probe_grain +
+    probe_interval, not after a probe timeout."""
     peer = checked((ep(1), ep(2)), {ep(1), ep(2)}, chatty=True)
     peer.run(T0)
     assert peer.run_until(T0 + 0.5, T0 + 30) == [UP] * 59
@@ -467,9 +467,9 @@ def test_an_up_peer_whose_path_went_silent_moves_to_a_candidate_that_answered() 
     now = broke
     while not (peer.run(now) is UP and peer.kernel_endpoint == ep(2)) and now < broke + 60:
         now += 0.5
-    # Quiet, probed in vain for a probe interval, checked: the path in use is given its
-    # check's patience, then the peer moves.
-    patience = TIMING.quiet + TIMING.probe_interval + TIMING.check_patience
+    # Quiet, a round of probes at the next grain, probed in vain for a probe interval,
+    # checked: the path in use is given its check's patience, then the peer moves.
+    patience = TIMING.quiet + TIMING.probe_grain + TIMING.probe_interval + TIMING.check_patience
     assert now - last_heard <= patience + 2 * TIMING.poll
     assert peer.restarts == 0  # its session holds: set and nudged, not recreated
     assert peer.tracking is not None and peer.tracking.why == "works: the peer answered here"
@@ -566,7 +566,8 @@ def test_backed_off_dead_peers_share_passes() -> None:
 def test_quiet_peers_answering_probes_share_passes() -> None:
     """A hundred idle peers that went quiet at scattered moments would each wake the loop
     for their probes at a time of their own (a pass every 0.2 s); on the probe grid their
-    rounds share a pass per grain, and each is still probed about every two grains."""
+    rounds share a pass per grain, and no pass comes between two rounds (the next round's
+    pass sees the answer to the last)."""
     window = 120.0
     start = T0 + 100 * 0.6 + 10  # all known and up by now
     passes = passes_of_dead_peers(100, start, start + window, alive=True)

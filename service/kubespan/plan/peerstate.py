@@ -78,18 +78,27 @@ DOWN_AFTER = 275.0
 DWELL_GROWTH = 4.0
 BACKOFF_FIRST = 60.0
 DWELL_CAP = 1200.0
-BACKOFF_GRAIN = 5.0  # backed-off trials start on this grid of the monotonic clock
+# Passes asked for by time alone (rounds of probes, ends of backed-off trials) come on this
+# grid of the monotonic clock, so an idle node's passes come once per grain whatever its
+# peers do.
+GRAIN = 4.0
+BACKOFF_GRAIN = GRAIN  # backed-off trials start on this grid of the monotonic clock
 
 
 @dataclass(frozen=True)
 class Timing:
     trial: float = ENDPOINT_TRIAL  # how long one candidate gets to show evidence
-    quiet: float = 2.5  # silence after which an up peer is probed (at the next grain)
-    probe_grain: float = 2.0  # rounds of probes start on this grid of the monotonic clock
+    # Silence after which an up peer is probed, at the next grain. Evidence is dated to the
+    # pass before the one that saw it, and an idle node's passes are on the grid, so an idle
+    # peer that answers is probed once per grain, whatever this is (up to a grain).
+    quiet: float = 0.5
+    probe_grain: float = GRAIN  # rounds of probes start on this grid of the monotonic clock
     # A probe is data: WireGuard answers any data within 10 s (a passive keepalive) even
     # when the peer's kernel ignores echo requests, so silence this long is a dead path.
     probe_timeout: float = 10.5
-    probe_interval: float = 2.0  # probes repeat this often while unanswered
+    # Probes repeat this often while unanswered. One grain: a pass between two rounds would
+    # only see the answer to the first, which the next round's pass sees as well.
+    probe_interval: float = GRAIN
     poll: float = 0.5  # passes this often while a trial is undecided
     proven_for: float = 10.0  # a path check answer counts this long
     # An up peer's path in use gets this long to answer its check (the checker's retries
