@@ -22,7 +22,7 @@ from kubespan.relay import bind
 from kubespan.relay.bindings import BIND_LIFETIME_SECONDS
 from kubespan.relay.forward import RelaySpec
 from kubespan.relay.ports import PortRange, pair_ports
-from kubespan.relay.server import RelayServer
+from kubespan.relay.server import READS_PER_TURN, RelayServer
 from wgkeys import Keys
 
 PORTS = PortRange(51821, 1000)
@@ -39,6 +39,8 @@ class FakeTransport:
         self.sent: list[tuple[Endpoint, bytes, IPAddress | None, int | None]] = []
         self.sends_to_fail = 0
         self.closed = False
+        self.open = threading.Event()  # cleared: the relay reads nothing until it is set
+        self.open.set()
 
     def send(
         self,
@@ -55,6 +57,8 @@ class FakeTransport:
     def receive_datagram(
         self, timeout: float, wake: socket.socket | None = None
     ) -> Datagram | None:
+        if not self.open.wait(min(timeout, 0.02)):
+            return None
         try:
             return self.incoming.get(timeout=min(timeout, 0.02))
         except queue.Empty:
@@ -179,6 +183,19 @@ def test_strangers_junk_and_forgeries_get_nothing_and_cost_no_table(lab: Lab) ->
     assert lab.transport.sent[0][0] == Endpoint.parse("198.51.100.9:9"), marker
     # Only the real bind changed a binding, and a one-sided one forwards nothing: no table.
     assert len(lab.forwarder.applied) == applied
+
+
+def test_a_burst_of_binds_longer_than_a_turn_is_answered_whole(lab: Lab) -> None:
+    # Every bind waits in the socket before the relay reads one: the relay takes them over
+    # several turns (READS_PER_TURN each) and must answer all of them.
+    count = 3 * READS_PER_TURN + 5
+    lab.transport.open.clear()
+    sources = [Endpoint.parse(f"198.51.100.{1 + i}:{40000 + i}") for i in range(count)]
+    for i, source in enumerate(sources):
+        lab.bind(lab.a, lab.b, source, time_ms=int(lab.clock[0] * 1000) + i)
+    lab.transport.open.set()
+    wait_for(lambda: len(lab.transport.sent) == count, f"{count} answers")
+    assert [where for (where, _, _, _) in lab.transport.sent] == sources
 
 
 def test_an_answer_that_cannot_be_sent_costs_only_itself(lab: Lab) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
 
 from kubespan.agent.backoff import Backoff
-from kubespan.rawudp import AddressedTransport, PayloadMatch, RawUdpPort
+from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch, RawUdpPort
 from kubespan.threads import named_thread
 from kubespan.wakeup import Wakeup
 
@@ -29,6 +30,28 @@ def open_raw_port(port: int, match: PayloadMatch, what: str, count: int = 1) -> 
     for error in errors:
         log.info("%s without one family: %s", what, error)
     return raw
+
+
+def take_waiting(
+    receive: Callable[[float, socket.socket | None], Datagram | None],
+    wait: float,
+    wake: socket.socket,
+    take: Callable[[Datagram], None],
+    limit: int,
+) -> int:
+    """Hand `take` what `receive` (a transport's receive_datagram) reads, waiting up to
+    `wait` (or until `wake` is poked) for the first datagram: at most `limit` of them, the
+    rest stay in the socket for the next turn, and none read is dropped. Returns how many
+    were taken."""
+    taken = 0
+    datagram = receive(wait, wake)
+    while datagram is not None:
+        take(datagram)
+        taken += 1
+        if taken >= limit:
+            break
+        datagram = receive(0.0, None)
+    return taken
 
 
 class RawPortThread:

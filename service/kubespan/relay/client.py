@@ -52,7 +52,7 @@ from typing import Any
 
 from kubespan.netaddr import Endpoint
 from kubespan.pathcheck.codec import pair_key
-from kubespan.rawthread import RawPortThread, open_raw_port
+from kubespan.rawthread import RawPortThread, open_raw_port, take_waiting
 from kubespan.rawudp import AddressedTransport, Datagram
 from kubespan.relay import bind
 from kubespan.relay.choice import RelayOffer
@@ -198,12 +198,9 @@ class RelayClient(RawPortThread):
         # an idle agent's threads do not wake by the second.
         turn = TURN_SECONDS if self._pairs else IDLE_TURN_SECONDS
         wait = max(0.0, min(turn, self._next_due(now) - now))
-        datagram = transport.receive_datagram(wait, self._wakeup.reader)
-        for _ in range(READS_PER_TURN):
-            if datagram is None:
-                break
-            self._take(datagram)
-            datagram = transport.receive_datagram(0.0)
+        take_waiting(
+            transport.receive_datagram, wait, self._wakeup.reader, self._take, READS_PER_TURN
+        )
         self._send_outbox(transport)
         self._publish()
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from kubespan.discovery.ratelimit import RateLimiter
 from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.pathcheck.codec import pair_key
-from kubespan.rawthread import RawPortThread, open_raw_port
+from kubespan.rawthread import RawPortThread, open_raw_port, take_waiting
 from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch
 from kubespan.relay import bind
 from kubespan.relay.bindings import (
@@ -133,12 +133,13 @@ class RelayServer(RawPortThread):
         with self._lock:
             due = self._recompute_at
         wait = TURN_SECONDS if due is None else min(TURN_SECONDS, due - self.monotonic())
-        datagram = transport.receive_datagram(max(0.0, wait), self._wakeup.reader)
-        for _ in range(READS_PER_TURN):
-            if datagram is None:
-                break
-            self._take(transport, datagram)
-            datagram = transport.receive_datagram(0.0)
+        take_waiting(
+            transport.receive_datagram,
+            max(0.0, wait),
+            self._wakeup.reader,
+            lambda datagram: self._take(transport, datagram),
+            READS_PER_TURN,
+        )
 
     def _take(self, transport: AddressedTransport, datagram: Datagram) -> None:
         destination = datagram.destination
