@@ -332,6 +332,41 @@ def test_a_peer_no_longer_wanted_is_let_go(lab: Lab) -> None:
     wait_for(lambda: lab.bound(lab.a) is None, "A's binding let go")
 
 
+def test_a_binding_given_up_is_released_and_the_relay_stops_at_once(lab: Lab) -> None:
+    lab.want_pair(lab.offer())
+    wait_paired(lab)
+    wait_for(lambda: lab.server.forwarding().pairs, "the pair forwarded")
+    lab.advance(1.0)  # a leave must be newer than the side's last bind
+    lab.clients[lab.a.public].want({})
+    # The binding's 60 s are far from over: the leave alone stops the pair.
+    wait_for(lambda: not lab.server.forwarding().pairs, "the forwarding stopped")
+
+
+def test_a_move_whose_relay_dies_goes_back_to_the_relay_it_left(lab: Lab) -> None:
+    lab.want_pair(lab.offer())
+    wait_paired(lab)
+    near = lab.add_relay(NEAR_AT)
+    order = (near, lab.offer())
+    for side, peer in ((lab.a, lab.b), (lab.b, lab.a)):
+        lab.clients[side.public].want({peer.public: order}, nearer=frozenset({peer.public}))
+    wire = lab.net.sides[A_AT]
+    lab.advance(NEARER_HOLD + 1.0)
+    wait_for(lambda: wire.destinations[-1].address == NEAR_AT, "the move")
+    lab.advance(1.0)
+    del lab.net.other_relays[NEAR_AT]  # it dies while the move is confirmed
+    # Past the time the binding left would lapse unrenewed: the pair must be bound there
+    # again, not showing the dead relay.
+    until = lab.now() + KEEP_BOUND + 10.0
+    while lab.now() < until:
+        shown = [
+            lab.clients[s.public].bound().get(p.public) for s, p in ((lab.a, lab.b), (lab.b, lab.a))
+        ]
+        assert all(b is not None and b.relay != near for b in shown), f"{shown} at {lab.now()}"
+        lab.advance(0.5)
+    wait_paired(lab)
+    assert lab.bound(lab.a) == Endpoint(RELAY_AT, ports_of(lab, lab.a, lab.b))
+
+
 def wait_paired(lab: Lab) -> None:
     """Both sides told the pair is forwarded (the first to bind hears it at a renewal)."""
 

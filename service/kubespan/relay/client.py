@@ -90,6 +90,7 @@ class Bound:
     relay: RelayOffer
     endpoint: Endpoint  # the peer's WireGuard endpoint through the relay (and attempt)
     paired: bool  # the relay said the other side is bound too: the pair is forwarded
+    attempt: int = 0  # relay.ports' attempt the binding is at
 
 
 @dataclass
@@ -146,6 +147,9 @@ class RelayClient(RawPortThread):
         self._random_bytes = random_bytes
         self._wanted: dict[bytes, tuple[RelayOffer, ...]] = {}
         self._failing: frozenset[bytes] = frozenset()
+        # Peers newly said to be failing, acted on once: until the agent's next pass, the
+        # set it gave still names a peer whose relay was just left.
+        self._newly_failing: frozenset[bytes] = frozenset()
         self._nearer: frozenset[bytes] = frozenset()
         self._pairs: dict[bytes, _Pair] = {}  # the thread's own
         # A pair no longer wanted (up directly a while, or its state flapped) comes back
@@ -175,6 +179,7 @@ class RelayClient(RawPortThread):
         with self._lock:
             if trimmed == self._wanted and (failing, nearer) == (self._failing, self._nearer):
                 return
+            self._newly_failing |= failing - self._failing
             self._wanted, self._failing, self._nearer = trimmed, failing, nearer
         self._poke()
 
@@ -214,11 +219,14 @@ class RelayClient(RawPortThread):
 
     def _take_wanted(self, now: float) -> None:
         with self._lock:
-            wanted, failing, nearer = dict(self._wanted), self._failing, self._nearer
+            wanted, failing, nearer = dict(self._wanted), self._newly_failing, self._nearer
+            self._newly_failing = frozenset()
         for peer, pair in self._pairs.items():
             if peer not in wanted:
                 self._left[peer] = (pair.failed, pair.no_move, pair.moved_at)
-                self._release(peer, pair)
+                self._release(peer, pair.bound)
+                if pair.moving:
+                    self._release(peer, pair.previous)
         self._pairs = {
             peer: self._pairs.get(peer) or self._returning(peer, relays, now)
             for peer, relays in wanted.items()
@@ -238,8 +246,19 @@ class RelayClient(RawPortThread):
             pair.relays = wanted[peer]
             keys = {r.public_key: r for r in pair.relays}
             if pair.relay is not None and keys.get(pair.relay.public_key) != pair.relay:
+                self._release(peer, pair.bound)  # harmless if bound again at its new address
                 self._drop(pair)  # gone, or reached at another address now
-            if peer in failing and pair.bound is not None and pair.relay is not None:
+            if peer in failing and pair.moving and pair.previous is not None:
+                # What the agent found forwarding nothing is the binding shown: the one left.
+                log.info(
+                    "relay %s forwards nothing for peer %s; not going back there",
+                    pair.previous.relay.name,
+                    peer.hex()[:16],
+                )
+                pair.failed[pair.previous.relay.public_key] = now + FAILED_FOR
+                self._release(peer, pair.previous)
+                pair.previous = None
+            elif peer in failing and pair.bound is not None and pair.relay is not None:
                 log.info(
                     "relay %s forwards nothing for peer %s; trying the next",
                     pair.relay.name,
@@ -312,7 +331,7 @@ class RelayClient(RawPortThread):
         if pair.round_start is None:
             return
         if now - pair.round_start >= ANSWER_WAIT:
-            if pair.bound is not None and now - pair.bound_at < KEEP_BOUND:
+            if pair.bound is not None and now - pair.bound_at < KEEP_BOUND and not pair.moving:
                 self._new_round(pair, now)  # the relay still holds it: ask again
             else:
                 log.info(
@@ -329,7 +348,7 @@ class RelayClient(RawPortThread):
         while pair.sends < len(SEND_AT) and now - pair.round_start >= SEND_AT[pair.sends]:
             pair.sends += 1
             port = pair_ports(relay.ports, relay.public_key, self._public, peer, pair.attempt)[0]
-            message = self._bind(peer, pair, pair.transaction)
+            message = self._bind(peer, pair.attempt, pair.transaction)
             try:
                 transport.send(Endpoint(relay.address, port), bind.encode(message, key))
             except OSError as error:
@@ -359,7 +378,7 @@ class RelayClient(RawPortThread):
             port = pair_ports(
                 relay.ports, relay.public_key, self._public, message.peer, pair.attempt
             )
-            bound = Bound(relay, Endpoint(relay.address, port[0]), message.paired)
+            bound = Bound(relay, Endpoint(relay.address, port[0]), message.paired, pair.attempt)
             if pair.bound != bound:
                 log.info(
                     "relay %s bound for peer %s at %s (seen from %s)%s",
@@ -431,15 +450,27 @@ class RelayClient(RawPortThread):
         return until
 
     def _fail(self, peer: bytes, pair: _Pair, now: float, wait: float | None = None) -> None:
-        self._release(peer, pair)
+        """The relay failed the pair: not asked for it again for a while; a pair that was
+        moving goes back to the relay it left."""
+        self._release(peer, pair.bound)
+        moving = pair.moving
         if pair.relay is not None:
             # A nearer relay that did not carry the pair is not moved to again for long:
             # the pair had a working relay, and each try costs it a gap.
             if wait is None:
-                wait = MOVE_FAILED_FOR if pair.moving else FAILED_FOR
+                wait = MOVE_FAILED_FOR if moving else FAILED_FOR
             pair.failed[pair.relay.public_key] = now + wait
         pair.failed = {k: until for k, until in pair.failed.items() if until > now}
         self._drop(pair)
+        if moving:
+            self._go_back(pair)
+
+    @staticmethod
+    def _go_back(pair: _Pair) -> None:
+        """Bind again at the relay a move left: it carries the pair meanwhile."""
+        left = pair.previous
+        if left is not None and left.relay in pair.relays:
+            pair.relay, pair.attempt = left.relay, left.attempt
 
     def _unfollowed(self, peer: bytes, pair: _Pair, now: float) -> None:
         """A move the other side did not make (it found the relay nearer later, or not at
@@ -452,38 +483,42 @@ class RelayClient(RawPortThread):
         After UNFOLLOWED_TRIES in a row, the other side is not coming (it does not find
         the relay nearer, or does not reach it): MOVE_FAILED_FOR. The relay is still a
         choice should the one the pair is at fail: it is not failed."""
-        moved_to, left = pair.relay, pair.previous
+        moved_to = pair.relay
         pair.unfollowed += 1
         pair.moved_at = pair.moved_before
+        if pair.previous is None or pair.previous.relay not in pair.relays:
+            # Nothing to go back to (the binding left lapsed, or its relay is gone): the
+            # relay is passed over like one that failed, or the pair binds there again.
+            self._fail(peer, pair, now, FAILED_FOR)
+            return
         if moved_to is not None:
             wait = FAILED_FOR if pair.unfollowed < UNFOLLOWED_TRIES else MOVE_FAILED_FOR
             pair.no_move[moved_to.public_key] = now + wait
         pair.no_move = {k: until for k, until in pair.no_move.items() if until > now}
-        self._release(peer, pair)
+        self._release(peer, pair.bound)
         self._drop(pair)
-        if left is not None and left.relay in pair.relays:
-            pair.relay = left.relay
+        self._go_back(pair)
 
-    def _release(self, peer: bytes, pair: _Pair) -> None:
-        """Tell the relay this side gives its binding up (sent with the turn's datagrams),
+    def _release(self, peer: bytes, bound: Bound | None) -> None:
+        """Tell the relay this side gives this binding up (sent with the turn's datagrams),
         so it stops forwarding the pair and a peer binding later hears it is alone; lost,
-        the binding lapses by itself. A binding left for a nearer relay is not released:
-        it carries the pair until the new one does."""
-        relay, bound = pair.relay, pair.bound
-        key = None if relay is None else self._key(relay.public_key)
-        if relay is None or bound is None or key is None:
+        the binding lapses by itself. A binding left for a nearer relay is not released
+        while the move is under way: it carries the pair until the new one does."""
+        key = None if bound is None else self._key(bound.relay.public_key)
+        if bound is None or key is None:
             return
-        message = self._bind(peer, pair, self._random_bytes(bind.TRANSACTION_ID_BYTES), True)
+        transaction = self._random_bytes(bind.TRANSACTION_ID_BYTES)
+        message = self._bind(peer, bound.attempt, transaction, leaving=True)
         self._outbox.append((bound.endpoint, bind.encode(message, key)))
 
     def _bind(
-        self, peer: bytes, pair: _Pair, transaction: bytes, leaving: bool = False
+        self, peer: bytes, attempt: int, transaction: bytes, leaving: bool = False
     ) -> bind.BindMessage:
         return bind.BindMessage(
             bind.Kind.BIND,
             self._public,
             peer,
-            pair.attempt,
+            attempt,
             self._wall_ms(),
             transaction,
             leaving=leaving,
