@@ -1,10 +1,10 @@
-"""Where an idle agent's main thread spends its time, in a VM: node1's agent restarted under
-cProfile on the bench-idle lab (three nodes, optionally the 98 fake peers), profiled for a
-window, then stopped so that cProfile writes its file; the top functions are printed.
+"""Where an idle agent spends its time, in a VM: node1's agent restarted with every thread
+under cProfile (profile_runner.py) on the bench-idle lab (three nodes, optionally the 98 fake
+peers), profiled for a window, then stopped so that the profiles are written; each thread's
+total and the top functions of all threads are printed.
 
-Not a benchmark (cProfile slows every call it sees): a tool for finding what to make cheaper.
-The main thread only: cProfile does not follow other threads (`make bench-idle` prints each
-thread's CPU). Run as root:
+Times are each thread's CPU time. Not a benchmark (cProfile slows every call it sees): a tool
+for finding what to make cheaper. Run as root:
 
     .venv/bin/python qemu-tests/profile_idle.py [--fakes] [--window 90] [--sort tottime]
 """
@@ -39,7 +39,9 @@ from mesh import start_cluster, wait_for_mesh
 KUBESPAN = REPO / ".venv" / "bin" / "kubespan"
 # In the unit's StateDirectory: ProtectSystem=strict leaves little else writable, and the
 # RuntimeDirectory goes when the unit stops, before the file could be read.
-PROFILE = "/var/lib/kubespan/agent.prof"
+PROFILES = "/var/lib/kubespan/profiles"
+RUNNER_AT = "/var/lib/kubespan/profile_runner.py"
+RUNNER = Path(__file__).with_name("profile_runner.py")
 DROP_IN = f"/run/systemd/system/{AGENT_UNIT}.service.d/profile.conf"
 
 
@@ -59,11 +61,12 @@ def profile(window: float, fakes: bool, sort: str, lines: int, workdir: Path) ->
         )
         argv = exec_start.split("argv[]=", 1)[1].split(" ;", 1)[0].split()
         node1.check(["mkdir", "-p", str(Path(DROP_IN).parent)])
+        node1.write_file(RUNNER_AT, RUNNER.read_bytes())
         node1.write_file(
             DROP_IN,
             (
                 "[Service]\nExecStart=\n"
-                f"ExecStart=/usr/bin/python3 -m cProfile -o {PROFILE} {' '.join(argv)}\n"
+                f"ExecStart=/usr/bin/python3 {RUNNER_AT} {PROFILES} {' '.join(argv)}\n"
             ).encode(),
         )
         node1.check(["systemctl", "daemon-reload"])
@@ -79,15 +82,7 @@ def profile(window: float, fakes: bool, sort: str, lines: int, workdir: Path) ->
         print(f"# {count} passes in {elapsed:.0f} s (host time) under cProfile", flush=True)
         print(
             node1.check(
-                [
-                    "python3",
-                    "-c",
-                    "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats(sys.argv[2])"
-                    ".print_stats(int(sys.argv[3]))",
-                    PROFILE,
-                    sort,
-                    str(lines),
-                ],
+                ["python3", RUNNER_AT, "--report", PROFILES, sort, str(lines)],
                 timeout=300,
             ),
             flush=True,
