@@ -73,6 +73,7 @@ def profile(window: float, fakes: bool, sort: str, lines: int, workdir: Path) ->
         node1.check(["systemctl", "restart", f"{AGENT_UNIT}.service"], timeout=300)
         started = time.time()
         wait_for_passes(node1, started, SETTLE_2_S)
+        node1.check(["systemctl", "kill", "-s", "SIGUSR2", f"{AGENT_UNIT}.service"])
         before = passes(node1)
         window_started = time.monotonic()
         time.sleep(window)

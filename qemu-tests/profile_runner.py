@@ -5,8 +5,10 @@ profile_idle.py and run there as
 
     python3 profile_runner.py OUT_DIR PROGRAM [ARG ...]
 
-When the program ends (a clean stop ends the agent's threads first), each thread's stats are
-written to OUT_DIR/NN-<thread name>.prof, and all of them merged to OUT_DIR/all.prof.
+SIGUSR2 clears every profile (sent once the program has settled, so that start-up is not
+counted). When the program ends, each thread's stats are written to OUT_DIR/NN-<thread
+name>.prof, and all of them merged to OUT_DIR/all.prof; a thread still running then (one
+blocked in a long poll) has the calls it is in left out.
 
     python3 profile_runner.py --report OUT_DIR SORT LINES
 
@@ -18,6 +20,7 @@ import cProfile
 import pstats
 import re
 import runpy
+import signal
 import sys
 import threading
 import time
@@ -45,10 +48,14 @@ def _write(out: Path) -> None:
     with _profiles_lock:
         profiles = list(_profiles)
     for index, (name, profile) in enumerate(profiles):
-        try:
-            stats = pstats.Stats(profile)
-        except TypeError:
-            continue  # a thread that never made a call (no stats to read)
+        # Read without disabling: disabling from this thread would close a running thread's
+        # open calls with this thread's CPU clock.
+        profile.snapshot_stats()
+        if not profile.stats:
+            continue
+        stats = pstats.Stats()
+        stats.stats = profile.stats  # type: ignore[attr-defined]
+        stats.get_top_level_stats()
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
         stats.dump_stats(out / f"{index:02d}-{safe}.prof")
         if merged is None:
@@ -71,6 +78,13 @@ def _report(out: Path, sort: str, lines: int) -> None:
         pstats.Stats(str(merged)).sort_stats(sort).print_stats(lines)
 
 
+def _clear(signum: int, frame: object) -> None:
+    with _profiles_lock:
+        profiles = [profile for _, profile in _profiles]
+    for profile in profiles:
+        profile.clear()
+
+
 def main() -> None:
     if sys.argv[1] == "--report":
         _report(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
@@ -78,6 +92,7 @@ def main() -> None:
     out, program = Path(sys.argv[1]), sys.argv[2]
     sys.argv = sys.argv[2:]
     threading.Thread.run = _profiled_run  # type: ignore[method-assign]
+    signal.signal(signal.SIGUSR2, _clear)
     main_profile = cProfile.Profile(time.thread_time)
     with _profiles_lock:
         _profiles.append(("MainThread", main_profile))

@@ -82,8 +82,14 @@ CHANGES = [
     ("rp_filter on another link", "sysctl -qw net.ipv4.conf.other.rp_filter=2", None),
     ("our link goes up", "ip link set kubespan up", "link kubespan"),
     ("our link is renamed away", "ip link set kubespan down name gone", "link kubespan"),
-    ("our link, renamed, goes up", "ip link set gone up", None),
-    ("our link is deleted", "ip link del gone", None),
+    # Renamed away, it is another link: its going up or down counts as such (its addresses
+    # would be advertised while it is up).
+    ("our link, renamed, goes up", "ip link set gone up", "another link's state"),
+    ("our link is deleted", "ip link del gone", "another link's state"),
+    ("another link goes up", "ip link set other up", "another link's state"),
+    ("another link goes down", "ip link set other down", "another link's state"),
+    ("another link is renamed", "ip link set other name other2", "another link's state"),
+    ("another link is deleted", "ip link del other2", None),
 ]
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from kubespan.apply.changes import (
     MALFORMED,
+    OTHER_LINK,
+    RTM_DELLINK,
     RTM_NEWLINK,
     WatchState,
     classify_datagram,
@@ -47,6 +49,7 @@ def test_the_samples_cover_both_sockets_and_every_reason() -> None:
         "address",
         "default route",
         "rp_filter",
+        OTHER_LINK,
     }
 
 
@@ -97,7 +100,38 @@ def test_a_link_message_without_a_name_for_our_index_is_ours() -> None:
     reason, state = classify_route(Message(RTM_NEWLINK, 0, 0, 0, payload), WatchState(7))
     assert (reason, state) == ("link kubespan", WatchState(None))
     reason, state = classify_route(Message(RTM_NEWLINK, 0, 0, 0, payload), WatchState(8))
-    assert (reason, state) == (None, WatchState(8))
+    assert (reason, state.link_index) == (None, 8)
+
+
+def link_message(kind: int, index: int, up: bool, name: str) -> Message:
+    header = struct.pack("=BxHiII", 0, 1, index, 1 if up else 0, 0)
+    attribute = name.encode() + b"\0"
+    length = 4 + len(attribute)
+    body = struct.pack("=HH", length, 3) + attribute + bytes(align(length) - length)
+    return Message(kind, 0, 0, 0, header + body)
+
+
+def test_another_link_counts_when_it_goes_up_or_down_or_is_renamed() -> None:
+    state = WatchState(7, {3: (True, "eth0")})
+    same = link_message(RTM_NEWLINK, 3, True, "eth0")  # e.g. its statistics: nothing changed
+    assert classify_route(same, state) == (None, state)
+    reason, state = classify_route(link_message(RTM_NEWLINK, 3, False, "eth0"), state)
+    assert (reason, state.links) == (OTHER_LINK, {3: (False, "eth0")})
+    reason, state = classify_route(link_message(RTM_NEWLINK, 3, False, "wan0"), state)
+    assert (reason, state.links) == (OTHER_LINK, {3: (False, "wan0")})
+    # A link new since the dump has no addresses yet (they come as their own news); gone,
+    # its addresses go with theirs.
+    reason, state = classify_route(link_message(RTM_NEWLINK, 9, True, "veth1"), state)
+    assert (reason, state.links) == (None, {3: (False, "wan0"), 9: (True, "veth1")})
+    reason, state = classify_route(link_message(RTM_DELLINK, 9, True, "veth1"), state)
+    assert (reason, state.links) == (None, {3: (False, "wan0")})
+    assert state.link_index == 7
+
+
+def test_with_the_links_unknown_every_other_link_notification_counts() -> None:
+    state = WatchState(7, None)
+    message = link_message(RTM_NEWLINK, 9, True, "veth1")
+    assert classify_route(message, state) == (OTHER_LINK, state)
 
 
 def test_an_nftables_message_without_a_table_name_counts_as_ours() -> None:

@@ -3,10 +3,11 @@
 An idle pass needs WireGuard's peers (their counters and handshakes change by the second),
 but the local addresses, our link's addresses and MTU, our nftables table, rules and routes
 change only when someone changes them, and the kernel watcher (apply/watch.py) reports every
-such change. Reading them all at every pass was most of an idle node's cost. So they are
-kept until the watcher reports a change, until we apply one ourselves, and in any case no
-longer than RESYNC_SECONDS (the watcher reports changes of our link only, not another link
-going down with its addresses kept; and a lost notification must not leave drift for long).
+such change (another link going up, down or renamed included). Reading them all at every pass
+was most of an idle node's cost. So they are kept until the watcher reports a change, until we
+apply one ourselves, and in any case no longer than RESYNC_SECONDS: netlink loses nothing
+unless its buffer overflows, which the watcher reports as a change, so the resync is a safety
+net for what nobody foresaw, not the way changes are found.
 
 Invalidation may come from the watcher's thread while a pass reads: each kept value carries
 the generation it was read in, and a value read across an invalidation is never kept as
@@ -26,7 +27,7 @@ from kubespan.model import LocalAddress, ObservedLink
 from kubespan.plan.dataplane import ObservedRouting
 from kubespan.plan.diff import Operation
 
-RESYNC_SECONDS = 10.0
+RESYNC_SECONDS = 60.0
 
 T = TypeVar("T")
 

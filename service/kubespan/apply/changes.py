@@ -2,7 +2,8 @@
 
 Ours are: our nftables table (`inet kubespan`), routes in table 180, rules that look up
 table 180 or sit at priority 32500, the link named `kubespan` (and rp_filter on it or on
-`all`), any address (the agent advertises the node's addresses), and default routes in
+`all`), any address (the agent advertises the node's addresses), another link going up or
+down or renamed (its addresses are advertised only while it is up), and default routes in
 the main table (the way out, hence the NAT mapping, may have changed). Everything else, above
 all other programs' frequent nftables changes (kube-proxy rewrites its tables often), is
 read as far as its table name and dropped.
@@ -11,7 +12,8 @@ read as far as its table name and dropped.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from kubespan.apply.netlink import (
     Message,
@@ -41,6 +43,9 @@ IFLA_IFNAME = 3
 TABLE_HEADER = struct.Struct("=BBBBBBBBI")
 RTA_TABLE = 15
 RT_TABLE_MAIN = 254
+IFF_UP = 0x1
+# Another link went up or down, or was renamed: the addresses advertised may have changed.
+OTHER_LINK = "another link's state"
 # The node's way out changed: its public address and NAT mapping may have too (roaming).
 DEFAULT_ROUTE = "default route"
 FRA_PRIORITY = 6
@@ -69,12 +74,19 @@ def group_mask(groups: tuple[int, ...]) -> int:
     return mask
 
 
+LinkSeen = tuple[bool, str | None]  # (up, name) of a link as last seen
+
+
 @dataclass(frozen=True)
 class WatchState:
     """What classifying needs to remember: the index of the link named `kubespan`, so that
-    the link is recognised when renamed away, and rp_filter notifications name it by index."""
+    the link is recognised when renamed away, and rp_filter notifications name it by index;
+    the other links as last seen (index -> (up, name)), so that a notification that changes
+    neither (statistics, a new link without addresses yet) wakes nobody. `links` None: not
+    known (the dump at subscription failed), every other link's notification counts."""
 
     link_index: int | None = None
+    links: Mapping[int, LinkSeen] | None = field(default_factory=dict)
 
 
 def classify_route(message: Message, state: WatchState) -> tuple[str | None, WatchState]:
@@ -121,17 +133,35 @@ def classify_nftables(message: Message) -> str | None:
     return f"nftables table inet {NFT_TABLE}"
 
 
-def _link(message: Message, state: WatchState) -> tuple[str | None, WatchState]:
+def link_seen(message: Message) -> tuple[int, LinkSeen]:
+    """The link in an RTM_NEWLINK or RTM_DELLINK message: its index, whether it is up, its
+    name (None when the message has none)."""
     if len(message.payload) < IFINFOMSG.size:
         raise NetlinkFormatError("truncated link message")
-    index = IFINFOMSG.unpack_from(message.payload)[2]
+    _, _, index, flags, _ = IFINFOMSG.unpack_from(message.payload)
     attrs = attribute_map(message.payload[IFINFOMSG.size :])
     name = string(attrs[IFLA_IFNAME]) if IFLA_IFNAME in attrs else None
+    return index, (bool(flags & IFF_UP), name)
+
+
+def _link(message: Message, state: WatchState) -> tuple[str | None, WatchState]:
+    index, seen = link_seen(message)
+    name = seen[1]
     if message.type == RTM_NEWLINK and name == LINK_NAME:
-        return f"link {LINK_NAME}", WatchState(index)
+        return f"link {LINK_NAME}", WatchState(index, state.links)
     if index == state.link_index:  # deleted, or renamed away
-        return f"link {LINK_NAME}", WatchState(None)
-    return None, state
+        return f"link {LINK_NAME}", WatchState(None, state.links)
+    if state.links is None:
+        return OTHER_LINK, state
+    links = dict(state.links)
+    if message.type == RTM_DELLINK:
+        links.pop(index, None)  # its addresses go with their own notifications
+        return None, WatchState(state.link_index, links)
+    before = links.get(index)
+    links[index] = seen
+    # A link not seen before is new since the dump: its addresses come as their own news.
+    changed = before is not None and before != seen
+    return (OTHER_LINK if changed else None), WatchState(state.link_index, links)
 
 
 def _table(message: Message, attribute: int) -> int:

@@ -31,12 +31,17 @@ from collections.abc import Callable
 
 from kubespan.apply.changes import (
     NFNLGRP_NFTABLES,
+    RTM_NEWLINK,
     RTNL_GROUPS,
+    LinkSeen,
     WatchState,
     classify_datagram,
     group_mask,
+    link_seen,
 )
-from kubespan.apply.netlink import NETLINK_NETFILTER, NETLINK_ROUTE
+from kubespan.apply.links import RTM_GETLINK, every_link
+from kubespan.apply.netlink import NETLINK_NETFILTER, NETLINK_ROUTE, NLM_F_DUMP, NetlinkFormatError
+from kubespan.apply.nlsocket import NetlinkSocket
 from kubespan.names import LINK_NAME
 from kubespan.threads import named_thread
 
@@ -125,10 +130,11 @@ class KernelWatcher:
     def _open(self) -> None:
         self._close()
         self._sockets = dict(subscribe())
+        links = seen_links()  # after subscribing: a change after the dump is still heard
         try:
-            self._state = WatchState(socket.if_nametoindex(self._link))
+            self._state = WatchState(socket.if_nametoindex(self._link), links)
         except OSError:
-            self._state = WatchState(None)
+            self._state = WatchState(None, links)
 
     def _close(self) -> None:
         for sock in self._sockets:
@@ -202,3 +208,18 @@ def _enlarge(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+
+
+def seen_links() -> dict[int, LinkSeen] | None:
+    """Every link as it is now (index -> (up, name)), so that a later notification is known
+    to change a link or not; None when the dump fails (every link notification counts)."""
+    try:
+        rtnl = NetlinkSocket(NETLINK_ROUTE)
+        try:
+            answer = rtnl.request(RTM_GETLINK, NLM_F_DUMP, every_link())
+        finally:
+            rtnl.close()
+        return dict(link_seen(m) for m in answer if m.type == RTM_NEWLINK)
+    except (OSError, NetlinkFormatError) as error:
+        log.info("watch: links not read, every link notification counts: %s", error)
+        return None
