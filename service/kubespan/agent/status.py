@@ -94,12 +94,15 @@ def _rounded(seconds: float | None) -> float | None:
 
 def write_status(runtime_dir: Path, document: dict[str, Any]) -> bytes:
     """Write the status file (the fallback when no agent answers); the bytes written."""
-    runtime_dir.mkdir(parents=True, exist_ok=True)
     # Compact: the C encoder (indent would take the pure-Python one, a third of an idle
     # pass with a hundred peers); `kubespan status --json` indents what it prints.
     encoded = json.dumps(document, separators=(",", ":")).encode()
     # In /run, written every pass: never synced (it is gone at boot anyway).
-    atomic_write(runtime_dir / STATUS_FILE, encoded, mode=0o644, durable=False)
+    try:
+        atomic_write(runtime_dir / STATUS_FILE, encoded, mode=0o644, durable=False)
+    except FileNotFoundError:  # the directory, made at the first write (or removed since)
+        runtime_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(runtime_dir / STATUS_FILE, encoded, mode=0o644, durable=False)
     return encoded
 
 

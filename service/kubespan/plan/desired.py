@@ -113,8 +113,14 @@ def link_spec(plan_input: PlanInput) -> LinkSpec:
         fwmark=MARK_WIREGUARD,
         private_key=plan_input.private_key,
         preshared_key=plan_input.preshared_key,
-        address=ipaddress.IPv6Interface(f"{plan_input.ula}/64"),
+        address=ula_interface(plan_input.ula),
     )
+
+
+@functools.lru_cache(maxsize=8)
+def ula_interface(ula: ipaddress.IPv6Address) -> ipaddress.IPv6Interface:
+    """The link's address: the node's ULA in its /64 (parsed once, not at every pass)."""
+    return ipaddress.IPv6Interface((ula, 64))
 
 
 def unique_members(

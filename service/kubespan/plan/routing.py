@@ -10,6 +10,7 @@ with an extra selector or an inverted match.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -50,8 +51,14 @@ def route_type_number(name: str) -> int:
     return int(name.removeprefix("type"))
 
 
+_DEFAULT_NETWORKS: dict[int, IPNetwork] = {
+    4: ipaddress.IPv4Network("0.0.0.0/0"),
+    6: ipaddress.IPv6Network("::/0"),
+}
+
+
 def default_network(family: int) -> IPNetwork:
-    return ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0")
+    return _DEFAULT_NETWORKS[family]
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ class RoutingSpec:
     routes: tuple[RouteSpec, ...]
 
 
+@functools.lru_cache(maxsize=8)  # the same at every pass
 def routing_spec(mtu: int, link: str = LINK_NAME) -> RoutingSpec:
     """Per family: the rule, the default route via the link, and the unreachable floor."""
     return RoutingSpec(
