@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kubespan.apply import watch
+from kubespan.apply.changes import OTHER_LINK
 from kubespan.apply.watch import OVERFLOW, RESUBSCRIBED, KernelWatcher
 
 REAL_SUBSCRIBE = watch.subscribe
@@ -68,14 +69,21 @@ def callback_raises(watcher: KernelWatcher, calls: Recorder) -> dict[str, Any]:
 
 
 def overflow(watcher: KernelWatcher, calls: Recorder) -> dict[str, Any]:
+    ip("link", "add", "spare", "type", "veth", "peer", "name", "spare-peer")  # kept as down
     calls.hold.clear()  # the watcher thread blocks in the callback, reading nothing
     route(1)
     batch = "".join(
         f"route add unreachable 203.0.113.{n % 250}/32 table {1000 + n}\n" for n in range(3000)
     )
     subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
+    ip("link", "set", "spare", "up")  # its notification is lost with the overflow
     calls.hold.set()
-    return {"overflow": calls.wait(lambda r: OVERFLOW in r), "alive": watcher.alive}
+    result = {"overflow": calls.wait(lambda r: OVERFLOW in r), "alive": watcher.alive}
+    # The links are read anew after the loss: spare is known up, so its going down counts
+    # (kept as down, it would look unchanged).
+    ip("link", "set", "spare", "down")
+    result["link_after_overflow"] = calls.wait(lambda r: OTHER_LINK in r)
+    return result
 
 
 class Flaky:

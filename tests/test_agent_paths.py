@@ -16,7 +16,7 @@ from kubespan.agent.events import KernelChanged
 from kubespan.agent.loop import ROAM_SETTLE_SECONDS, Agent, Clocks
 from kubespan.agent.reflexive import ReflexiveLearned
 from kubespan.agent.status import STATUS_FILE
-from kubespan.apply.changes import DEFAULT_ROUTE
+from kubespan.apply.changes import DEFAULT_ROUTE, OTHER_LINK, joined
 from kubespan.config import parse_config
 from kubespan.identity import LinkHardware, load_or_create_identity
 from kubespan.model import AffiliateInfo, MemberRecord
@@ -196,6 +196,14 @@ def test_an_underlay_change_is_acted_on_once_settled(
     agent.reconcile()
     assert stun_of(agent).triggers == triggers + 2
     assert len(kernel.nudged) == nudged + 2
+
+    # In one burst with other news (an uplink coming up and its default route), as the
+    # watcher hands a burst on: still a new way out.
+    agent._take(KernelChanged(joined({OTHER_LINK, DEFAULT_ROUTE, "address"})))
+    clock.now += ROAM_SETTLE_SECONDS
+    agent.reconcile()
+    assert stun_of(agent).triggers == triggers + 3
+    assert len(kernel.nudged) == nudged + 3
 
 
 def answered_first_trial(agent: Agent, kernel: FakeKernel, clock: Clock) -> str:

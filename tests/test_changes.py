@@ -103,8 +103,8 @@ def test_a_link_message_without_a_name_for_our_index_is_ours() -> None:
     assert (reason, state.link_index) == (None, 8)
 
 
-def link_message(kind: int, index: int, up: bool, name: str) -> Message:
-    header = struct.pack("=BxHiII", 0, 1, index, 1 if up else 0, 0)
+def link_message(kind: int, index: int, up: bool, name: str, family: int = 0) -> Message:
+    header = struct.pack("=BxHiII", family, 1, index, 1 if up else 0, 0)
     attribute = name.encode() + b"\0"
     length = 4 + len(attribute)
     body = struct.pack("=HH", length, 3) + attribute + bytes(align(length) - length)
@@ -123,9 +123,20 @@ def test_another_link_counts_when_it_goes_up_or_down_or_is_renamed() -> None:
     # its addresses go with theirs.
     reason, state = classify_route(link_message(RTM_NEWLINK, 9, True, "veth1"), state)
     assert (reason, state.links) == (None, {3: (False, "wan0"), 9: (True, "veth1")})
+    af_bridge = 7  # a bridge port leaving its bridge: the link itself stays
+    assert classify_route(link_message(RTM_DELLINK, 9, True, "veth1", af_bridge), state) == (
+        None,
+        state,
+    )
     reason, state = classify_route(link_message(RTM_DELLINK, 9, True, "veth1"), state)
     assert (reason, state.links) == (None, {3: (False, "wan0")})
     assert state.link_index == 7
+
+
+def test_a_link_name_that_is_not_ascii_is_read_not_malformed() -> None:
+    state = WatchState(7, {3: (True, "eth0")})
+    reason, state = classify_route(link_message(RTM_NEWLINK, 3, True, "wän0"), state)
+    assert (reason, state.links) == (OTHER_LINK, {3: (True, "wän0")})
 
 
 def test_with_the_links_unknown_every_other_link_notification_counts() -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from kubespan.agent.kernelcache import CachedKernel
+from kubespan.agent.kernelcache import RESYNC_SECONDS, UNWATCHED_RESYNC_SECONDS, CachedKernel
 from kubespan.identity import LinkHardware
 from kubespan.model import LocalAddress, ObservedLink
 from kubespan.plan.dataplane import ObservedRouting
@@ -95,6 +95,27 @@ def test_slow_state_is_read_once_until_something_changes() -> None:
     cache.observe_routing("kubespan")
     cache.observe_routing("kubespan")
     assert kernel.reads == {"addresses": 1, "routing": 1}
+
+
+def test_kept_for_a_minute_while_the_watcher_hears_changes_else_for_ten_seconds() -> None:
+    kernel, clock = CountingKernel(), Clock()
+    cache = CachedKernel(kernel, clock)
+    subscribed = [True]
+    cache.watched_by(lambda: subscribed[0])
+    cache.local_addresses()
+    clock.now += UNWATCHED_RESYNC_SECONDS + 1
+    cache.local_addresses()
+    assert kernel.reads == {"addresses": 1}
+    subscribed[0] = False  # the watcher lost its sockets: nothing reports a change
+    cache.local_addresses()
+    assert kernel.reads == {"addresses": 2}
+    subscribed[0] = True
+    clock.now += RESYNC_SECONDS - 1
+    cache.local_addresses()
+    assert kernel.reads == {"addresses": 2}
+    clock.now += 2
+    cache.local_addresses()
+    assert kernel.reads == {"addresses": 3}
 
 
 def test_a_reported_change_makes_the_next_pass_read_again() -> None:

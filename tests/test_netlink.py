@@ -8,7 +8,6 @@ import struct
 
 import pytest
 
-from kubespan.apply.links import link_name
 from kubespan.apply.netlink import (
     HEADER,
     NETLINK_ROUTE,
@@ -24,6 +23,7 @@ from kubespan.apply.netlink import (
     encode_attribute,
     encode_message,
     error_code,
+    link_name,
     split_messages,
     string,
     u32,

@@ -124,7 +124,7 @@ def test_live_notifications_are_classified() -> None:
     ("scenario", "expected"),
     [
         ("callback-raises", {"again": True}),
-        ("overflow", {"overflow": True}),
+        ("overflow", {"overflow": True, "link_after_overflow": True}),
         ("read-fails", {"resubscribed": True, "again": True}),
         ("subscribing-fails", {"resubscribed": True, "again": True}),
         ("blocked-callback", {"stop_returned": True, "ended": True}),

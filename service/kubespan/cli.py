@@ -118,6 +118,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         # first pass, so nothing after it goes unnoticed.
         kernel_watcher = watch_kernel(kernel, events)
         kernel_watcher.start()
+        kernel.watched_by(lambda: kernel_watcher.subscribed)
         watcher.start()
         try:
             Supervisor(

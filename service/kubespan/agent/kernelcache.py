@@ -28,6 +28,9 @@ from kubespan.plan.dataplane import ObservedRouting
 from kubespan.plan.diff import Operation
 
 RESYNC_SECONDS = 60.0
+# While the watcher is not subscribed (subscribing failed and is retried), nothing reports
+# a change: kept values are read again this often instead.
+UNWATCHED_RESYNC_SECONDS = 10.0
 
 T = TypeVar("T")
 
@@ -72,6 +75,12 @@ class CachedKernel:
         self._lock = threading.Lock()
         self._generation = 0
         self._kept: dict[tuple[str, str], _Kept[object]] = {}
+        self._watched: Callable[[], bool] = lambda: False
+
+    def watched_by(self, subscribed: Callable[[], bool]) -> None:
+        """Kept values last RESYNC_SECONDS while `subscribed()` (the kernel watcher hears
+        changes), UNWATCHED_RESYNC_SECONDS otherwise (before this is called too)."""
+        self._watched = subscribed
 
     def invalidate(self) -> None:
         """Something may have changed: read everything anew at the next use. Thread-safe."""
@@ -83,7 +92,8 @@ class CachedKernel:
         with self._lock:
             generation = self._generation
             kept = self._kept.get(what)
-        if kept is not None and kept.generation == generation and now - kept.read_at < self._resync:
+        resync = self._resync if self._watched() else min(self._resync, UNWATCHED_RESYNC_SECONDS)
+        if kept is not None and kept.generation == generation and now - kept.read_at < resync:
             return kept.value  # type: ignore[return-value]
         value = read()
         self._kept[what] = _Kept(value, generation, now)

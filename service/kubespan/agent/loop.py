@@ -47,7 +47,7 @@ from kubespan.agent.session import (
 )
 from kubespan.agent.status import status_document, write_status
 from kubespan.agent.statusserver import LatestStatus
-from kubespan.apply.changes import DEFAULT_ROUTE
+from kubespan.apply.changes import DEFAULT_ROUTE, reasons_in
 from kubespan.config import MachineConfig
 from kubespan.crypto import ClusterKeys
 from kubespan.discovery.members import Registration, open_affiliate, seal_record
@@ -554,7 +554,7 @@ class Agent:
             self.failed.add(event.url)
         elif isinstance(event, KernelChanged):
             log.debug("kernel changed: %s", event.reason)
-            if event.reason == DEFAULT_ROUTE:
+            if DEFAULT_ROUTE in reasons_in(event.reason):
                 self._underlay_changed_at = self.clocks.monotonic()
         elif isinstance(event, ReflexiveEvent):
             # The pass below reads the new address from the session; the reflectors it

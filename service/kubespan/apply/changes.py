@@ -19,6 +19,7 @@ from kubespan.apply.netlink import (
     Message,
     NetlinkFormatError,
     attribute_map,
+    link_name,
     s32,
     split_messages,
     string,
@@ -44,6 +45,7 @@ TABLE_HEADER = struct.Struct("=BBBBBBBBI")
 RTA_TABLE = 15
 RT_TABLE_MAIN = 254
 IFF_UP = 0x1
+AF_UNSPEC = 0
 # Another link went up or down, or was renamed: the addresses advertised may have changed.
 OTHER_LINK = "another link's state"
 # The node's way out changed: its public address and NAT mapping may have too (roaming).
@@ -140,7 +142,7 @@ def link_seen(message: Message) -> tuple[int, LinkSeen]:
         raise NetlinkFormatError("truncated link message")
     _, _, index, flags, _ = IFINFOMSG.unpack_from(message.payload)
     attrs = attribute_map(message.payload[IFINFOMSG.size :])
-    name = string(attrs[IFLA_IFNAME]) if IFLA_IFNAME in attrs else None
+    name = link_name(attrs[IFLA_IFNAME]) if IFLA_IFNAME in attrs else None
     return index, (bool(flags & IFF_UP), name)
 
 
@@ -155,6 +157,8 @@ def _link(message: Message, state: WatchState) -> tuple[str | None, WatchState]:
         return OTHER_LINK, state
     links = dict(state.links)
     if message.type == RTM_DELLINK:
+        if message.payload[0] != AF_UNSPEC:
+            return None, state  # a bridge port leaving its bridge: the link itself stays
         links.pop(index, None)  # its addresses go with their own notifications
         return None, WatchState(state.link_index, links)
     before = links.get(index)
@@ -180,6 +184,15 @@ def _body(message: Message, header: int) -> bytes:
 
 
 MALFORMED = "malformed netlink message"
+REASONS_JOINED_BY = "; "  # a burst's reasons, as the watcher hands them on in one string
+
+
+def joined(reasons: set[str]) -> str:
+    return REASONS_JOINED_BY.join(sorted(reasons))
+
+
+def reasons_in(reason: str) -> set[str]:
+    return set(reason.split(REASONS_JOINED_BY))
 
 
 def classify_datagram(

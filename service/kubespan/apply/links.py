@@ -21,6 +21,7 @@ from kubespan.apply.netlink import (
     NetlinkFormatError,
     attribute_map,
     encode_attribute,
+    link_name,
     string,
     u32,
 )
@@ -83,16 +84,6 @@ def parse_link(message: Message) -> Link:
         mac=":".join(f"{b:02x}" for b in mac) if mac is not None else "",
         kind=string(info[IFLA_INFO_KIND]) if IFLA_INFO_KIND in info else "",
     )
-
-
-def link_name(value: bytes) -> str:
-    """A link's name: any bytes but NUL, '/', ':' and white space, so not always ASCII or
-    even UTF-8; kept byte for byte (undecodable bytes as surrogates, as os.fsdecode does), so
-    /sys/class/net/<name> still finds it."""
-    raw, nul, _ = value.partition(b"\0")
-    if not nul:
-        raise NetlinkFormatError("link name without its NUL")
-    return raw.decode("utf-8", errors="surrogateescape")
 
 
 def parse_address(message: Message) -> Address | None:

@@ -140,3 +140,13 @@ def encode_attribute(kind: int, value: bytes) -> bytes:
 
 def encode_message(kind: int, flags: int, seq: int, payload: bytes) -> bytes:
     return HEADER.pack(HEADER.size + len(payload), kind, flags, seq, 0) + payload
+
+
+def link_name(value: bytes) -> str:
+    """A link's name: any bytes but NUL, '/', ':' and white space, so not always ASCII or
+    even UTF-8; kept byte for byte (undecodable bytes as surrogates, as os.fsdecode does), so
+    /sys/class/net/<name> still finds it."""
+    raw, nul, _ = value.partition(b"\0")
+    if not nul:
+        raise NetlinkFormatError("link name without its NUL")
+    return raw.decode("utf-8", errors="surrogateescape")

@@ -37,6 +37,7 @@ from kubespan.apply.changes import (
     WatchState,
     classify_datagram,
     group_mask,
+    joined,
     link_seen,
 )
 from kubespan.apply.links import RTM_GETLINK, every_link
@@ -99,6 +100,11 @@ class KernelWatcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether changes are heard now (not while subscribing fails and is retried)."""
+        return bool(self._sockets) and self._thread.is_alive()
+
     # --- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -130,11 +136,16 @@ class KernelWatcher:
     def _open(self) -> None:
         self._close()
         self._sockets = dict(subscribe())
-        links = seen_links()  # after subscribing: a change after the dump is still heard
+        self._state = self._fresh_state()
+
+    def _fresh_state(self) -> WatchState:
+        """Our link's index and every link as they are now; read while subscribed, so a
+        change after the reading is still heard."""
+        links = seen_links()
         try:
-            self._state = WatchState(socket.if_nametoindex(self._link), links)
+            return WatchState(socket.if_nametoindex(self._link), links)
         except OSError:
-            self._state = WatchState(None, links)
+            return WatchState(None, links)
 
     def _close(self) -> None:
         for sock in self._sockets:
@@ -164,7 +175,10 @@ class KernelWatcher:
                 except OSError as error:
                     if error.errno != errno.ENOBUFS:
                         raise
+                    # Lost notifications may have changed links: what was kept of them
+                    # would hide the next change, so it is read anew.
                     reasons.add(OVERFLOW)
+                    self._state = self._fresh_state()
                     continue
                 if address[0] != 0:
                     continue  # only the kernel speaks for the kernel
@@ -175,7 +189,7 @@ class KernelWatcher:
     def _notify(self, reasons: set[str]) -> None:
         if not reasons or self._stopping.is_set():
             return
-        reason = "; ".join(sorted(reasons))
+        reason = joined(reasons)
         log.debug("watch: change reason=%s", reason)
         self._on_change(reason)
 
@@ -219,7 +233,16 @@ def seen_links() -> dict[int, LinkSeen] | None:
             answer = rtnl.request(RTM_GETLINK, NLM_F_DUMP, every_link())
         finally:
             rtnl.close()
-        return dict(link_seen(m) for m in answer if m.type == RTM_NEWLINK)
-    except (OSError, NetlinkFormatError) as error:
+    except OSError as error:
         log.info("watch: links not read, every link notification counts: %s", error)
         return None
+    seen: dict[int, LinkSeen] = {}
+    for message in answer:
+        if message.type != RTM_NEWLINK:
+            continue
+        try:
+            index, link = link_seen(message)
+        except NetlinkFormatError:
+            continue  # unreadable here: its next notification is taken as a new link's
+        seen[index] = link
+    return seen
