@@ -175,15 +175,16 @@ class KernelWatcher:
                 except OSError as error:
                     if error.errno != errno.ENOBUFS:
                         raise
-                    # Lost notifications may have changed links: what was kept of them
-                    # would hide the next change, so it is read anew.
                     reasons.add(OVERFLOW)
-                    self._state = self._fresh_state()
                     continue
                 if address[0] != 0:
                     continue  # only the kernel speaks for the kernel
                 found, self._state = classify_datagram(data, nftables, self._state)
                 reasons |= found
+        if OVERFLOW in reasons:
+            # Lost notifications may have changed links: what was kept of them would hide
+            # the next change, so it is read anew (once per burst, however many were lost).
+            self._state = self._fresh_state()
         return reasons
 
     def _notify(self, reasons: set[str]) -> None:
