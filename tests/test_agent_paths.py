@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kubespan.agent.events import KernelChanged
-from kubespan.agent.loop import ROAM_SETTLE_SECONDS, Agent, Clocks
+from kubespan.agent.loop import ROAM_SETTLE_SECONDS, STATUS_FILE_EVERY_SECONDS, Agent, Clocks
 from kubespan.agent.reflexive import ReflexiveLearned
 from kubespan.agent.status import STATUS_FILE
 from kubespan.apply.changes import DEFAULT_ROUTE, OTHER_LINK, joined
@@ -378,3 +378,31 @@ def test_a_peer_heard_from_during_the_pass_is_not_recreated(
     agent.reconcile()
     status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
     assert status["peers"][0]["state"] == "up"
+
+
+def test_the_status_file_follows_news_at_once_and_counters_every_half_minute(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    key = answered_first_trial(agent, kernel, clock)
+    status_file = tmp_path / "run" / STATUS_FILE
+
+    def in_file() -> dict[str, Any]:
+        (peer,) = json.loads(status_file.read_text())["peers"]
+        return dict(peer)
+
+    assert in_file()["state"] == "up"  # news: written by the pass that saw it
+    written = in_file()["rx_bytes"]
+    kernel.receive(key, 500, 1_800_000_000 + clock.now)  # only counters move
+    clock.now += 1
+    agent.reconcile()
+    assert in_file()["rx_bytes"] == written
+    assert agent._last_document is not None
+    assert agent._last_document["peers"][0]["rx_bytes"] > written  # the live status has it
+    clock.now += STATUS_FILE_EVERY_SECONDS
+    agent.reconcile()
+    assert in_file()["rx_bytes"] == agent._last_document["peers"][0]["rx_bytes"]
+    agent._take(ReflexiveLearned(Reflexive.of([ReflectorAnswer(REFLECTOR, MAPPED)])))
+    clock.now += 1
+    agent.reconcile()  # news again (a mapping learned): at once
+    assert json.loads(status_file.read_text())["node"]["nat"]["mapped"] == [str(MAPPED)]

@@ -45,7 +45,7 @@ from kubespan.agent.session import (
     ReflexiveEvent,
     SessionFailed,
 )
-from kubespan.agent.status import status_document, write_status
+from kubespan.agent.status import encode_status, status_document, write_status_file
 from kubespan.agent.statusserver import LatestStatus
 from kubespan.apply.changes import DEFAULT_ROUTE, reasons_in
 from kubespan.config import MachineConfig
@@ -116,6 +116,8 @@ READY_TIMEOUT_SECONDS = 30.0
 CACHE_READY_GRACE_SECONDS = 5.0
 REFRESH_SECONDS = TTL_SECONDS / 2
 PROBLEM_LOG_INTERVAL_SECONDS = 60.0
+# The status file is rewritten at least this often while only counters and ages change.
+STATUS_FILE_EVERY_SECONDS = 30.0
 # The peer cache is rewritten at most this often (a service can change records many times
 # a second); what changed meanwhile is written at the next pass after that.
 CACHE_WRITE_INTERVAL_SECONDS = 5.0
@@ -321,6 +323,8 @@ class Agent:
         self._state_since: dict[str, float] = {}  # wall time of each peer's last change
         self.latest = latest  # what the status socket serves; None: file only (tests)
         self._last_document: dict[str, Any] | None = None
+        self._status_file_said: object = None
+        self._status_file_at = -STATUS_FILE_EVERY_SECONDS
 
     def _init_helpers(
         self,
@@ -449,6 +453,7 @@ class Agent:
         finally:
             self._save_cache(force=True)
             self._stop_threads()
+            self._write_last_status()
 
     def _next_pass(self) -> float:
         """After the tick, or sooner when a trial or a probe needs a look (not too soon)."""
@@ -1205,17 +1210,52 @@ class Agent:
             relay_names=self._relay_names,
         )
         self._last_document = document
-        self._write_status(document)
+        # The file is only the fallback when no agent answers: written when what it says
+        # changed beyond counters and ages, and every STATUS_FILE_EVERY_SECONDS otherwise
+        # (it was a tenth of an idle pass); the live status has every pass.
+        lasting = (
+            self.ready,
+            self.last_error,
+            self._warnings,
+            info,
+            endpoints,
+            self.nat_status,
+            tuple((r.public_key, r.state, r.endpoint, r.relay, r.why, r.refused) for r in reports),
+            tuple((r.public_key, r.candidates) for r in reports),
+            tuple(
+                (d["url"], d["registered"], d["public_address"], d["last_error"])
+                for d in document["discovery"]
+            ),
+        )
+        now = self.clocks.monotonic()
+        to_file = (
+            lasting != self._status_file_said
+            or now - self._status_file_at >= STATUS_FILE_EVERY_SECONDS
+        )
+        self._write_status(document, to_file)
+        if to_file:
+            self._status_file_said, self._status_file_at = lasting, now
         up = sum(1 for r in reports if r.state is PeerState.UP)
         line = f"{len(reports)} peers, {up} up"
         if line != self._status_line:  # systemd has it: each datagram costs PID 1 work too
             self._status_line = line
             notify.status(line)
 
-    def _write_status(self, document: dict[str, Any]) -> None:
-        encoded = write_status(self.runtime_dir, document)
+    def _write_status(self, document: dict[str, Any], to_file: bool = True) -> None:
+        encoded = encode_status(document)
+        if to_file:
+            write_status_file(self.runtime_dir, encoded)
         if self.latest is not None:
             self.latest.set(encoded)
+
+    def _write_last_status(self) -> None:
+        """The file says what the last pass saw, counters too, when the loop ends."""
+        if self._last_document is None:
+            return
+        try:
+            write_status_file(self.runtime_dir, encode_status(self._last_document))
+        except OSError as error:
+            log.warning("could not write the status file: %s", error)
 
     def _publish_failure(self) -> None:
         """A pass that failed still shows in the status: its error, and the rest as the

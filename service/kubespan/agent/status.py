@@ -92,17 +92,26 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 1)
 
 
-def write_status(runtime_dir: Path, document: dict[str, Any]) -> bytes:
-    """Write the status file (the fallback when no agent answers); the bytes written."""
+def encode_status(document: dict[str, Any]) -> bytes:
     # Compact: the C encoder (indent would take the pure-Python one, a third of an idle
     # pass with a hundred peers); `kubespan status --json` indents what it prints.
-    encoded = json.dumps(document, separators=(",", ":")).encode()
-    # In /run, written every pass: never synced (it is gone at boot anyway).
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def write_status_file(runtime_dir: Path, encoded: bytes) -> None:
+    """Write the status file (the fallback when no agent answers)."""
+    # In /run: never synced (it is gone at boot anyway).
     try:
         atomic_write(runtime_dir / STATUS_FILE, encoded, mode=0o644, durable=False)
     except FileNotFoundError:  # the directory, made at the first write (or removed since)
         runtime_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(runtime_dir / STATUS_FILE, encoded, mode=0o644, durable=False)
+
+
+def write_status(runtime_dir: Path, document: dict[str, Any]) -> bytes:
+    """Write the status file; the bytes written."""
+    encoded = encode_status(document)
+    write_status_file(runtime_dir, encoded)
     return encoded
 
 
