@@ -213,6 +213,13 @@ def test_disable_then_enable_again(sources: SourcesLab) -> None:
 
     off = cluster.config(enabled=False).encode()
     node1.check(["kubespan", "config", "apply", "-"], stdin=off)
+    # Told by inotify at once: without it, the look the agent takes anyway is a minute away.
+    wait_until(
+        lambda: "machine config changed" in node1.journal("kubespan"),
+        15,
+        "node1's agent to see its config changed",
+        interval=1.0,
+    )
     wait_until(lambda: not kubespan_leftovers(node1), 60, "node1 to remove what it created")
     wait_until(
         lambda: (s := node_status(node2)) is not None and s["peers"] == [],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -24,12 +25,16 @@ from kubespan.agent.loop import Agent, KernelPort
 from kubespan.agent.statusserver import LatestStatus, placeholder
 from kubespan.config import MachineConfig, parse_config
 from kubespan.errors import ConfigError
+from kubespan.filewatch import SETTLE_SECONDS, FileWatch
 from kubespan.identity import Identity
 from kubespan.threads import named_thread
+from kubespan.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL_SECONDS = 2.0
+WATCH_INTERVAL_SECONDS = 2.0  # where inotify cannot watch the file
+BACKSTOP_SECONDS = 60.0  # where it can
+SETTLE_LIMIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,12 @@ def stamp(path: Path) -> FileStamp | None:
 
 
 class ConfigWatcher:
-    """Polls the config file; puts ConfigChanged on `events` for each new valid content."""
+    """Follows the config file; puts ConfigChanged on `events` for each new valid content.
+
+    Told by inotify when the file may have changed (filewatch): an idle agent wakes for
+    nothing. Where inotify cannot watch, the file is looked at every `interval`; where it
+    does, every `backstop` still (a file system that sends no events, as some network ones).
+    """
 
     def __init__(
         self,
@@ -57,14 +67,17 @@ class ConfigWatcher:
         current: bytes,
         events: queue.Queue[Any],
         interval: float = WATCH_INTERVAL_SECONDS,
+        backstop: float = BACKSTOP_SECONDS,
     ) -> None:
         self.path = path
         self.events = events
         self.interval = interval
+        self.backstop = backstop
         self._current = current
         self._rejected: bytes | None = None
         self._stamp = stamp(path)
-        self._wake = threading.Event()
+        self._watch = FileWatch(path)
+        self._wakeup = Wakeup()
         self._stopping = threading.Event()
         self._thread = named_thread(self._loop, "config watcher")
 
@@ -73,22 +86,55 @@ class ConfigWatcher:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._wake.set()
+        self._wakeup.poke()
 
     def trigger(self) -> None:
         """Check now (SIGHUP)."""
-        self._wake.set()
+        self._wakeup.poke()
 
     def _loop(self) -> None:
-        while not self._stopping.is_set():
-            forced = self._wake.wait(self.interval)
-            self._wake.clear()
-            if self._stopping.is_set():
-                return
-            try:
-                self.check(forced)
-            except Exception:  # the watcher must outlive any config it is shown
-                log.exception("checking the machine config failed; keeping the running config")
+        try:
+            while not self._stopping.is_set():
+                try:
+                    forced = self._wait()
+                    if not self._stopping.is_set():
+                        self.check(forced)
+                except Exception:  # the watcher must outlive any config it is shown
+                    log.exception("checking the machine config failed; keeping the running config")
+                    self._stopping.wait(self.interval)
+        finally:
+            self._watch.close()
+            self._wakeup.close()
+
+    def _wait(self) -> bool:
+        """Until the file may have changed, or the time to look anyway; whether a check
+        was asked for (SIGHUP)."""
+        watching = self._watch.refresh()
+        waited: list[Any] = [self._wakeup.reader, *([self._watch] if watching else [])]
+        ready, _, _ = select.select(waited, [], [], self.backstop if watching else self.interval)
+        forced = self._wakeup.reader in ready
+        self._wakeup.drain()
+        if self._watch in ready and self._watch.changed():
+            forced = self._settle() or forced
+        return forced
+
+    def _settle(self) -> bool:
+        """Let a save finish (its events keep coming while it does), at most a second;
+        whether a check was asked for meanwhile."""
+        forced = False
+        deadline = time.monotonic() + SETTLE_LIMIT_SECONDS
+        while not self._stopping.is_set() and self._watch.watching:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            waited: list[Any] = [self._wakeup.reader, self._watch]
+            ready, _, _ = select.select(waited, [], [], min(SETTLE_SECONDS, left))
+            if self._wakeup.reader in ready:
+                forced = True
+                self._wakeup.drain()
+            if self._watch not in ready or not self._watch.changed():
+                break
+        return forced
 
     def check(self, forced: bool = False) -> None:
         now = stamp(self.path)
