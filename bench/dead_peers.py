@@ -3,7 +3,9 @@ lines (at INFO and above, what the journal keeps by default) of the real reconci
 in-memory kernel, with the clocks stepped by the tick.
 
 Prints dead_peers_ops_per_h and dead_peers_log_lines_per_h (targets: at most 1,000 each), and
-the same for a baseline of 100 peers that answer, run in the same process.
+the same for a baseline of 100 peers that answer, run in the same process; and what a pass
+costs in CPU on this host (`*_pass_ms`: the planner, the diff and the status, on the fake
+kernel; what an idle agent's pass costs in a VM is bench_idle.py's).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ipaddress
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -63,7 +66,7 @@ def membership(agent: Agent) -> Membership:
     return Membership(known)
 
 
-def simulate(answering: bool, work: Path) -> tuple[int, int]:
+def simulate(answering: bool, work: Path) -> tuple[int, int, float]:
     clock = {"now": 10_000.0}
     kernel = FakeKernel(
         addresses=(local_address("ens3", "192.0.2.1/24"),),
@@ -85,13 +88,17 @@ def simulate(answering: bool, work: Path) -> tuple[int, int]:
         agent.reconcile()  # the first pass builds the link and the peers: not counted
         operations, lines = len(kernel.applied), counter.count
         end = clock["now"] + HOUR
+        passes, cpu = 0, 0.0
         while clock["now"] < end:
             clock["now"] += TICK_SECONDS
             if answering:
                 for key in [p.public_key for p in kernel.link.peers] if kernel.link else []:
                     kernel.handshake(key, 1_700_000_000 + clock["now"] - 1)
+            began = time.process_time()
             agent.reconcile()
-        return len(kernel.applied) - operations, counter.count - lines
+            cpu += time.process_time() - began
+            passes += 1
+        return len(kernel.applied) - operations, counter.count - lines, cpu / passes * 1000
     finally:
         logging.getLogger("kubespan").removeHandler(counter)
 
@@ -100,13 +107,16 @@ def main() -> None:
     logging.getLogger("kubespan").setLevel(logging.INFO)
     logging.getLogger("kubespan").propagate = False
     with tempfile.TemporaryDirectory() as work:
-        alive_ops, alive_lines = simulate(True, Path(work) / "alive")
-        dead_ops, dead_lines = simulate(False, Path(work) / "dead")
+        alive_ops, alive_lines, alive_ms = simulate(True, Path(work) / "alive")
+        dead_ops, dead_lines, dead_ms = simulate(False, Path(work) / "dead")
     print(f"alive_peers_ops_per_h={alive_ops}")
     print(f"alive_peers_log_lines_per_h={alive_lines}")
+    print(f"alive_peers_pass_ms={alive_ms:.2f}")
     print(f"dead_peers_ops_per_h={dead_ops}")
     print(f"dead_peers_log_lines_per_h={dead_lines}")
+    print(f"dead_peers_pass_ms={dead_ms:.2f}")
     print(f"dead_peers_ops_ratio_to_alive={dead_ops / max(alive_ops, 1):.1f}")
+    print(f"dead_peers_pass_ratio_to_alive={dead_ms / alive_ms:.2f}")
 
 
 if __name__ == "__main__":
