@@ -186,7 +186,10 @@ def diff_peer(link: LinkSpec, want: PeerSpec, have: ObservedPeer | None) -> SetP
         want.endpoint if want.endpoint is not None and want.endpoint != have.endpoint else None
     )
     keepalive = want.keepalive if have.keepalive != want.keepalive else None
-    ips = wanted_ips if set(have.allowed_ips) != set(wanted_ips) else None
+    # Both sorted alike (the kernel's as parsed): equal tuples are the common case, and
+    # cheaper than hashing every network; the sets judge what differs in order only.
+    same = have.allowed_ips == wanted_ips or set(have.allowed_ips) == set(wanted_ips)
+    ips = None if same else wanted_ips
     if (psk, endpoint, keepalive, ips) == (None, None, None, None):
         return None
     return SetPeer(link.name, want.public_key, want.name, psk, endpoint, keepalive, ips)

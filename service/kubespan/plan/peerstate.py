@@ -53,8 +53,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+from kubespan.frozen import evolve
 from kubespan.model import PeerState
 from kubespan.netaddr import Endpoint
 
@@ -230,7 +231,7 @@ def observe(
         sighting.last_handshake is not None and sighting.last_handshake != previous.handshake
     )
     heard = previous.observed_at if grew or handshook else previous.heard
-    return replace(
+    return evolve(
         previous,
         handshake=sighting.last_handshake,
         rx_bytes=sighting.rx_bytes,  # a counter that went back: the peer was recreated
@@ -266,7 +267,7 @@ def decide_endpoint(
         now, wall_now, candidates, previous, sighting, timing, answered or {}, relayed
     )
     if previous is None or any(c not in previous.seen_candidates for c in candidates):
-        decision = replace(decision, check=True)  # a new way to reach it: check it now
+        decision = evolve(decision, check=True)  # a new way to reach it: check it now
     return decision
 
 
@@ -289,7 +290,7 @@ def _decide(
     # Only the current candidates are remembered: a member that keeps changing its
     # endpoints grows nothing here (a candidate that comes back counts as new again).
     if tracking.seen_candidates != everything:
-        tracking = replace(tracking, seen_candidates=everything)
+        tracking = evolve(tracking, seen_candidates=everything)
     if state is PeerState.UP:
         if tracking.endpoint in relayed or sighting.endpoint in relayed:
             return _relayed_up(now, tracking, candidates, sighting, timing, answered, relayed)
@@ -297,7 +298,7 @@ def _decide(
     if tracking.alive_since_trial():
         # Was up, the path died: start over from the best candidate, now.
         failed = sighting.endpoint or tracking.endpoint
-        restart = replace(tracking, tried=(failed,) if failed else (), cycles=0, trials=1)
+        restart = evolve(tracking, tried=(failed,) if failed else (), cycles=0, trials=1)
         return _next(now, restart, candidates, sighting, state, timing, "the path died")
     if not candidates:
         return _undecided(now, tracking, state, timing)
@@ -345,7 +346,7 @@ def _decide(
     if current_usable and now - tracking.since < dwell(tracking.cycles, timing.trial):
         return _undecided(now, tracking, state, timing)
     if tracking.endpoint is not None and tracking.endpoint not in tracking.failed:
-        tracking = replace(tracking, failed=(*tracking.failed, tracking.endpoint))
+        tracking = evolve(tracking, failed=(*tracking.failed, tracking.endpoint))
     return _next(now, tracking, candidates, sighting, state, timing, "the last trial failed")
 
 
@@ -360,17 +361,15 @@ def _up(
     """Keep an up peer's endpoint (WireGuard's, which follows the peer), unless the path
     went silent and another candidate answered a path check since."""
     if tracking.cycles or len(tracking.tried) > 1 or tracking.trials > 1 or tracking.failed:
-        tracking = replace(
-            tracking, cycles=0, tried=tuple(tracking.tried[-1:]), trials=1, failed=()
-        )
+        tracking = evolve(tracking, cycles=0, tried=tuple(tracking.tried[-1:]), trials=1, failed=())
     if sighting.endpoint is not None and sighting.endpoint != tracking.endpoint:
-        tracking = replace(
+        tracking = evolve(
             tracking,
             endpoint=sighting.endpoint,
             why="roamed: WireGuard follows the peer's authenticated packets",
         )
     elif tracking.why.startswith("trial"):
-        tracking = replace(tracking, why="works: the peer answered here")
+        tracking = evolve(tracking, why="works: the peer answered here")
     other = _answered_elsewhere(now, tracking, candidates, answered, timing)
     if other is None:
         return _keep_alive(now, tracking, PeerState.UP, timing)
@@ -439,11 +438,11 @@ def _relayed_up(
     # just after the relay took over moves the pair back within seconds.
     due = checked + timing.direct_retry if checked is not None else now
     if now >= due:
-        kept = replace(kept, direct_checked_at=now)
+        kept = evolve(kept, direct_checked_at=now)
         due = now + timing.direct_retry
-        decision = replace(decision, check=True)
+        decision = evolve(decision, check=True)
     wake = due if decision.wake_at is None else min(decision.wake_at, due)
-    return replace(decision, tracking=kept, wake_at=wake)
+    return evolve(decision, tracking=kept, wake_at=wake)
 
 
 def _move_to_relay(
@@ -452,7 +451,7 @@ def _move_to_relay(
     """The pair moved to another relay (a nearer one, paired there): set it now, not as a
     trial (the peer is up, and the relay left forwards until its binding lapses), and probe
     at once: unanswered, the path is found dead as any other and rotation resumes."""
-    moved = replace(
+    moved = evolve(
         tracking,
         endpoint=bound,
         probe_since=now,
@@ -548,7 +547,7 @@ def _next(
     tried, cycles = tracking.tried, tracking.cycles
     if not untried:
         untried, tried, cycles = list(candidates), (), cycles + 1
-        tracking = replace(tracking, failed=())
+        tracking = evolve(tracking, failed=())
     return _start(now, tracking, untried[0], tried, cycles, state, cause, timing, sighting.endpoint)
 
 
@@ -570,8 +569,8 @@ def _start(
     known = tracking.seen_candidates
     if restart:
         # Recreated: the kernel's counters and handshake start from nothing.
-        tracking = replace(tracking, rx_bytes=0, handshake=None)
-    started = replace(
+        tracking = evolve(tracking, rx_bytes=0, handshake=None)
+    started = evolve(
         tracking,
         endpoint=endpoint,
         since=now,
@@ -615,7 +614,7 @@ def _undecided(
         tracking.probed_at is None or now - tracking.probed_at >= timing.probe_interval
     )
     if probe:
-        tracking = replace(tracking, probed_at=now)
+        tracking = evolve(tracking, probed_at=now)
     end = tracking.since + (timing.trial if in_trial else dwell(tracking.cycles, timing.trial))
     if in_trial and tracking.cycles == 0:
         wake = min(end, now + timing.poll)
@@ -634,7 +633,7 @@ def _keep_alive(
     heard = tracking.heard if tracking.heard is not None else now
     round_at = on_grid(heard + timing.quiet, timing.probe_grain)
     if now < round_at:
-        settled = tracking if tracking.probe_since is None else replace(tracking, probe_since=None)
+        settled = tracking if tracking.probe_since is None else evolve(tracking, probe_since=None)
         return EndpointDecision(settled, state, None, wake_at=round_at)
     since = tracking.probe_since
     if since is not None and since <= heard:
@@ -642,7 +641,7 @@ def _keep_alive(
     last = tracking.probed_at
     probe = since is None or last is None or now - last >= timing.probe_interval
     if probe:
-        tracking = replace(tracking, probe_since=now if since is None else since, probed_at=now)
+        tracking = evolve(tracking, probe_since=now if since is None else since, probed_at=now)
     assert tracking.probe_since is not None and tracking.probed_at is not None
     # Unanswered for a probe interval: check the candidates once in this round of probes
     # (a live path answers a probe within a round trip; idle peers are never checked).
@@ -652,7 +651,7 @@ def _keep_alive(
         checked is None or checked < round_start
     )
     if check:
-        tracking = replace(tracking, checked_at=now)
+        tracking = evolve(tracking, checked_at=now)
     wake = min(round_start + timing.probe_timeout, last_probe + timing.probe_interval)
     return EndpointDecision(tracking, state, None, probe=probe, check=check, wake_at=max(wake, now))
 
@@ -682,7 +681,7 @@ def _first(
         heard = _found_heard(sighting, now, wall_now)
         if heard is not None:
             # With a handshake: judge it by its age (probed at once if it is quiet).
-            adopted = replace(
+            adopted = evolve(
                 base, endpoint=found, since=heard, heard=heard, tried=done, why="found in kernel"
             )
             state = peer_state(now, adopted, timing)
@@ -690,9 +689,9 @@ def _first(
                 return _keep_alive(now, adopted, state, timing)
             return _next(now, adopted, candidates, sighting, state, timing, "found dead")
         if found in everything or not candidates:
-            resumed = replace(base, endpoint=found, tried=done, why="found in kernel")
+            resumed = evolve(base, endpoint=found, tried=done, why="found in kernel")
             return _undecided(now, resumed, PeerState.UNKNOWN, timing)
     if not candidates:
         return EndpointDecision(base, PeerState.UNKNOWN, None)
-    first = replace(base, trials=0)
+    first = evolve(base, trials=0)
     return _start(now, first, candidates[0], (), 0, PeerState.UNKNOWN, "best candidate", timing)
