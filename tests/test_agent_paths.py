@@ -12,10 +12,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from kubespan.agent import loop
 from kubespan.agent.events import KernelChanged
 from kubespan.agent.loop import ROAM_SETTLE_SECONDS, STATUS_FILE_EVERY_SECONDS, Agent, Clocks
 from kubespan.agent.reflexive import ReflexiveLearned
-from kubespan.agent.status import STATUS_FILE
+from kubespan.agent.status import STATUS_FILE, LazyStatus, status_document
+from kubespan.agent.statusserver import LatestStatus
 from kubespan.apply.changes import DEFAULT_ROUTE, OTHER_LINK, joined
 from kubespan.config import parse_config
 from kubespan.identity import LinkHardware, load_or_create_identity
@@ -406,3 +410,46 @@ def test_the_status_file_follows_news_at_once_and_counters_every_half_minute(
     clock.now += 1
     agent.reconcile()  # news again (a mapping learned): at once
     assert json.loads(status_file.read_text())["node"]["nat"]["mapped"] == [str(MAPPED)]
+
+
+def test_a_status_nobody_asks_for_is_never_made(
+    tmp_path: Path, cluster_id: str, cluster_secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the status file's writes, an idle pass makes no document unless the status
+    socket (or metrics) asks; what it serves when asked is that pass's."""
+    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    latest = LatestStatus()
+    agent.latest = latest
+    key = answered_first_trial(agent, kernel, clock)
+    made: list[float] = []
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        made.append(args[5])  # the pass's wall time
+        return status_document(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "status_document", counted)
+    for _ in range(5):
+        kernel.receive(key, 500, 1_800_000_000 + clock.now)  # only counters move
+        clock.now += 1
+        agent.reconcile()
+    assert made == []
+    served = json.loads(latest.get())
+    wall = 1_800_000_000 + clock.now
+    assert made == [wall] and served["updated_at"] == wall
+    assert served["peers"][0]["rx_bytes"] == kernel.link.peers[0].rx_bytes  # type: ignore[union-attr]
+    assert json.loads(latest.get()) == served and len(made) == 1  # made once
+
+
+def test_a_status_that_cannot_be_made_serves_the_last_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    latest = LatestStatus()
+    latest.set(LazyStatus.of({"version": 1, "peers": []}).encoded)
+    good = latest.get()
+
+    def broken() -> bytes:
+        raise KeyError("node")
+
+    latest.set(broken)
+    assert latest.get() == good  # and the asking thread lives on
+    assert "could not make the status document" in caplog.text

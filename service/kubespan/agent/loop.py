@@ -45,7 +45,7 @@ from kubespan.agent.session import (
     ReflexiveEvent,
     SessionFailed,
 )
-from kubespan.agent.status import encode_status, status_document, write_status_file
+from kubespan.agent.status import LazyStatus, status_document, write_status_file
 from kubespan.agent.statusserver import LatestStatus
 from kubespan.apply.changes import DEFAULT_ROUTE, reasons_in
 from kubespan.config import MachineConfig
@@ -322,7 +322,7 @@ class Agent:
         self.metrics: MetricsServer | None = None  # started with the threads, if configured
         self._state_since: dict[str, float] = {}  # wall time of each peer's last change
         self.latest = latest  # what the status socket serves; None: file only (tests)
-        self._last_document: dict[str, Any] | None = None
+        self._last_status: LazyStatus | None = None
         self._status_file_said: object = None
         self._status_file_at = -STATUS_FILE_EVERY_SECONDS
 
@@ -1194,37 +1194,53 @@ class Agent:
     def _publish(
         self, info: AffiliateInfo, endpoints: tuple[Endpoint, ...], reports: tuple[PeerReport, ...]
     ) -> None:
-        document = status_document(
-            info,
-            endpoints,
-            reports,
-            [s.status() for s in self.sessions],
+        discovery = [s.status() for s in self.sessions]
+        ready, wall, warnings, last_error = (
             self.ready,
             self.clocks.wall(),
-            warnings=self._warnings,
-            last_error=self.last_error,
-            nat=self.nat_status,
-            state_since=self._state_since,
-            pid=os.getpid(),
-            relay=self._relay_status(),
-            relay_names=self._relay_names,
+            self._warnings,
+            self.last_error,
         )
-        self._last_document = document
+        # What the document is made of, as this pass leaves it: nat_status, _state_since and
+        # _relay_names are replaced by later passes, never changed in place.
+        nat, state_since, relay, relay_names = (
+            self.nat_status,
+            self._state_since,
+            self._relay_status(),
+            self._relay_names,
+        )
+        status = LazyStatus(
+            lambda: status_document(
+                info,
+                endpoints,
+                reports,
+                discovery,
+                ready,
+                wall,
+                warnings=warnings,
+                last_error=last_error,
+                nat=nat,
+                state_since=state_since,
+                pid=os.getpid(),
+                relay=relay,
+                relay_names=relay_names,
+            )
+        )
+        self._last_status = status
         # The file is only the fallback when no agent answers: written when what it says
         # changed beyond counters and ages, and every STATUS_FILE_EVERY_SECONDS otherwise
         # (it was a tenth of an idle pass); the live status has every pass.
         lasting = (
-            self.ready,
-            self.last_error,
-            self._warnings,
+            ready,
+            last_error,
+            warnings,
             info,
             endpoints,
-            self.nat_status,
+            nat,
             tuple((r.public_key, r.state, r.endpoint, r.relay, r.why, r.refused) for r in reports),
             tuple((r.public_key, r.candidates) for r in reports),
             tuple(
-                (d["url"], d["registered"], d["public_address"], d["last_error"])
-                for d in document["discovery"]
+                (d["url"], d["registered"], d["public_address"], d["last_error"]) for d in discovery
             ),
         )
         now = self.clocks.monotonic()
@@ -1232,7 +1248,7 @@ class Agent:
             lasting != self._status_file_said
             or now - self._status_file_at >= STATUS_FILE_EVERY_SECONDS
         )
-        self._write_status(document, to_file)
+        self._write_status(status, to_file)
         if to_file:
             self._status_file_said, self._status_file_at = lasting, now
         up = sum(1 for r in reports if r.state is PeerState.UP)
@@ -1241,19 +1257,23 @@ class Agent:
             self._status_line = line
             notify.status(line)
 
-    def _write_status(self, document: dict[str, Any], to_file: bool = True) -> None:
-        encoded = encode_status(document)
+    @property
+    def _last_document(self) -> dict[str, Any] | None:
+        """The last pass's status document (made now if nothing asked for it yet)."""
+        return None if self._last_status is None else self._last_status.document()
+
+    def _write_status(self, status: LazyStatus, to_file: bool = True) -> None:
         if to_file:
-            write_status_file(self.runtime_dir, encoded)
+            write_status_file(self.runtime_dir, status.encoded())
         if self.latest is not None:
-            self.latest.set(encoded)
+            self.latest.set(status.encoded)
 
     def _write_last_status(self) -> None:
         """The file says what the last pass saw, counters too, when the loop ends."""
-        if self._last_document is None:
+        if self._last_status is None:
             return
         try:
-            write_status_file(self.runtime_dir, encode_status(self._last_document))
+            write_status_file(self.runtime_dir, self._last_status.encoded())
         except OSError as error:
             log.warning("could not write the status file: %s", error)
 
@@ -1274,13 +1294,15 @@ class Agent:
                     info, (), (), [s.status() for s in self.sessions], False, 0.0
                 )
             self._write_status(
-                {
-                    **document,
-                    "updated_at": self.clocks.wall(),
-                    "ready": self.ready,
-                    "last_error": self.last_error,
-                    "pid": os.getpid(),
-                }
+                LazyStatus.of(
+                    {
+                        **document,
+                        "updated_at": self.clocks.wall(),
+                        "ready": self.ready,
+                        "last_error": self.last_error,
+                        "pid": os.getpid(),
+                    }
+                )
             )
         except Exception:  # the status must never be what stops the loop
             log.exception("could not publish the status")

@@ -18,6 +18,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kubespan.threads import named_thread
@@ -41,15 +42,31 @@ class LatestStatus:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._document: bytes = placeholder("starting")
+        self._document: bytes | Callable[[], bytes] = placeholder("starting")
+        self._served: bytes = placeholder("starting")
 
-    def set(self, document: bytes) -> None:
+    def set(self, document: bytes | Callable[[], bytes]) -> None:
+        """The document, or what makes it when it is asked for (LazyStatus.encoded)."""
         with self._lock:
             self._document = document
 
     def get(self) -> bytes:
+        """The document; made here when it was set as what makes it (in the asking
+        thread, which must not die of it: a document that cannot be made is logged, and
+        the last one served is served again)."""
         with self._lock:
-            return self._document
+            document = self._document
+        if isinstance(document, bytes):
+            return document
+        try:
+            made = document()
+        except Exception:
+            log.exception("could not make the status document; serving the last one made")
+            with self._lock:
+                return self._served
+        with self._lock:
+            self._served = made
+        return made
 
 
 class StatusServer:
