@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Generic, TypeVar
 
 from kubespan.config import KubeSpanConfig
 from kubespan.model import (
@@ -201,17 +202,55 @@ def member_set(
     them (always: no peer has them, so their traffic waits). Fail closed: a peer that is down
     stays in the set unless bypass is allowed."""
     up = {r.public_key for r in reports if r.state is PeerState.UP}
-    v4: list[IPNetwork] = [n for n in held_back if n.version == 4]
-    v6: list[IPNetwork] = [n for n in held_back if n.version == 6]
-    for peer in peers:
-        if bypass_down_peers and peer.public_key not in up:
-            continue
-        for network in peer.allowed_ips:
-            if network.version == 4:
-                v4.append(network)
-            elif not network.subnet_of(cluster_prefix):
-                v6.append(network)
-    return collapse(v4, 4), collapse(v6, 6)
+    included = tuple(
+        peer.allowed_ips for peer in peers if not bypass_down_peers or peer.public_key in up
+    )
+
+    def compute() -> tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]:
+        v4: list[IPNetwork] = [n for n in held_back if n.version == 4]
+        v6: list[IPNetwork] = [n for n in held_back if n.version == 6]
+        for allowed_ips in included:
+            for network in allowed_ips:
+                if network.version == 4:
+                    v4.append(network)
+                elif not network.subnet_of(cluster_prefix):
+                    v6.append(network)
+        return collapse(v4, 4), collapse(v6, 6)
+
+    return _LAST_MEMBER_SET.get((cluster_prefix, held_back, *included), compute)
+
+
+Result = TypeVar("Result")
+
+
+class LastResult(Generic[Result]):
+    """The last result of a computation, kept while its inputs come again. The member set's
+    inputs are the allowed-IP tuples allowed_ips() remembers, the same objects pass after
+    pass: telling them unchanged is a pointer comparison each (hashing them would cost most
+    of what is saved; inputs that are not the same objects are compared by value). The
+    inputs are held, so no other object can come to have their identity. Any thread may
+    ask: the inputs and the result are swapped in as one."""
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple[object, ...], Result] | None = None
+
+    def get(self, key: tuple[object, ...], compute: Callable[[], Result]) -> Result:
+        """compute(), or its last result if `key` (everything compute reads) is unchanged."""
+        last = self._last
+        if last is not None and len(last[0]) == len(key):
+            kept, result = last
+            if all(a is b for a, b in zip(kept, key, strict=True)):
+                return result
+            if kept == key:
+                # Equal, but other objects: these are the ones that will come again.
+                self._last = (key, result)
+                return result
+        result = compute()
+        self._last = (key, result)
+        return result
+
+
+_LAST_MEMBER_SET: LastResult[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]] = LastResult()
 
 
 @dataclass
