@@ -878,6 +878,8 @@ class BlockedSites:
     relayed_s: float  # from blocking UDP between the sites to the pair up through a relay
     direct_again_s: float  # from unblocking to a direct tunnel again
     throughput_ratio: float  # TCP through the relay over the same pair's direct tunnel
+    direct_rate: float  # bytes a second of the best direct stream
+    relayed_rate: float  # bytes a second of the best stream through the relay
 
 
 def scenario_blocked_sites(nat: NatLab) -> BlockedSites:
@@ -906,7 +908,9 @@ def scenario_blocked_sites(nat: NatLab) -> BlockedSites:
         nat.r2.drop(drop_rule(destination="192.0.2.11"))  # scenario 4's, kept
     opened = time.time()
     wait_direct(ends, 120)
-    return BlockedSites(relayed_s, time.time() - opened, relayed_rate / direct_rate)
+    return BlockedSites(
+        relayed_s, time.time() - opened, relayed_rate / direct_rate, direct_rate, relayed_rate
+    )
 
 
 def scenario_relay_failover(nat: NatLab) -> float:

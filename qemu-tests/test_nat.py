@@ -41,12 +41,15 @@ pytestmark = pytest.mark.vm
 
 
 def report(capsys: pytest.CaptureFixture[str], **values: float) -> None:
-    """Seconds to a tenth; ratios to a hundredth (a target of 0.8 must not be rounded up)."""
+    """Seconds to a tenth; ratios and rates to a hundredth (a target of 0.8 must not be
+    rounded up)."""
     with capsys.disabled():
         print(
             "\n"
             + " ".join(
-                f"{name}={value:.2f}" if name.endswith("_ratio") else f"{name}={value:.1f}"
+                f"{name}={value:.2f}"
+                if name.endswith(("_ratio", "_per_s"))
+                else f"{name}={value:.1f}"
                 for name, value in values.items()
             )
         )
@@ -129,6 +132,8 @@ def test_sites_whose_udp_is_blocked_are_relayed_then_direct_again(
         blocked_relayed_s=blocked.relayed_s,
         unblocked_direct_s=blocked.direct_again_s,
         relay_throughput_ratio=blocked.throughput_ratio,
+        relay_direct_mb_per_s=blocked.direct_rate / 1e6,
+        relay_relayed_mb_per_s=blocked.relayed_rate / 1e6,
     )
 
 
