@@ -18,6 +18,7 @@ only by what is sealed in it:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -42,8 +43,14 @@ class Known:
     hints: tuple[Endpoint, ...] = ()
 
     def member(self) -> Member:
+        return self._member
+
+    @functools.cached_property
+    def _member(self) -> Member:
         """The member, with only the endpoints a node could send to: a member naming
-        loopback or multicast would have every node send handshakes there."""
+        loopback or multicast would have every node send handshakes there. Made once: the
+        same object pass after pass lets what the planner remembers of it be found by
+        identity."""
         return Member(
             self.record.info,
             tuple(e for e in self.record.endpoints if reachable_unicast(e.address)),
