@@ -426,9 +426,25 @@ def test_an_attribute_too_long_for_netlink_is_refused_as_a_value_error() -> None
 def test_the_allowed_ip_lists_kept_are_only_the_last_dumps() -> None:
     parser = DeviceParser()
     parser.device(SPLIT)
-    parser.device([device_message([peer(7, networks=("10.9.0.0/16",))])])
-    parser.device([device_message([peer(7, networks=("10.9.0.0/16",))])])
+    # Another handshake each time: the peer is parsed again (its bytes changed), and its
+    # allowed IPs are found kept.
+    parser.device([device_message([peer(7, handshake=1, networks=("10.9.0.0/16",))])])
+    parser.device([device_message([peer(7, handshake=2, networks=("10.9.0.0/16",))])])
     assert len(parser._allowed) == 1
+
+
+def test_a_peer_that_comes_back_byte_for_byte_is_not_parsed_again() -> None:
+    """A quiet peer's dump is the same bytes at every pass; a handshake changes them."""
+    parser = DeviceParser()
+    first = parser.device([device_message([peer(7), peer(8)])])
+    again = parser.device([device_message([peer(7), peer(8, handshake=1_700_000_000)])])
+    seven, eight = (base64.b64encode(bytes([n]) * 32).decode() for n in (7, 8))
+    assert again.peers[seven] is first.peers[seven]
+    assert again.peers[eight] is not first.peers[eight]
+    assert again.peers[eight].last_handshake == pytest.approx(1_700_000_000, abs=0.01)
+    assert first.peers[eight].last_handshake is None
+    parser.device([device_message([peer(8)])])
+    assert len(parser._peers) == 1  # what is kept is only the last dump's
 
 
 class FakeGenl:
