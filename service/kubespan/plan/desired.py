@@ -158,23 +158,29 @@ def allowed_ips(
         node_subnets=plan_input.node_subnets,
     )
     # What the kernel routes to each peer now: a member keeps what it holds.
-    held = frozenset(
-        (peer.public_key, network)
+    routed = tuple(
+        (peer.public_key, peer.allowed_ips)
         for peer in (plan_input.observed.peers if plan_input.observed else ())
-        for network in peer.allowed_ips
     )
-    return _admitted_and_divided(members, rules, held)
+
+    def compute() -> tuple[
+        Mapping[str, tuple[IPNetwork, ...]], Mapping[str, tuple[str, ...]], Division
+    ]:
+        held = frozenset((key, network) for key, networks in routed for network in networks)
+        return _admitted_and_divided(members, rules, held)
+
+    # Between passes the members (the same objects), the rules and what the kernel routes
+    # (its parsed lists, kept by their bytes) rarely change: told by identity, not hashed.
+    return _LAST_DIVISION.get((rules, *members, None, *routed), compute)
 
 
-@functools.lru_cache(maxsize=4)
 def _admitted_and_divided(
     members: tuple[Member, ...],
     rules: AdmissionRules,
     held: frozenset[tuple[str, IPNetwork]],
 ) -> tuple[Mapping[str, tuple[IPNetwork, ...]], Mapping[str, tuple[str, ...]], Division]:
-    """allowed_ips' work, remembered: between passes the members, the rules and what the
-    kernel routes rarely change, and this was most of an idle pass's planning with a
-    hundred peers. Its results are shared between passes: read-only views of them."""
+    """allowed_ips' work (remembered by it: this was most of an idle pass's planning with a
+    hundred peers). Its results are shared between passes: read-only views of them."""
     claims: list[Claim] = []
     refused: dict[str, tuple[str, ...]] = {}
     for member in members:
@@ -250,6 +256,9 @@ class LastResult(Generic[Result]):
         return result
 
 
+_LAST_DIVISION: LastResult[
+    tuple[Mapping[str, tuple[IPNetwork, ...]], Mapping[str, tuple[str, ...]], Division]
+] = LastResult()
 _LAST_MEMBER_SET: LastResult[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]] = LastResult()
 
 
