@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from kubespan import filewatch
 from kubespan.agent.events import ConfigChanged
 from kubespan.agent.supervisor import ConfigWatcher
-from kubespan.filewatch import FileWatch, watched_directories
+from kubespan.filewatch import FileWatch, trace
 
 HOUR = 3600.0
 CONFIG = b"""
@@ -115,7 +116,10 @@ def test_a_symlinked_config_follows_its_target(tmp_path: Path) -> None:
     first.write_bytes(ON)
     config = tmp_path / "etc" / "machineconfig.yaml"
     config.symlink_to(first)
-    assert watched_directories(config) == (tmp_path / "etc", versions)
+    assert trace(config).entries == {
+        tmp_path / "etc": {"machineconfig.yaml"},
+        versions: {"v1.yaml"},
+    }
     with watching(config, ON) as (watcher, events):
         wait_watching(watcher)
         first.write_bytes(OFF)
@@ -135,6 +139,10 @@ def test_a_directory_made_later_is_polled_until_it_can_be_watched(
     directory = tmp_path / "later"
     config = directory / "machineconfig.yaml"
     with watching(config, ON, interval=0.1) as (watcher, events):
+        deadline = time.monotonic() + 5
+        while "not watching" not in caplog.text:  # its first look found no directory
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         directory.mkdir()
         config.write_bytes(OFF)
         assert next_change(events) == OFF
@@ -169,7 +177,7 @@ def test_without_inotify_the_file_is_polled(
 ) -> None:
     caplog.set_level(logging.INFO)
 
-    def no_watches(_directories: tuple[Path, ...]) -> int:
+    def no_watches(*_args: object) -> int:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(FileWatch, "_open", staticmethod(no_watches))
@@ -195,17 +203,131 @@ def test_a_reload_checks_at_once(tmp_path: Path) -> None:
         assert next_change(events) == ON
 
 
-def test_events_elsewhere_in_the_directory_are_read_and_change_nothing(tmp_path: Path) -> None:
+def test_a_change_before_the_watch_is_set_is_seen(tmp_path: Path) -> None:
+    """Made between the watcher's making and its thread's first watch (the agent starts
+    other parts meanwhile): seen when the watch is set, not at the backstop."""
+    config = tmp_path / "machineconfig.yaml"
+    config.write_bytes(ON)
+    events: queue.Queue[Any] = queue.Queue()
+    watcher = ConfigWatcher(config, ON, events, interval=HOUR, backstop=HOUR)
+    config.write_bytes(OFF)
+    watcher.start()
+    try:
+        assert next_change(events) == OFF
+    finally:
+        watcher.stop()
+
+
+def test_a_swapped_directory_link_on_the_way_is_seen(tmp_path: Path) -> None:
+    """Release directories: the config's directory is a link, swapped by rename."""
+    for version, content in (("v1", ON), ("v2", OFF)):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "machineconfig.yaml").write_bytes(content)
+    (tmp_path / "current").symlink_to("v1")
+    config = tmp_path / "current" / "machineconfig.yaml"
+    with watching(config, ON) as (watcher, events):
+        wait_watching(watcher)
+        (tmp_path / ".next").symlink_to("v2")
+        (tmp_path / ".next").replace(tmp_path / "current")
+        assert next_change(events) == OFF
+
+
+def test_a_link_in_the_middle_of_a_chain_retargeted_is_seen(tmp_path: Path) -> None:
+    for directory in ("etc", "alt", "v1", "v2"):
+        (tmp_path / directory).mkdir()
+    (tmp_path / "v1" / "m.yaml").write_bytes(ON)
+    (tmp_path / "v2" / "m.yaml").write_bytes(OFF)
+    (tmp_path / "alt" / "kubespan").symlink_to(tmp_path / "v1" / "m.yaml")
+    config = tmp_path / "etc" / "m.yaml"
+    config.symlink_to(tmp_path / "alt" / "kubespan")
+    assert set(trace(config).entries) == {tmp_path / d for d in ("etc", "alt", "v1")}
+    with watching(config, ON) as (watcher, events):
+        wait_watching(watcher)
+        staged = tmp_path / "alt" / ".kubespan"
+        staged.symlink_to(tmp_path / "v2" / "m.yaml")
+        staged.replace(tmp_path / "alt" / "kubespan")
+        assert next_change(events) == OFF
+
+
+def test_a_write_through_another_path_to_the_file_is_seen(tmp_path: Path) -> None:
+    """A hard link elsewhere (as a bind mount of the file): the file's own watch tells."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    config = tmp_path / "etc" / "machineconfig.yaml"
+    config.write_bytes(ON)
+    other = tmp_path / "elsewhere" / "same.yaml"
+    other.hardlink_to(config)
+    with watching(config, ON) as (watcher, events):
+        wait_watching(watcher)
+        with other.open("r+b") as file:
+            file.write(OFF)
+            file.truncate()
+        assert next_change(events) == OFF
+
+
+def test_a_new_file_is_read_once_it_is_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Created and written slowly (a download): never read half-written."""
+    config = tmp_path / "machineconfig.yaml"
+    config.write_bytes(ON)
+    with watching(config, ON) as (watcher, events):
+        wait_watching(watcher)
+        config.unlink()
+        with config.open("wb") as file:
+            file.write(OFF[:30])
+            file.flush()
+            no_change(events)
+            file.write(OFF[30:])
+        assert next_change(events) == OFF
+    assert "invalid machine config" not in caplog.text
+
+
+def test_other_files_in_the_directory_wake_nothing(tmp_path: Path) -> None:
+    """The agent's state directory holds the config and files it writes every few seconds."""
     config = tmp_path / "machineconfig.yaml"
     config.write_bytes(ON)
     watch = FileWatch(config)
     try:
-        assert watch.refresh()
-        assert not watch.changed()  # nothing yet
-        (tmp_path / "other").write_bytes(b"x")
-        assert watch.changed()  # a hint: the caller compares the file itself
+        assert watch.refresh() == (True, True)
+        assert watch.refresh() == (True, False)  # nothing changed: the same watches
+        (tmp_path / "peers.json").write_bytes(b"{}")
+        staged = tmp_path / ".peers.json.tmp"
+        staged.write_bytes(b"{}")
+        staged.replace(tmp_path / "peers.json")
+        assert not watch.changed()
+        config.write_bytes(OFF)
+        assert watch.changed()
         assert not watch.changed()  # read: nothing left
-        assert watch.watching
     finally:
         watch.close()
-    assert not watch.watching
+
+
+def test_a_network_file_system_is_polled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Changes made on another machine send no events here: looked at every interval."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(filewatch, "file_system_type", lambda _path: 0x6969)
+    config = tmp_path / "machineconfig.yaml"
+    config.write_bytes(ON)
+    with watching(config, ON, interval=0.1) as (watcher, events):
+        config.write_bytes(OFF)
+        assert next_change(events) == OFF
+        assert not watcher._watch.watching
+    assert "is on nfs" in caplog.text
+
+
+def test_a_watch_that_keeps_failing_still_looks_at_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_self: FileWatch) -> tuple[bool, bool]:
+        raise ValueError("filedescriptor out of range in select()")
+
+    monkeypatch.setattr(FileWatch, "refresh", broken)
+    config = tmp_path / "machineconfig.yaml"
+    config.write_bytes(ON)
+    with watching(config, ON, interval=0.1) as (_watcher, events):
+        config.write_bytes(OFF)
+        assert next_change(events) == OFF
+    assert "watching the machine config failed" in caplog.text

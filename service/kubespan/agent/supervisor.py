@@ -9,6 +9,7 @@ kubespan off also takes the node out of discovery, so peers drop it at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import select
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_SECONDS = 2.0  # where inotify cannot watch the file
 BACKSTOP_SECONDS = 60.0  # where it can
 SETTLE_LIMIT_SECONDS = 1.0
+WRITING_LIMIT_SECONDS = 30.0  # a file made and not closed since is read after this anyway
 
 
 @dataclass(frozen=True)
@@ -96,45 +98,68 @@ class ConfigWatcher:
         try:
             while not self._stopping.is_set():
                 try:
-                    forced = self._wait()
-                    if not self._stopping.is_set():
-                        self.check(forced)
+                    told = self._wait()
+                    if told is not None and not self._stopping.is_set():
+                        self.check(told)
                 except Exception:  # the watcher must outlive any config it is shown
-                    log.exception("checking the machine config failed; keeping the running config")
+                    log.exception("watching the machine config failed; looking at it instead")
+                    # Whatever failed, the file is still looked at every interval.
+                    self._watch.close()
                     self._stopping.wait(self.interval)
+                    with contextlib.suppress(Exception):
+                        self.check()
         finally:
             self._watch.close()
             self._wakeup.close()
 
-    def _wait(self) -> bool:
-        """Until the file may have changed, or the time to look anyway; whether a check
-        was asked for (SIGHUP)."""
-        watching = self._watch.refresh()
-        waited: list[Any] = [self._wakeup.reader, *([self._watch] if watching else [])]
-        ready, _, _ = select.select(waited, [], [], self.backstop if watching else self.interval)
-        forced = self._wakeup.reader in ready
-        self._wakeup.drain()
-        if self._watch in ready and self._watch.changed():
-            forced = self._settle() or forced
-        return forced
+    def _wait(self) -> bool | None:
+        """Until the file may have changed, or the time to look anyway. True: read it
+        whatever its stamp says (asked for by SIGHUP; told by inotify, since a rewrite of
+        the same size within the file system's time granularity keeps its stamp; or
+        watched anew, so that what changed while unwatched is not missed). False: look at
+        its stamp. None: woken for nothing that concerns it (another file in its
+        directory, or it is being written and not yet closed)."""
+        watching, anew = self._watch.refresh()
+        if anew:
+            return True
+        ready = self._poll(self.backstop if watching else self.interval)
+        if not ready:
+            return False
+        forced = self._wakeup.reader.fileno() in ready
+        if forced:
+            self._wakeup.drain()
+        if watching and self._watch.fileno() in ready and self._watch.changed():
+            self._settle()
+            return True
+        return True if forced else None
 
-    def _settle(self) -> bool:
-        """Let a save finish (its events keep coming while it does), at most a second;
-        whether a check was asked for meanwhile."""
-        forced = False
-        deadline = time.monotonic() + SETTLE_LIMIT_SECONDS
+    def _poll(self, timeout: float) -> set[int]:
+        """The descriptors ready within `timeout` (poll: no limit on descriptor numbers)."""
+        poller = select.poll()
+        poller.register(self._wakeup.reader, select.POLLIN)
+        if self._watch.watching:
+            poller.register(self._watch.fileno(), select.POLLIN)
+        return {fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)}
+
+    def _settle(self) -> None:
+        """Let a save finish: its events keep coming while it does (at most a second), and
+        a file being written is waited for until it is closed (at most half a minute)."""
+        began = time.monotonic()
         while not self._stopping.is_set() and self._watch.watching:
-            left = deadline - time.monotonic()
+            writing = bool(self._watch.writing)
+            limit = began + (WRITING_LIMIT_SECONDS if writing else SETTLE_LIMIT_SECONDS)
+            left = limit - time.monotonic()
             if left <= 0:
                 break
-            waited: list[Any] = [self._wakeup.reader, self._watch]
-            ready, _, _ = select.select(waited, [], [], min(SETTLE_SECONDS, left))
-            if self._wakeup.reader in ready:
-                forced = True
-                self._wakeup.drain()
-            if self._watch not in ready or not self._watch.changed():
+            ready = self._poll(left if writing else min(SETTLE_SECONDS, left))
+            if self._wakeup.reader.fileno() in ready:
+                self._wakeup.drain()  # the file is read right after anyway
+            if not self._watch.watching:
                 break
-        return forced
+            if self._watch.fileno() in ready:
+                self._watch.changed()
+            elif not self._watch.writing:
+                break  # quiet, and nothing is being written
 
     def check(self, forced: bool = False) -> None:
         now = stamp(self.path)
