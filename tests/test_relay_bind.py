@@ -252,9 +252,8 @@ def test_a_side_that_leaves_stops_the_pair_at_once_and_its_peer_hears_it_is_alon
     assert forwarded(bindings, NOW + 2).pairs == ()
     _, answer = bound(bindings, bind(B, A, time_ms=WALL + 2), source=B_MAPPING, now=NOW + 3)
     assert not answer.paired
-    # Its binds from before the leave are replays now, and it can bind again after.
-    _, answer = bound(bindings, bind(A, B, time_ms=WALL), now=NOW + 3)
-    assert answer.reason == Refusal.REPLAYED
+    # Its binds from before the leave are replays now (unanswered), and it can bind again.
+    assert take_bind(bindings, bind(A, B), A_MAPPING, port_of(A, B), POLICY, NOW + 3, WALL) is None
     bindings, answer = bound(bindings, bind(A, B, time_ms=WALL + 3), now=NOW + 4)
     assert answer.kind == Kind.BOUND and answer.paired
 
@@ -300,10 +299,15 @@ def test_sides_reaching_the_relay_at_two_of_its_addresses_are_paired() -> None:
     assert f"{b_to_a} udp dport {A_MAPPING.port} ip saddr set {RELAY_AT}" in text
 
 
-def test_ipv6_binds_are_refused_relays_carry_ipv4_only() -> None:
+def test_binds_to_an_ipv6_address_get_nothing_relays_carry_ipv4_only() -> None:
+    # Relays are offered at IPv4 addresses only (relay.choice): a bind to the relay's IPv6
+    # address, fresh, replayed or stale, is someone else's copy, and no refusal is owed.
     six = Endpoint(ipaddress.ip_address("2001:db8::30"), pair_ports(PORTS, RELAY_KEY, A, B, 0)[0])
-    _, answer = bound(to=six, source=Endpoint.parse("[2001:db8:1::1]:51820"))
-    assert answer.reason == Refusal.NOT_A_RELAY
+    from_six = Endpoint.parse("[2001:db8:1::1]:51820")
+    bindings, _ = bound()
+    for message in (bind(A, B, time_ms=WALL + 1), bind(A, B), bind(A, B, time_ms=0)):
+        assert take_bind(bindings, message, from_six, six, POLICY, NOW, WALL) is None
+    assert take_bind((), bind(A, B), from_six, six, POLICY, NOW, WALL) is None
 
 
 def test_a_pair_lapses_when_one_side_stops_binding() -> None:
@@ -347,22 +351,42 @@ def test_refusals(message: BindMessage, to: Endpoint | None, reason: Refusal) ->
     assert outcome.bindings == ()
 
 
-def test_a_replayed_bind_moves_nothing_even_after_its_binding_lapsed() -> None:
+def test_a_replayed_bind_moves_nothing_and_gets_nothing_even_after_its_binding_lapsed() -> None:
     first = bind(A, B)
     bindings, _ = bound((), first)
     elsewhere = Endpoint.parse("203.0.113.66:1234")
-    for later in (NOW + 1, NOW + BIND_LIFETIME_SECONDS + 1):
-        replayed, answer = bound(bindings, first, source=elsewhere, now=later)
-        assert (answer.kind, answer.reason) == (Kind.REFUSED, Refusal.REPLAYED)
-        assert [b.mapping for b in replayed] == [A_MAPPING]
-        assert forwarded(replayed, later).pairs == ()
+    for later in (NOW + 1, NOW + BIND_LIFETIME_SECONDS + 1, NOW + REMEMBER_SECONDS - 1):
+        wall = WALL + int((later - NOW) * 1000)  # stale by the end: a replay all the same
+        assert take_bind(bindings, first, elsewhere, port_of(A, B), POLICY, later, wall) is None
     # Forgotten only once no bind that old passes the clock check any more (the relay's
-    # clock has moved on as much as its monotonic one).
+    # clock has moved on as much as its monotonic one): STALE, which relay.server answers
+    # once a minute per side at most (a side with a skewed clock looks the same).
     later = NOW + REMEMBER_SECONDS
     wall = WALL + int(REMEMBER_SECONDS * 1000)
     outcome = take_bind(bindings, first, elsewhere, port_of(A, B), POLICY, later, wall)
     assert outcome is not None and outcome.answer is not None
     assert (outcome.answer.reason, outcome.bindings) == (Refusal.STALE, ())
+
+
+@pytest.mark.parametrize(
+    "to",
+    [
+        port_of(A, B),
+        Endpoint(RELAY_AT, 51820),  # not a relay port: WRONG_PORT, were it fresh
+        Endpoint(RELAY_AT, port_of(B, A).port),
+    ],
+)
+def test_replays_and_stale_binds_are_known_before_any_other_refusal(to: Endpoint) -> None:
+    # Every other refusal would be answered to wherever the bind claims to come from: a
+    # copied bind must be found out first, or it is a refusal reflected at every copy.
+    bindings, _ = bound()
+    gone = replace(POLICY, members=frozenset({A, C, D}))  # B left: UNKNOWN_PEER, were it fresh
+    for policy in (POLICY, gone):
+        assert take_bind(bindings, bind(A, B), A_MAPPING, to, policy, NOW + 1, WALL) is None
+        stale = bind(A, B, time_ms=WALL - CLOCK_SKEW_MS - 1)
+        outcome = take_bind((), stale, A_MAPPING, to, policy, NOW, WALL)
+        assert outcome is not None and outcome.answer is not None
+        assert (outcome.answer.reason, outcome.bindings) == (Refusal.STALE, ())
 
 
 def test_sides_at_different_attempts_are_told_where_the_other_is() -> None:

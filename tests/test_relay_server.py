@@ -19,16 +19,28 @@ from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.pathcheck.codec import pair_key
 from kubespan.rawudp import Datagram
 from kubespan.relay import bind
-from kubespan.relay.bindings import BIND_LIFETIME_SECONDS
+from kubespan.relay.bindings import BIND_LIFETIME_SECONDS, CLOCK_SKEW_MS, REMEMBER_SECONDS
 from kubespan.relay.forward import RelaySpec
 from kubespan.relay.ports import PortRange, pair_ports
-from kubespan.relay.server import READS_PER_TURN, RelayServer
+from kubespan.relay.server import (
+    ANSWER_BURST_OVERALL,
+    ANSWER_BURST_PER_SIDE,
+    ANSWER_BURST_PER_SOURCE,
+    ANSWERED_FOR_SECONDS,
+    READS_PER_TURN,
+    STALE_EVERY_SECONDS,
+    RelayServer,
+)
 from wgkeys import Keys
 
 PORTS = PortRange(51821, 1000)
 RELAY_AT = ipaddress.ip_address("203.0.113.30")
+RELAY6_AT = ipaddress.ip_address("2001:db8::30")  # the raw socket hears both families
 A_AT = Endpoint.parse("198.51.100.1:40000")
 B_AT = Endpoint.parse("192.0.2.2:51820")
+C_AT = Endpoint.parse("192.0.2.3:51820")
+# More copies than the overall budget holds: before the fix they emptied it.
+FLOOD = int(ANSWER_BURST_OVERALL) + 200
 WAIT = 5.0
 CLUSTER = ClusterKeys.derive("relay-server", os.urandom(32))
 
@@ -86,7 +98,7 @@ class FakeForwarder:
 
 class Lab:
     def __init__(self) -> None:
-        self.relay, self.a, self.b = Keys(), Keys(), Keys()
+        self.relay, self.a, self.b, self.c, self.d = Keys(), Keys(), Keys(), Keys(), Keys()
         self.clock = [1000.0]
         self.transports: list[FakeTransport] = []
         self.forwarder = FakeForwarder()
@@ -101,7 +113,9 @@ class Lab:
             monotonic=lambda: self.clock[0],
             wall_ms=lambda: int(self.clock[0] * 1000),
         )
-        self.server.set_members([self.a.public, self.b.public])
+        self.members = [self.a, self.b, self.c, self.d]
+        self.markers = 0
+        self.server.set_members([k.public for k in self.members])
 
     def open(self) -> FakeTransport:
         transport = FakeTransport()
@@ -120,8 +134,8 @@ class Lab:
         bind_key: bytes = CLUSTER.relay_bind_key,
         time_ms: int | None = None,
         to: IPAddress = RELAY_AT,
+        key: bytes | None = None,  # the pair key, when the caller has it already
     ) -> bytes:
-        port = pair_ports(PORTS, self.relay.public, side.public, peer.public, 0)[0]
         message = bind.BindMessage(
             bind.Kind.BIND,
             side.public,
@@ -130,10 +144,24 @@ class Lab:
             int(self.clock[0] * 1000) if time_ms is None else time_ms,
             os.urandom(12),
         )
-        key = pair_key(side.private, self.relay.public, side.public, bind_key)
+        key = key or pair_key(side.private, self.relay.public, side.public, bind_key)
         payload = bind.encode(message, key)
-        self.transport.incoming.put(Datagram(source, payload, to, port))
+        self.replay(payload, source, to)
         return payload
+
+    def replay(self, payload: bytes, source: Endpoint, to: IPAddress = RELAY_AT) -> None:
+        """A bind, whoever sent it, to the port it names (a copy keeps the original's)."""
+        message = bind.parse(payload)
+        port = pair_ports(PORTS, self.relay.public, message.sender, message.peer, 0)[0]
+        self.transport.incoming.put(Datagram(source, payload, to, port))
+
+    def marker(self) -> None:
+        """A real member's fresh bind, put last: once it is answered, all before it were
+        taken (the relay reads in order). Unanswered, the test fails at the deadline."""
+        self.markers += 1  # each newer than C's last, at the same clock: nothing refills
+        before = len(answers(self, C_AT))
+        self.bind(self.c, self.d, C_AT, time_ms=int(self.clock[0] * 1000) + self.markers)
+        wait_for(lambda: len(answers(self, C_AT)) > before, "a real member's fresh bind answered")
 
 
 @pytest.fixture
@@ -188,11 +216,14 @@ def test_strangers_junk_and_forgeries_get_nothing_and_cost_no_table(lab: Lab) ->
 def test_a_burst_of_binds_longer_than_a_turn_is_answered_whole(lab: Lab) -> None:
     # Every bind waits in the socket before the relay reads one: the relay takes them over
     # several turns (READS_PER_TURN each) and must answer all of them.
+    # One bind each of many sides (one side's would be held to its own budget).
     count = 3 * READS_PER_TURN + 5
+    sides = [Keys() for _ in range(count)]
+    lab.server.set_members([k.public for k in (*lab.members, *sides)])
     lab.transport.open.clear()
     sources = [Endpoint.parse(f"198.51.100.{1 + i}:{40000 + i}") for i in range(count)]
-    for i, source in enumerate(sources):
-        lab.bind(lab.a, lab.b, source, time_ms=int(lab.clock[0] * 1000) + i)
+    for side, source in zip(sides, sources, strict=True):
+        lab.bind(side, lab.b, source)
     lab.transport.open.set()
     wait_for(lambda: len(lab.transport.sent) == count, f"{count} answers")
     assert [where for (where, _, _, _) in lab.transport.sent] == sources
@@ -224,6 +255,123 @@ def test_a_replay_is_not_answered(lab: Lab) -> None:
     lab.bind(lab.b, lab.a, B_AT)
     wait_for(lambda: answers(lab, B_AT), "B's answer")
     assert answers(lab, elsewhere) == []
+
+
+def test_replays_of_an_old_bind_get_nothing_and_leave_members_their_answers(lab: Lab) -> None:
+    """A bind copied once, replayed from endless sources to both of the relay's addresses,
+    while its binding lives, after it lapsed, and after it is forgotten: no copy is answered
+    (but STALE, once a minute, as a side with a skewed clock would be), and a real member's
+    fresh bind still is."""
+    captured = lab.bind(lab.a, lab.b, A_AT)
+    wait_for(lambda: answers(lab, A_AT), "A's own bind answered")
+    key = pair_key(lab.a.private, lab.relay.public, lab.a.public, CLUSTER.relay_bind_key)
+    six_net = int(ipaddress.ip_address("2001:db8:1:2::"))
+
+    def flood(to: IPAddress) -> list[Endpoint]:
+        if to.version == 6:  # one /64 is endless sources, and no spoofing needed
+            sources = [Endpoint(ipaddress.ip_address(six_net + i), 4444) for i in range(FLOOD)]
+        else:
+            sources = [Endpoint(ipaddress.ip_address(0x0A000000 + i), 4444) for i in range(FLOOD)]
+        for source in sources:
+            lab.replay(captured, source, to)
+        return sources
+
+    def answered(sources: list[Endpoint]) -> list[bind.BindMessage]:
+        wanted = set(sources)
+        return [bind.parse(p) for (where, p, _, _) in lab.transport.sent if where in wanted]
+
+    bound_at = lab.clock[0]
+    # Live, lapsed, and lapsed long (out of the clock window too, but still known a replay).
+    for later in (1, BIND_LIFETIME_SECONDS + 1, REMEMBER_SECONDS - 1):
+        lab.clock[0] = bound_at + later  # moved only once the relay took all sent before
+        sources = flood(RELAY6_AT) + flood(RELAY_AT)
+        lab.marker()
+        assert answered(sources) == []
+    # Forgotten: the copy looks like a bind from a side whose clock is off. Told STALE, to
+    # whichever copy comes first (not at the IPv6 address, which relays nothing); told no
+    # more while that answer is remembered, and then once a minute at most.
+    stale = (bind.Kind.REFUSED, bind.Refusal.STALE)
+    for later, told in (
+        (0, 1),
+        (STALE_EVERY_SECONDS + 1, 1),
+        (ANSWERED_FOR_SECONDS + 1, 2),
+        (ANSWERED_FOR_SECONDS + STALE_EVERY_SECONDS / 2, 2),
+    ):
+        lab.clock[0] = bound_at + REMEMBER_SECONDS + later
+        sources = flood(RELAY6_AT) + flood(RELAY_AT)
+        lab.marker()
+        assert [(m.kind, m.reason) for m in answered(sources)] == [stale] * told
+    # A's next bind, fresh, is answered: its copies spent nothing of its own.
+    lab.bind(lab.a, lab.b, A_AT, key=key)
+    wait_for(lambda: len(answers(lab, A_AT)) == 2, "A's fresh bind answered")
+    assert answers(lab, A_AT)[-1].kind == bind.Kind.BOUND
+
+
+def test_a_refused_bind_is_answered_once_not_at_every_copy(lab: Lab) -> None:
+    stranger = Keys()  # not a member: every bind for it is refused UNKNOWN_PEER
+    captured = lab.bind(lab.a, stranger, A_AT)
+    wait_for(lambda: answers(lab, A_AT), "the refusal")
+    (refusal,) = answers(lab, A_AT)
+    assert refusal.reason == bind.Refusal.UNKNOWN_PEER
+    copies = [Endpoint.parse(f"192.0.2.{n}:4444") for n in range(10, 60)]
+    for source in copies:
+        lab.replay(captured, source)
+    lab.marker()
+    assert [where for (where, _, _, _) in lab.transport.sent if where in copies] == []
+
+
+def test_one_sides_flood_of_fresh_refused_binds_leaves_others_their_answers(lab: Lab) -> None:
+    """A side (or whoever sends what it signed) binding for a peer the relay does not know,
+    each bind fresh, from endless sources: it spends its own answers, not the others'."""
+    stranger = Keys()
+    key = pair_key(lab.a.private, lab.relay.public, lab.a.public, CLUSTER.relay_bind_key)
+    now_ms = int(lab.clock[0] * 1000)
+    sources = [Endpoint(ipaddress.ip_address(0x0A000000 + i), 4444) for i in range(FLOOD)]
+    for i, source in enumerate(sources):
+        lab.bind(lab.a, stranger, source, time_ms=now_ms - i, key=key)
+    lab.marker()
+    flooded = [where for (where, _, _, _) in lab.transport.sent if where in set(sources)]
+    assert len(flooded) == int(ANSWER_BURST_PER_SIDE)
+    lab.bind(lab.b, lab.a, B_AT)
+    wait_for(lambda: answers(lab, B_AT), "B's bind answered")
+
+
+def test_ipv6_sources_in_one_64_share_a_bucket(lab: Lab) -> None:
+    # The relay answers at IPv4 addresses only, but its limits go by the source alone: a
+    # host is given a whole /64, and would otherwise be as many sources as it likes.
+    net = int(ipaddress.ip_address("2001:db8:7:7::"))
+    key = pair_key(lab.a.private, lab.relay.public, lab.a.public, CLUSTER.relay_bind_key)
+    now_ms = int(lab.clock[0] * 1000)
+    one_64 = [Endpoint(ipaddress.ip_address(net + (i << 40) + i), 4444) for i in range(30)]
+    for i, source in enumerate(one_64):
+        lab.bind(lab.a, lab.b, source, time_ms=now_ms + i, key=key)
+    next_64 = Endpoint(ipaddress.ip_address(net + (1 << 64)), 4444)
+    lab.bind(lab.a, lab.b, next_64, time_ms=now_ms + 100, key=key)
+    wait_for(lambda: answers(lab, next_64), "the next /64's answer")
+    answered = [where for (where, _, _, _) in lab.transport.sent if where in set(one_64)]
+    assert answered == one_64[: int(ANSWER_BURST_PER_SOURCE)]
+
+
+def test_a_skewed_clock_hears_stale_once_a_minute(lab: Lab) -> None:
+    key = pair_key(lab.a.private, lab.relay.public, lab.a.public, CLUSTER.relay_bind_key)
+    behind = int(lab.clock[0] * 1000) - CLOCK_SKEW_MS - 1
+
+    def binds(count: int) -> None:
+        for i in range(count):
+            lab.bind(lab.a, lab.b, A_AT, time_ms=behind - i, key=key)
+        lab.marker()
+
+    binds(5)
+    assert [m.reason for m in answers(lab, A_AT)] == [bind.Refusal.STALE]
+    lab.clock[0] += STALE_EVERY_SECONDS - 1
+    binds(5)
+    assert len(answers(lab, A_AT)) == 1
+    lab.clock[0] += 1
+    binds(5)
+    assert [m.reason for m in answers(lab, A_AT)] == [bind.Refusal.STALE] * 2
+    # Another side's STALE is its own.
+    lab.bind(lab.b, lab.a, B_AT, time_ms=behind)
+    wait_for(lambda: answers(lab, B_AT), "B's STALE")
 
 
 def test_a_pair_lapses_without_binds_and_the_table_follows(lab: Lab) -> None:

@@ -53,7 +53,9 @@ class Kind(IntEnum):
 class Refusal(IntEnum):
     """Why a relay refused a bind (0 in binds and in BOUND)."""
 
-    NOT_A_RELAY = 1  # this node does not relay
+    # Not sent any more: a bind where the relay does not relay gets no answer (a refusal
+    # would reflect copies of it). Kept so that older relays' answers still read.
+    NOT_A_RELAY = 1
     UNKNOWN_PEER = 2  # the other side is not a member the relay knows
     STALE = 3  # the bind's clock is too far from the relay's
     WRONG_PORT = 4  # not the port relay.ports gives this pair and attempt

@@ -83,8 +83,18 @@ def take_bind(
     wall_ms: int,
 ) -> BindOutcome | None:
     """The bindings after an authentic BIND from `source` to the relay's `destination`, and
-    the answer; None for what deserves no answer (not a BIND, or not from a member)."""
+    the answer; None for what deserves no answer and changes nothing (not a BIND, not from a
+    member, sent to an address the relay does not relay on, or a replay).
+
+    What is a replay or out of the clock window is decided before any other refusal: every
+    answer goes back to wherever the bind claims to come from, so a refusal decided first
+    would reflect a bind copied once, however old, as often as it is sent again."""
     if message.kind != Kind.BIND or message.sender not in policy.members:
+        return None
+    if destination.address.version != 4:
+        # Relays carry IPv4 pairs only and are offered at their IPv4 addresses only
+        # (relay.choice), so no side binds here: a refusal would serve only those who
+        # replay binds to it. A side that did would leave the relay after its answer wait.
         return None
     kept = remembered(bindings, now)
     current = live(kept, now)
@@ -99,16 +109,16 @@ def take_bind(
             answer = replace(answer, attempt=attempt)
         return BindOutcome(kept, answer)
 
-    if destination.address.version != 4:
-        return refuse(Refusal.NOT_A_RELAY)  # IPv4 only: IPv6 forwarding is not set up
-    if message.peer == message.sender or message.peer not in policy.members:
-        return refuse(Refusal.UNKNOWN_PEER)
     side = (message.sender, message.peer)
     previous = next((b for b in kept if (b.side, b.peer) == side), None)
     if previous is not None and message.time_ms <= previous.time_ms:
-        return refuse(Refusal.REPLAYED)
+        return None  # a replay (Refusal.REPLAYED is never sent: it would reflect it)
     if abs(wall_ms - message.time_ms) > CLOCK_SKEW_MS:
+        # A side with a skewed clock needs to hear this, but a bind replayed once its
+        # binding is forgotten gets it too: relay.server tells a side once a minute at most.
         return refuse(Refusal.STALE)
+    if message.peer == message.sender or message.peer not in policy.members:
+        return refuse(Refusal.UNKNOWN_PEER)
     if message.attempt >= MAX_ATTEMPTS or destination.port not in policy.ports:
         return refuse(Refusal.WRONG_PORT)
     own, theirs = pair_ports(

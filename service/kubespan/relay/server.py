@@ -3,12 +3,17 @@ has to hold a thousand ports), answers them, and keeps the forwarding table equa
 pairs whose two sides are bound (relay.bindings), dropping pairs as their bindings lapse.
 
 Only members are answered: a bind whose sender is not a member costs one dictionary lookup
-and gets nothing (no X25519 for strangers), one that is not authentic gets nothing either,
-a replay gets nothing, and answers are rate-limited per source and side and
-overall, so a replayed bind reflects little. A datagram recomputes the forwarded pairs only
-if it changed a binding; otherwise they are looked at again when the first binding lapses.
-An answer that cannot be sent is that answer's loss alone. The thread never dies of an
-exception: it logs, backs off and opens its sockets again."""
+and gets nothing (no X25519 for strangers), one that is not authentic gets nothing either.
+Every answer goes where the bind claims to come from, so a bind copied once must not buy
+answers: one to an address the relay does not relay on gets nothing, a bind is answered
+once at most (a replay, of an answered bind or of one older than its side's binding, gets
+nothing), one outside the clock window is told so once a minute per side at most, and
+answers are rate-limited per source (an IPv4 address or an IPv6 /64) and side, per side,
+and overall, in that order, so no side's binds, its own or copies, use up what the others
+are owed. A datagram recomputes the forwarded pairs only if it changed a binding; otherwise
+they are looked at again when the first binding lapses. An answer that cannot be sent is
+that answer's loss alone. The thread never dies of an exception: it logs, backs off and
+opens its sockets again."""
 
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ import logging
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+from kubespan.discovery.forwarded import source_key
 from kubespan.discovery.ratelimit import RateLimiter
 from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.pathcheck.codec import pair_key
@@ -26,6 +33,7 @@ from kubespan.rawthread import RawPortThread, open_raw_port, take_waiting
 from kubespan.rawudp import AddressedTransport, Datagram, PayloadMatch
 from kubespan.relay import bind
 from kubespan.relay.bindings import (
+    CLOCK_SKEW_MS,
     RelayPolicy,
     SideBinding,
     forwarded,
@@ -44,7 +52,16 @@ BIND_MATCH = PayloadMatch(offset=0, word=bind.TAG, max_payload=bind.MESSAGE_BYTE
 TURN_SECONDS = 1.0  # the longest wait for datagrams between two looks at stopping
 READS_PER_TURN = 64  # datagrams taken in one turn before the forwarding is looked at
 ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE = 2.0, 10.0
+# A side binds from one mapping, or a few while its addresses change: twice one source's.
+ANSWER_RATE_PER_SIDE, ANSWER_BURST_PER_SIDE = 4.0, 20.0
 ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL = 500.0, 1000.0
+STALE_EVERY_SECONDS = 60.0  # STALE is told to a side this often at most
+# A bind is inside the clock window for twice the skew allowed at most: remembered as
+# answered that long, it is STALE after. A relay carrying its most pairs answers some 50
+# binds a second (9,000 in that time); past the bound the oldest go first (6 MB at most),
+# and one of those, copied again while still fresh, is answered within the limits below.
+ANSWERED_FOR_SECONDS = 2 * CLOCK_SKEW_MS / 1000
+MAX_ANSWERED = 32_768
 
 
 class RelayServer(RawPortThread):
@@ -80,8 +97,12 @@ class RelayServer(RawPortThread):
         self._banked: dict[tuple[int, int], int] = {}
         self._recompute_at: float | None = 0.0  # when to look at the pairs again; None: idle
         self.ready = threading.Event()  # listening, and the first table applied
+        # Only the relay's thread touches these (not under the lock):
         self._per_source = RateLimiter(ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE)
+        self._per_side = RateLimiter(ANSWER_RATE_PER_SIDE, ANSWER_BURST_PER_SIDE)
         self._overall = RateLimiter(ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL)
+        self._stale = RateLimiter(1 / STALE_EVERY_SECONDS, 1.0)
+        self._answered: OrderedDict[bytes, float] = OrderedDict()  # a bind's MAC -> when
 
     def _raw(self) -> AddressedTransport:
         if enable_ipv4_forwarding():
@@ -153,6 +174,11 @@ class RelayServer(RawPortThread):
         if key is None or not bind.authentic(datagram.payload, key):
             return
         now = self.monotonic()
+        mac = datagram.payload[-bind.MAC_BYTES :]
+        if self._answered_before(mac, now):
+            # Whichever copy came first was answered; the side's own copy too, if first. Not
+            # keyed by source: then every spoofed source would earn an answer of its own.
+            return
         relay_at = Endpoint(destination, datagram.port)
         with self._lock:
             policy = RelayPolicy(self._public, self.ports, self._members, self._max_pairs)
@@ -167,8 +193,21 @@ class RelayServer(RawPortThread):
         answer = outcome.answer
         if answer is None:
             return  # a side leaving: it wants no answer
-        if answer.reason == bind.Refusal.REPLAYED:
-            return  # answering a replay would reflect it to wherever it was sent from
+        side = message.sender.hex()
+        # STALE first: a bind copied once is STALE forever after, and its copies must not
+        # use up the side's own answers below.
+        if answer.reason == bind.Refusal.STALE and not self._stale.allow(side, now):
+            return
+        # Most particular first, so a bucket that refuses leaves those after it untouched: a
+        # side (or whoever sends its binds) flooding from many sources spends its own budget,
+        # never the overall one everyone shares.
+        source = f"{source_key(str(datagram.source.address))} {side}"
+        if not (
+            self._per_source.allow(source, now)
+            and self._per_side.allow(side, now)
+            and self._overall.allow("", now)
+        ):
+            return
         if answer.kind == bind.Kind.REFUSED:
             log.debug(
                 "relay refused a bind from=%s port=%d reason=%s",
@@ -176,9 +215,9 @@ class RelayServer(RawPortThread):
                 datagram.port,
                 answer.reason.name if answer.reason else "-",
             )
-        source = f"{datagram.source.address} {message.sender.hex()}"
-        if not (self._per_source.allow(source, now) and self._overall.allow("", now)):
-            return
+        self._answered[mac] = now
+        while len(self._answered) > MAX_ANSWERED:
+            self._answered.popitem(last=False)
         try:
             transport.send(
                 datagram.source,
@@ -190,6 +229,16 @@ class RelayServer(RawPortThread):
             # This answer's loss alone (an address it cannot leave from, a route that
             # refuses it): the side binds again, and every other side is still heard.
             log.debug("relay answer to %s not sent: %s", datagram.source, error)
+
+    def _answered_before(self, mac: bytes, now: float) -> bool:
+        """Whether the bind with this MAC was answered while it can still be fresh."""
+        # In the order answered (the monotonic clock does not go back): the oldest go first.
+        while self._answered:
+            oldest, at = next(iter(self._answered.items()))
+            if now - at < ANSWERED_FOR_SECONDS:
+                break
+            del self._answered[oldest]
+        return mac in self._answered
 
     def _key_for(self, sender: bytes) -> bytes | None:
         """The key of a member and the relay; None for a stranger or a key without one."""
