@@ -167,6 +167,73 @@ def test_the_learned_mapping_is_advertised_and_shown(
     assert peer["why"] == "trial: best candidate"
 
 
+def test_a_probe_no_reflector_answered_keeps_the_mapping_for_a_while(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    """Reflectors cut off (or their answers drowned in junk) say nothing new of the NAT:
+    the mapping they last gave is still advertised, until probes have gone unanswered for
+    UNANSWERED_KEEP_SECONDS; answers bring it back."""
+    agent, _, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    agent.reconcile()
+    agent._take(ReflexiveLearned(Reflexive.of([ReflectorAnswer(REFLECTOR, MAPPED)])))
+    agent.reconcile()
+
+    def advertised() -> bool:
+        assert agent.registration is not None
+        return MAPPED in agent.registration.record.endpoints
+
+    def nat() -> dict[str, Any]:
+        status = json.loads((tmp_path / "run" / STATUS_FILE).read_text())
+        return dict(status["node"]["nat"])
+
+    assert advertised()
+    other = Endpoint(ipaddress.ip_address("203.0.113.50"), 3478)
+    agent._take(ReflexiveLearned(Reflexive.of([ReflectorAnswer(REFLECTOR, None)])))
+    clock.now += 1
+    agent.reconcile()
+    assert advertised()
+    assert nat()["mapped"] == [str(MAPPED)]
+    assert nat()["reflectors"] == [{"reflector": str(REFLECTOR), "mapped": None}]
+    keep = loop.UNANSWERED_KEEP_SECONDS
+    clock.now += keep / 2
+    # Another reflector named, no answer either: still counted from the first silence.
+    silent = Reflexive.of([ReflectorAnswer(REFLECTOR, None), ReflectorAnswer(other, None)])
+    agent._take(ReflexiveLearned(silent))
+    agent.reconcile()
+    assert advertised()
+    clock.now += keep / 2 - 2
+    agent.reconcile()
+    assert advertised()
+    clock.now += 1  # no report comes: the prober reports only changes
+    agent.reconcile()
+    assert not advertised()
+    assert nat()["mapped"] == []
+    agent._take(ReflexiveLearned(Reflexive.of([ReflectorAnswer(REFLECTOR, MAPPED)])))
+    agent.reconcile()
+    assert advertised()
+
+
+def test_a_kept_mapping_goes_when_the_underlay_changes(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    """A mapping learned on the network the node left is not kept for want of answers."""
+    agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)
+    agent.reconcile()
+    agent._take(ReflexiveLearned(Reflexive.of([ReflectorAnswer(REFLECTOR, MAPPED)])))
+    agent.reconcile()
+    agent._take(ReflexiveLearned(Reflexive.of([ReflectorAnswer(REFLECTOR, None)])))
+    clock.now += 1
+    agent.reconcile()
+    assert agent.mapped == (MAPPED,)
+    kernel.addresses = (local_address("ens3", "10.1.0.20/24"),)
+    clock.now += 1
+    agent.reconcile()  # sees the new address
+    clock.now += 1
+    agent.reconcile()
+    assert agent.registration is not None
+    assert MAPPED not in agent.registration.record.endpoints
+
+
 def test_an_underlay_change_is_acted_on_once_settled(
     tmp_path: Path, cluster_id: str, cluster_secret: str
 ) -> None:

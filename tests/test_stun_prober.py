@@ -182,11 +182,88 @@ def test_first_answer_wins() -> None:
 
 
 def test_a_flood_cannot_keep_the_probe_reading() -> None:
+    """Junk that takes no time at all to come (the clock stands still): the probe ends
+    after MAX_READS all the same, not at its deadline, which would never come."""
     net = FakeNet({A: silent})
-    net.flood = b"\x01\x01\x00\x00!\x12\xa4B" + b"\0" * 12
+    net.flood = COOKIE_JUNK
     result = run(net, [A])
     assert result.answers == (ReflectorAnswer(A, None),)
-    assert net.reads == prober.MAX_DATAGRAMS
+    assert net.reads == prober.MAX_READS
+
+
+STRANGER = Endpoint.parse("198.51.100.66:9999")
+COOKIE_JUNK = b"\x01\x01\x00\x00!\x12\xa4B" + b"\0" * 12  # an empty answer to no request
+TID_A, TID_B = (1).to_bytes(12, "big"), (2).to_bytes(12, "big")  # as run() numbers [A, B]
+# What anyone can send to the WireGuard port, with any source address: the reflectors' own
+# (the one a port-restricted NAT lets in), with every transaction id but the one asked.
+JUNK = [
+    (STRANGER, COOKIE_JUNK),
+    (STRANGER, codec.binding_response(TID_A, OTHER)),  # A's transaction, from elsewhere
+    (A, COOKIE_JUNK),
+    (A, codec.binding_response(b"\xee" * 12, OTHER)),  # from A itself, no transaction of ours
+    (A, codec.binding_response(TID_B, OTHER)),  # from A, B's transaction
+    (A2, codec.binding_response(TID_A, OTHER)),  # A's address and transaction, another port
+    (B, codec.binding_response(TID_A, OTHER)),  # from B, A's transaction
+]
+
+
+class FloodedNet(FakeNet):
+    """Answers come `latency` after their request; meanwhile JUNK comes every `gap` seconds,
+    without end."""
+
+    def __init__(self, behaviours: dict[Endpoint, Behaviour], gap: float) -> None:
+        super().__init__(behaviours)
+        self.gap = gap
+        self.latency = 0.05
+        self.junk = itertools.cycle(JUNK)
+        self.next_junk = self.now + gap
+        self.junk_read = 0
+        self.due: list[tuple[float, Endpoint, bytes]] = []
+
+    def send(self, reflector: Endpoint, payload: bytes) -> None:
+        super().send(reflector, payload)
+        self.due += [(self.now + self.latency, *answer) for answer in self.inbox]
+        self.inbox.clear()
+
+    def receive(
+        self, timeout: float, wake: socket.socket | None = None
+    ) -> tuple[Endpoint, bytes] | None:
+        self.reads += 1
+        until = self.now + timeout
+        if self.due and self.due[0][0] <= min(self.next_junk, until):
+            at, source, payload = self.due.pop(0)
+            self.now = max(self.now, at)
+            return source, payload
+        if self.next_junk <= until:
+            self.now = self.next_junk
+            self.next_junk += self.gap
+            self.junk_read += 1
+            return next(self.junk)
+        self.now = until
+        return None
+
+
+def test_junk_before_the_answers_does_not_hide_them() -> None:
+    """A thousand junk datagrams within the round trip (20 000 a second): each reflector's
+    answer is still read, and the probe ends with it."""
+    net = FloodedNet({A: reflects(PUBLIC), B: reflects(PUBLIC)}, gap=0.00005)
+    result = run(net, [A, B])
+    assert result.answers == (ReflectorAnswer(A, PUBLIC), ReflectorAnswer(B, PUBLIC))
+    assert net.now - 100.0 == pytest.approx(0.05)
+    assert 900 < net.junk_read < prober.MAX_READS
+
+
+def test_junk_for_the_whole_probe_neither_ends_it_nor_stops_retransmissions() -> None:
+    """A flood from the start to past the deadline, 1000 a second: a reflector that
+    answers only its third request is heard, a silent one asked on schedule until the
+    deadline, and then the probe ends."""
+    net = FloodedNet({A: reflects(PUBLIC, from_nth=3), B: silent}, gap=0.001)
+    result = run(net, [A, B])
+    assert result.answers == (ReflectorAnswer(A, PUBLIC), ReflectorAnswer(B, None))
+    assert [at for at, r in net.sent if r == B] == [0.0, 0.25, 0.75, 1.5]
+    assert [at for at, r in net.sent if r == A] == [0.0, 0.25, 0.75]
+    assert net.now - 100.0 == pytest.approx(2.0)
+    assert 1900 < net.junk_read < prober.MAX_READS
 
 
 def test_unreachable_reflector_is_not_asked_again() -> None:

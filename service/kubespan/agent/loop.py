@@ -36,6 +36,7 @@ from kubespan.agent.kernelcache import KernelShell
 from kubespan.agent.metrics import LoopCounters, MetricsServer
 from kubespan.agent.metrics import render as render_metrics
 from kubespan.agent.peercache import VersionCounter, load_membership, save_membership
+from kubespan.agent.reflexive import DEFAULT_INTERVAL as STUN_INTERVAL
 from kubespan.agent.reflexive import ReflexiveLearned
 from kubespan.agent.session import (
     LEAVE_DEADLINE_SECONDS,
@@ -127,6 +128,11 @@ ROAM_SETTLE_SECONDS = 1.0
 # NAT mappings advertised at most (one per family and a spare): what reflectors say cannot
 # crowd out configured extra endpoints.
 MAX_MAPPED = 4
+# A probe no reflector answered says nothing new of the NAT (reflectors down or cut off, or
+# their answers lost in a flood): the last verdict STUN answered stands while the underlay is
+# the one it was answered on, for this long after the first such probe; then it goes (a
+# mapping nobody confirms may be gone, and peers would keep trying a dead endpoint).
+UNANSWERED_KEEP_SECONDS = 3 * STUN_INTERVAL
 # After a probe could not be sent, peers are judged without probes for this long.
 PROBE_RETRY_SECONDS = 60.0
 # Passes asked for by time (trials, probes) come no closer than this.
@@ -402,6 +408,9 @@ class Agent:
         self.nat_status: dict[str, Any] | None = None
         self.symmetric_nat = False
         self._stun_answered: set[int] = set()  # families STUN gave a mapping for
+        self._stun_heard = False  # whether reflectors answered the probe behind `mapped`
+        self._heard_on: tuple[IPAddress, ...] | None = None  # the underlay they answered on
+        self._unanswered: tuple[Reflexive, float] | None = None  # held back, since when
 
     def stop(self) -> None:
         self.events.put(Stop())
@@ -825,9 +834,54 @@ class Agent:
         return tuple(dict.fromkeys(named))[:MAX_REFLECTORS]
 
     def _learned(self, result: Reflexive) -> None:
+        """Take a probe's result; one no reflector answered is held back (see
+        UNANSWERED_KEEP_SECONDS) while the last answered one stands."""
+        if self._stun_heard and not any(a.mapped for a in result.answers):
+            now = self.clocks.monotonic()
+            first = self._unanswered is None
+            since = now if self._unanswered is None else self._unanswered[1]
+            self._unanswered = (result, since)
+            self._forget_unanswered(now)
+            if self._unanswered is not None:
+                if first:
+                    log.info(
+                        "no STUN reflector answered; keeping the NAT mapping %s for up to %ds",
+                        ",".join(str(e) for e in self.mapped) or "none",
+                        UNANSWERED_KEEP_SECONDS,
+                    )
+                self.nat_status = {
+                    **(self.nat_status or {}),
+                    "reflectors": self._reflector_status(result),
+                }
+            return
+        self._unanswered = None
+        self._adopt(result)
+
+    def _forget_unanswered(self, now: float) -> None:
+        """Once kept too long, or the underlay changed, what the unanswered probe said
+        stands. Every pass asks: the prober reports a result only when it changes, so no
+        report comes while probes go on unanswered."""
+        if self._unanswered is None:
+            return
+        result, since = self._unanswered
+        known = self._heard_on is not None and self._underlay is not None
+        moved = known and self._underlay != self._heard_on
+        if not moved and now - since < UNANSWERED_KEEP_SECONDS:
+            return
+        log.info(
+            "no STUN reflector answered for %ds%s: forgetting the NAT mapping",
+            now - since,
+            " and the underlay changed" if moved else "",
+        )
+        self._unanswered = None
+        self._adopt(result)
+
+    def _adopt(self, result: Reflexive) -> None:
         """Advertise what a peer can use: mappings of an endpoint-independent NAT (or of
         the one reflector asked), sendable addresses, not our own; a NAT that maps every
         destination anew gives nothing worth advertising, and neither does its address."""
+        self._stun_heard = any(a.mapped for a in result.answers)
+        self._heard_on = self._underlay
         mapped: tuple[Endpoint, ...] = ()
         if result.mapping is not Mapping.ENDPOINT_DEPENDENT:
             own = set(self._underlay or ())
@@ -852,11 +906,15 @@ class Agent:
         self.nat_status = {
             "mapped": [str(e) for e in mapped],
             "mapping": result.mapping.value,
-            "reflectors": [
-                {"reflector": str(a.reflector), "mapped": str(a.mapped) if a.mapped else None}
-                for a in result.answers
-            ],
+            "reflectors": self._reflector_status(result),
         }
+
+    @staticmethod
+    def _reflector_status(result: Reflexive) -> list[dict[str, str | None]]:
+        return [
+            {"reflector": str(a.reflector), "mapped": str(a.mapped) if a.mapped else None}
+            for a in result.answers
+        ]
 
     def _apply_plan(
         self, result: Plan, observed: ObservedLink | None, routing: ObservedRouting
@@ -947,6 +1005,7 @@ class Agent:
     def reconcile(self) -> list[Operation]:
         """One pass; returns the operations applied (none when nothing changed)."""
         began = self.clocks.monotonic()
+        self._forget_unanswered(began)
         networks = underlay_networks(self.kernel.local_addresses(), self.prefix)
         info, endpoints = self.local_info(networks)
         self._register(info, endpoints)

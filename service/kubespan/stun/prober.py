@@ -2,7 +2,8 @@
 
 One probe sends a binding request to every reflector at once and again at RETRANSMIT_AT
 (UDP loses packets; RFC 8489 retransmits the same transaction), and reads answers until each
-reflector has answered or the timeout passed. Two reflectors at different IP addresses of one
+reflector has answered or the timeout passed (or MAX_READS datagrams were read: junk from anyone
+is read and refused, never taken for an answer). Two reflectors at different IP addresses of one
 family that report the same mapped endpoint show an endpoint-independent mapping (a peer can
 reach us at that endpoint); different endpoints show an endpoint-dependent ("symmetric") one.
 """
@@ -26,8 +27,13 @@ log = logging.getLogger(__name__)
 RETRANSMIT_AT = (0.0, 0.25, 0.75, 1.5)
 DEFAULT_TIMEOUT = 2.0
 MAX_REFLECTORS = 8
-# Datagrams read in one probe at most, answers or not: a flood cannot keep it reading.
-MAX_DATAGRAMS = 256
+# Datagrams read in one probe at most, answers or not: a flood on the WireGuard port then
+# costs a bounded amount of CPU per probe (reading and refusing one took about 14 us through
+# RawUdpPort on a development host: some 60 ms). Junk ends a probe early only when this many
+# come within a reflector's round trip (80 000 a second at 50 ms), about as fast as this
+# thread can read them at all: past that the socket's queue overflows and the kernel drops
+# the answer whatever we count.
+MAX_READS = 4096
 # STUN's magic cookie is bytes 4-7 of every message.
 STUN_MATCH = PayloadMatch(offset=4, word=codec.MAGIC_COOKIE, max_payload=codec.MAX_MESSAGE_BYTES)
 
@@ -136,11 +142,21 @@ def _exchange(
     start = monotonic()
     deadline = start + timeout
     schedule = [start + at for at in RETRANSMIT_AT if at < timeout]
-    datagrams = 0
-    while datagrams < MAX_DATAGRAMS:
+    reads = ignored = 0
+    while True:
         now = monotonic()
         waiting = [r for r in asked if r not in mapped and r not in unreachable]
         if not waiting or now >= deadline:
+            break
+        if reads >= MAX_READS:
+            log.warning(
+                "stun probe stopped after reading %d datagrams, %d of them no new answer from "
+                "a reflector asked: a flood on the WireGuard port? answered=%d/%d",
+                reads,
+                ignored,
+                len(mapped),
+                len(asked),
+            )
             break
         while schedule and schedule[0] <= now:
             schedule.pop(0)
@@ -154,15 +170,31 @@ def _exchange(
         received = channel.receive(max(0.0, until - monotonic()))
         if received is None:
             continue
-        datagrams += 1
+        reads += 1
         source, payload = received
-        try:
-            answer = codec.parse_binding_response(payload)
-        except codec.StunError as error:
-            log.debug("stun answer refused source=%s error=%s", source, error)
-            continue
-        asked_of = transactions.get(answer.transaction_id)
-        if asked_of is None or asked_of != source or asked_of in mapped:
-            continue  # not ours, from elsewhere, or a retransmission's second answer
-        mapped[asked_of] = answer.mapped
+        if not _answer(source, payload, transactions, mapped):
+            ignored += 1
+    if ignored:
+        log.debug("stun probe ignored %d datagrams that were no new answer", ignored)
     return mapped
+
+
+def _answer(
+    source: Endpoint,
+    payload: bytes,
+    transactions: dict[bytes, Endpoint],
+    mapped: dict[Endpoint, Endpoint],
+) -> bool:
+    """Whether `payload` is a reflector's first valid answer (then recorded in `mapped`).
+    Anyone can send to the WireGuard port, with a reflector's address as source too: only
+    the transaction id, which that reflector alone was told, makes an answer."""
+    if source in mapped or source not in transactions.values():
+        return False  # not parsed: junk from elsewhere costs no more than its read
+    try:
+        answer = codec.parse_binding_response(payload)
+    except codec.StunError:
+        return False
+    if transactions.get(answer.transaction_id) != source:
+        return False
+    mapped[source] = answer.mapped
+    return True
