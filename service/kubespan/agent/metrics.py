@@ -3,15 +3,22 @@
 Rendered when scraped from the latest status document (peers, handshakes, bytes, readiness,
 discovery) and the loop's counters, so the two never disagree. Label values come from
 peers (their names) and are escaped as the format requires and cut to a bounded length.
-The server answers one request at a time with a short timeout: a scraper is one client,
-and nobody else gets threads out of it.
+A few workers serve them; a connection has REQUEST_TIMEOUT to send at most REQUEST_LIMIT
+bytes of request, and a render answers every scrape for a second: a slow client holds one
+worker for seconds at most, and a flood of scrapes costs one render a second.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import io
 import logging
 import select
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -26,7 +33,10 @@ log = logging.getLogger(__name__)
 
 PREFIX = "kubespan"
 LABEL_LIMIT = 128
-REQUEST_TIMEOUT = 2.0
+REQUEST_TIMEOUT = 2.0  # for the whole request to arrive, then again for the answer to go
+REQUEST_LIMIT = 8192  # bytes of request line and headers
+RENDER_REUSE = 1.0  # seconds a render answers scrapes for
+WORKERS = 4  # connections served at once; more wait in the listen backlog
 STATES = ("up", "down", "unknown")
 
 
@@ -118,61 +128,169 @@ def _peer_labels(peer: dict[str, Any]) -> str:
     return f'name="{label(peer.get("name", ""))}",public_key="{label(peer.get("public_key", ""))}"'
 
 
+class _RequestTooLarge(http.client.HTTPException):
+    """The request line and headers went past REQUEST_LIMIT."""
+
+
+class _RequestReader(io.RawIOBase):
+    """A connection's bytes until a deadline and up to a limit, for the request handler's
+    rfile: the socket's own timeout bounds each receive only, so a client sending a byte
+    just before each one ran out would hold a worker for as long as it liked."""
+
+    def __init__(self, connection: socket.socket, deadline: float, limit: int) -> None:
+        self._connection = connection
+        self._deadline = deadline
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            # http.server answers 431 to this while it reads the headers.
+            raise _RequestTooLarge(f"request line and headers past {REQUEST_LIMIT} bytes")
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request took too long to arrive")
+        self._connection.settimeout(remaining)
+        with memoryview(buffer) as view:
+            received = self._connection.recv_into(view, min(len(view), self._left))
+        self._left -= received
+        return received
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = REQUEST_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        # Closed, or the socket would stay open after the server closes it.
+        self.rfile.close()
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.rfile = io.BufferedReader(_RequestReader(self.connection, deadline, REQUEST_LIMIT))
+
+    def do_GET(self) -> None:
+        # The answer gets a deadline of its own: a client taking a big body slowly is cut off
+        # too (sendall's timeout bounds the whole send).
+        self.connection.settimeout(REQUEST_TIMEOUT)
+        if self.path.split("?", 1)[0] != "/metrics":
+            self.send_error(404)
+            return
+        body = self.server.body()
+        if body is None:
+            self.send_error(500)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape would drown the journal
+
+
+class _Server(HTTPServer):
+    def __init__(self, listen: Endpoint, body: Callable[[], bytes | None]) -> None:
+        if listen.address.version == 6:
+            self.address_family = socket.AF_INET6
+        self.body = body
+        super().__init__((str(listen.address), listen.port), _Handler)
+        # Every worker waits on this socket and only one accepts a connection: the others
+        # must find nothing to accept rather than block in accept().
+        self.socket.setblocking(False)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Anyone who can connect can end a connection early (a reset, a timeout): one line,
+        # and only at debug, instead of socketserver's traceback on stderr.
+        error = sys.exc_info()[1]
+        log.debug("metrics: a connection from %s failed: %r", client_address[0], error)
+
+
 class MetricsServer:
-    def __init__(self, listen: Endpoint, scrape: Callable[[], str]) -> None:
+    """Serves the metrics from WORKERS threads, each waiting for connections on the same
+    socket: a slow client holds one of them, for REQUEST_TIMEOUT to send its request and as
+    long again to take the answer at most."""
+
+    def __init__(
+        self,
+        listen: Endpoint,
+        scrape: Callable[[], str],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.listen = listen
         self.scrape = scrape
-        self._server: HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._monotonic = monotonic
+        self._server: _Server | None = None
+        self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._wakeup = Wakeup()
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()  # being served, for stop() to cut
+        self._render_lock = threading.Lock()
+        self._rendered: bytes | None = None
+        self._rendered_at: float | None = None
 
     def start(self) -> None:
-        """Bind now (OSError for the caller to report) and serve in a thread."""
-        scrape = self.scrape
+        """Bind now (OSError for the caller to report) and serve in threads."""
+        self._server = _Server(self.listen, self._body)
+        self._threads = [
+            named_thread(self._serve, f"metrics-{n}", args=(self._server,)) for n in range(WORKERS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-        class Handler(BaseHTTPRequestHandler):
-            timeout = REQUEST_TIMEOUT
-
-            def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self.send_error(404)
-                    return
+    def _body(self) -> bytes | None:
+        """The rendered metrics, or None if rendering failed, kept for RENDER_REUSE seconds:
+        a render costs milliseconds of CPU with the GIL held in a big cluster, and a flood of
+        scrapes must not cost more than one a second. Held while rendering, so that scrapes
+        arriving meanwhile wait for this render instead of making their own."""
+        with self._render_lock:
+            now = self._monotonic()
+            if self._rendered_at is None or now - self._rendered_at >= RENDER_REUSE:
                 try:
-                    body = scrape().encode()
+                    self._rendered = self.scrape().encode()
                 except Exception:  # a scrape must never take the server down
                     log.exception("metrics could not be rendered")
-                    self.send_error(500)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                    self._rendered = None
+                self._rendered_at = now
+            return self._rendered
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # one line per scrape would drown the journal
-
-        family_server = _server_class(self.listen)
-        self._server = family_server((str(self.listen.address), self.listen.port), Handler)
-        self._server.timeout = REQUEST_TIMEOUT  # handle_request's wait, should a client vanish
-        self._thread = named_thread(self._serve, "metrics", args=(self._server,))
-        self._thread.start()
-
-    def _serve(self, server: HTTPServer) -> None:
-        """Blocks in select() until a scrape or stop() comes (serve_forever would look
+    def _serve(self, server: _Server) -> None:
+        """Blocks in select() until a connection or stop() comes (serve_forever would look
         whether to stop twice a second: an idle agent's wake-ups)."""
         while not self._stopping.is_set():
             try:
                 select.select([server.socket, self._wakeup.reader], [], [])
-                self._wakeup.drain()
-                if not self._stopping.is_set():
-                    server.handle_request()
-            except (OSError, ValueError):
+                # The wake-up is left pending: every worker must see it.
                 if self._stopping.is_set():
                     return
-                log.exception("metrics: serving a request failed")
-                self._stopping.wait(REQUEST_TIMEOUT)
+                try:
+                    connection, address = server.get_request()
+                except (BlockingIOError, ConnectionAbortedError):
+                    continue  # another worker was first, or the client left already
+                self._handle(server, connection, address)
+            except Exception:  # the metrics would end with the last worker
+                if self._stopping.is_set():
+                    return
+                log.exception("metrics: serving a connection failed")
+                self._stopping.wait(REQUEST_TIMEOUT)  # rather than fail in a busy loop
+
+    def _handle(self, server: _Server, connection: socket.socket, address: Any) -> None:
+        with self._lock:
+            if self._stopping.is_set():  # stop() has cut the connections being served
+                server.shutdown_request(connection)
+                return
+            self._connections.add(connection)
+        try:
+            server.finish_request(connection, address)
+        except Exception:  # noqa: BLE001 - handle_error logs it: one client harms only itself
+            server.handle_error(connection, address)
+        finally:
+            with self._lock:
+                self._connections.discard(connection)
+            server.shutdown_request(connection)
 
     @property
     def port(self) -> int:
@@ -182,22 +300,16 @@ class MetricsServer:
     def stop(self) -> None:
         self._stopping.set()
         self._wakeup.poke()
-        if self._thread is not None:
-            self._thread.join(REQUEST_TIMEOUT + 1.0)
+        with self._lock:
+            for connection in self._connections:
+                # A worker waiting on its client sees the end of the stream at once.
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + REQUEST_TIMEOUT + 1.0
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._server is not None:
             self._server.server_close()
             self._server = None
-        if self._thread is None or not self._thread.is_alive():
+        if not any(thread.is_alive() for thread in self._threads):
             self._wakeup.close()
-
-
-def _server_class(listen: Endpoint) -> type[HTTPServer]:
-    import socket
-
-    if listen.address.version == 6:
-
-        class V6Server(HTTPServer):
-            address_family = socket.AF_INET6
-
-        return V6Server
-    return HTTPServer
