@@ -30,16 +30,20 @@ from nacl.public import PrivateKey
 from kubespan import rawthread
 from kubespan.agent.backoff import Backoff
 from kubespan.netaddr import Endpoint, IPAddress
+from kubespan.pathcheck import checker as checker_module
 from kubespan.pathcheck import codec
 from kubespan.pathcheck.checker import (
     ANSWER_BURST_OVERALL,
+    ANSWER_BURST_PER_SENDER,
     ANSWER_BURST_PER_SOURCE,
     ANSWER_RATE_PER_SOURCE,
+    ANSWERS_PER_REQUEST,
     CHECK_AT,
     CHECK_SPAN,
     MAX_ENDPOINTS_PER_PEER,
     ROUND_TRIP_KEEP,
     ROUND_TRIPS_KEPT,
+    SEEN_FOR_SECONDS,
     SEND_BUDGET,
     SEND_SLICE,
     PathAnswered,
@@ -563,7 +567,7 @@ def test_forged_answers_are_ignored(lab: Lab) -> None:
     assert a.events.get(timeout=PATIENCE) == PathAnswered(b.name, NOWHERE)
 
 
-def test_a_replayed_request_is_answered_once(lab: Lab) -> None:
+def test_a_replayed_request_is_answered_once_per_source_and_twice_in_all(lab: Lab) -> None:
     a, b = lab.node(A_AT), lab.node(B_AT)
     lab.members(a, b)
     lab.start(b)
@@ -571,11 +575,14 @@ def test_a_replayed_request_is_answered_once(lab: Lab) -> None:
     lab.network.inject(A_AT, B_AT, first)
     lab.network.inject(A_AT, B_AT, first)  # the same bytes again
     lab.network.inject(C_AT, B_AT, first)  # and from elsewhere (a spoofed copy)
+    lab.network.inject(C_AT, B_AT, first)
+    lab.network.inject(NOWHERE, B_AT, first)  # a third source: the request had its answers
     lab.network.inject(A_AT, B_AT, second)
     wait_until(lambda: b.checker.answered >= 3, PATIENCE)
     answers = [s for s in lab.network.sent(source=B_AT) if is_answer(s)]
-    # The copy from elsewhere is answered there (as large as it was): a replay raced
+    # The copy from elsewhere is answered there (as large as it was): one replay raced
     # ahead of the real request from a spoofed source must not make us ignore the real one.
+    assert ANSWERS_PER_REQUEST == 2
     assert [s.destination for s in answers] == [A_AT, C_AT, A_AT]
     assert [codec.parse(s.payload).transaction_id for s in answers] == [
         codec.parse(first).transaction_id,
@@ -678,11 +685,15 @@ def test_answers_per_source_are_rate_limited(
 
 
 def test_answers_overall_are_rate_limited(lab: Lab) -> None:
-    """Requests from many sources at once: no more answers than the overall burst. An
-    answer to B's own check (which the limits leave alone) shows when all were read."""
+    """Requests of many members from many sources at once: no more answers than the overall
+    burst. An answer to B's own check (which the limits leave alone) shows when all were
+    read."""
     clock = Clock()
     a, b = lab.node(A_AT), lab.node(B_AT, monotonic=clock, random_bytes=counting_bytes(0xB0))
-    lab.members(a, b)
+    senders = [
+        Key.generate() for _ in range(int(ANSWER_BURST_OVERALL / ANSWER_BURST_PER_SENDER) + 2)
+    ]
+    b.checker.set_members([a.name, *(s.name for s in senders)])
     b.checker.check(a.name, [NOWHERE])
     lab.start(b)
     wait_until(lambda: len(lab.network.sent(source=B_AT, destination=NOWHERE)) >= 1, PATIENCE)
@@ -690,11 +701,152 @@ def test_answers_overall_are_rate_limited(lab: Lab) -> None:
     sources = int(ANSWER_BURST_OVERALL) + 200
     for index in range(sources):
         source = Endpoint(ipaddress.ip_address(0x0A000000 + index), 51820)
-        lab.network.inject(source, B_AT, b.request_from(a.key))
+        lab.network.inject(source, B_AT, b.request_from(senders[index % len(senders)]))
     answer = codec.answer(a.key.public, tid.transaction_id, a.key.pair(b.key), B_AT)
     lab.network.inject(NOWHERE, B_AT, answer)
     wait_until(lambda: answered_at(b, a, NOWHERE), 3 * PATIENCE)
     assert b.checker.answered == ANSWER_BURST_OVERALL
+
+
+# --- replays of a captured request, floods of one member ---------------------------------
+
+
+def count_answers(lab: Lab, node: Node, tid: bytes) -> int:
+    return sum(
+        1
+        for s in lab.network.sent(source=node.endpoint)
+        if is_answer(s) and codec.parse(s.payload).transaction_id == tid
+    )
+
+
+def spoofed_ipv4(index: int) -> Endpoint:
+    return Endpoint(ipaddress.ip_address(0x0A000000 + index), 51820)
+
+
+def one_64(index: int) -> Endpoint:
+    return Endpoint(ipaddress.ip_address(f"2001:db8:1:2::{index + 1:x}"), 51820)
+
+
+@pytest.mark.parametrize("copy_from", [spoofed_ipv4, one_64], ids=["spoofed-ipv4", "ipv6-64"])
+def test_a_captured_request_replayed_from_many_sources_gets_bounded_answers(
+    lab: Lab, copy_from: Callable[[int], Endpoint]
+) -> None:
+    """A's request, captured once (by whoever holds one of B's candidate addresses in
+    another network, or anyone on the path), replayed from 1,000 sources on a clock that
+    stands still, and again a minute later: answered ANSWERS_PER_REQUEST times in all, and
+    the copies cost nobody an answer, neither another member nor A itself."""
+    clock = Clock()
+    a, b, c = lab.node(A_AT), lab.node(B_AT, monotonic=clock), lab.node(C_AT)
+    lab.members(a, b, c)
+    lab.start(b)
+    captured = b.request_from(a.key)
+    lab.network.inject(A_AT, B_AT, captured)  # the real one, answered
+    wait_until(lambda: b.checker.answered == 1, PATIENCE)
+
+    def replay(first: int) -> None:
+        for index in range(first, first + 1000):
+            lab.network.inject(copy_from(index), B_AT, captured)
+        # Members' fresh requests after the copies (read in order): once both are answered,
+        # every copy was read.
+        before = len(b.answered_to())
+        lab.network.inject(C_AT, B_AT, b.request_from(c.key))
+        lab.network.inject(A_AT, B_AT, b.request_from(a.key))
+        wait_until(lambda: b.answered_to()[before:][-2:] == [C_AT, A_AT], PATIENCE)
+
+    replay(0)
+    clock.now += 60.0
+    replay(1000)
+    replayed = codec.parse(captured).transaction_id
+    answers = [
+        s.destination
+        for s in lab.network.sent(source=B_AT)
+        if is_answer(s) and codec.parse(s.payload).transaction_id == replayed
+    ]
+    assert answers == [A_AT, copy_from(0)][:ANSWERS_PER_REQUEST]
+    assert b.checker.answered == ANSWERS_PER_REQUEST + 4
+    assert len(b.checker._seen) == 5
+
+
+def test_one_senders_flood_leaves_other_members_their_answers(lab: Lab) -> None:
+    """A member (or whoever holds many of its requests) sends fresh requests from 1,200
+    sources, the first hundred spoofed from C's own address, on a clock that stands still:
+    it gets its own burst, and C, at that address, and D elsewhere are still answered."""
+    clock = Clock()
+    a, b = lab.node(A_AT), lab.node(B_AT, monotonic=clock)
+    c, d = lab.node(C_AT), lab.node(Endpoint.parse("[2001:db8:4::4]:51820"))
+    lab.members(a, b, c, d)
+    lab.start(b)
+    for index in range(1200):
+        source = C_AT if index < 100 else spoofed_ipv4(index)
+        lab.network.inject(source, B_AT, b.request_from(a.key))
+    lab.network.inject(C_AT, B_AT, b.request_from(c.key))
+    lab.network.inject(d.endpoint, B_AT, b.request_from(d.key))
+    wait_until(lambda: d.endpoint in b.answered_to(), PATIENCE)
+    assert b.answered_to()[-2:] == [C_AT, d.endpoint]
+    # A got a sender's burst, C's address as one of A's sources a source's: C's own
+    # bucket there was left whole.
+    assert b.checker.answered == ANSWER_BURST_PER_SENDER + 2
+    assert b.answered_to().count(C_AT) == ANSWER_BURST_PER_SOURCE + 1
+
+
+def test_the_requesters_own_retries_are_all_answered(lab: Lab) -> None:
+    """A asks B at an endpoint that reaches B, whose answers A does not take (they come
+    from B's own endpoint, not the one asked): A sends every request of its schedule, and
+    B answers each, to the same source, though B already answered A there."""
+    network, clock = fake_clock_lab()
+    x = Endpoint.parse("198.51.100.200:4000")
+    network.aliases[x] = B_AT
+    a = lab.node(A_AT, network=network, clock=clock)
+    b = lab.node(B_AT, network=network)  # on real time: the limits refill as they would
+    lab.members(a, b)
+    lab.start(b)
+    start = clock.now
+    a.checker.check(b.name, [x])
+    clock.limit = start + CHECK_SPAN + 1
+    lab.start(a)
+    clock.run_until(start + CHECK_SPAN + 1)
+    asked = [codec.parse(s.payload).transaction_id for s in network.sent(destination=x)]
+    assert relative(network.sent(destination=x), start) == list(CHECK_AT)
+    wait_until(lambda: b.checker.answered == len(CHECK_AT), PATIENCE)
+    answers = [s for s in network.sent(source=B_AT) if is_answer(s)]
+    assert [s.destination for s in answers] == [A_AT] * len(CHECK_AT)
+    assert [codec.parse(s.payload).transaction_id for s in answers] == asked
+    assert a.checker.answers() == {}
+
+
+def test_answered_requests_are_forgotten_after_a_while_or_past_a_number(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory of answered requests is bounded in time and size; a request forgotten is
+    answered again when replayed (no timestamp on the wire: the limit left), within its
+    sender's budget."""
+    monkeypatch.setattr(checker_module, "SEEN_TRANSACTIONS", 8)
+    clock = Clock()
+    a, b = lab.node(A_AT), lab.node(B_AT, monotonic=clock)
+    lab.members(a, b)
+    lab.start(b)
+
+    def answers_to(payload: bytes, source: Endpoint) -> int:
+        """How many answers this datagram got."""
+        tid = codec.parse(payload).transaction_id
+        before = count_answers(lab, b, tid)
+        lab.network.inject(source, B_AT, payload)
+        marker = b.request_from(a.key)  # read after it
+        lab.network.inject(A_AT, B_AT, marker)
+        wait_until(lambda: count_answers(lab, b, codec.parse(marker).transaction_id) == 1, PATIENCE)
+        return count_answers(lab, b, tid) - before
+
+    old = b.request_from(a.key)
+    assert answers_to(old, A_AT) == 1
+    clock.now += SEEN_FOR_SECONDS - 1
+    assert answers_to(old, A_AT) == 0  # still remembered
+    clock.now += 2
+    assert answers_to(old, A_AT) == 1  # forgotten: answered again
+    assert len(b.checker._seen) <= 8
+    for _ in range(8):
+        answers_to(b.request_from(a.key), NOWHERE)
+    assert len(b.checker._seen) == 8
+    assert answers_to(old, A_AT) == 1  # pushed out by newer ones
 
 
 # --- the schedule, on a fake clock -------------------------------------------------------

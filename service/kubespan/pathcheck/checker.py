@@ -14,9 +14,11 @@ the agent times the relays it may use this way (relay.choice).
 
 Requests from members are answered from the WireGuard port to wherever they came from.
 Everything from the network is hostile until checked, in the cheapest order: size and tag
-(the BPF filter and the codec), rate per source and overall, a sender that is a current
-member (no cryptography for strangers), the MAC, a transaction id not seen before. Nothing
-an attacker sends makes us send more bytes than it did, or more than the rate limits allow.
+(the BPF filter and the codec), a sender that is a current member (no cryptography for
+strangers), the MAC, a request not answered ANSWERS_PER_REQUEST times already (from
+wherever it came), then the rates: per source and sender, per sender, overall. Nothing an
+attacker sends makes us send more bytes than it did, or more than the rate limits allow;
+copies of one member's requests spend that member's answers, never another's.
 
 Never dies: a failed socket (no CAP_NET_RAW) is logged and retried with backoff; the agent
 goes on without path checks (its trials still find every path, only slower).
@@ -56,10 +58,33 @@ SEND_BUDGET = 200  # requests per SEND_SLICE at most: a thousand peers checked a
 SEND_SLICE = 0.1
 ANSWER_KEEP = 120.0  # answers older than this are forgotten
 ANSWER_EVENT_GAP = 1.0  # one event per peer and endpoint per this long at most
-# Answers we send: per source (IPv4 address, IPv6 /64) and overall (a spoofed source gets
-# this at most).
+# Answers we send, most particular bucket first (one that refuses leaves those after it
+# untouched): per source (an IPv4 address or an IPv6 /64) and sender, per sender, overall.
+# Keyed by sender, a member's requests, its own or copies sent from anywhere, spend its own
+# budget: neither a source's that another member shares (behind one NAT, or spoofed) nor
+# the overall one everyone shares.
 ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE = 20.0, 40.0
+# A member asks from a few sources (its addresses, their NAT mappings) and all our candidates
+# at once: room for a check of every endpoint it may ask, each request sent again unanswered.
+ANSWER_RATE_PER_SENDER = 40.0
+ANSWER_BURST_PER_SENDER = float(MAX_ENDPOINTS_PER_PEER * len(CHECK_AT))
 ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL = 1000.0, 1000.0
+# A request is answered this often at most in all, each time to another source. Every
+# request a checker sends (a retry too, in every version so far) has a transaction id of its
+# own, so one answer is all its sender needs; the second is for the real request when a copy
+# spoofed by someone on its path came first. More copies, from however many sources (a whole
+# /64, spoofed addresses), get nothing and spend no limit.
+ANSWERS_PER_REQUEST = 2
+# Requests answered are remembered by MAC (it stands for sender and transaction id, and only
+# the pair can make it) this long, and at most this many (the oldest go first; 6 MB at most).
+#
+# What is left: a path check carries no time (adding one changes the wire format), so a
+# request forgotten here, after SEEN_FOR_SECONDS or pushed out by newer ones, is answered
+# again when replayed, however old: ANSWERS_PER_REQUEST times more each time it is
+# forgotten, to whatever source it claims, within its sender's budget. Captured requests
+# can so use up their sender's answers for a while, never another member's, nor all of the
+# overall ones unless captured from many members.
+SEEN_FOR_SECONDS = 600.0
 SEEN_TRANSACTIONS = 16384
 CHECK_BACK_GAP = 1.0
 ROUND_TRIPS_KEPT = 6  # per endpoint: a minute's worth at the agent's busiest timing
@@ -137,8 +162,10 @@ class PathChecker(RawPortThread):
         self._measure: dict[str, Endpoint] = {}  # paths to time, asked since the last turn
         self._announced: dict[tuple[str, Endpoint], float] = {}
         self._checked_back: dict[tuple[str, Endpoint], float] = {}
-        self._seen: OrderedDict[bytes, float] = OrderedDict()
+        # A request's MAC -> when it was first answered, and the sources answered since.
+        self._seen: OrderedDict[bytes, tuple[float, tuple[bytes, ...]]] = OrderedDict()
         self._per_source = RateLimiter(ANSWER_RATE_PER_SOURCE, ANSWER_BURST_PER_SOURCE)
+        self._per_sender = RateLimiter(ANSWER_RATE_PER_SENDER, ANSWER_BURST_PER_SENDER)
         self._overall = RateLimiter(ANSWER_RATE_OVERALL, ANSWER_BURST_OVERALL)
         self._slice_start = float("-inf")
         self._slice_sent = 0
@@ -380,17 +407,29 @@ class PathChecker(RawPortThread):
         if key is None or not codec.authentic(payload, key):
             return
         now = self.monotonic()
-        # Keyed by source too: a replay sent first from elsewhere by someone who saw the
-        # request must not make us ignore the real one.
-        seen = message.transaction_id + source.address.packed + source.port.to_bytes(2, "big")
-        if seen in self._seen:
-            return  # a replay: the answer went out already
-        per_source = self._per_source.allow(source_key(str(source.address)), now)
-        if not per_source or not self._overall.allow("all", now):
+        # Before any limit is charged: copies of a request beyond its answers, from however
+        # many sources, must not spend the answers its sender is owed for its new ones.
+        mac = payload[-codec.MAC_BYTES :]
+        answered_to = self._answered_to(mac, now)
+        here = source.address.packed + source.port.to_bytes(2, "big")
+        if here in answered_to or len(answered_to) >= ANSWERS_PER_REQUEST:
             return
-        self._seen[seen] = now
-        while len(self._seen) > SEEN_TRANSACTIONS:
-            self._seen.popitem(last=False)
+        sender = message.sender.hex()
+        if not (
+            self._per_source.allow(f"{source_key(str(source.address))} {sender}", now)
+            and self._per_sender.allow(sender, now)
+            and self._overall.allow("all", now)
+        ):
+            return
+        if answered_to:
+            # In place: the request stays where its first answer put it, and is forgotten
+            # when that one would be (a copy must not keep it, nor its answers, alive).
+            first, _ = self._seen[mac]
+            self._seen[mac] = (first, (*answered_to, here))
+        else:
+            self._seen[mac] = (now, (here,))
+            while len(self._seen) > SEEN_TRANSACTIONS:
+                self._seen.popitem(last=False)
         # From the address the request came to (if it is one of ours): a NAT or firewall in
         # front of the requester admits only that one (a host with several addresses would
         # otherwise answer from its first).
@@ -401,6 +440,17 @@ class PathChecker(RawPortThread):
         transport.send(source, answer, from_address)
         self.answered += 1
         self._check_back(transport, message.sender, source, now)
+
+    def _answered_to(self, mac: bytes, now: float) -> tuple[bytes, ...]:
+        """The sources this request was answered at, within SEEN_FOR_SECONDS."""
+        horizon = now - SEEN_FOR_SECONDS
+        while self._seen:
+            oldest, (first, _) = next(iter(self._seen.items()))
+            if first >= horizon:
+                break
+            del self._seen[oldest]
+        remembered = self._seen.get(mac)
+        return () if remembered is None else remembered[1]
 
     def _check_back(
         self,
