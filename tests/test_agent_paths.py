@@ -520,3 +520,22 @@ def test_a_status_that_cannot_be_made_serves_the_last_one(
     latest.set(broken)
     assert latest.get() == good  # and the asking thread lives on
     assert "could not make the status document" in caplog.text
+
+
+def test_a_status_that_cannot_be_made_is_tried_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client polling the socket must not make the agent rebuild, nor log, a document
+    that failed at every request."""
+    builds: list[int] = []
+
+    def build() -> dict[str, Any]:
+        builds.append(1)
+        raise KeyError("node")
+
+    latest = LatestStatus()
+    latest.set(LazyStatus(build).encoded)
+    for _ in range(3):
+        latest.get()
+    assert len(builds) == 1
+    assert caplog.text.count("could not make the status document") == 1

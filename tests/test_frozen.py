@@ -97,3 +97,14 @@ def test_records_it_could_copy_wrongly_are_refused(record: object) -> None:
     """A __post_init__ would not check the copy; a cached value would be stale."""
     with pytest.raises(TypeError, match=r"use replace|not a dataclass"):
         evolve(record, value=2)
+
+
+def test_an_endpoints_fields_are_its_address_and_port_only() -> None:
+    """Its hash is kept when it is made, outside the fields: asdict and astuple make it
+    again, and replace hashes the new one anew."""
+    assert [f.name for f in dataclasses.fields(Endpoint)] == ["address", "port"]
+    assert Endpoint(**dataclasses.asdict(ENDPOINT)) == ENDPOINT
+    assert Endpoint(*dataclasses.astuple(ENDPOINT)) == ENDPOINT
+    moved = dataclasses.replace(ENDPOINT, port=1)
+    assert hash(moved) == hash(Endpoint(ENDPOINT.address, 1)) != hash(ENDPOINT)
+    assert {ENDPOINT, Endpoint(ipaddress.ip_address("192.0.2.1"), 51820)} == {ENDPOINT}

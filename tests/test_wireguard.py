@@ -447,6 +447,18 @@ def test_a_peer_that_comes_back_byte_for_byte_is_not_parsed_again() -> None:
     assert len(parser._peers) == 1  # what is kept is only the last dump's
 
 
+def test_a_quiet_peers_allowed_ips_stay_the_same_object_when_it_speaks_again() -> None:
+    """What the planner remembers is found by identity: a peer quiet for dumps, then heard
+    from, still brings the allowed-IP list parsed before."""
+    parser = DeviceParser()
+    seven = base64.b64encode(bytes([7]) * 32).decode()
+    first = parser.device([device_message([peer(7)])]).peers[seven]
+    parser.device([device_message([peer(7)])])
+    parser.device([device_message([peer(7)])])
+    spoke = parser.device([device_message([peer(7, handshake=1_700_000_000)])]).peers[seven]
+    assert spoke is not first and spoke.allowed_ips is first.allowed_ips
+
+
 class FakeGenl:
     """Stands in for the generic netlink socket: the family id changes once (the module was
     reloaded), and the old one is then refused as the kernel does (ENOENT)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TypeAlias
 
@@ -17,16 +17,17 @@ class Endpoint:
 
     address: IPAddress
     port: int
-    # ipaddress hashes through a hex string, and endpoints are hashed a dozen times per
-    # candidate and pass: hashed once, when made. An IPv4 and an IPv6 address with the same
-    # number share a hash and still differ.
-    _hash: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((int(self.address), self.port)))
+        # ipaddress hashes through a hex string, and endpoints are hashed a dozen times per
+        # candidate and pass: hashed once, when made. Kept outside the fields (asdict,
+        # astuple and fields() see address and port only). An IPv4 and an IPv6 address
+        # with the same number share a hash and still differ.
+        self.__dict__["_hash"] = hash((int(self.address), self.port))
 
     def __hash__(self) -> int:
-        return self._hash
+        cached: int = self.__dict__["_hash"]
+        return cached
 
     def __str__(self) -> str:
         return _endpoint_text(self.address, self.port)

@@ -102,6 +102,7 @@ class LazyStatus:
         self._lock = threading.Lock()
         self._document: dict[str, Any] | None = None
         self._encoded: bytes | None = None
+        self._failed: Exception | None = None  # what building raised: raised again, not retried
 
     @classmethod
     def of(cls, document: dict[str, Any]) -> LazyStatus:
@@ -110,9 +111,16 @@ class LazyStatus:
     def document(self) -> dict[str, Any]:
         """The document (shared: read it, never change it)."""
         with self._lock:
+            if self._failed is not None:
+                raise self._failed
             if self._document is None:
                 assert self._build is not None
-                self._document, self._build = self._build(), None
+                try:
+                    self._document = self._build()
+                except Exception as error:
+                    self._failed = error
+                    raise
+                self._build = None
             return self._document
 
     def encoded(self) -> bytes:

@@ -44,6 +44,7 @@ class LatestStatus:
         self._lock = threading.Lock()
         self._document: bytes | Callable[[], bytes] = placeholder("starting")
         self._served: bytes = placeholder("starting")
+        self._failed: object = None  # the last document that could not be made
 
     def set(self, document: bytes | Callable[[], bytes]) -> None:
         """The document, or what makes it when it is asked for (LazyStatus.encoded)."""
@@ -61,9 +62,13 @@ class LatestStatus:
         try:
             made = document()
         except Exception:
-            log.exception("could not make the status document; serving the last one made")
             with self._lock:
-                return self._served
+                first = document is not self._failed
+                self._failed = document
+                served = self._served
+            if first:  # once per document, not at every request for it
+                log.exception("could not make the status document; serving the last one made")
+            return served
         with self._lock:
             self._served = made
         return made

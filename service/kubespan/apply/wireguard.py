@@ -167,8 +167,10 @@ class DeviceParser:
         # What the last dump parsed, and this one: nothing outlives the dump after it.
         self._last: dict[bytes, tuple[IPNetwork, ...]] = {}
         self._allowed: dict[bytes, tuple[IPNetwork, ...]] = {}
-        self._last_peers: dict[bytes, ObservedPeer] = {}
-        self._peers: dict[bytes, ObservedPeer] = {}
+        # A peer's bytes -> the peer, and its allowed-IP list's bytes (kept along with it,
+        # so that the list parsed stays the same object while the peer comes and goes).
+        self._last_peers: dict[bytes, tuple[ObservedPeer, bytes | None]] = {}
+        self._peers: dict[bytes, tuple[ObservedPeer, bytes | None]] = {}
 
     def _allowed_ips(self, value: bytes) -> tuple[IPNetwork, ...]:
         found = self._allowed.get(value) or self._last.get(value)
@@ -181,10 +183,14 @@ class DeviceParser:
         found = self._peers.get(value) or self._last_peers.get(value)
         if found is None:
             found = self._parse_peer(value)
+        else:
+            peer, allowed = found
+            if allowed is not None:
+                self._allowed[allowed] = peer.allowed_ips
         self._peers[value] = found
-        return found
+        return found[0]
 
-    def _parse_peer(self, value: bytes) -> ObservedPeer:
+    def _parse_peer(self, value: bytes) -> tuple[ObservedPeer, bytes | None]:
         attrs = attribute_map(value)
         public_key = attrs.get(WGPEER_A_PUBLIC_KEY)
         if public_key is None:
@@ -195,7 +201,7 @@ class DeviceParser:
         handshake = attrs.get(WGPEER_A_LAST_HANDSHAKE_TIME)
         rx, tx = attrs.get(WGPEER_A_RX_BYTES), attrs.get(WGPEER_A_TX_BYTES)
         allowed = attrs.get(WGPEER_A_ALLOWEDIPS)
-        return ObservedPeer(
+        peer = ObservedPeer(
             public_key=_key(public_key),
             endpoint=parse_endpoint(endpoint) if endpoint is not None else None,
             allowed_ips=self._allowed_ips(allowed) if allowed is not None else (),
@@ -205,6 +211,7 @@ class DeviceParser:
             tx_bytes=_uint(tx, 8) if tx is not None else 0,
             preshared_key="" if psk is None or psk == ZERO_KEY else _key(psk),
         )
+        return peer, allowed
 
     def device(self, payloads: Iterable[bytes]) -> DeviceInfo:
         """The device in the payloads (generic netlink header first) of one dump."""
