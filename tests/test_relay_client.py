@@ -402,6 +402,37 @@ def test_a_side_bound_alone_moves_on_the_higher_key_first(lab: Lab) -> None:
     wait_for(lambda: lab.bound(higher) is None, "the higher side to leave the relay")
 
 
+@pytest.mark.parametrize("side", ["higher", "lower"])
+def test_a_side_alone_at_its_only_relay_stays_until_the_other_side_comes(
+    lab: Lab, side: str
+) -> None:
+    """After a relay died, each side moves to the one left when it finds the pair dead,
+    seconds apart: the first there must not give it up (and shun it for FAILED_FOR) for
+    want of the other side, with nowhere else to go."""
+    lab.server.set_members([lab.a.public, lab.b.public])
+    higher, lower = sorted((lab.a, lab.b), key=lambda k: k.public, reverse=True)
+    first, late = (higher, lower) if side == "higher" else (lower, higher)
+    died = lab.offer(Keys(), SILENT_AT)
+    relay = lab.offer()
+    first_client = lab.clients[first.public]
+    first_client.want({late.public: (died, relay)}, failing=frozenset({late.public}))
+    first_client.want({late.public: (relay,)})  # the dead relay's member found dead too
+    wait_for(lambda: lab.bound(first), "the first side bound alone")
+    lab.advance(3 * UNPAIRED_WAIT + 5.0)
+    assert lab.bound(first) is not None, "the only relay left was given up"
+    lab.clients[late.public].want({first.public: (relay,)})
+    wait_for(lambda: lab.bound(late), "the late side bound")
+
+    def paired(one: Keys, other: Keys) -> bool:
+        found = lab.clients[one.public].bound().get(other.public)
+        return found is not None and found.paired
+
+    deadline = time.monotonic() + WAIT
+    while not (paired(first, late) and paired(late, first)):
+        assert time.monotonic() < deadline, "the sides never met at the relay left"
+        lab.advance(0.5)
+
+
 def test_a_relay_the_agent_says_forwards_nothing_is_left(lab: Lab) -> None:
     lab.want_pair(lab.offer())
     wait_for(lambda: lab.bound(lab.a), "A bound")

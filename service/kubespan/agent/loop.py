@@ -75,7 +75,14 @@ from kubespan.netaddr import Endpoint, IPAddress, reachable_unicast
 from kubespan.pathcheck.checker import PathAnswered
 from kubespan.plan.dataplane import ObservedRouting, dataplane_warnings
 from kubespan.plan.departed import HOLD_SECONDS, Hold, held_departed, held_ranges
-from kubespan.plan.desired import PeerReport, Plan, PlanInput, plan, relay_port_test
+from kubespan.plan.desired import (
+    PeerMemo,
+    PeerReport,
+    Plan,
+    PlanInput,
+    plan,
+    relay_port_test,
+)
 from kubespan.plan.diff import (
     NudgePeer,
     Operation,
@@ -299,6 +306,7 @@ class Agent:
         self.listings_taken = 0
         self.passes = 0
         self.tracking: dict[str, Tracking] = {}
+        self._peer_memo = PeerMemo()  # what the planner need not plan again (plan.desired)
         self.ready = False
         self.last_error: str | None = None
         self._reported: set[str] = set()
@@ -1056,6 +1064,7 @@ class Agent:
                 relay_ports=self.config.kubespan.relay_ports
                 if self.relay_server is not None
                 else None,
+                memo=self._peer_memo,
             )
         )
         self._warnings = (
@@ -1156,6 +1165,9 @@ class Agent:
         self._time_relays(
             offers, endpoints, now, RTT_SAMPLE_EVERY if needed else RTT_IDLE_SAMPLE_EVERY
         )
+        if not offers and not bound:
+            self.relay_client.want({}, frozenset(), frozenset())  # no relay, none bound
+            return {}
         own = self.identity.public_key
         # This side's figures as its sealed record says them: what the peer ranks with.
         ours = self.registration.record.info.relay_rtts if self.registration else ()

@@ -151,13 +151,6 @@ def write_status_file(runtime_dir: Path, encoded: bytes) -> None:
         atomic_write(runtime_dir / STATUS_FILE, encoded, mode=0o644, durable=False)
 
 
-def write_status(runtime_dir: Path, document: dict[str, Any]) -> bytes:
-    """Write the status file; the bytes written."""
-    encoded = encode_status(document)
-    write_status_file(runtime_dir, encoded)
-    return encoded
-
-
 def printable(value: Any, limit: int = 200) -> str:
     """Text from peers or services made safe for a terminal: control characters (escape
     sequences could clear the screen or draw fake lines) are shown escaped, never sent."""

@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from kubespan.config import KubeSpanConfig
+from kubespan.frozen import evolve
 from kubespan.model import (
     DesiredState,
     LinkSpec,
@@ -70,6 +71,8 @@ class PlanInput:
     # Per member: the endpoint bound for it at a relay, and that relay's name.
     relayed: Mapping[str, tuple[Endpoint, str]] = field(default_factory=dict)
     relay_ports: tuple[int, int] | None = None  # this node relays on these (first, count)
+    # Per-peer results kept between passes (PeerMemo): None plans every peer afresh.
+    memo: PeerMemo | None = None
 
 
 @dataclass(frozen=True)
@@ -284,8 +287,11 @@ class Peers:
             self.restarts.append(key)
         elif seen is not None and (decision.nudge or nudge_all):
             self.nudges.append(key)
-        if decision.wake_at is not None:
-            self.wake_at = min(self.wake_at or decision.wake_at, decision.wake_at)
+        self.wake(decision.wake_at)
+
+    def wake(self, at: float | None) -> None:
+        if at is not None:
+            self.wake_at = min(self.wake_at or at, at)
 
     def extend(self, other: Peers) -> None:
         self.peers.extend(other.peers)
@@ -429,6 +435,110 @@ def relayed_endpoints(
     return frozenset(relayed)
 
 
+class _Planned:
+    """One member's results at the pass that planned it, and what they were planned from."""
+
+    __slots__ = ("decision", "member", "report", "routes", "seen", "spec", "tracking")
+
+    def __init__(
+        self,
+        member: Member,
+        seen: ObservedPeer | None,
+        routes: tuple[IPNetwork, ...],
+        decision: EndpointDecision,
+        spec: PeerSpec,
+        report: PeerReport,
+    ) -> None:
+        self.member, self.seen, self.routes = member, seen, routes
+        self.decision, self.spec, self.report = decision, spec, report
+        self.tracking = decision.tracking  # the next pass's input: updated at each reuse
+
+
+@dataclass
+class PeerMemo:
+    """What member_peers planned for each peer, kept for the next pass (PlanInput.memo).
+
+    A peer is not planned again while its decision holds by itself (a dead peer waiting out
+    its backoff, an up peer not yet due for a probe: EndpointDecision.steady_until) and
+    every input is the very object of the pass before: its member record, the kernel's
+    parsed peer (apply.wireguard keeps it while its bytes are unchanged), the tracking this
+    memo gave it, its allowed IPs (allowed_ips keeps them), the timing. Only decisions that
+    change nothing are kept (no endpoint set, nothing to nudge, probe or check, the
+    tracking as it came but for the pass's time), so planning the peer again would give
+    the same; peers with path-check answers or a relay are always planned (their decisions
+    hang on answers' ages). An idle node with a hundred dead peers plans the two that live.
+    """
+
+    planned: dict[str, _Planned] = field(default_factory=dict)
+    timing: Timing | None = None
+    local_networks: tuple[LocalNetwork, ...] = ()
+    probing: bool = True
+
+    def usable(self, plan_input: PlanInput) -> bool:
+        """Whether what is kept was planned under this pass's settings; if not, forget it."""
+        same = (
+            not plan_input.nudge_all
+            and self.timing is plan_input.timing
+            and self.probing == plan_input.probing
+            and self.local_networks == plan_input.local_networks
+        )
+        if not same:
+            self.planned.clear()
+            self.timing, self.probing = plan_input.timing, plan_input.probing
+            self.local_networks = plan_input.local_networks
+        return same and not plan_input.nudge_all
+
+    def reuse(
+        self,
+        key: str,
+        member: Member,
+        seen: ObservedPeer | None,
+        tracking: Tracking | None,
+        routes: tuple[IPNetwork, ...],
+        now: float,
+    ) -> _Planned | None:
+        """The peer's results of the pass before, if they hold now; its tracking dated now."""
+        kept = self.planned.get(key)
+        if (
+            kept is None
+            or kept.member is not member
+            or kept.seen is not seen
+            or kept.tracking is not tracking
+            or kept.routes is not routes
+        ):
+            return None
+        until = kept.decision.steady_until
+        if until is None or now >= until:
+            return None
+        kept.tracking = evolve(kept.decision.tracking, observed_at=now)
+        return kept
+
+    def keep(
+        self,
+        key: str,
+        previous: Tracking | None,
+        planned: _Planned,
+        reusable: bool,
+    ) -> None:
+        """Remember the peer's results if planning it again from them would give the same."""
+        decision = planned.decision
+        if (
+            reusable
+            and previous is not None
+            and decision.steady_until is not None
+            and decision.set_endpoint is None
+            and not (decision.nudge or decision.probe or decision.check or decision.restart)
+            and replace(decision.tracking, observed_at=previous.observed_at) == previous
+        ):
+            self.planned[key] = planned
+        else:
+            self.planned.pop(key, None)
+
+    def forget_others(self, keys: set[str]) -> None:
+        for key in [k for k in self.planned if k not in keys]:
+            del self.planned[key]
+
+
 def member_peers(
     plan_input: PlanInput,
     discovered: tuple[Member, ...],
@@ -449,11 +559,24 @@ def member_peers(
 
     out = Peers()
     on_a_relay = relay_port_test(members)
+    memo = plan_input.memo
+    memo_usable = memo is not None and memo.usable(plan_input)
+    now = plan_input.now
     for member in members:
         key = member.info.public_key
         seen = observed_peers.get(key)
-        ranked = rank_candidates(member, plan_input.local_networks)
+        answers = plan_input.answers.get(key)
         relay_endpoint, relay_name = plan_input.relayed.get(key, (None, None))
+        reusable = memo_usable and not answers and relay_endpoint is None and not refused[key]
+        if memo is not None and reusable:
+            kept = memo.reuse(key, member, seen, plan_input.tracking.get(key), routes[key], now)
+            if kept is not None:
+                out.tracking[key] = kept.tracking
+                out.wake(kept.decision.wake_at)
+                out.peers.append(kept.spec)
+                out.reports.append(kept.report)
+                continue
+        ranked = rank_candidates(member, plan_input.local_networks)
         if relay_endpoint is not None:
             # Bound at a relay after the direct paths failed: tried first (a relay that
             # goes away is replaced at once), while direct paths that answer a check win.
@@ -464,14 +587,15 @@ def member_peers(
         # A probe needs the member's ULA routed to it (a disputed one is held back) and a
         # socket to send it: without either, only WireGuard's own bound judges the path.
         probed = plan_input.probing and any(member.info.ula in n for n in routes[key])
+        previous = plan_input.tracking.get(key)
         decision = decide_endpoint(
-            plan_input.now,
+            now,
             plan_input.wall,
             tuple(c.endpoint for c in ranked),
-            plan_input.tracking.get(key),
+            previous,
             sighting(seen),
             plan_input.timing if probed else replace(plan_input.timing, quiet=DOWN_AFTER),
-            plan_input.answers.get(key),
+            answers,
             relayed_endpoints(relay_endpoint, seen.endpoint if seen else None, on_a_relay),
         )
         out.decided(key, decision, seen, plan_input.nudge_all)
@@ -489,36 +613,52 @@ def member_peers(
                 if e != relay_endpoint and not on_a_relay(e)
             )
             out.checks.append((key, tuple(dict.fromkeys(checked))))
-        out.peers.append(
-            PeerSpec(
-                public_key=key,
-                name=member.info.hostname,
-                allowed_ips=routes[key],
-                endpoint=decision.set_endpoint,
-            )
+        spec = PeerSpec(
+            public_key=key,
+            name=member.info.hostname,
+            allowed_ips=routes[key],
+            endpoint=decision.set_endpoint,
         )
-        in_use = decision.set_endpoint or (seen.endpoint if seen else None)
-        out.reports.append(
-            PeerReport(
-                public_key=key,
-                name=member.info.hostname,
-                node_id=member.info.node_id,
-                state=decision.state,
-                endpoint=in_use,
-                last_handshake=seen.last_handshake if seen else None,
-                rx_bytes=seen.rx_bytes if seen else 0,
-                tx_bytes=seen.tx_bytes if seen else 0,
-                refused=tuple(refused[key]),
-                candidates=ranked,
-                why=decision.tracking.why,
-                answered_ago={
-                    e: max(0.0, plan_input.now - at)
-                    for e, at in plan_input.answers.get(key, {}).items()
-                },
-                relay=relay_name if in_use is not None and in_use == relay_endpoint else None,
-            )
+        report = _report(
+            member, decision, seen, refused[key], ranked, answers, now, relay_endpoint, relay_name
         )
+        out.peers.append(spec)
+        out.reports.append(report)
+        if memo is not None:
+            planned = _Planned(member, seen, routes[key], decision, spec, report)
+            memo.keep(key, previous, planned, reusable)
+    if memo is not None:
+        memo.forget_others({m.info.public_key for m in members})
     return out
+
+
+def _report(
+    member: Member,
+    decision: EndpointDecision,
+    seen: ObservedPeer | None,
+    refused: tuple[str, ...],
+    ranked: tuple[Candidate, ...],
+    answers: Mapping[Endpoint, float] | None,
+    now: float,
+    relay_endpoint: Endpoint | None,
+    relay_name: str | None,
+) -> PeerReport:
+    in_use = decision.set_endpoint or (seen.endpoint if seen else None)
+    return PeerReport(
+        public_key=member.info.public_key,
+        name=member.info.hostname,
+        node_id=member.info.node_id,
+        state=decision.state,
+        endpoint=in_use,
+        last_handshake=seen.last_handshake if seen else None,
+        rx_bytes=seen.rx_bytes if seen else 0,
+        tx_bytes=seen.tx_bytes if seen else 0,
+        refused=tuple(refused),
+        candidates=ranked,
+        why=decision.tracking.why,
+        answered_ago={e: max(0.0, now - at) for e, at in (answers or {}).items()},
+        relay=relay_name if in_use is not None and in_use == relay_endpoint else None,
+    )
 
 
 def _desired(

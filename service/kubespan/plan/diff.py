@@ -219,10 +219,35 @@ def diff(
     for key in sorted(set(have) - wanted):
         ops.append(RemovePeer(desired.link.name, key))
     for peer in desired.peers:
-        change = diff_peer(desired.link, peer, have.get(peer.public_key))
+        seen = have.get(peer.public_key)
+        kept = _UNCHANGED.get(peer.public_key)
+        if (
+            kept is not None
+            and kept[0] is peer
+            and kept[1] is seen
+            and kept[2] == desired.link.preshared_key
+        ):
+            continue
+        change = diff_peer(desired.link, peer, seen)
         if change is not None:
             ops.append(change)
+        elif seen is not None:
+            _remember_unchanged(peer, seen, desired.link.preshared_key)
     return ops
+
+
+# Peers found to need nothing, by public key: the wanted and the kernel's peer (compared by
+# identity: the planner's memo and the kernel dump's parser hand out the same objects while
+# nothing changed, so an idle pass compares pointers, not a hundred peers' fields) and the
+# preshared key they were compared under.
+_UNCHANGED: dict[str, tuple[PeerSpec, ObservedPeer, str]] = {}
+_UNCHANGED_MAX = 4096
+
+
+def _remember_unchanged(peer: PeerSpec, seen: ObservedPeer, preshared_key: str) -> None:
+    if len(_UNCHANGED) >= _UNCHANGED_MAX:
+        _UNCHANGED.clear()
+    _UNCHANGED[peer.public_key] = (peer, seen, preshared_key)
 
 
 def restart_peers(

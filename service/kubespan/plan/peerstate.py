@@ -163,6 +163,12 @@ class EndpointDecision:
     # went silent): nothing of value is lost, and the handshake goes out now, not in 5 s.
     restart: bool = False
     wake_at: float | None = None  # the next time this decision may change by itself
+    # Until then the same inputs (this decision's tracking, the same sighting, candidates
+    # and timing, no path-check answers, no relay) give this very decision again, but for
+    # the pass's time in the tracking; None: not known (plan the peer at every pass). Set
+    # only where every time-dependent turn of _decide is accounted for; never later than
+    # the first of them (wake_at may be later: backoffs wake on a grid).
+    steady_until: float | None = None
 
 
 def dwell(cycles: int, trial: float = ENDPOINT_TRIAL) -> float:
@@ -430,7 +436,8 @@ def _relayed_up(
             sighting.endpoint,
             nudge=True,
         )
-    decision = _up(now, tracking, candidates, sighting, timing, answered)
+    # Its direct paths' retries turn on the clock too: not steady.
+    decision = evolve(_up(now, tracking, candidates, sighting, timing, answered), steady_until=None)
     if decision.set_endpoint is not None or not direct:
         return decision
     kept = decision.tracking
@@ -621,8 +628,16 @@ def _undecided(
     else:
         wake = backoff_wake(tracking.since + dwell(tracking.cycles, timing.trial))
     # Past its end, nothing changes by time alone (no candidates to move to): no wake-up.
+    # Out of its trial, the decision holds until the dwell ends (then _decide moves on);
+    # within it, the state and the probes turn on the clock.
+    steady = None if in_trial else tracking.since + dwell(tracking.cycles, timing.trial)
     return EndpointDecision(
-        tracking, state, None, probe=probe, wake_at=wake if wake > now else None
+        tracking,
+        state,
+        None,
+        probe=probe,
+        wake_at=wake if wake > now else None,
+        steady_until=steady,
     )
 
 
@@ -634,7 +649,9 @@ def _keep_alive(
     round_at = on_grid(heard + timing.quiet, timing.probe_grain)
     if now < round_at:
         settled = tracking if tracking.probe_since is None else evolve(tracking, probe_since=None)
-        return EndpointDecision(settled, state, None, wake_at=round_at)
+        # Unchanged until the round of probes, or until silence alone makes the path dead.
+        steady = min(round_at, heard + DOWN_AFTER) if tracking.heard is not None else None
+        return EndpointDecision(settled, state, None, wake_at=round_at, steady_until=steady)
     since = tracking.probe_since
     if since is not None and since <= heard:
         since = None  # answered since: a new round of probes

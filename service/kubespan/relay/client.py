@@ -30,7 +30,10 @@ tells the other side, should it bind there later, that it is alone.
 Both sides normally pick the same relay (relay.choice), but their views can differ (one
 reaches a relay the other does not, one failed it lately). A side bound alone moves on:
 the side with the higher key after UNPAIRED_WAIT, the other after three times as long, so
-the higher one walks through its relays to the lower one's while that one waits. Every
+the higher one walks through its relays to the lower one's while that one waits. A side
+with no other relay to go to stays (after a relay died, the survivor is where both sides
+go, each when it finds the pair dead: leaving it would fail it for FAILED_FOR just as the
+other side arrives). Every
 change of what is bound is put on the agent's queue (`RelayChanged`), so the pass that sets
 the endpoint comes at once.
 
@@ -314,17 +317,7 @@ class RelayClient(RawPortThread):
         relay = pair.relay
         if relay is None:
             return
-        alone_until = self._alone_until(peer, pair)
-        if alone_until is not None and now >= alone_until:
-            log.info(
-                "relay %s: peer %s did not bind there; trying the next",
-                relay.name,
-                peer.hex()[:16],
-            )
-            if pair.moving:
-                self._unfollowed(peer, pair, now)
-            else:
-                self._fail(peer, pair, now)
+        if self._gave_up_waiting(peer, pair, now):
             return
         if pair.round_start is None and (pair.bound is None or now >= self._renew_at(pair)):
             self._new_round(pair, now)
@@ -436,6 +429,35 @@ class RelayClient(RawPortThread):
     def _renew_at(pair: _Pair) -> float:
         settled = pair.bound is not None and pair.bound.paired and not pair.moving
         return pair.bound_at + (REFRESH_SECONDS if settled else UNPAIRED_REFRESH)
+
+    def _gave_up_waiting(self, peer: bytes, pair: _Pair, now: float) -> bool:
+        """Bound alone past its patience: the pair moves on (True), unless there is nowhere
+        else to go (the others failed it, or there are none): leaving would only leave the
+        pair without a relay while the other side comes here. It waits on."""
+        alone_until = self._alone_until(peer, pair)
+        if alone_until is None or now < alone_until:
+            return False
+        if not pair.moving and not self._elsewhere(pair, now):
+            pair.alone_since = now
+            return False
+        log.info(
+            "relay %s: peer %s did not bind there; trying the next",
+            pair.relay.name if pair.relay else "-",
+            peer.hex()[:16],
+        )
+        if pair.moving:
+            self._unfollowed(peer, pair, now)
+        else:
+            self._fail(peer, pair, now)
+        return True
+
+    @staticmethod
+    def _elsewhere(pair: _Pair, now: float) -> bool:
+        """Whether the pair has a relay to go to other than its own: one of its order that
+        has not failed it lately."""
+        return any(
+            r != pair.relay and pair.failed.get(r.public_key, 0.0) <= now for r in pair.relays
+        )
 
     def _alone_until(self, peer: bytes, pair: _Pair) -> float | None:
         """When this side, bound alone, stops waiting: the higher key waits UNPAIRED_WAIT,

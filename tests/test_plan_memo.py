@@ -1,0 +1,201 @@
+"""The planner's per-peer memo (plan.desired.PeerMemo) changes nothing: two simulated nodes,
+one planning with the memo and one without, see the same world (peers that live, die, come
+back, change endpoints, answer path checks, are relayed; passes at any time, not only when a
+decision asked to wake) and must make the same plan at every pass, field by field. The memo
+must also be used: an idle node with dead peers plans only the live ones."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from kubespan.model import AffiliateInfo, Member
+from kubespan.netaddr import Endpoint
+from kubespan.plan import desired, peerstate
+from kubespan.plan.desired import PeerMemo, Plan, plan
+from kubespan.plan.diff import SetPeer, diff
+from kubespan.plan.peerstate import Timing, Tracking
+from test_plan_golden import key, plan_input
+
+from fakekernel import FakeKernel
+
+PEERS = 12
+
+
+def member(n: int, generation: int = 0) -> Member:
+    """Peer n's record; a new generation moves its first endpoint."""
+    addresses = (ipaddress.ip_address(f"192.0.2.{n}"), ipaddress.ip_address(f"198.51.100.{n}"))
+    endpoints = (
+        Endpoint.parse(f"192.0.2.{n}:{51820 + generation}"),
+        Endpoint.parse(f"198.51.100.{n}:51820"),
+        Endpoint.parse(f"203.0.113.{n}:51820"),
+    )
+    info = AffiliateInfo(
+        node_id=f"node{n}",
+        hostname=f"node{n}",
+        public_key=key(n),
+        ula=ipaddress.IPv6Address(f"fd00:1:2:3::{n}"),
+        addresses=addresses,
+    )
+    return Member(info, endpoints)
+
+
+@dataclass
+class Node:
+    """One simulated node: its kernel, what its planner remembers, and its memo (or none)."""
+
+    memo: PeerMemo | None
+    kernel: FakeKernel = field(default_factory=FakeKernel)
+    tracking: dict[str, Tracking] = field(default_factory=dict)
+
+    def step(
+        self,
+        members: tuple[Member, ...],
+        now: float,
+        answers: Mapping[str, Mapping[Endpoint, float]],
+        relayed: Mapping[str, tuple[Endpoint, str]],
+        nudge_all: bool,
+        probing: bool,
+        timing: Timing,
+    ) -> Plan:
+        observed = self.kernel.observe_link("kubespan")
+        routing = self.kernel.observe_routing("kubespan")
+        result = plan(
+            plan_input(
+                members,
+                now,
+                observed,
+                self.tracking,
+                answers=answers,
+                relayed=relayed,
+                nudge_all=nudge_all,
+                probing=probing,
+                timing=timing,
+                memo=self.memo,
+            )
+        )
+        self.tracking = dict(result.tracking)
+        self.kernel.apply(diff(result.desired, observed, routing))
+        return result
+
+
+@dataclass
+class World:
+    """What the peers do, the same for both nodes: drawn from one seeded generator."""
+
+    rng: random.Random
+    members: dict[int, Member] = field(default_factory=dict)
+    generation: dict[int, int] = field(default_factory=dict)
+    alive: set[int] = field(default_factory=set)
+    works_at: dict[int, int] = field(default_factory=dict)  # the endpoint index that works
+
+    def change(self) -> None:
+        roll = self.rng.random()
+        n = self.rng.randrange(1, PEERS + 1)
+        if roll < 0.05:
+            self.generation[n] = self.generation.get(n, 0) + 1
+            self.members[n] = member(n, self.generation[n])  # an endpoint moved
+        elif roll < 0.08:
+            self.members[n] = member(n, self.generation.get(n, 0))  # equal, another object
+        elif roll < 0.15:
+            self.alive ^= {n}
+        elif roll < 0.18:
+            self.works_at[n] = self.rng.randrange(3)
+
+    def hear(self, node: Node, now: float, draws: list[float]) -> None:
+        """Alive peers reached at their working endpoint send (keepalives, answers)."""
+        link = node.kernel.link
+        if link is None:
+            return
+        for peer, draw in zip(sorted(link.peers, key=lambda p: p.public_key), draws, strict=False):
+            n = base64.b64decode(peer.public_key)[0]
+            if n not in self.alive or peer.endpoint is None:
+                continue
+            working = self.members[n].endpoints[self.works_at.get(n, 1)]
+            if peer.endpoint != working:
+                continue
+            if draw < 0.2:
+                node.kernel.handshake(peer.public_key, now)
+            elif draw < 0.7:
+                node.kernel.receive(peer.public_key, 32)
+
+
+def run(seed: int, passes: int) -> tuple[int, int]:
+    """Both nodes through `passes` passes; returns (peer plans made, peer plans reused)."""
+    rng = random.Random(seed)
+    world = World(rng)
+    for n in range(1, PEERS + 1):
+        world.members[n] = member(n)
+    world.alive = {n for n in world.members if rng.random() < 0.3}
+    with_memo, without = Node(PeerMemo()), Node(None)
+    timing = Timing()
+    now = 10_000.0 + rng.random() * 4
+    reused = 0
+    for index in range(passes):
+        world.change()
+        draws = [rng.random() for _ in range(PEERS)]
+        for node in (with_memo, without):
+            world.hear(node, now, draws)
+        members = tuple(world.members[n] for n in sorted(world.members))
+        answers: dict[str, dict[Endpoint, float]] = {}
+        if rng.random() < 0.05:
+            n = rng.randrange(1, PEERS + 1)
+            answers[key(n)] = {world.members[n].endpoints[rng.randrange(3)]: now - rng.random()}
+        relayed: dict[str, tuple[Endpoint, str]] = {}
+        if rng.random() < 0.05:
+            relayed[key(rng.randrange(1, PEERS + 1))] = (Endpoint.parse("192.0.2.250:29100"), "r")
+        nudge_all = rng.random() < 0.01
+        probing = rng.random() > 0.02
+        if rng.random() < 0.01:
+            timing = Timing()  # equal settings, another object: the memo starts over
+        planned_before = len(with_memo.memo.planned) if with_memo.memo else 0
+        ours = with_memo.step(members, now, answers, relayed, nudge_all, probing, timing)
+        theirs = without.step(members, now, answers, relayed, nudge_all, probing, timing)
+        assert ours == theirs, f"seed {seed}, pass {index} at {now}: the memo changed the plan"
+        assert with_memo.kernel.link == without.kernel.link
+        reused += planned_before
+        # Passes at any time: many soon after the last, some after long silences (backoffs).
+        gap = rng.choice((0.05, 0.3, 0.5, 1.0, 2.5, 4.0, 4.0, 7.0, 30.0, 130.0, 700.0))
+        now += gap * (0.5 + rng.random())
+    return passes, reused
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_memo_changes_no_plan(seed: int) -> None:
+    run(seed, 400)
+
+
+def test_an_idle_node_plans_only_its_live_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dead peers waiting out a backoff are not planned again: counted by the calls of the
+    planner's per-peer decision."""
+    decided: list[str] = []
+    real = peerstate.decide_endpoint
+
+    def counting(*args: object, **kwargs: object) -> object:
+        decided.append("x")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(desired, "decide_endpoint", counting)
+    node = Node(PeerMemo())
+    members = tuple(member(n) for n in range(1, PEERS + 1))
+    now = 50_000.0
+    for _ in range(400):  # long enough for every dead peer to be backed off
+        node.step(members, now, {}, {}, False, True, Timing())
+        now += 4.0
+    timing = Timing()
+    node.step(members, now, {}, {}, False, True, timing)
+    node.step(members, now + 0.5, {}, {}, False, True, timing)
+    decided.clear()
+    result = node.step(members, now + 1.0, {}, {}, False, True, timing)
+    assert not decided, f"{len(decided)} dead peers planned again"
+    assert len(result.reports) == PEERS
+    assert not [op for op in diff(result.desired, node.kernel.link) if isinstance(op, SetPeer)]
+    # Without a memo (or with another timing), every peer is planned.
+    replaced = replace(timing, quiet=timing.quiet)
+    node.step(members, now + 1.5, {}, {}, False, True, replaced)
+    assert len(decided) == PEERS
