@@ -19,7 +19,7 @@ from kubespan.netaddr import Endpoint
 from kubespan.plan import desired, peerstate
 from kubespan.plan.desired import PeerMemo, Plan, plan
 from kubespan.plan.diff import SetPeer, diff
-from kubespan.plan.peerstate import Timing, Tracking
+from kubespan.plan.peerstate import Sighting, Timing, Tracking, observe, observed_again
 from test_plan_golden import key, plan_input
 
 from fakekernel import FakeKernel
@@ -199,3 +199,12 @@ def test_an_idle_node_plans_only_its_live_peers(monkeypatch: pytest.MonkeyPatch)
     replaced = replace(timing, quiet=timing.quiet)
     node.step(members, now + 1.5, {}, {}, False, True, replaced)
     assert len(decided) == PEERS
+
+
+def test_a_peer_observed_again_is_what_observe_makes_of_the_values_it_holds() -> None:
+    tracking = Tracking(
+        Endpoint.parse("192.0.2.1:51820"), 1.0, handshake=5.0, rx_bytes=10, heard=3.0
+    )
+    tracking = replace(tracking, observed_at=4.0, why="works")
+    held = Sighting(tracking.endpoint, tracking.handshake, tracking.rx_bytes)
+    assert observed_again(tracking, 9.0) == observe(tracking, held, 9.0, 9.0)

@@ -51,6 +51,8 @@ def test_feeding_is_paced_and_only_when_asked(
     now[0] += 1.0
     watchdog.feed()
     assert messages(systemd) == ["WATCHDOG=1", "WATCHDOG=1"]
+    # By default a quarter of the interval systemd set (WatchdogSec=60 here).
+    assert notify.Watchdog(lambda: now[0]).every == 15.0
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
     assert not notify.Watchdog(lambda: now[0]).enabled
     monkeypatch.delenv("WATCHDOG_USEC")

@@ -46,13 +46,16 @@ def status(text: str) -> bool:
 
 class Watchdog:
     """Feeds systemd's watchdog (`WatchdogSec=` in the unit) from the loop that must stay
-    alive, at most once per `every` seconds (a loop that runs passes back to back must not
-    send a datagram per pass). Off when systemd asked for no watchdog."""
+    alive, at most once per `every` seconds: by default a quarter of the watchdog's interval
+    (a loop that runs passes back to back must not send a datagram per pass, and an idle
+    one need not: each feed is a socket made, connected and closed). Off when systemd asked
+    for no watchdog."""
 
-    def __init__(self, monotonic: Callable[[], float], every: float = 1.0) -> None:
+    def __init__(self, monotonic: Callable[[], float], every: float | None = None) -> None:
         self.monotonic = monotonic
-        self.every = every
-        self.enabled = bool(os.environ.get("WATCHDOG_USEC")) and os.environ.get(
+        interval = _watchdog_seconds()
+        self.every = every if every is not None else max(1.0, (interval or 0.0) / 4)
+        self.enabled = interval is not None and os.environ.get(
             "WATCHDOG_PID", str(os.getpid())
         ) == str(os.getpid())
         self._fed_at = float("-inf")
@@ -65,3 +68,12 @@ class Watchdog:
         self._fed_at = now
         if notify("WATCHDOG=1"):
             self.fed += 1
+
+
+def _watchdog_seconds() -> float | None:
+    """The watchdog interval systemd set (WATCHDOG_USEC); None: no watchdog."""
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 1_000_000 if usec > 0 else None

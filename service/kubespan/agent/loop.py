@@ -17,6 +17,7 @@ import base64
 import functools
 import ipaddress
 import logging
+import operator
 import os
 import queue
 import random
@@ -241,6 +242,12 @@ RelayClientFactory = Callable[[queue.Queue[Any], int, bytes, bytes, bytes], Rela
 RelayServerFactory = Callable[[bytes, bytes, bytes, PortRange, int], RelayCarrier]
 
 
+# What of a peer's report the status file must say at once when it changes (not counters).
+_LASTING_REPORT = operator.attrgetter(
+    "public_key", "state", "endpoint", "relay", "why", "refused", "candidates"
+)
+
+
 @functools.lru_cache(maxsize=8192)
 def raw_key(public_key: str) -> bytes:
     """A member's WireGuard key as bytes (checked canonical base64 when its record was read)."""
@@ -366,6 +373,7 @@ class Agent:
             else None
         )
         self._path_members: tuple[str, ...] | None = None
+        self._path_members_of: tuple[Member, ...] | None = None  # what they were taken from
         self._departed_holds: dict[str, Hold] = {}
 
     def _init_relay(
@@ -400,6 +408,10 @@ class Agent:
                 count // 2,
             )
         self._relay_members: tuple[str, ...] | None = None
+        self._relay_members_of: tuple[Member, ...] | None = None
+        # Members that offer to relay (key -> node id, name, ports), and what they were found in.
+        self._offered: dict[bytes, tuple[str, str, tuple[int, int]]] = {}
+        self._offered_by: tuple[Member, ...] | None = None
         self._relay_rtts: RoundTrips = ()  # as this node's record says them
         self._timed_at: dict[bytes, float] = {}  # relay key -> when its round trip was asked
         self._relay_names: dict[str, str] = {}  # relay node id -> name, for the status
@@ -934,12 +946,13 @@ class Agent:
             for op in diff(result.desired, observed, routing)
             if not (isinstance(op, SetPeer | RemovePeer) and op.public_key in deferred)
         ]
-        link = result.desired.link
-        by_key = {p.public_key: p for p in result.desired.peers}
-        operations.extend(
-            NudgePeer(link.name, key, by_key[key].name, by_key[key].keepalive)
-            for key in result.nudges
-        )
+        if result.nudges:
+            link = result.desired.link
+            by_key = {p.public_key: p for p in result.desired.peers}
+            operations.extend(
+                NudgePeer(link.name, key, by_key[key].name, by_key[key].keepalive)
+                for key in result.nudges
+            )
         applied = self._apply_all(operations)
         tracking = dict(result.tracking)
         if deferred:
@@ -1024,7 +1037,9 @@ class Agent:
         down = {
             key
             for key, state in self._states.items()
-            if key in self.tracking and given_up(now, self.tracking[key], state)
+            if state is PeerState.DOWN
+            and key in self.tracking
+            and given_up(now, self.tracking[key], state)
         }
         self._set_membership(*expire(self.membership, wall, down))
         members = self.membership.members() if self.members_known else None
@@ -1116,7 +1131,8 @@ class Agent:
         candidates answered."""
         if self.paths is None:
             return {}
-        if members is not None:
+        if members is not None and members is not self._path_members_of:
+            self._path_members_of = members  # the membership's tuple: the same while unchanged
             keys = tuple(sorted(m.info.public_key for m in members))
             if keys != self._path_members:
                 self._path_members = keys
@@ -1135,7 +1151,8 @@ class Agent:
         self._timing_read_at = None
         if members is None:
             return {}
-        if self.relay_server is not None:
+        if self.relay_server is not None and members is not self._relay_members_of:
+            self._relay_members_of = members
             keys = tuple(sorted(m.info.public_key for m in members))
             if keys != self._relay_members:
                 self._relay_members = keys
@@ -1143,15 +1160,23 @@ class Agent:
         if self.relay_client is None:
             return {}
         bound = {base64.b64encode(k).decode(): b for k, b in self.relay_client.bound().items()}
+        if members is not self._offered_by:  # the membership's tuple: the same while unchanged
+            self._offered_by = members
+            self._offered = {
+                raw_key(m.info.public_key): (m.info.node_id, m.info.hostname, m.info.relay_ports)
+                for m in members
+                if m.info.relay_ports is not None
+            }
+        offered = self._offered
+        if not offered and not bound:
+            # No member relays, none is bound: nothing per peer (an idle pass's common case).
+            self._time_relays((), {}, now, RTT_IDLE_SAMPLE_EVERY)
+            self.relay_client.want({}, frozenset(), frozenset())
+            return {}
         endpoints = {
             raw_key(p.public_key): p.endpoint
             for p in (observed.peers if observed is not None else ())
             if p.endpoint is not None
-        }
-        offered = {
-            raw_key(m.info.public_key): (m.info.node_id, m.info.hostname, m.info.relay_ports)
-            for m in members
-            if m.info.relay_ports is not None
         }
         up = [
             raw_key(k)
@@ -1166,7 +1191,7 @@ class Agent:
             offers, endpoints, now, RTT_SAMPLE_EVERY if needed else RTT_IDLE_SAMPLE_EVERY
         )
         if not offers and not bound:
-            self.relay_client.want({}, frozenset(), frozenset())  # no relay, none bound
+            self.relay_client.want({}, frozenset(), frozenset())  # none reached, none bound
             return {}
         own = self.identity.public_key
         # This side's figures as its sealed record says them: what the peer ranks with.
@@ -1308,8 +1333,7 @@ class Agent:
             info,
             endpoints,
             nat,
-            tuple((r.public_key, r.state, r.endpoint, r.relay, r.why, r.refused) for r in reports),
-            tuple((r.public_key, r.candidates) for r in reports),
+            tuple(map(_LASTING_REPORT, reports)),
             tuple(
                 (d["url"], d["registered"], d["public_address"], d["last_error"]) for d in discovery
             ),
@@ -1390,6 +1414,9 @@ class Agent:
         log.log(logging.DEBUG if routine else logging.INFO, "applied %s", operation.render())
 
     def _log_state_changes(self, reports: tuple[PeerReport, ...]) -> None:
+        states = {r.public_key: r.state for r in reports}
+        if states == self._states:
+            return  # an idle pass: no peer changed state
         wall = self.clocks.wall()
         self._state_since = {
             r.public_key: self._state_since.get(r.public_key, wall)
@@ -1407,4 +1434,4 @@ class Agent:
                     report.why,
                     report.public_key,
                 )
-        self._states = {r.public_key: r.state for r in reports}
+        self._states = states

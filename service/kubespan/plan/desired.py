@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from kubespan.config import KubeSpanConfig
-from kubespan.frozen import evolve
 from kubespan.model import (
     DesiredState,
     LinkSpec,
@@ -33,6 +33,7 @@ from kubespan.plan.peerstate import (
     Timing,
     Tracking,
     decide_endpoint,
+    observed_again,
 )
 from kubespan.plan.ruleset import RulesetSpec, routing_spec
 
@@ -210,10 +211,11 @@ def member_set(
     (those route over the link by its /64), and ranges held back because members dispute
     them (always: no peer has them, so their traffic waits). Fail closed: a peer that is down
     stays in the set unless bypass is allowed."""
-    up = {r.public_key for r in reports if r.state is PeerState.UP}
-    included = tuple(
-        peer.allowed_ips for peer in peers if not bypass_down_peers or peer.public_key in up
-    )
+    if bypass_down_peers:
+        up = {r.public_key for r in reports if r.state is PeerState.UP}
+        included = tuple(peer.allowed_ips for peer in peers if peer.public_key in up)
+    else:
+        included = tuple(map(_ALLOWED_IPS, peers))
 
     def compute() -> tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]:
         v4: list[IPNetwork] = [n for n in held_back if n.version == 4]
@@ -230,6 +232,7 @@ def member_set(
 
 
 Result = TypeVar("Result")
+_ALLOWED_IPS = operator.attrgetter("allowed_ips")
 
 
 class LastResult(Generic[Result]):
@@ -263,6 +266,8 @@ _LAST_DIVISION: LastResult[
     tuple[Mapping[str, tuple[IPNetwork, ...]], Mapping[str, tuple[str, ...]], Division]
 ] = LastResult()
 _LAST_MEMBER_SET: LastResult[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]] = LastResult()
+_LAST_UNIQUE: LastResult[tuple[tuple[Member, ...], list[str]]] = LastResult()
+_LAST_RELAY_TEST: LastResult[Callable[[Endpoint], bool]] = LastResult()
 
 
 @dataclass
@@ -288,6 +293,13 @@ class Peers:
         elif seen is not None and (decision.nudge or nudge_all):
             self.nudges.append(key)
         self.wake(decision.wake_at)
+
+    def reused(self, key: str, kept: _Planned) -> None:
+        """A peer's results kept from the pass before (PeerMemo), its tracking dated now."""
+        self.tracking[key] = kept.tracking
+        self.wake(kept.decision.wake_at)
+        self.peers.append(kept.spec)
+        self.reports.append(kept.report)
 
     def wake(self, at: float | None) -> None:
         if at is not None:
@@ -510,7 +522,7 @@ class PeerMemo:
         until = kept.decision.steady_until
         if until is None or now >= until:
             return None
-        kept.tracking = evolve(kept.decision.tracking, observed_at=now)
+        kept.tracking = observed_again(kept.decision.tracking, now)
         return kept
 
     def keep(
@@ -534,9 +546,13 @@ class PeerMemo:
         else:
             self.planned.pop(key, None)
 
-    def forget_others(self, keys: set[str]) -> None:
-        for key in [k for k in self.planned if k not in keys]:
-            del self.planned[key]
+    def forget_others(self, members: tuple[Member, ...]) -> None:
+        """Drop what is kept for peers no longer members, once that is more than the members
+        (until then, a few stale entries cost less than a set of every key at every pass)."""
+        if len(self.planned) > len(members):
+            keys = {m.info.public_key for m in members}
+            for key in [k for k in self.planned if k not in keys]:
+                del self.planned[key]
 
 
 def member_peers(
@@ -546,7 +562,11 @@ def member_peers(
     held_back: list[IPNetwork],
 ) -> Peers:
     """One peer per member: allowed IPs, and the endpoint to try next if it must change."""
-    members, duplicates = unique_members(discovered, plan_input.public_key)
+    # The membership hands out the same tuple while it is unchanged: told by identity.
+    members, duplicates = _LAST_UNIQUE.get(
+        (discovered, plan_input.public_key),
+        lambda: unique_members(discovered, plan_input.public_key),
+    )
     warnings.extend(duplicates)
     routes, refused, division = allowed_ips(members, plan_input)
     warnings.extend(division.warnings)
@@ -558,7 +578,7 @@ def member_peers(
         observed_peers = {p.public_key: p for p in plan_input.observed.peers}
 
     out = Peers()
-    on_a_relay = relay_port_test(members)
+    on_a_relay = _LAST_RELAY_TEST.get((members,), lambda: relay_port_test(members))
     memo = plan_input.memo
     memo_usable = memo is not None and memo.usable(plan_input)
     now = plan_input.now
@@ -571,10 +591,7 @@ def member_peers(
         if memo is not None and reusable:
             kept = memo.reuse(key, member, seen, plan_input.tracking.get(key), routes[key], now)
             if kept is not None:
-                out.tracking[key] = kept.tracking
-                out.wake(kept.decision.wake_at)
-                out.peers.append(kept.spec)
-                out.reports.append(kept.report)
+                out.reused(key, kept)
                 continue
         ranked = rank_candidates(member, plan_input.local_networks)
         if relay_endpoint is not None:
@@ -628,7 +645,7 @@ def member_peers(
             planned = _Planned(member, seen, routes[key], decision, spec, report)
             memo.keep(key, previous, planned, reusable)
     if memo is not None:
-        memo.forget_others({m.info.public_key for m in members})
+        memo.forget_others(members)
     return out
 
 

@@ -72,10 +72,21 @@ class Membership:
     departed: Mapping[str, Departed] = field(default_factory=dict)
 
     def members(self) -> tuple[Member, ...]:
-        return tuple(self.known[node].member() for node in sorted(self.known))
+        return self._members
 
     def departed_keys(self) -> frozenset[str]:
         """Keys of nodes that left, and are not members again under the same key."""
+        return self._departed_keys
+
+    # Made once per membership (a new one is made for every change): the agent asks at
+    # every pass, and the same tuple pass after pass lets what is computed from it be
+    # remembered by its identity.
+    @functools.cached_property
+    def _members(self) -> tuple[Member, ...]:
+        return tuple(self.known[node].member() for node in sorted(self.known))
+
+    @functools.cached_property
+    def _departed_keys(self) -> frozenset[str]:
         current = {k.record.info.public_key for k in self.known.values()}
         return frozenset(d.public_key for d in self.departed.values()) - current
 

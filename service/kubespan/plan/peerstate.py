@@ -246,6 +246,17 @@ def observe(
     )
 
 
+def observed_again(tracking: Tracking, now: float) -> Tracking:
+    """`tracking` as observe() leaves it when the kernel's values are those it holds: only
+    the pass's time changes. (What the planner's memo gives a peer it does not plan again;
+    a plain copy, for it is made for every such peer at every pass.)"""
+    copy: Tracking = object.__new__(Tracking)
+    state = copy.__dict__
+    state.update(tracking.__dict__)
+    state["observed_at"] = now
+    return copy
+
+
 def _found_heard(sighting: Sighting, now: float, wall_now: float) -> float | None:
     """When a peer found at start was last heard from: all the wall clock can tell."""
     if sighting.last_handshake is None:
