@@ -433,6 +433,30 @@ def test_a_side_alone_at_its_only_relay_stays_until_the_other_side_comes(
         lab.advance(0.5)
 
 
+def test_a_side_not_yet_paired_follows_its_order_at_once(lab: Lab) -> None:
+    """Records that reach the sides at different moments can rank the relays differently
+    for a while: a side bound alone goes where its order now points, without waiting out
+    UNPAIRED_WAIT; the pair meets there."""
+    near = lab.add_relay(NEAR_AT)
+    far = lab.offer()
+    lab.clients[lab.a.public].want({lab.b.public: (far, near)})  # A's records are behind
+    wait_for(lambda: lab.bound(lab.a), "A bound alone")
+    assert lab.clients[lab.a.public].bound()[lab.b.public].relay == far
+    started = lab.now()
+    lab.clients[lab.b.public].want({lab.a.public: (near, far)})
+    lab.clients[lab.a.public].want({lab.b.public: (near, far)})  # now A sees them too
+
+    def paired_at(side: Keys, peer: Keys) -> bool:
+        found = lab.clients[side.public].bound().get(peer.public)
+        return found is not None and found.paired and found.relay == near
+
+    deadline = time.monotonic() + WAIT
+    while not (paired_at(lab.a, lab.b) and paired_at(lab.b, lab.a)):
+        assert time.monotonic() < deadline, "the sides did not meet at the first relay"
+        lab.advance(0.5)
+    assert lab.now() - started < UNPAIRED_WAIT, "A waited out its patience where it was"
+
+
 def test_a_relay_the_agent_says_forwards_nothing_is_left(lab: Lab) -> None:
     lab.want_pair(lab.offer())
     wait_for(lambda: lab.bound(lab.a), "A bound")

@@ -254,6 +254,20 @@ def raw_key(public_key: str) -> bytes:
     return base64.b64decode(public_key)
 
 
+class _GivenUp:
+    """The peers this agent has given up on (peerstate.given_up), as a container: asked only
+    of members whose record expired, not of every peer at every pass."""
+
+    def __init__(self, agent: Agent, now: float) -> None:
+        self._agent, self._now = agent, now
+
+    def __contains__(self, key: object) -> bool:
+        agent = self._agent
+        state = agent._states.get(key) if isinstance(key, str) else None
+        tracking = agent.tracking.get(key) if isinstance(key, str) else None
+        return state is not None and tracking is not None and given_up(self._now, tracking, state)
+
+
 class Agent:
     def __init__(
         self,
@@ -1034,14 +1048,7 @@ class Agent:
         routing = self.kernel.observe_routing(LINK_NAME)
         now, wall = self.clocks.monotonic(), self.clocks.wall()
         roamed = self._roamed(info.addresses, now)
-        down = {
-            key
-            for key, state in self._states.items()
-            if state is PeerState.DOWN
-            and key in self.tracking
-            and given_up(now, self.tracking[key], state)
-        }
-        self._set_membership(*expire(self.membership, wall, down))
+        self._set_membership(*expire(self.membership, wall, _GivenUp(self, now)))
         members = self.membership.members() if self.members_known else None
         departed_keys = self.membership.departed_keys()
         self._hold_departed(observed, departed_keys, now)

@@ -229,10 +229,12 @@ class DeviceParser:
                 elif kind == WGDEVICE_A_FWMARK:
                     info.fwmark = u32(value)
                 elif kind == WGDEVICE_A_PEERS:
+                    peers = info.peers
                     for _, nested in attributes(value):
                         peer = self.peer(nested)
-                        info.peers[peer.public_key] = merge_peer(
-                            info.peers.get(peer.public_key), peer
+                        earlier = peers.get(peer.public_key)
+                        peers[peer.public_key] = (
+                            peer if earlier is None else merge_peer(earlier, peer)
                         )
         return info
 

@@ -162,10 +162,7 @@ def allowed_ips(
         node_subnets=plan_input.node_subnets,
     )
     # What the kernel routes to each peer now: a member keeps what it holds.
-    routed = tuple(
-        (peer.public_key, peer.allowed_ips)
-        for peer in (plan_input.observed.peers if plan_input.observed else ())
-    )
+    routed = tuple(map(_KEY_AND_IPS, plan_input.observed.peers if plan_input.observed else ()))
 
     def compute() -> tuple[
         Mapping[str, tuple[IPNetwork, ...]], Mapping[str, tuple[str, ...]], Division
@@ -233,6 +230,7 @@ def member_set(
 
 Result = TypeVar("Result")
 _ALLOWED_IPS = operator.attrgetter("allowed_ips")
+_KEY_AND_IPS = operator.attrgetter("public_key", "allowed_ips")
 
 
 class LastResult(Generic[Result]):
@@ -251,7 +249,7 @@ class LastResult(Generic[Result]):
         last = self._last
         if last is not None and len(last[0]) == len(key):
             kept, result = last
-            if all(a is b for a, b in zip(kept, key, strict=True)):
+            if all(map(operator.is_, kept, key)):  # same length: checked above
                 return result
             if kept == key:
                 # Equal, but other objects: these are the ones that will come again.

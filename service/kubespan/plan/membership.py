@@ -19,7 +19,7 @@ only by what is sealed in it:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kubespan.model import MAX_HINTS, ListedRecord, Member, MemberRecord
@@ -164,9 +164,12 @@ def _bounded(departed: dict[str, Departed]) -> dict[str, Departed]:
     return dict(ranked[-MAX_TOMBSTONES:])
 
 
-def expire(membership: Membership, now: float, down_keys: set[str]) -> tuple[Membership, list[str]]:
-    """Remove members whose sealed record has expired and whose tunnel is down; forget
-    tombstones that can no longer matter."""
+def expire(
+    membership: Membership, now: float, down_keys: Container[str]
+) -> tuple[Membership, list[str]]:
+    """Remove members whose sealed record has expired and whose tunnel is down (`down_keys`
+    is asked only of expired records: it may be a test, not a set); forget tombstones that
+    can no longer matter."""
     known = dict(membership.known)
     departed = {n: d for n, d in membership.departed.items() if d.forget_after > now}
     changes: list[str] = []

@@ -639,9 +639,14 @@ def _undecided(
     else:
         wake = backoff_wake(tracking.since + dwell(tracking.cycles, timing.trial))
     # Past its end, nothing changes by time alone (no candidates to move to): no wake-up.
-    # Out of its trial, the decision holds until the dwell ends (then _decide moves on);
-    # within it, the state and the probes turn on the clock.
-    steady = None if in_trial else tracking.since + dwell(tracking.cycles, timing.trial)
+    # Out of its trial, the decision holds until the dwell ends (then _decide moves on).
+    # Within a backed-off trial, until the trial ends or the next probe is due; a first
+    # cycle's trial is polled (its wake-up moves with the clock): never steady.
+    steady: float | None = None
+    if not in_trial:
+        steady = tracking.since + dwell(tracking.cycles, timing.trial)
+    elif tracking.cycles > 0 and not probe and tracking.probed_at is not None:
+        steady = min(tracking.since + timing.trial, tracking.probed_at + timing.probe_interval)
     return EndpointDecision(
         tracking,
         state,

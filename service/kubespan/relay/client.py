@@ -28,7 +28,9 @@ wanted) says so to the relay (a BIND marked leaving), which stops forwarding the
 tells the other side, should it bind there later, that it is alone.
 
 Both sides normally pick the same relay (relay.choice), but their views can differ (one
-reaches a relay the other does not, one failed it lately). A side bound alone moves on:
+reaches a relay the other does not, one failed it lately, one's records have not reached
+the other yet). A side not yet paired follows its order: when another relay comes first
+(the records arrived), it binds there at once. A side bound alone moves on:
 the side with the higher key after UNPAIRED_WAIT, the other after three times as long, so
 the higher one walks through its relays to the lower one's while that one waits. A side
 with no other relay to go to stays (after a relay died, the survivor is where both sides
@@ -119,6 +121,7 @@ class _Pair:
     confirmed_from: float | None = None  # moving: paired at the new relay in every answer since
     previous: Bound | None = None  # the binding left, still shown until `previous_until`
     previous_until: float = 0.0
+    ever_paired: bool = False  # forwarded at some relay since it was wanted
 
 
 class RelayClient(RawPortThread):
@@ -271,6 +274,7 @@ class RelayClient(RawPortThread):
             first = next(
                 (r for r in pair.relays if pair.failed.get(r.public_key, 0.0) <= now), None
             )
+            self._follow_order(peer, pair, first)
             current = pair.relay
             if peer not in nearer:
                 pair.nearer_since, pair.unfollowed = None, 0
@@ -303,6 +307,29 @@ class RelayClient(RawPortThread):
                 pair.previous, pair.previous_until = left, until
             if pair.relay is None:
                 pair.relay, pair.attempt = first, 0
+
+    def _follow_order(self, peer: bytes, pair: _Pair, first: RelayOffer | None) -> None:
+        """A pair never forwarded yet whose order now ranks another relay first (the sides'
+        records reached each other) goes there now, where the other side goes, rather than
+        wait out UNPAIRED_WAIT alone: it has nothing to lose. A pair that was forwarded
+        before is left to the walk (patience, failures, moves and their way back)."""
+        if (
+            pair.relay is None
+            or first is None
+            or pair.relay == first
+            or pair.ever_paired
+            or pair.moving
+            or (pair.bound is not None and pair.bound.paired)
+        ):
+            return
+        log.info(
+            "relay %s is now first for peer %s; binding there, not at %s",
+            first.name,
+            peer.hex()[:16],
+            pair.relay.name,
+        )
+        self._release(peer, pair.bound)
+        self._drop(pair)
 
     def _returning(self, peer: bytes, relays: tuple[RelayOffer, ...], now: float) -> _Pair:
         failed, no_move, moved_at = self._left.get(peer, ({}, {}, float("-inf")))
@@ -382,7 +409,7 @@ class RelayClient(RawPortThread):
                     ", forwarded" if bound.paired else ", waiting for the peer to bind",
                 )
             if bound.paired:
-                pair.alone_since = None
+                pair.alone_since, pair.ever_paired = None, True
                 if pair.moving:
                     self._confirm(pair, now)
             else:
