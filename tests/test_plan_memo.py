@@ -45,6 +45,13 @@ def member(n: int, generation: int = 0) -> Member:
     return Member(info, endpoints)
 
 
+def relay_member(n: int, relaying: bool) -> Member:
+    plain = member(n)
+    # The address in its endpoints only (a shared NAT's public address), not claimed.
+    info = replace(plain.info, relay_ports=(51800, 100) if relaying else None)
+    return Member(info, (*plain.endpoints, Endpoint.parse("198.51.100.1:51820")))
+
+
 @dataclass
 class Node:
     """One simulated node: its kernel, what its planner remembers, and its memo (or none)."""
@@ -106,6 +113,11 @@ class World:
             self.alive ^= {n}
         elif roll < 0.18:
             self.works_at[n] = self.rng.randrange(3)
+        elif roll < 0.21:
+            # Peer 12 starts or stops relaying on ports that peer 1 is reached at, at peer
+            # 1's address: peer 1's path is then a relay's port, whatever its own record says.
+            relaying = self.members[PEERS].info.relay_ports is None
+            self.members[PEERS] = relay_member(PEERS, relaying)
 
     def hear(self, node: Node, now: float, draws: list[float]) -> None:
         """Alive peers reached at their working endpoint send (keepalives, answers)."""

@@ -483,20 +483,24 @@ class PeerMemo:
     timing: Timing | None = None
     local_networks: tuple[LocalNetwork, ...] = ()
     probing: bool = True
+    on_a_relay: Callable[[Endpoint], bool] | None = None
 
-    def usable(self, plan_input: PlanInput) -> bool:
-        """Whether what is kept was planned under this pass's settings; if not, forget it."""
+    def usable(self, plan_input: PlanInput, on_a_relay: Callable[[Endpoint], bool]) -> bool:
+        """Whether what is kept was planned under this pass's settings and relays (which
+        endpoints are a relay's ports, from every member's record: the same test while the
+        members are unchanged); if not, forget it."""
         same = (
             not plan_input.nudge_all
             and self.timing is plan_input.timing
+            and self.on_a_relay is on_a_relay
             and self.probing == plan_input.probing
             and self.local_networks == plan_input.local_networks
         )
         if not same:
             self.planned.clear()
             self.timing, self.probing = plan_input.timing, plan_input.probing
-            self.local_networks = plan_input.local_networks
-        return same and not plan_input.nudge_all
+            self.local_networks, self.on_a_relay = plan_input.local_networks, on_a_relay
+        return same
 
     def reuse(
         self,
@@ -578,7 +582,7 @@ def member_peers(
     out = Peers()
     on_a_relay = _LAST_RELAY_TEST.get((members,), lambda: relay_port_test(members))
     memo = plan_input.memo
-    memo_usable = memo is not None and memo.usable(plan_input)
+    memo_usable = memo is not None and memo.usable(plan_input, on_a_relay)
     now = plan_input.now
     for member in members:
         key = member.info.public_key
