@@ -49,9 +49,9 @@ class Counter(logging.Handler):
         self.count += 1
 
 
-def membership(agent: Agent) -> Membership:
+def membership(agent: Agent, count: int = PEERS) -> Membership:
     known = {}
-    for index in range(PEERS):
+    for index in range(count):
         private = ipaddress.IPv4Address(0x0A000000 + index + 10)
         public = ipaddress.IPv4Address(0xC6120000 + index + 10)
         info = AffiliateInfo(
@@ -66,8 +66,9 @@ def membership(agent: Agent) -> Membership:
     return Membership(known)
 
 
-def simulate(answering: bool, work: Path) -> tuple[int, int, float]:
-    clock = {"now": 10_000.0}
+def bench_agent(work: Path, clock: dict[str, float], members: int) -> tuple[Agent, FakeKernel]:
+    """The real agent on an in-memory kernel, its clocks read from `clock`, knowing
+    `members` members (none of them heard from yet)."""
     kernel = FakeKernel(
         addresses=(local_address("ens3", "192.0.2.1/24"),),
         hardware=(LinkHardware("ens3", "52:54:00:00:00:01", True),),
@@ -81,7 +82,13 @@ def simulate(answering: bool, work: Path) -> tuple[int, int, float]:
         clocks=Clocks(wall=lambda: 1_700_000_000 + clock["now"], monotonic=lambda: clock["now"]),
         hostname=lambda: "bench",
     )
-    agent.membership, agent.members_known = membership(agent), True
+    agent.membership, agent.members_known = membership(agent, members), True
+    return agent, kernel
+
+
+def simulate(answering: bool, work: Path) -> tuple[int, int, float]:
+    clock = {"now": 10_000.0}
+    agent, kernel = bench_agent(work, clock, PEERS)
     counter = Counter()
     logging.getLogger("kubespan").addHandler(counter)
     try:

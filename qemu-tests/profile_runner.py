@@ -12,11 +12,14 @@ blocked in a long poll) has the calls it is in left out.
 
     python3 profile_runner.py --report OUT_DIR SORT LINES
 
-prints each thread's total time in its own code and calls, and the merged top LINES."""
+prints each thread's total time in its own code and calls, the cyclic garbage collector's
+CPU time by generation (cProfile charges it to whatever call allocated), and the merged top
+LINES."""
 
 from __future__ import annotations
 
 import cProfile
+import gc
 import pstats
 import re
 import runpy
@@ -29,6 +32,21 @@ from pathlib import Path
 _profiles: list[tuple[str, cProfile.Profile]] = []
 _profiles_lock = threading.Lock()
 _original_run = threading.Thread.run
+# Per generation: collections, CPU seconds. The start of the collection running now, per
+# thread (a collection runs in the thread whose allocation set it off).
+_gc_totals: dict[int, list[float]] = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+_gc_started = threading.local()
+
+
+def _time_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started.at = time.thread_time()
+        return
+    started = getattr(_gc_started, "at", None)
+    if started is not None:
+        totals = _gc_totals[info["generation"]]
+        totals[0] += 1
+        totals[1] += time.thread_time() - started
 
 
 def _profiled_run(self: threading.Thread) -> None:
@@ -64,6 +82,12 @@ def _write(out: Path) -> None:
             merged.add(stats)
     if merged is not None:
         merged.dump_stats(out / "all.prof")
+    (out / "gc.txt").write_text(
+        "".join(
+            f"gc generation {generation}: {count:.0f} collections, {seconds:.3f} s CPU\n"
+            for generation, (count, seconds) in sorted(_gc_totals.items())
+        )
+    )
 
 
 def _report(out: Path, sort: str, lines: int) -> None:
@@ -73,6 +97,8 @@ def _report(out: Path, sort: str, lines: int) -> None:
         total = stats.total_tt  # type: ignore[attr-defined]
         calls = stats.total_calls  # type: ignore[attr-defined]
         print(f"{path.stem:40s} {total:9.3f} {calls:9d}")
+    if (out / "gc.txt").exists():
+        print((out / "gc.txt").read_text(), end="")
     merged = out / "all.prof"
     if merged.exists():
         pstats.Stats(str(merged)).sort_stats(sort).print_stats(lines)
@@ -83,6 +109,8 @@ def _clear(signum: int, frame: object) -> None:
         profiles = [profile for _, profile in _profiles]
     for profile in profiles:
         profile.clear()
+    for totals in _gc_totals.values():
+        totals[:] = [0, 0.0]
 
 
 def main() -> None:
@@ -93,6 +121,7 @@ def main() -> None:
     sys.argv = sys.argv[2:]
     threading.Thread.run = _profiled_run  # type: ignore[method-assign]
     signal.signal(signal.SIGUSR2, _clear)
+    gc.callbacks.append(_time_gc)
     main_profile = cProfile.Profile(time.thread_time)
     with _profiles_lock:
         _profiles.append(("MainThread", main_profile))

@@ -451,7 +451,7 @@ def test_a_peer_heard_from_during_the_pass_is_not_recreated(
     assert status["peers"][0]["state"] == "up"
 
 
-def test_the_status_file_follows_news_at_once_and_counters_every_half_minute(
+def test_the_status_file_follows_news_at_once_and_counters_every_two_minutes(
     tmp_path: Path, cluster_id: str, cluster_secret: str
 ) -> None:
     agent, kernel, clock = agent_with_peer(tmp_path, cluster_id, cluster_secret)

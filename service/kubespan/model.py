@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 from kubespan.netaddr import Endpoint, IPAddress, IPNetwork
 from kubespan.plan.ruleset import RoutingSpec, RulesetSpec
@@ -139,6 +140,12 @@ class ObservedLink:
     @property
     def foreign(self) -> bool:
         return self.kind != "wireguard"
+
+    @cached_property
+    def peer_by_key(self) -> dict[str, ObservedPeer]:
+        """The peers by public key (made once: the planner and the diff both look up every
+        member's). Not to be changed by callers."""
+        return {p.public_key: p for p in self.peers}
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ class Kernel:
             private_key=device.private_key,
             listen_port=device.listen_port,
             fwmark=device.fwmark,
-            peers=tuple(device.peers[k] for k in sorted(device.peers)),
+            peers=tuple(map(device.peers.__getitem__, sorted(device.peers))),
         )
 
     def local_addresses(self) -> tuple[LocalAddress, ...]:

@@ -266,6 +266,11 @@ _LAST_DIVISION: LastResult[
 _LAST_MEMBER_SET: LastResult[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]] = LastResult()
 _LAST_UNIQUE: LastResult[tuple[tuple[Member, ...], list[str]]] = LastResult()
 _LAST_RELAY_TEST: LastResult[Callable[[Endpoint], bool]] = LastResult()
+_LAST_RULESET: LastResult[RulesetSpec] = LastResult()
+_LAST_ULAS_ROUTED: LastResult[frozenset[str]] = LastResult()
+_LAST_REFUSED: LastResult[frozenset[str]] = LastResult()
+_NOT_RELAYED: tuple[None, None] = (None, None)
+_NONE_RELAYED: frozenset[Endpoint] = frozenset()
 
 
 @dataclass
@@ -291,13 +296,6 @@ class Peers:
         elif seen is not None and (decision.nudge or nudge_all):
             self.nudges.append(key)
         self.wake(decision.wake_at)
-
-    def reused(self, key: str, kept: _Planned) -> None:
-        """A peer's results kept from the pass before (PeerMemo), its tracking dated now."""
-        self.tracking[key] = kept.tracking
-        self.wake(kept.decision.wake_at)
-        self.peers.append(kept.spec)
-        self.reports.append(kept.report)
 
     def wake(self, at: float | None) -> None:
         if at is not None:
@@ -415,6 +413,10 @@ def _uncovered(
     return tuple(sorted(dict.fromkeys(pieces), key=network_sort_key))
 
 
+def _no_relay(endpoint: Endpoint) -> bool:
+    return False
+
+
 def relay_port_test(members: tuple[Member, ...]) -> Callable[[Endpoint], bool]:
     """Whether an endpoint is a relay's port: an address a relay member announces, a port
     in the range its record offers."""
@@ -423,6 +425,8 @@ def relay_port_test(members: tuple[Member, ...]) -> Callable[[Endpoint], bool]:
         if member.info.relay_ports is not None:
             for endpoint in member.endpoints:
                 ranges.setdefault(endpoint.address, []).append(member.info.relay_ports)
+    if not ranges:
+        return _no_relay  # no member relays: asked for every peer at every pass
 
     def on_a_relay(endpoint: Endpoint) -> bool:
         return any(
@@ -439,8 +443,14 @@ def relayed_endpoints(
     """The endpoints that go through a relay: the one bound for the peer, and WireGuard's
     own when it is a relay's port (the binding left for a nearer relay, or the peer's own
     binding it roamed to): never judged as a direct path."""
+    through_kernel = on_a_relay is not _no_relay and (
+        kernel is not None and kernel != bound and on_a_relay(kernel)
+    )
+    if bound is None and not through_kernel:
+        return _NONE_RELAYED  # a direct peer, the common case: nothing made
     relayed = {bound} if bound is not None else set()
-    if kernel is not None and kernel != bound and on_a_relay(kernel):
+    if through_kernel:
+        assert kernel is not None  # through_kernel says so
         relayed.add(kernel)
     return frozenset(relayed)
 
@@ -448,20 +458,31 @@ def relayed_endpoints(
 class _Planned:
     """One member's results at the pass that planned it, and what they were planned from."""
 
-    __slots__ = ("decision", "member", "report", "routes", "seen", "spec", "tracking")
+    __slots__ = (
+        "decision",
+        "member",
+        "report",
+        "seen",
+        "spec",
+        "steady_until",
+        "tracking",
+        "wake_at",
+    )
 
     def __init__(
         self,
         member: Member,
         seen: ObservedPeer | None,
-        routes: tuple[IPNetwork, ...],
         decision: EndpointDecision,
         spec: PeerSpec,
         report: PeerReport,
     ) -> None:
-        self.member, self.seen, self.routes = member, seen, routes
+        self.member, self.seen = member, seen
         self.decision, self.spec, self.report = decision, spec, report
-        self.tracking = decision.tracking  # the next pass's input: updated at each reuse
+        self.tracking = decision.tracking  # the next pass's input: dated anew at each reuse
+        # Kept only when known (PeerMemo.keep): a float to compare, at every pass.
+        self.steady_until = decision.steady_until or 0.0
+        self.wake_at = decision.wake_at
 
 
 @dataclass
@@ -484,15 +505,24 @@ class PeerMemo:
     local_networks: tuple[LocalNetwork, ...] = ()
     probing: bool = True
     on_a_relay: Callable[[Endpoint], bool] | None = None
+    routes: Mapping[str, tuple[IPNetwork, ...]] | None = None
 
-    def usable(self, plan_input: PlanInput, on_a_relay: Callable[[Endpoint], bool]) -> bool:
-        """Whether what is kept was planned under this pass's settings and relays (which
+    def usable(
+        self,
+        plan_input: PlanInput,
+        on_a_relay: Callable[[Endpoint], bool],
+        routes: Mapping[str, tuple[IPNetwork, ...]],
+    ) -> bool:
+        """Whether what is kept was planned under this pass's settings, relays (which
         endpoints are a relay's ports, from every member's record: the same test while the
-        members are unchanged); if not, forget it."""
+        members are unchanged) and allowed IPs (allowed_ips hands out the same mapping
+        while its inputs are unchanged, and new lists for every member when they are not);
+        if not, forget it."""
         same = (
             not plan_input.nudge_all
             and self.timing is plan_input.timing
             and self.on_a_relay is on_a_relay
+            and self.routes is routes
             and self.probing == plan_input.probing
             and self.local_networks == plan_input.local_networks
         )
@@ -500,32 +530,8 @@ class PeerMemo:
             self.planned.clear()
             self.timing, self.probing = plan_input.timing, plan_input.probing
             self.local_networks, self.on_a_relay = plan_input.local_networks, on_a_relay
+            self.routes = routes
         return same
-
-    def reuse(
-        self,
-        key: str,
-        member: Member,
-        seen: ObservedPeer | None,
-        tracking: Tracking | None,
-        routes: tuple[IPNetwork, ...],
-        now: float,
-    ) -> _Planned | None:
-        """The peer's results of the pass before, if they hold now; its tracking dated now."""
-        kept = self.planned.get(key)
-        if (
-            kept is None
-            or kept.member is not member
-            or kept.seen is not seen
-            or kept.tracking is not tracking
-            or kept.routes is not routes
-        ):
-            return None
-        until = kept.decision.steady_until
-        if until is None or now >= until:
-            return None
-        kept.tracking = observed_again(kept.decision.tracking, now)
-        return kept
 
     def keep(
         self,
@@ -575,80 +581,137 @@ def member_peers(
     held_back.extend(division.held_back)
     for lines in refused.values():
         warnings.extend(lines)
-    observed_peers: dict[str, ObservedPeer] = {}
-    if plan_input.observed is not None:
-        observed_peers = {p.public_key: p for p in plan_input.observed.peers}
+    observed_peers = plan_input.observed.peer_by_key if plan_input.observed is not None else {}
 
     out = Peers()
     on_a_relay = _LAST_RELAY_TEST.get((members,), lambda: relay_port_test(members))
+    ulas_routed = _LAST_ULAS_ROUTED.get(
+        (members, routes),
+        lambda: frozenset(
+            m.info.public_key
+            for m in members
+            if any(m.info.ula in n for n in routes[m.info.public_key])
+        ),
+    )
     memo = plan_input.memo
-    memo_usable = memo is not None and memo.usable(plan_input, on_a_relay)
+    memo_usable = memo is not None and memo.usable(plan_input, on_a_relay, routes)
+    # Planned at every pass: members with refused claims, path-check answers or a relay.
+    never_kept = _LAST_REFUSED.get(
+        (refused,), lambda: frozenset(key for key, lines in refused.items() if lines)
+    )
+    if plan_input.answers or plan_input.relayed:
+        never_kept = never_kept | plan_input.answers.keys() | plan_input.relayed.keys()
     now = plan_input.now
+    # Looked up once: the loop below runs for every member at every pass, and a kept peer
+    # (most of an idle node's) costs little more than these lookups.
+    kept_of = memo.planned.get if memo is not None and memo_usable else None
+    observed_of, tracking_of = observed_peers.get, plan_input.tracking.get
+    out_tracking, out_specs, out_reports = out.tracking, out.peers, out.reports
     for member in members:
         key = member.info.public_key
-        seen = observed_peers.get(key)
-        answers = plan_input.answers.get(key)
-        relay_endpoint, relay_name = plan_input.relayed.get(key, (None, None))
-        reusable = memo_usable and not answers and relay_endpoint is None and not refused[key]
-        if memo is not None and reusable:
-            kept = memo.reuse(key, member, seen, plan_input.tracking.get(key), routes[key], now)
-            if kept is not None:
-                out.reused(key, kept)
+        seen = observed_of(key)
+        reusable = memo_usable and key not in never_kept
+        if kept_of is not None and reusable:
+            # What the memo kept, while it holds: every input the very object it was
+            # planned from, and its decision steady until later than now (see PeerMemo).
+            kept = kept_of(key)
+            if (
+                kept is not None
+                and kept.member is member
+                and kept.seen is seen
+                and kept.tracking is tracking_of(key)
+                and now < kept.steady_until
+            ):
+                kept.tracking = tracking = observed_again(kept.decision.tracking, now)
+                out_tracking[key] = tracking
+                wake_at = kept.wake_at
+                if wake_at is not None and (out.wake_at is None or wake_at < out.wake_at):
+                    out.wake_at = wake_at
+                out_specs.append(kept.spec)
+                out_reports.append(kept.report)
                 continue
-        ranked = rank_candidates(member, plan_input.local_networks)
-        if relay_endpoint is not None:
-            # Bound at a relay after the direct paths failed: tried first (a relay that
-            # goes away is replaced at once), while direct paths that answer a check win.
-            ranked = (
-                Candidate(relay_endpoint, Kind.RELAYED),
-                *(c for c in ranked if c.endpoint != relay_endpoint),
-            )
-        # A probe needs the member's ULA routed to it (a disputed one is held back) and a
-        # socket to send it: without either, only WireGuard's own bound judges the path.
-        probed = plan_input.probing and any(member.info.ula in n for n in routes[key])
-        previous = plan_input.tracking.get(key)
-        decision = decide_endpoint(
-            now,
-            plan_input.wall,
-            tuple(c.endpoint for c in ranked),
+        previous = tracking_of(key)
+        planned = _plan_member(
+            plan_input,
+            member,
+            seen,
             previous,
-            sighting(seen),
-            plan_input.timing if probed else replace(plan_input.timing, quiet=DOWN_AFTER),
-            answers,
-            relayed_endpoints(relay_endpoint, seen.endpoint if seen else None, on_a_relay),
+            routes[key],
+            refused[key],
+            on_a_relay,
+            out,
+            key in ulas_routed,
         )
-        out.decided(key, decision, seen, plan_input.nudge_all)
-        if decision.probe and probed:
-            out.probes.append(member.info.ula)
-        if decision.check:
-            # The endpoint WireGuard has first (whether the path in use still answers; never
-            # cut off by a cap on how many are checked), then the candidates in rank order.
-            # Never a relay's port: it forwards WireGuard's messages only, so a check there
-            # gets no answer (and would cross the relay's segment for nothing).
-            current = (seen.endpoint,) if seen and seen.endpoint else ()
-            checked = (
-                e
-                for e in (*current, *(c.endpoint for c in ranked))
-                if e != relay_endpoint and not on_a_relay(e)
-            )
-            out.checks.append((key, tuple(dict.fromkeys(checked))))
-        spec = PeerSpec(
-            public_key=key,
-            name=member.info.hostname,
-            allowed_ips=routes[key],
-            endpoint=decision.set_endpoint,
-        )
-        report = _report(
-            member, decision, seen, refused[key], ranked, answers, now, relay_endpoint, relay_name
-        )
-        out.peers.append(spec)
-        out.reports.append(report)
         if memo is not None:
-            planned = _Planned(member, seen, routes[key], decision, spec, report)
             memo.keep(key, previous, planned, reusable)
     if memo is not None:
         memo.forget_others(members)
     return out
+
+
+def _plan_member(
+    plan_input: PlanInput,
+    member: Member,
+    seen: ObservedPeer | None,
+    previous: Tracking | None,
+    routes: tuple[IPNetwork, ...],
+    refused: tuple[str, ...],
+    on_a_relay: Callable[[Endpoint], bool],
+    out: Peers,
+    ula_routed: bool,
+) -> _Planned:
+    """Plan one member's peer afresh, into `out`."""
+    key, now = member.info.public_key, plan_input.now
+    answers = plan_input.answers.get(key)
+    relay_endpoint, relay_name = plan_input.relayed.get(key, _NOT_RELAYED)
+    ranked = rank_candidates(member, plan_input.local_networks)
+    if relay_endpoint is not None:
+        # Bound at a relay after the direct paths failed: tried first (a relay that
+        # goes away is replaced at once), while direct paths that answer a check win.
+        ranked = (
+            Candidate(relay_endpoint, Kind.RELAYED),
+            *(c for c in ranked if c.endpoint != relay_endpoint),
+        )
+    # A probe needs the member's ULA routed to it (a disputed one is held back) and a
+    # socket to send it: without either, only WireGuard's own bound judges the path.
+    probed = plan_input.probing and ula_routed
+    decision = decide_endpoint(
+        now,
+        plan_input.wall,
+        tuple(c.endpoint for c in ranked),
+        previous,
+        sighting(seen),
+        plan_input.timing if probed else replace(plan_input.timing, quiet=DOWN_AFTER),
+        answers,
+        relayed_endpoints(relay_endpoint, seen.endpoint if seen else None, on_a_relay),
+    )
+    out.decided(key, decision, seen, plan_input.nudge_all)
+    if decision.probe and probed:
+        out.probes.append(member.info.ula)
+    if decision.check:
+        # The endpoint WireGuard has first (whether the path in use still answers; never
+        # cut off by a cap on how many are checked), then the candidates in rank order.
+        # Never a relay's port: it forwards WireGuard's messages only, so a check there
+        # gets no answer (and would cross the relay's segment for nothing).
+        current = (seen.endpoint,) if seen and seen.endpoint else ()
+        checked = (
+            e
+            for e in (*current, *(c.endpoint for c in ranked))
+            if e != relay_endpoint and not on_a_relay(e)
+        )
+        out.checks.append((key, tuple(dict.fromkeys(checked))))
+    spec = PeerSpec(
+        public_key=key,
+        name=member.info.hostname,
+        allowed_ips=routes,
+        endpoint=decision.set_endpoint,
+    )
+    report = _report(
+        member, decision, seen, refused, ranked, answers, now, relay_endpoint, relay_name
+    )
+    out.peers.append(spec)
+    out.reports.append(report)
+    return _Planned(member, seen, decision, spec, report)
 
 
 def _report(
@@ -697,7 +760,12 @@ def _desired(
     desired = DesiredState(
         link=link,
         peers=tuple(planned.peers),
-        ruleset=RulesetSpec(v4, v6, link.mtu, link.listen_port, plan_input.relay_ports),
+        # The same spec while its parts are the same objects: its text and fingerprint,
+        # compared with the kernel's at every pass, are made once.
+        ruleset=_LAST_RULESET.get(
+            (v4, v6, link.mtu, link.listen_port, plan_input.relay_ports),
+            lambda: RulesetSpec(v4, v6, link.mtu, link.listen_port, plan_input.relay_ports),
+        ),
         routing=routing_spec(link.mtu, link.name),
     )
     return Plan(

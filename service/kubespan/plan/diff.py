@@ -170,7 +170,6 @@ def diff_link(link: LinkSpec, observed: ObservedLink | None) -> list[LinkOperati
 
 
 def diff_peer(link: LinkSpec, want: PeerSpec, have: ObservedPeer | None) -> SetPeer | None:
-    wanted_ips = tuple(sorted(want.allowed_ips, key=network_sort_key))
     if have is None:
         return SetPeer(
             link.name,
@@ -179,20 +178,45 @@ def diff_peer(link: LinkSpec, want: PeerSpec, have: ObservedPeer | None) -> SetP
             link.preshared_key,
             want.endpoint,
             want.keepalive,
-            wanted_ips,
+            _sorted_ips(want.allowed_ips),
         )
     psk = link.preshared_key if have.preshared_key != link.preshared_key else None
     endpoint = (
         want.endpoint if want.endpoint is not None and want.endpoint != have.endpoint else None
     )
     keepalive = want.keepalive if have.keepalive != want.keepalive else None
-    # Both sorted alike (the kernel's as parsed): equal tuples are the common case, and
-    # cheaper than hashing every network; the sets judge what differs in order only.
-    same = have.allowed_ips == wanted_ips or set(have.allowed_ips) == set(wanted_ips)
-    ips = None if same else wanted_ips
+    same = _same_ips(want.public_key, have.allowed_ips, want.allowed_ips)
+    ips = None if same else _sorted_ips(want.allowed_ips)
     if (psk, endpoint, keepalive, ips) == (None, None, None, None):
         return None
     return SetPeer(link.name, want.public_key, want.name, psk, endpoint, keepalive, ips)
+
+
+# Per peer, the kernel's and the wanted allowed-IP lists last found to hold the same
+# networks. Both are the same objects pass after pass (the dump's parser and the planner
+# keep them), so a peer that answers (a new kernel peer at every pass: its counters moved)
+# costs two pointer comparisons here, not a sort and a comparison of every network. The
+# lists are held: no other object can come to have their identity.
+_SAME_IPS: dict[str, tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]] = {}
+
+
+def _same_ips(key: str, have: tuple[IPNetwork, ...], want: tuple[IPNetwork, ...]) -> bool:
+    last = _SAME_IPS.get(key)
+    if last is not None and last[0] is have and last[1] is want:
+        return True
+    wanted = _sorted_ips(want)
+    # Both sorted alike (the kernel's as parsed): equal tuples are the common case, and
+    # cheaper than hashing every network; the sets judge what differs in order only.
+    same = have == wanted or set(have) == set(wanted)
+    if same:
+        if len(_SAME_IPS) >= _UNCHANGED_MAX:
+            _SAME_IPS.clear()
+        _SAME_IPS[key] = (have, want)
+    return same
+
+
+def _sorted_ips(networks: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
+    return tuple(sorted(networks, key=network_sort_key))
 
 
 def diff(
@@ -214,25 +238,22 @@ def diff(
     )
     ops.extend(routing_ops)
     ops.extend(marking_ops)
-    have = {p.public_key: p for p in observed.peers} if observed else {}
+    have = observed.peer_by_key if observed else {}
     wanted = {p.public_key for p in desired.peers}
-    for key in sorted(set(have) - wanted):
+    for key in sorted(have.keys() - wanted):
         ops.append(RemovePeer(desired.link.name, key))
+    link, preshared_key = desired.link, desired.link.preshared_key
+    seen_of, unchanged_of = have.get, _UNCHANGED.get
     for peer in desired.peers:
-        seen = have.get(peer.public_key)
-        kept = _UNCHANGED.get(peer.public_key)
-        if (
-            kept is not None
-            and kept[0] is peer
-            and kept[1] is seen
-            and kept[2] == desired.link.preshared_key
-        ):
+        seen = seen_of(peer.public_key)
+        kept = unchanged_of(peer.public_key)
+        if kept is not None and kept[0] is peer and kept[1] is seen and kept[2] == preshared_key:
             continue
-        change = diff_peer(desired.link, peer, seen)
+        change = diff_peer(link, peer, seen)
         if change is not None:
             ops.append(change)
         elif seen is not None:
-            _remember_unchanged(peer, seen, desired.link.preshared_key)
+            _remember_unchanged(peer, seen, preshared_key)
     return ops
 
 

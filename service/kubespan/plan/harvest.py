@@ -25,11 +25,22 @@ def harvest_candidates(
     refresh: float,
     budget: int = 8,
 ) -> list[Harvest]:
-    advertised = {m.info.public_key: (m.info.node_id, {*m.endpoints, *m.hints}) for m in members}
+    up = sorted(
+        (r for r in reports if r.state is PeerState.UP and r.endpoint is not None),
+        key=lambda r: r.public_key,
+    )
+    if not up:
+        return []
+    # Only the up peers' members: at every pass, and most of a large mesh may be down.
+    wanted = {r.public_key for r in up}
+    advertised = {
+        m.info.public_key: (m.info.node_id, {*m.endpoints, *m.hints})
+        for m in members
+        if m.info.public_key in wanted
+    }
     out: list[Harvest] = []
-    for report in sorted(reports, key=lambda r: r.public_key):
-        if report.state is not PeerState.UP or report.endpoint is None:
-            continue
+    for report in up:
+        assert report.endpoint is not None  # filtered above
         known = advertised.get(report.public_key)
         if known is None or report.endpoint in known[1]:
             continue

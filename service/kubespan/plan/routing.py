@@ -112,7 +112,7 @@ class RouteSpec:
     other: tuple[str, ...] = ()
     raw: bytes = field(default=b"", compare=False, repr=False)
 
-    @property
+    @functools.cached_property  # compared at every pass, for routes read once
     def key(self) -> tuple[int, str, str, int, int]:
         return (self.family, str(self.destination), str(self.source), self.tos, self.metric)
 
