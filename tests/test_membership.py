@@ -117,6 +117,26 @@ def test_an_expired_member_goes_only_once_its_tunnel_is_down() -> None:
     assert not_yet == membership
 
 
+def test_expire_asks_nothing_before_the_first_record_or_tombstone_ends() -> None:
+    membership = fold(
+        (rec(1, 5, valid_until=NOW + 50), rec(2, 5, valid_until=NOW + 10)),
+        (rec(3, 5), rec(3, 6, leave=True, valid_until=NOW + 30)),
+    )
+    tombstone_ends = NOW + 30 + TOMBSTONE_MARGIN_SECONDS
+    assert membership.first_expiry == min(int(NOW + 10), tombstone_ends)
+    assert Membership().first_expiry == float("inf")
+
+    class Untouchable:
+        def __contains__(self, key: object) -> bool:
+            raise AssertionError("asked about a record that has not expired")
+
+    kept, changes = expire(membership, membership.first_expiry - 0.5, Untouchable())
+    assert kept is membership and changes == []
+    # From the moment node2's record ends, it is looked at (and goes: its tunnel is down).
+    pruned, changes = expire(membership, membership.first_expiry, {key(2)})
+    assert "node2" not in addresses(pruned) and len(changes) == 1
+
+
 def test_an_expired_record_does_not_make_a_member_and_own_records_are_skipped() -> None:
     assert fold((rec(1, 5, valid_until=NOW - 1),)).known == {}
     own = replace(

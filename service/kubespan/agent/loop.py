@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import gc
 import ipaddress
 import logging
 import operator
@@ -701,10 +700,6 @@ class Agent:
             message = f"discovery unreachable after {self.ready_timeout:g}s; {peers} peers"
         log.info("ready: %s", message)
         notify.ready(message)
-        # What start-up made (modules, classes, the config, the members) lives as long as
-        # the agent: out of the cyclic collector's sight, its full collections scan only
-        # what came since (one every minute or two took 40 ms of CPU in a VM).
-        gc.freeze()
 
     def _harvest(self, reports: tuple[PeerReport, ...]) -> None:
         now = self.clocks.monotonic()

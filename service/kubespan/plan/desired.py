@@ -600,7 +600,9 @@ def member_peers(
         (refused,), lambda: frozenset(key for key, lines in refused.items() if lines)
     )
     if plan_input.answers or plan_input.relayed:
-        never_kept = never_kept | plan_input.answers.keys() | plan_input.relayed.keys()
+        # A member keeps an empty mapping once its answers are old (see PathChecker.answers).
+        answered = (key for key, by_endpoint in plan_input.answers.items() if by_endpoint)
+        never_kept = never_kept.union(answered, plan_input.relayed.keys())
     now = plan_input.now
     # Looked up once: the loop below runs for every member at every pass, and a kept peer
     # (most of an idle node's) costs little more than these lookups.
@@ -625,8 +627,8 @@ def member_peers(
                 kept.tracking = tracking = observed_again(kept.decision.tracking, now)
                 out_tracking[key] = tracking
                 wake_at = kept.wake_at
-                if wake_at is not None and (out.wake_at is None or wake_at < out.wake_at):
-                    out.wake_at = wake_at
+                if wake_at is not None:  # as Peers.wake (inline)
+                    out.wake_at = min(out.wake_at or wake_at, wake_at)
                 out_specs.append(kept.spec)
                 out_reports.append(kept.report)
                 continue

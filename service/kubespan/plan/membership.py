@@ -86,6 +86,18 @@ class Membership:
         return tuple(self.known[node].member() for node in sorted(self.known))
 
     @functools.cached_property
+    def first_expiry(self) -> float:
+        """When expire() may first find something to do: the earliest end of a record's
+        validity or of a tombstone (none: never)."""
+        return min(
+            (
+                *(k.record.valid_until for k in self.known.values()),
+                *(d.forget_after for d in self.departed.values()),
+            ),
+            default=float("inf"),
+        )
+
+    @functools.cached_property
     def _departed_keys(self) -> frozenset[str]:
         current = {k.record.info.public_key for k in self.known.values()}
         return frozenset(d.public_key for d in self.departed.values()) - current
@@ -170,6 +182,8 @@ def expire(
     """Remove members whose sealed record has expired and whose tunnel is down (`down_keys`
     is asked only of expired records: it may be a test, not a set); forget tombstones that
     can no longer matter."""
+    if now < membership.first_expiry:
+        return membership, []  # an idle pass's case: no record or tombstone has ended
     known = dict(membership.known)
     departed = {n: d for n, d in membership.departed.items() if d.forget_after > now}
     changes: list[str] = []
