@@ -1002,9 +1002,9 @@ class Agent:
         with what the kernel had of them before the pass. Recreating a peer throws its
         session away: under load a pass can take seconds, and a handshake the peer completed
         meanwhile (which the plan could not see) must not be undone."""
-        before = {p.public_key: p for p in observed.peers} if observed is not None else {}
+        before = observed.peer_by_key if observed is not None else {}
         now_seen = self.kernel.observe_link(LINK_NAME)
-        current = {p.public_key: p for p in now_seen.peers} if now_seen is not None else {}
+        current = now_seen.peer_by_key if now_seen is not None else {}
         silent: list[str] = []
         heard: dict[str, ObservedPeer] = {}
         for key in keys:

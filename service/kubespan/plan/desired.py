@@ -443,16 +443,10 @@ def relayed_endpoints(
     """The endpoints that go through a relay: the one bound for the peer, and WireGuard's
     own when it is a relay's port (the binding left for a nearer relay, or the peer's own
     binding it roamed to): never judged as a direct path."""
-    through_kernel = on_a_relay is not _no_relay and (
-        kernel is not None and kernel != bound and on_a_relay(kernel)
-    )
-    if bound is None and not through_kernel:
-        return _NONE_RELAYED  # a direct peer, the common case: nothing made
     relayed = {bound} if bound is not None else set()
-    if through_kernel:
-        assert kernel is not None  # through_kernel says so
+    if kernel is not None and kernel != bound and on_a_relay(kernel):
         relayed.add(kernel)
-    return frozenset(relayed)
+    return frozenset(relayed) if relayed else _NONE_RELAYED  # direct: nothing made
 
 
 class _Planned:
@@ -626,9 +620,7 @@ def member_peers(
             ):
                 kept.tracking = tracking = observed_again(kept.decision.tracking, now)
                 out_tracking[key] = tracking
-                wake_at = kept.wake_at
-                if wake_at is not None:  # as Peers.wake (inline)
-                    out.wake_at = min(out.wake_at or wake_at, wake_at)
+                out.wake(kept.wake_at)
                 out_specs.append(kept.spec)
                 out_reports.append(kept.report)
                 continue
