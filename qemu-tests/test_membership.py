@@ -44,7 +44,23 @@ def _own(cluster: Cluster, vm: Vm) -> tuple[str, str]:
 
 
 def peers_removed(vm: Vm) -> list[str]:
-    return [line for line in vm.journal("kubespan").splitlines() if " remove" in line]
+    """The agent's removals of peers from its link, from its journal. A restart is not one:
+    a peer removed and at once added again (the next peer change, for the same key), which
+    the agent does to switch a peer that is not up to a path that answered a check, as may
+    happen while a mesh forms."""
+    changes = [line for line in vm.journal("kubespan").splitlines() if PEER_CHANGE in line]
+    removed = []
+    for line, after in zip(changes, [*changes[1:], ""], strict=True):
+        if line.endswith(" remove"):
+            key = line.split(PEER_CHANGE, 1)[1].split()[0]
+            if not after.split(PEER_CHANGE, 1)[-1].startswith(f"{key} ") or after.endswith(
+                " remove"
+            ):
+                removed.append(line)
+    return removed
+
+
+PEER_CHANGE = "applied wg set kubespan peer "
 
 
 @dataclass

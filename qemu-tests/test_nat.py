@@ -39,6 +39,8 @@ from kslab import Image, Lab
 
 pytestmark = pytest.mark.vm
 
+FAILOVER_FAILS_AFTER_S = 30.0
+
 
 def report(capsys: pytest.CaptureFixture[str], **values: float) -> None:
     """Seconds to a tenth; ratios and rates to a hundredth (a target of 0.8 must not be
@@ -149,4 +151,7 @@ def test_a_relay_that_dies_is_replaced_and_nothing_went_in_the_clear(
     took = scenario_relay_failover(nat)
     relayed = check_relay_capture(nat)
     assert relayed > 0, "the capture saw no relayed WireGuard message"
+    # The issue's bound is 20 s (12 to 15 s measured); this fails a pair left without a
+    # relay for FAILED_FOR (a minute), with room for TCG's noise.
+    assert took <= FAILOVER_FAILS_AFTER_S, f"the pair was up again after {took:.1f} s"
     report(capsys, relay_failover_s=took)

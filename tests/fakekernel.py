@@ -94,6 +94,15 @@ class FakeKernel:
         """The peer completed a handshake (92 bytes received: its response)."""
         self.receive(public_key, 92, when)
 
+    def transmit(self, public_key: str, size: int) -> None:
+        """Bytes sent to the peer (handshake initiations to a dead one, keepalives)."""
+        assert self.link is not None
+        peers = tuple(
+            replace(p, tx_bytes=p.tx_bytes + size) if p.public_key == public_key else p
+            for p in self.link.peers
+        )
+        self.link = replace(self.link, peers=peers)
+
     def receive(self, public_key: str, size: int, handshake: float | None = None) -> None:
         """Authenticated bytes from the peer (and a new handshake time, if given)."""
         assert self.link is not None

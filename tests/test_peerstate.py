@@ -9,6 +9,8 @@ import itertools
 from dataclasses import dataclass, field, replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kubespan.model import PeerState
 from kubespan.netaddr import Endpoint
@@ -20,6 +22,7 @@ from kubespan.plan.peerstate import (
     Timing,
     Tracking,
     decide_endpoint,
+    decide_up,
     dwell,
     given_up,
     peer_state,
@@ -715,3 +718,56 @@ def test_a_nearer_relay_that_carries_nothing_is_found_dead_like_any_path() -> No
     states = peer.run_until(moved, moved + DEAD_WITHIN + 1)
     assert peer.run(moved + DEAD_WITHIN + 1) is not UP
     assert states[0] is UP
+
+
+_TIMES = st.one_of(st.none(), st.floats(T0 - 400, T0 + 60, allow_nan=False))
+_ENDPOINTS = st.sampled_from((None, *CANDIDATES, ROAMED))
+
+
+@st.composite
+def _up_case(draw: st.DrawFn) -> tuple[float, Tracking, Sighting]:
+    """A peer tracked at the pass before, with every field drawn (most states it can be in),
+    its candidates unchanged since; what the kernel shows now; the time now."""
+    observed_at = draw(st.floats(T0 - 300, T0 + 30, allow_nan=False))
+    previous = Tracking(
+        draw(_ENDPOINTS),
+        draw(st.floats(T0 - 400, observed_at, allow_nan=False)),
+        handshake=draw(st.sampled_from((None, WALL, WALL + 1))),
+        rx_bytes=draw(st.sampled_from((0, 100))),
+        heard=draw(_TIMES),
+        observed_at=observed_at,
+        tried=tuple(draw(st.lists(st.sampled_from(CANDIDATES), max_size=3, unique=True))),
+        cycles=draw(st.integers(0, 3)),
+        seen_candidates=frozenset(CANDIDATES),
+        trials=draw(st.integers(1, 3)),
+        known_since=T0 - 400,
+        probe_since=draw(_TIMES),
+        probed_at=draw(_TIMES),
+        checked_at=draw(_TIMES),
+        failed=tuple(draw(st.lists(st.sampled_from(CANDIDATES), max_size=2, unique=True))),
+        why=draw(st.sampled_from(("", "trial: best candidate", "works: the peer answered here"))),
+    )
+    sighting = Sighting(
+        draw(_ENDPOINTS),
+        draw(st.sampled_from((None, WALL, WALL + 1, WALL + 2))),
+        draw(st.sampled_from((0, 100, 200))),
+    )
+    now = observed_at + draw(st.floats(0.01, 40, allow_nan=False))
+    return now, previous, sighting
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_up_case())
+def test_decide_up_is_decide_endpoint_for_an_up_peer(
+    case: tuple[float, Tracking, Sighting],
+) -> None:
+    """The planner's shortcut for peers that stay up (plan.desired._replan_up) decides as
+    decide_endpoint does, given what its caller vouches for (the same candidates, no path
+    check answers, no relay); it declines every peer that is not up."""
+    now, previous, sighting = case
+    full = decide_endpoint(now, WALL + now - T0, CANDIDATES, previous, sighting, TIMING)
+    quick = decide_up(now, previous, sighting, TIMING)
+    if quick is None:
+        assert full.state is not UP
+    else:
+        assert quick == full

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from kubespan.model import AffiliateInfo, Member
+from kubespan.model import AffiliateInfo, Member, PeerState
 from kubespan.netaddr import Endpoint
 from kubespan.plan import desired, peerstate
 from kubespan.plan.desired import PeerMemo, Plan, plan
@@ -126,6 +126,9 @@ class World:
             return
         for peer, draw in zip(sorted(link.peers, key=lambda p: p.public_key), draws, strict=False):
             n = base64.b64decode(peer.public_key)[0]
+            if draw > 0.6:
+                # WireGuard sends to dead peers too (initiations, keepalives): counted out.
+                node.kernel.transmit(peer.public_key, 148)
             if n not in self.alive or peer.endpoint is None:
                 continue
             working = self.members[n].endpoints[self.works_at.get(n, 1)]
@@ -182,9 +185,8 @@ def test_the_memo_changes_no_plan(seed: int) -> None:
     run(seed, 400)
 
 
-def test_an_idle_node_plans_only_its_live_peers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dead peers waiting out a backoff are not planned again: counted by the calls of the
-    planner's per-peer decision."""
+def count_full_decisions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that grows by one at each call of the planner's full per-peer decision."""
     decided: list[str] = []
     real = peerstate.decide_endpoint
 
@@ -193,6 +195,14 @@ def test_an_idle_node_plans_only_its_live_peers(monkeypatch: pytest.MonkeyPatch)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(desired, "decide_endpoint", counting)
+    return decided
+
+
+def test_an_idle_node_plans_only_its_live_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dead peers waiting out a backoff are not planned again, though WireGuard goes on
+    sending them initiations (their counters of bytes sent grow): counted by the calls of
+    the planner's per-peer decision."""
+    decided = count_full_decisions(monkeypatch)
     node = Node(PeerMemo())
     members = tuple(member(n) for n in range(1, PEERS + 1))
     now = 50_000.0
@@ -203,14 +213,46 @@ def test_an_idle_node_plans_only_its_live_peers(monkeypatch: pytest.MonkeyPatch)
     node.step(members, now, {}, {}, False, True, timing)
     node.step(members, now + 0.5, {}, {}, False, True, timing)
     decided.clear()
+    assert node.kernel.link is not None
+    for peer in node.kernel.link.peers:
+        node.kernel.transmit(peer.public_key, 148)
     result = node.step(members, now + 1.0, {}, {}, False, True, timing)
     assert not decided, f"{len(decided)} dead peers planned again"
     assert len(result.reports) == PEERS
+    sent = {p.public_key: p.tx_bytes for p in node.kernel.link.peers}
+    assert all(r.tx_bytes == sent[r.public_key] > 0 for r in result.reports)
     assert not [op for op in diff(result.desired, node.kernel.link) if isinstance(op, SetPeer)]
     # Without a memo (or with another timing), every peer is planned.
     replaced = replace(timing, quiet=timing.quiet)
     node.step(members, now + 1.5, {}, {}, False, True, replaced)
     assert len(decided) == PEERS
+
+
+def test_peers_that_answer_are_decided_again_without_their_candidates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A mesh whose peers all answer: every peer's counters move at every round of probes,
+    so none is steady; each is decided by decide_up (no ranking, no full decision), probed
+    at every round, and planned as a node without the memo plans it."""
+    decided = count_full_decisions(monkeypatch)
+    members = tuple(member(n) for n in range(1, PEERS + 1))
+    with_memo, without = Node(PeerMemo()), Node(None)
+    timing = Timing()
+    now = 50_000.0
+    for index in range(60):
+        for node in (with_memo, without):
+            link = node.kernel.link
+            for peer in link.peers if link is not None and index > 0 else ():
+                if peer.endpoint == members[base64.b64decode(peer.public_key)[0] - 1].endpoints[0]:
+                    node.kernel.receive(peer.public_key, 96)  # the answer to the last probe
+        decided.clear()
+        ours = with_memo.step(members, now, {}, {}, False, True, timing)
+        planned_in_full = len(decided)
+        assert ours == without.step(members, now, {}, {}, False, True, timing)
+        now += 4.0
+    assert planned_in_full == 0, f"{planned_in_full} answering peers planned in full"
+    assert all(report.state is PeerState.UP for report in ours.reports)
+    assert len(ours.probes) == PEERS
 
 
 def test_a_peer_observed_again_is_what_observe_makes_of_the_values_it_holds() -> None:

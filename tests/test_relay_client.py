@@ -592,3 +592,40 @@ def test_a_move_the_other_side_does_not_follow_is_tried_again_until_it_does(
     # Only the relay moved to: nothing was failed on the way.
     for side in (lab.clients[higher.public], lab.clients[lower.public]):
         assert all(not pair.failed for pair in side._pairs.values())
+
+
+def test_a_relay_passed_over_for_want_of_the_other_side_takes_the_pair_when_the_next_dies(
+    lab: Lab,
+) -> None:
+    """The higher side, bound alone, walks on from the first relay (the lower side came
+    later, to the second); the pair is forwarded there; then that relay dies. The first one
+    is where both sides go now: at once, not after FAILED_FOR, though it was left lately."""
+    near = lab.add_relay(NEAR_AT)
+    far = lab.offer()
+    higher, lower = sorted((lab.a, lab.b), key=lambda k: k.public, reverse=True)
+    lab.clients[higher.public].want({lower.public: (far, near)})
+    wait_for(lambda: lab.bound(higher) == Endpoint(RELAY_AT, ports_of(lab, higher, lower)), "far")
+    lab.advance(UNPAIRED_WAIT + 1.0)
+    wait_for(lambda: (b := lab.bound(higher)) is not None and b.address == NEAR_AT, "walked on")
+    lab.clients[lower.public].want({higher.public: (near, far)})
+
+    def paired_at(relay: RelayOffer) -> bool:
+        found = [
+            lab.clients[s.public].bound().get(p.public)
+            for s, p in ((higher, lower), (lower, higher))
+        ]
+        return all(f is not None and f.paired and f.relay == relay for f in found)
+
+    deadline = time.monotonic() + WAIT
+    while not paired_at(near):
+        assert time.monotonic() < deadline, "the pair never met at the second relay"
+        lab.advance(0.5)
+    died = lab.now()
+    # The agents find the pair dead through it (its member is dead too): each side leaves.
+    lab.clients[higher.public].want({lower.public: (near, far)}, failing=frozenset({lower.public}))
+    lab.clients[lower.public].want({higher.public: (near, far)}, failing=frozenset({higher.public}))
+    deadline = time.monotonic() + WAIT
+    while not paired_at(far):
+        assert time.monotonic() < deadline, "the pair never met at the relay passed over"
+        lab.advance(0.5)
+    assert lab.now() - died < FAILED_FOR / 2, "the relay passed over was shunned as failed"

@@ -34,6 +34,9 @@ class TunnelProber:
         self._identifier = int.from_bytes(os.urandom(2), "big")
         self._sequence = 0
         self._failures = 0
+        # Each target's text, made once: a peer is probed at every round, and formatting an
+        # IPv6 address was half of sending its probe.
+        self._destinations: dict[ipaddress.IPv6Address, tuple[str, int]] = {}
 
     def _open(self) -> socket.socket:
         if self._socket is None:
@@ -52,6 +55,9 @@ class TunnelProber:
         """Send one probe to each target; returns how many went out. Never raises: a probe
         that cannot be sent only leaves the peer to WireGuard's own timers."""
         sent = 0
+        destinations = self._destinations
+        if len(destinations) > 2 * len(targets) + 64:
+            destinations.clear()  # peers gone: start over rather than grow
         for target in targets:
             self._sequence = (self._sequence + 1) & 0xFFFF
             # The kernel fills in the checksum of raw ICMPv6 sockets.
@@ -59,8 +65,11 @@ class TunnelProber:
                 struct.pack("!BBHHH", ICMP6_ECHO_REQUEST, 0, 0, self._identifier, self._sequence)
                 + PAYLOAD
             )
+            destination = destinations.get(target)
+            if destination is None:
+                destination = destinations[target] = (str(target), 0)
             try:
-                self._open().sendto(packet, (str(target), 0))
+                self._open().sendto(packet, destination)
                 sent += 1
             except OSError as error:
                 self._failed(target, error)

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from kubespan.config import KubeSpanConfig
+from kubespan.frozen import evolve
 from kubespan.model import (
     DesiredState,
     LinkSpec,
@@ -33,6 +34,7 @@ from kubespan.plan.peerstate import (
     Timing,
     Tracking,
     decide_endpoint,
+    decide_up,
     observed_again,
 )
 from kubespan.plan.ruleset import RulesetSpec, routing_spec
@@ -454,6 +456,7 @@ class _Planned:
 
     __slots__ = (
         "decision",
+        "direct_probed",
         "member",
         "report",
         "seen",
@@ -470,13 +473,18 @@ class _Planned:
         decision: EndpointDecision,
         spec: PeerSpec,
         report: PeerReport,
+        direct_probed: bool,
     ) -> None:
         self.member, self.seen = member, seen
         self.decision, self.spec, self.report = decision, spec, report
         self.tracking = decision.tracking  # the next pass's input: dated anew at each reuse
-        # Kept only when known (PeerMemo.keep): a float to compare, at every pass.
-        self.steady_until = decision.steady_until or 0.0
+        # Set by PeerMemo.keep when the decision holds by itself: a float to compare, at
+        # every pass (0: never reused as it is).
+        self.steady_until = 0.0
         self.wake_at = decision.wake_at
+        # Up, planned with probes, neither its endpoint bound at a relay nor the kernel's a
+        # relay's port: while it stays up, decided again without its candidates (decide_up).
+        self.direct_probed = direct_probed
 
 
 @dataclass
@@ -492,6 +500,12 @@ class PeerMemo:
     tracking as it came but for the pass's time), so planning the peer again would give
     the same; peers with path-check answers or a relay are always planned (their decisions
     hang on answers' ages). An idle node with a hundred dead peers plans the two that live.
+
+    A peer that answers changes the kernel's counters at every round of probes, so it is
+    never steady; while it is up on a direct path, with the rest of its inputs the same
+    objects, it is decided again by peerstate.decide_up and its report copied with the new
+    counters (_replan_up), not ranked and decided in full: what a mesh of a hundred live
+    peers costs at every grain.
     """
 
     planned: dict[str, _Planned] = field(default_factory=dict)
@@ -534,19 +548,25 @@ class PeerMemo:
         planned: _Planned,
         reusable: bool,
     ) -> None:
-        """Remember the peer's results if planning it again from them would give the same."""
+        """Remember the peer's results: to give them again while planning it again from
+        the same inputs would give the same (steady), and to decide it again without its
+        candidates while it is up (direct_probed)."""
         decision = planned.decision
+        if not reusable:
+            self.planned.pop(key, None)
+            return
         if (
-            reusable
-            and previous is not None
+            previous is not None
             and decision.steady_until is not None
             and decision.set_endpoint is None
             and not (decision.nudge or decision.probe or decision.check or decision.restart)
             and replace(decision.tracking, observed_at=previous.observed_at) == previous
         ):
-            self.planned[key] = planned
-        else:
+            planned.steady_until = decision.steady_until
+        elif not planned.direct_probed:
             self.planned.pop(key, None)
+            return
+        self.planned[key] = planned
 
     def forget_others(self, members: tuple[Member, ...]) -> None:
         """Drop what is kept for peers no longer members, once that is more than the members
@@ -608,22 +628,25 @@ def member_peers(
         seen = observed_of(key)
         reusable = memo_usable and key not in never_kept
         if kept_of is not None and reusable:
-            # What the memo kept, while it holds: every input the very object it was
-            # planned from, and its decision steady until later than now (see PeerMemo).
             kept = kept_of(key)
-            if (
-                kept is not None
-                and kept.member is member
-                and kept.seen is seen
-                and kept.tracking is tracking_of(key)
-                and now < kept.steady_until
-            ):
-                kept.tracking = tracking = observed_again(kept.decision.tracking, now)
-                out_tracking[key] = tracking
-                out.wake(kept.wake_at)
-                out_specs.append(kept.spec)
-                out_reports.append(kept.report)
-                continue
+            if kept is not None and kept.member is member and kept.tracking is tracking_of(key):
+                if now < kept.steady_until and (kept.seen is seen or _only_sent_more(kept, seen)):
+                    # What the memo kept, while it holds: every input the very object it
+                    # was planned from, and its decision steady until later than now.
+                    kept.tracking = tracking = observed_again(kept.decision.tracking, now)
+                    out_tracking[key] = tracking
+                    out.wake(kept.wake_at)
+                    out_specs.append(kept.spec)
+                    out_reports.append(kept.report)
+                    continue
+                if kept.direct_probed and seen is not None:
+                    # Only the kernel's view of it changed (its counters, as a peer that
+                    # answers probes does at every round).
+                    replanned = _replan_up(plan_input, kept, seen, on_a_relay, out)
+                    if replanned is not None:
+                        assert memo is not None  # kept_of is its
+                        memo.keep(key, kept.tracking, replanned, True)
+                        continue
         previous = tracking_of(key)
         planned = _plan_member(
             plan_input,
@@ -669,6 +692,7 @@ def _plan_member(
     # A probe needs the member's ULA routed to it (a disputed one is held back) and a
     # socket to send it: without either, only WireGuard's own bound judges the path.
     probed = plan_input.probing and ula_routed
+    relayed = relayed_endpoints(relay_endpoint, seen.endpoint if seen else None, on_a_relay)
     decision = decide_endpoint(
         now,
         plan_input.wall,
@@ -677,23 +701,13 @@ def _plan_member(
         sighting(seen),
         plan_input.timing if probed else replace(plan_input.timing, quiet=DOWN_AFTER),
         answers,
-        relayed_endpoints(relay_endpoint, seen.endpoint if seen else None, on_a_relay),
+        relayed,
     )
     out.decided(key, decision, seen, plan_input.nudge_all)
     if decision.probe and probed:
         out.probes.append(member.info.ula)
     if decision.check:
-        # The endpoint WireGuard has first (whether the path in use still answers; never
-        # cut off by a cap on how many are checked), then the candidates in rank order.
-        # Never a relay's port: it forwards WireGuard's messages only, so a check there
-        # gets no answer (and would cross the relay's segment for nothing).
-        current = (seen.endpoint,) if seen and seen.endpoint else ()
-        checked = (
-            e
-            for e in (*current, *(c.endpoint for c in ranked))
-            if e != relay_endpoint and not on_a_relay(e)
-        )
-        out.checks.append((key, tuple(dict.fromkeys(checked))))
+        out.checks.append((key, _checked(seen, ranked, relay_endpoint, on_a_relay)))
     spec = PeerSpec(
         public_key=key,
         name=member.info.hostname,
@@ -705,7 +719,87 @@ def _plan_member(
     )
     out.peers.append(spec)
     out.reports.append(report)
-    return _Planned(member, seen, decision, spec, report)
+    direct_probed = probed and not relayed and decision.state is PeerState.UP
+    return _Planned(member, seen, decision, spec, report, direct_probed)
+
+
+def _only_sent_more(kept: _Planned, seen: ObservedPeer | None) -> bool:
+    """Whether the kernel's peer differs from the one `kept` was planned from only in what
+    was sent to it, which no decision reads (WireGuard sends initiations to a dead peer
+    every 5 s): then `kept` is brought to it, its report with the new count."""
+    before = kept.seen
+    if (
+        seen is None
+        or before is None
+        or seen.rx_bytes != before.rx_bytes
+        or seen.last_handshake != before.last_handshake
+        or seen.endpoint != before.endpoint
+    ):
+        return False
+    kept.seen = seen
+    kept.report = evolve(kept.report, tx_bytes=seen.tx_bytes)
+    return True
+
+
+def _replan_up(
+    plan_input: PlanInput,
+    kept: _Planned,
+    seen: ObservedPeer,
+    on_a_relay: Callable[[Endpoint], bool],
+    out: Peers,
+) -> _Planned | None:
+    """Plan again, into `out`, a member kept at the pass before as direct_probed, whose
+    inputs are the very objects they were then but for the kernel's peer: what _plan_member
+    gives, when the peer is up, without ranking its candidates or making its report anew
+    (peerstate.decide_up). None when it is not up, or the kernel has it at a relay's port."""
+    if relayed_endpoints(None, seen.endpoint, on_a_relay):
+        return None
+    decision = decide_up(plan_input.now, kept.tracking, sighting(seen), plan_input.timing)
+    if decision is None:
+        return None
+    member, key = kept.member, kept.spec.public_key
+    out.decided(key, decision, seen, plan_input.nudge_all)
+    if decision.probe:
+        out.probes.append(member.info.ula)
+    ranked = kept.report.candidates
+    if decision.check:
+        out.checks.append((key, _checked(seen, ranked, None, on_a_relay)))
+    spec = kept.spec
+    if decision.set_endpoint != spec.endpoint:
+        spec = PeerSpec(key, spec.name, spec.allowed_ips, decision.set_endpoint)
+    # As _report makes it: no refused claims, path-check answers or relay (or the memo
+    # would not have kept the member).
+    report = evolve(
+        kept.report,
+        state=decision.state,
+        endpoint=decision.set_endpoint or seen.endpoint,
+        last_handshake=seen.last_handshake,
+        rx_bytes=seen.rx_bytes,
+        tx_bytes=seen.tx_bytes,
+        why=decision.tracking.why,
+    )
+    out.peers.append(spec)
+    out.reports.append(report)
+    return _Planned(member, seen, decision, spec, report, True)
+
+
+def _checked(
+    seen: ObservedPeer | None,
+    ranked: tuple[Candidate, ...],
+    relay_endpoint: Endpoint | None,
+    on_a_relay: Callable[[Endpoint], bool],
+) -> tuple[Endpoint, ...]:
+    """What a path check of the peer is sent to: the endpoint WireGuard has first (whether
+    the path in use still answers; never cut off by a cap on how many are checked), then the
+    candidates in rank order. Never a relay's port: it forwards WireGuard's messages only, so
+    a check there gets no answer (and would cross the relay's segment for nothing)."""
+    current = (seen.endpoint,) if seen and seen.endpoint else ()
+    checked = (
+        e
+        for e in (*current, *(c.endpoint for c in ranked))
+        if e != relay_endpoint and not on_a_relay(e)
+    )
+    return tuple(dict.fromkeys(checked))
 
 
 def _report(

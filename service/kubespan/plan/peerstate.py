@@ -257,6 +257,26 @@ def observed_again(tracking: Tracking, now: float) -> Tracking:
     return copy
 
 
+def decide_up(
+    now: float, previous: Tracking, sighting: Sighting, timing: Timing
+) -> EndpointDecision | None:
+    """decide_endpoint's decision for a peer that is up, made without its candidates: what
+    a mesh of peers that answer asks for every peer at every round of probes. The caller
+    vouches for what that leaves out: the candidates are those of the pass that made
+    `previous` (so none is new), there are no path-check answers, and neither the tracked
+    endpoint nor the kernel's is a relay's. None when the peer is not up (decide in full)."""
+    tracking = observe(previous, sighting, now, now)
+    assert tracking is not None  # previous is a tracking
+    if peer_state(now, tracking, timing) is not PeerState.UP:
+        return None
+    # With no answers, _up's search for another answered candidate finds none: it needs
+    # no candidates.
+    return _up(now, tracking, (), sighting, timing, _NO_ANSWERS)
+
+
+_NO_ANSWERS: Mapping[Endpoint, float] = {}
+
+
 def _found_heard(sighting: Sighting, now: float, wall_now: float) -> float | None:
     """When a peer found at start was last heard from: all the wall clock can tell."""
     if sighting.last_handshake is None:

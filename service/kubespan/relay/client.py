@@ -35,7 +35,9 @@ the side with the higher key after UNPAIRED_WAIT, the other after three times as
 the higher one walks through its relays to the lower one's while that one waits. A side
 with no other relay to go to stays (after a relay died, the survivor is where both sides
 go, each when it finds the pair dead: leaving it would fail it for FAILED_FOR just as the
-other side arrives). Every
+other side arrives). A relay walked on from is no fault of its own: when every relay of the
+order has failed the pair since (the one it walked to died), it is bound again at once, not
+after FAILED_FOR. Every
 change of what is bound is put on the agent's queue (`RelayChanged`), so the pass that sets
 the endpoint comes at once.
 
@@ -112,6 +114,9 @@ class _Pair:
     bound_at: float = 0.0
     alone_since: float | None = None  # bound, the other side not (yet)
     failed: dict[bytes, float] = field(default_factory=dict)  # relay key -> until
+    # Of those, the relays left only because the other side did not come there: no fault of
+    # theirs, so when every relay of the order has failed the pair they are bound still.
+    passed_over: set[bytes] = field(default_factory=set)
     no_move: dict[bytes, float] = field(default_factory=dict)  # not moved to until (by key)
     moving: bool = False  # left a working relay for a nearer one, not yet settled there
     moved_at: float = float("-inf")
@@ -262,6 +267,7 @@ class RelayClient(RawPortThread):
                     peer.hex()[:16],
                 )
                 pair.failed[pair.previous.relay.public_key] = now + FAILED_FOR
+                pair.passed_over.discard(pair.previous.relay.public_key)
                 self._release(peer, pair.previous)
                 pair.previous = None
             elif peer in failing and pair.bound is not None and pair.relay is not None:
@@ -271,9 +277,7 @@ class RelayClient(RawPortThread):
                     peer.hex()[:16],
                 )
                 self._fail(peer, pair, now)
-            first = next(
-                (r for r in pair.relays if pair.failed.get(r.public_key, 0.0) <= now), None
-            )
+            first = self._first_choice(pair, now)
             self._follow_order(peer, pair, first)
             current = pair.relay
             if peer not in nearer:
@@ -307,6 +311,18 @@ class RelayClient(RawPortThread):
                 pair.previous, pair.previous_until = left, until
             if pair.relay is None:
                 pair.relay, pair.attempt = first, 0
+
+    @staticmethod
+    def _first_choice(pair: _Pair, now: float) -> RelayOffer | None:
+        """The first relay of the pair's order that has not failed it lately; when all have,
+        the first it only passed over: the relay the pair was at died after it had walked
+        on from this one for want of the other side, and this one is where both sides go
+        now (without it the pair would wait out FAILED_FOR with no relay at all)."""
+        failed = pair.failed
+        return next(
+            (r for r in pair.relays if failed.get(r.public_key, 0.0) <= now),
+            next((r for r in pair.relays if r.public_key in pair.passed_over), None),
+        )
 
     def _follow_order(self, peer: bytes, pair: _Pair, first: RelayOffer | None) -> None:
         """A pair never forwarded yet whose order now ranks another relay first (the sides'
@@ -475,7 +491,7 @@ class RelayClient(RawPortThread):
         if pair.moving:
             self._unfollowed(peer, pair, now)
         else:
-            self._fail(peer, pair, now)
+            self._fail(peer, pair, now, passed_over=True)
         return True
 
     @staticmethod
@@ -498,9 +514,17 @@ class RelayClient(RawPortThread):
             until = min(until, pair.previous_until - LEAVE_MARGIN)
         return until
 
-    def _fail(self, peer: bytes, pair: _Pair, now: float, wait: float | None = None) -> None:
+    def _fail(
+        self,
+        peer: bytes,
+        pair: _Pair,
+        now: float,
+        wait: float | None = None,
+        passed_over: bool = False,
+    ) -> None:
         """The relay failed the pair: not asked for it again for a while; a pair that was
-        moving goes back to the relay it left."""
+        moving goes back to the relay it left. `passed_over`: left for want of the other
+        side, not for a fault (see _first_choice)."""
         self._release(peer, pair.bound)
         moving = pair.moving
         if pair.relay is not None:
@@ -508,8 +532,14 @@ class RelayClient(RawPortThread):
             # the pair had a working relay, and each try costs it a gap.
             if wait is None:
                 wait = MOVE_FAILED_FOR if moving else FAILED_FOR
-            pair.failed[pair.relay.public_key] = now + wait
+            key = pair.relay.public_key
+            pair.failed[key] = now + wait
+            if passed_over:
+                pair.passed_over.add(key)
+            else:
+                pair.passed_over.discard(key)
         pair.failed = {k: until for k, until in pair.failed.items() if until > now}
+        pair.passed_over &= pair.failed.keys()
         self._drop(pair)
         if moving:
             self._go_back(pair)
