@@ -53,7 +53,7 @@ demo: host-deps venv image
 schema-docs: venv
 	$(BIN)/python -m kubespan.config.docs machineconfig-schema > machineconfig-schema/README.md
 
-BENCHES := bench/plan.py bench/dead_peers.py bench/idle_pass.py bench/apply.py bench/discovery_load.py
+BENCHES := bench/plan.py bench/dead_peers.py bench/idle_pass.py bench/wireguard_dump.py bench/apply.py bench/discovery_load.py
 
 bench: venv
 	@for b in $(BENCHES); do echo "== $$b"; $(BIN)/python $$b || exit 1; done

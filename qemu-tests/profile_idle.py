@@ -6,7 +6,9 @@ total and the top functions of all threads are printed.
 Times are each thread's CPU time. Not a benchmark (cProfile slows every call it sees): a tool
 for finding what to make cheaper. Run as root:
 
-    .venv/bin/python qemu-tests/profile_idle.py [--fakes] [--window 90] [--sort tottime]
+    .venv/bin/python qemu-tests/profile_idle.py [--fakes | --live] [--window 90] [--sort tottime]
+
+--live: the fakes made live as in bench-idle's last phase (a fourth VM plays them).
 """
 
 from __future__ import annotations
@@ -22,15 +24,20 @@ from pathlib import Path
 from bench_idle import (
     AGENT_UNIT,
     FAKE_PEERS,
+    FAKES_HOST,
     METRICS_LISTEN,
     NODES,
     REPO,
     SETTLE_2_S,
     _interrupt,
     add_fakes,
+    all_up,
+    make_fakes_live,
     passes,
+    start_fakes_vm,
     wait_for_passes,
     wait_for_peers,
+    wait_reported,
 )
 
 from kslab import Lab, LabError, find_image
@@ -45,15 +52,23 @@ RUNNER = Path(__file__).with_name("profile_runner.py")
 DROP_IN = f"/run/systemd/system/{AGENT_UNIT}.service.d/profile.conf"
 
 
-def profile(window: float, fakes: bool, sort: str, lines: int, workdir: Path) -> None:
+def profile(window: float, fakes: str, sort: str, lines: int, workdir: Path) -> None:
+    """`fakes`: "" (none), "dead" or "live"."""
     with Lab(workdir / "lab", find_image(REPO)) as lab:
         state = workdir / "discovery-state"
         state.mkdir(parents=True)
         cluster = start_cluster(lab, KUBESPAN, state)
+        fakes_vm = start_fakes_vm(cluster) if fakes == "live" else None
         vms = cluster.boot(NODES, metricsListen=METRICS_LISTEN)
         node1 = vms[0]
         wait_for_mesh(vms, timeout=480)
-        if fakes:
+        if fakes_vm is not None:
+            fakes_vm.wait_agent()
+            members = add_fakes(cluster, FAKE_PEERS, str(cluster.lan.address(FAKES_HOST).ip))
+            wait_for_peers(node1, NODES - 1 + FAKE_PEERS, timeout=300)
+            make_fakes_live(cluster, fakes_vm, node1, members)
+            wait_reported(node1, "all peers up", 300, all_up(NODES - 1 + FAKE_PEERS))
+        elif fakes:
             add_fakes(cluster, FAKE_PEERS)
             wait_for_peers(node1, NODES - 1 + FAKE_PEERS, timeout=300)
         exec_start = node1.check(
@@ -92,7 +107,9 @@ def profile(window: float, fakes: bool, sort: str, lines: int, workdir: Path) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fakes", action="store_true", help=f"add {FAKE_PEERS} fake peers")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--fakes", action="store_true", help=f"add {FAKE_PEERS} dead fake peers")
+    which.add_argument("--live", action="store_true", help=f"add {FAKE_PEERS} live fake peers")
     parser.add_argument("--window", type=float, default=90.0, help="seconds profiled")
     parser.add_argument("--sort", default="tottime", help="a pstats sort key")
     parser.add_argument("--lines", type=int, default=40)
@@ -105,7 +122,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="profile-idle-") as tmp:
         workdir = args.workdir or Path(tmp)
         try:
-            profile(args.window, args.fakes, args.sort, args.lines, workdir)
+            fakes = "live" if args.live else "dead" if args.fakes else ""
+            profile(args.window, fakes, args.sort, args.lines, workdir)
         except (AssertionError, LabError) as e:
             print(f"profile-idle: {e}", file=sys.stderr)
             return 1

@@ -21,6 +21,7 @@ from kubespan.plan.peerstate import (
     Sighting,
     Timing,
     Tracking,
+    _probed_again,
     decide_endpoint,
     decide_up,
     dwell,
@@ -756,14 +757,50 @@ def _up_case(draw: st.DrawFn) -> tuple[float, Tracking, Sighting]:
     return now, previous, sighting
 
 
-@settings(max_examples=3000, deadline=None)
-@given(_up_case())
+_GRAIN = TIMING.probe_grain
+
+
+@st.composite
+def _rhythm_case(draw: st.DrawFn) -> tuple[float, Tracking, Sighting]:
+    """A settled up peer in a live mesh's rhythm: probed on the grid, its probes answered or
+    not, its path maybe dying; what decide_up's shortcut for it (_probed_again) sees."""
+    observed_at = T0 + draw(st.integers(0, 10)) * _GRAIN + draw(st.sampled_from((0.0, 0.01)))
+    at = draw(st.sampled_from(CANDIDATES))
+    back = st.sampled_from((0.0, _GRAIN, 2 * _GRAIN, 3 * _GRAIN, 11.0, 300.0))
+    previous = Tracking(
+        at,
+        draw(st.sampled_from((T0 - 100, observed_at - _GRAIN, observed_at + 1))),
+        handshake=WALL,
+        rx_bytes=100,
+        heard=draw(st.one_of(st.none(), back.map(lambda b: observed_at - b))),
+        observed_at=observed_at,
+        tried=(at,),
+        seen_candidates=frozenset(CANDIDATES),
+        known_since=T0 - 400,
+        probe_since=draw(st.one_of(st.none(), back.map(lambda b: observed_at - b))),
+        probed_at=draw(st.one_of(st.none(), back.map(lambda b: observed_at - b))),
+        checked_at=draw(st.one_of(st.none(), back.map(lambda b: observed_at - b))),
+        why="works: the peer answered here",
+    )
+    sighting = Sighting(
+        draw(st.sampled_from((None, at, ROAMED))),
+        draw(st.sampled_from((WALL, WALL + 1))),
+        draw(st.sampled_from((100, 200))),
+    )
+    now = observed_at + draw(st.sampled_from((0.5, _GRAIN, _GRAIN + 0.01, 2 * _GRAIN, 11.0)))
+    return now, previous, sighting
+
+
+@settings(max_examples=6000, deadline=None)
+@given(st.one_of(_up_case(), _rhythm_case()))
 def test_decide_up_is_decide_endpoint_for_an_up_peer(
     case: tuple[float, Tracking, Sighting],
 ) -> None:
     """The planner's shortcut for peers that stay up (plan.desired._replan_up) decides as
     decide_endpoint does, given what its caller vouches for (the same candidates, no path
-    check answers, no relay); it declines every peer that is not up."""
+    check answers, no relay); it declines every peer that is not up. Drawn from every
+    state (_up_case) and from a live mesh's rhythm (_rhythm_case: _probed_again's ground,
+    which _up_case seldom draws)."""
     now, previous, sighting = case
     full = decide_endpoint(now, WALL + now - T0, CANDIDATES, previous, sighting, TIMING)
     quick = decide_up(now, previous, sighting, TIMING)
@@ -771,3 +808,41 @@ def test_decide_up_is_decide_endpoint_for_an_up_peer(
         assert full.state is not UP
     else:
         assert quick == full
+
+
+def test_a_peer_that_answered_its_probe_is_probed_again_by_the_shortcut() -> None:
+    at = CANDIDATES[0]
+    probed = T0 + 10 * _GRAIN
+    previous = Tracking(
+        at,
+        T0 - 100,
+        handshake=WALL,
+        rx_bytes=100,
+        heard=probed - _GRAIN,
+        observed_at=probed,
+        tried=(at,),
+        seen_candidates=frozenset(CANDIDATES),
+        known_since=T0 - 400,
+        probe_since=probed,
+        probed_at=probed,
+        why="works: the peer answered here",
+    )
+    now = probed + _GRAIN
+    answered = Sighting(at, WALL, 200)
+    quick = _probed_again(now, previous, answered, TIMING)
+    assert quick is not None and quick.probe and quick.tracking.heard == probed
+    assert quick == decide_endpoint(now, WALL + now - T0, CANDIDATES, previous, answered, TIMING)
+    # Unanswered, its candidates checked in this round: probed again in the same round.
+    silent, checked = Sighting(at, WALL, 100), replace(previous, checked_at=probed)
+    again = _probed_again(now, checked, silent, TIMING)
+    assert again is not None and again.tracking.probe_since == probed
+    assert again == decide_endpoint(now, WALL + now - T0, CANDIDATES, checked, silent, TIMING)
+    # Unanswered for a probe interval and not checked yet: decided in full (a check).
+    assert _probed_again(now, previous, silent, TIMING) is None
+    # Unanswered for the probe timeout, checked and probed again meanwhile: a dead path,
+    # decided in full (down, and the next candidate tried).
+    late = probed + 3 * _GRAIN
+    dying = replace(previous, checked_at=probed + _GRAIN, probed_at=probed + 2 * _GRAIN)
+    assert _probed_again(late, dying, silent, TIMING) is None
+    full = decide_endpoint(late, WALL + late - T0, CANDIDATES, dying, silent, TIMING)
+    assert full.state is not UP

@@ -9,12 +9,13 @@ from __future__ import annotations
 import base64
 import ipaddress
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pytest
 
-from kubespan.model import AffiliateInfo, Member, PeerState
+from kubespan.model import AffiliateInfo, Member, ObservedLink, ObservedPeer, PeerState
 from kubespan.netaddr import Endpoint
 from kubespan.plan import desired, peerstate
 from kubespan.plan.desired import PeerMemo, Plan, plan
@@ -262,3 +263,44 @@ def test_a_peer_observed_again_is_what_observe_makes_of_the_values_it_holds() ->
     tracking = replace(tracking, observed_at=4.0, why="works")
     held = Sighting(tracking.endpoint, tracking.handshake, tracking.rx_bytes)
     assert observed_again(tracking, 9.0) == observe(tracking, held, 9.0, 9.0)
+
+
+def test_the_diff_tells_a_peer_that_only_answered_from_one_changed_beyond_its_counters() -> None:
+    """diff's memo of peers that need nothing takes a kernel peer whose counters alone moved
+    (its other fields the very objects: what the dump's parser hands out) as needing nothing
+    still, and one changed otherwise for what it is."""
+    node = Node(PeerMemo())
+    members = tuple(member(n) for n in range(1, PEERS + 1))
+    now = 50_000.0
+    for _ in range(5):
+        result = node.step(members, now, {}, {}, False, True, Timing())
+        now += 4.0
+    observed = node.kernel.observe_link("kubespan")
+    assert observed is not None
+    assert not [op for op in diff(result.desired, observed) if isinstance(op, SetPeer)]
+
+    def kernel_with(change: Callable[[ObservedPeer], ObservedPeer]) -> ObservedLink:
+        assert observed is not None
+        return replace(observed, peers=tuple(change(p) for p in observed.peers))
+
+    answered = kernel_with(lambda p: replace(p, rx_bytes=p.rx_bytes + 92, tx_bytes=p.tx_bytes + 1))
+    assert not [op for op in diff(result.desired, answered) if isinstance(op, SetPeer)]
+    first = observed.peers[0].public_key
+
+    def only_first(**changes: Any) -> Callable[[ObservedPeer], ObservedPeer]:
+        return lambda p: (
+            replace(p, rx_bytes=p.rx_bytes + 1, **changes) if p.public_key == first else p
+        )
+
+    for changes in (
+        {"keepalive": 0},
+        {"allowed_ips": ()},
+        {"preshared_key": ""},
+    ):
+        changed = diff(result.desired, kernel_with(only_first(**changes)))
+        assert [op.public_key for op in changed if isinstance(op, SetPeer)] == [first], changes
+    # Equal fields in other objects: judged in full, and still nothing to do.
+    copied = kernel_with(
+        lambda p: replace(p, allowed_ips=tuple(p.allowed_ips), rx_bytes=p.rx_bytes + 1)
+    )
+    assert not [op for op in diff(result.desired, copied) if isinstance(op, SetPeer)]

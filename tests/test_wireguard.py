@@ -12,6 +12,8 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from kubespan.apply.netlink import (
@@ -99,15 +101,18 @@ def peer(
     at: str | None = "192.0.2.7:51820",
     handshake: int = 0,
     networks: tuple[str, ...] = ("fd00::1/128",),
+    rx: int = 12345,
+    tx: int = 1 << 40,
+    keepalive: int = 25,
 ) -> bytes:
     parts = [encode_attribute(WGPEER_A_PUBLIC_KEY, bytes([key]) * 32)]
     if full:
         parts += [
             encode_attribute(WGPEER_A_PRESHARED_KEY, psk),
             encode_attribute(WGPEER_A_LAST_HANDSHAKE_TIME, struct.pack("=qq", handshake, 5000)),
-            encode_attribute(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, struct.pack("=H", 25)),
-            encode_attribute(WGPEER_A_TX_BYTES, struct.pack("=Q", 1 << 40)),
-            encode_attribute(WGPEER_A_RX_BYTES, struct.pack("=Q", 12345)),
+            encode_attribute(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, struct.pack("=H", keepalive)),
+            encode_attribute(WGPEER_A_TX_BYTES, struct.pack("=Q", tx)),
+            encode_attribute(WGPEER_A_RX_BYTES, struct.pack("=Q", rx)),
             encode_attribute(WGPEER_A_ENDPOINT, endpoint(at)),
         ]
     parts.append(nest(WGPEER_A_ALLOWEDIPS, [allowed(n) for n in networks]))
@@ -493,3 +498,69 @@ def test_a_reloaded_module_is_found_again_under_its_new_family() -> None:
     with pytest.raises(OSError):
         netlink.set(set_device_request("kubespan", None, 51822, None))
     assert fake.sent[5:] == [31, GENL_ID_CTRL, 31]
+
+
+def counting_full_parses(parser: DeviceParser) -> list[bytes]:
+    parsed: list[bytes] = []
+    full = parser._parse_peer
+
+    def counted(value: bytes) -> tuple[Any, bytes | None]:
+        parsed.append(value)
+        return full(value)
+
+    parser._parse_peer = counted  # type: ignore[method-assign]
+    return parsed
+
+
+def test_a_peer_whose_counters_alone_changed_has_only_its_counters_read() -> None:
+    """A peer that answers: new counters and handshake at every dump, nothing else."""
+    parser = DeviceParser()
+    parsed = counting_full_parses(parser)
+    seven = base64.b64encode(bytes([7]) * 32).decode()
+    first = parser.device([device_message([peer(7, rx=1, tx=2)])]).peers[seven]
+    later = parser.device([device_message([peer(7, rx=900, tx=800, handshake=1_700_000_000)])])
+    assert len(parsed) == 1
+    seen = later.peers[seven]
+    assert (
+        seen
+        == DeviceParser()
+        .device([device_message([peer(7, rx=900, tx=800, handshake=1_700_000_000)])])
+        .peers[seven]
+    )
+    assert (seen.rx_bytes, seen.tx_bytes) == (900, 800)
+    assert seen.last_handshake == pytest.approx(1_700_000_000, abs=0.01)
+    assert seen.allowed_ips is first.allowed_ips
+
+    # Anything else changed (here the endpoint, the same length): parsed in full.
+    moved = parser.device([device_message([peer(7, rx=901, at="192.0.2.8:51820")])])
+    assert len(parsed) == 2
+    assert str(moved.peers[seven].endpoint) == "192.0.2.8:51820"
+    # Counters back to zero and no handshake: read as such, not as the earlier values.
+    fresh = parser.device([device_message([peer(7, rx=0, tx=0, at="192.0.2.8:51820")])])
+    assert len(parsed) == 2
+    assert (fresh.peers[seven].rx_bytes, fresh.peers[seven].last_handshake) == (0, None)
+
+
+PEER_FIELDS = st.fixed_dictionaries(
+    {
+        "key": st.sampled_from([1, 2]),
+        "rx": st.sampled_from([0, 1, 1 << 33]),
+        "tx": st.sampled_from([0, 7]),
+        "handshake": st.sampled_from([0, 1_700_000_000]),
+        "keepalive": st.sampled_from([0, 25]),
+        "psk": st.sampled_from([bytes(32), b"\x05" * 32]),
+        "at": st.sampled_from([None, "192.0.2.7:51820", "192.0.2.8:51820", "[2001:db8::1]:9"]),
+        "networks": st.sampled_from([("fd00::1/128",), ("fd00::2/128",), ("10.0.0.0/8",)]),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(PEER_FIELDS, max_size=3), min_size=1, max_size=6))
+def test_a_parser_that_remembers_reads_every_dump_as_a_fresh_one(
+    dumps: list[list[dict[str, Any]]],
+) -> None:
+    parser = DeviceParser()
+    for fields in dumps:
+        message = [device_message([peer(**f) for f in fields])]
+        assert parser.device(message) == DeviceParser().device(message)

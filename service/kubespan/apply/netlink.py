@@ -66,17 +66,23 @@ def split_messages(buffer: bytes) -> list[Message]:
     return out
 
 
-def attributes(data: bytes) -> list[tuple[int, bytes]]:
-    """(type, payload) of every attribute, in order; type without the nested/order flags."""
+def attribute_spans(data: bytes) -> list[tuple[int, int, int]]:
+    """(type, start, end) of every attribute's payload in `data`, in order; type without the
+    nested/order flags."""
     out = []
     offset = 0
     while offset + ATTRIBUTE.size <= len(data):
         length, kind = ATTRIBUTE.unpack_from(data, offset)
         if length < ATTRIBUTE.size or offset + length > len(data):
             raise NetlinkFormatError(f"attribute length {length} at offset {offset} is invalid")
-        out.append((kind & NLA_TYPE_MASK, data[offset + ATTRIBUTE.size : offset + length]))
+        out.append((kind & NLA_TYPE_MASK, offset + ATTRIBUTE.size, offset + length))
         offset += align(length)
     return out
+
+
+def attributes(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, payload) of every attribute, in order; type without the nested/order flags."""
+    return [(kind, data[start:end]) for kind, start, end in attribute_spans(data)]
 
 
 def attribute_map(data: bytes) -> dict[int, bytes]:

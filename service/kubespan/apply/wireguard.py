@@ -29,11 +29,13 @@ from kubespan.apply.netlink import (
     Message,
     NetlinkFormatError,
     attribute_map,
+    attribute_spans,
     attributes,
     encode_attribute,
     u32,
 )
 from kubespan.apply.nlsocket import NetlinkSocket
+from kubespan.frozen import evolve
 from kubespan.model import ObservedPeer
 from kubespan.netaddr import Endpoint, IPNetwork, network_sort_key
 
@@ -141,7 +143,11 @@ def parse_endpoint(value: bytes) -> Endpoint | None:
 def parse_handshake(value: bytes) -> float | None:
     if len(value) != TIMESPEC.size:
         raise NetlinkFormatError(f"a handshake time of {len(value)} bytes")
-    seconds, nanos = TIMESPEC.unpack(value)
+    return _handshake_at(value, 0)
+
+
+def _handshake_at(value: bytes, offset: int) -> float | None:
+    seconds, nanos = TIMESPEC.unpack_from(value, offset)
     return None if not seconds else float(seconds) + float(nanos) / 1e9
 
 
@@ -158,10 +164,70 @@ def parse_allowed_ips(value: bytes) -> tuple[IPNetwork, ...]:
     return tuple(sorted(set(out), key=network_sort_key))
 
 
+# What a peer's dump says that changes while nothing else about it does: a live peer's
+# counters (and handshake) change at every pass, and nothing else while it stays where it is.
+_COUNTERS = (WGPEER_A_LAST_HANDSHAKE_TIME, WGPEER_A_RX_BYTES, WGPEER_A_TX_BYTES)
+# A peer's dump begins with its public key (header and key): with the dump's length, what a
+# layout is found by. Only a way to find it: a layout is used only when the rest matches.
+LAYOUT_PREFIX = 4 + KEY_SIZE
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A peer's dump but for its counters and handshake: the fixed parts of its bytes (every
+    attribute header among them) and where the counters' payloads are. A dump of the same
+    length whose fixed parts are these bytes is the same peer with other counters: nothing
+    else can differ, and the counters are read at these offsets, their sizes checked when
+    the layout was made (_parse_peer refuses a counter of another size)."""
+
+    length: int
+    fixed: tuple[tuple[int, int, bytes], ...]  # (start, end, bytes)
+    handshake: int | None  # the payloads' offsets; None: not in the dump
+    rx: int | None
+    tx: int | None
+    allowed: bytes | None  # the allowed-IP list's bytes (fixed too)
+
+    @staticmethod
+    def of(value: bytes, first: dict[int, tuple[int, int]], allowed: bytes | None) -> _Layout:
+        """`first`: each attribute type's first payload span (what the kernel reads)."""
+        moving = sorted(first[kind] for kind in _COUNTERS if kind in first)
+        fixed, start = [], 0
+        for begin, end in moving:
+            fixed.append((start, begin, value[start:begin]))
+            start = end
+        fixed.append((start, len(value), value[start:]))
+        where = {kind: first[kind][0] for kind in _COUNTERS if kind in first}
+        return _Layout(
+            len(value),
+            tuple(fixed),
+            where.get(WGPEER_A_LAST_HANDSHAKE_TIME),
+            where.get(WGPEER_A_RX_BYTES),
+            where.get(WGPEER_A_TX_BYTES),
+            allowed,
+        )
+
+    def matches(self, value: bytes) -> bool:
+        return len(value) == self.length and all(
+            value[start:end] == same for start, end, same in self.fixed
+        )
+
+    def read(self, value: bytes, peer: ObservedPeer) -> ObservedPeer:
+        """`peer` (parsed from a dump this layout matches) with `value`'s counters."""
+        handshake, rx, tx = self.handshake, self.rx, self.tx
+        return evolve(
+            peer,
+            last_handshake=None if handshake is None else _handshake_at(value, handshake),
+            rx_bytes=0 if rx is None else UNSIGNED[8].unpack_from(value, rx)[0],
+            tx_bytes=0 if tx is None else UNSIGNED[8].unpack_from(value, tx)[0],
+        )
+
+
 class DeviceParser:
     """Turns dump messages into a DeviceInfo; keeps parsed peers and allowed-IP lists by
     their bytes: a peer nobody talks to comes back byte for byte (a hundred dead peers were
-    most of an idle pass's dump), and allowed IPs change only when we change them."""
+    most of an idle pass's dump), and allowed IPs change only when we change them. A peer
+    that answers comes back with new counters and nothing else changed: its counters alone
+    are read (a hundred such peers, parsed in full, were half of an idle pass)."""
 
     def __init__(self) -> None:
         # What the last dump parsed, and this one: nothing outlives the dump after it.
@@ -171,6 +237,9 @@ class DeviceParser:
         # so that the list parsed stays the same object while the peer comes and goes).
         self._last_peers: dict[bytes, tuple[ObservedPeer, bytes | None]] = {}
         self._peers: dict[bytes, tuple[ObservedPeer, bytes | None]] = {}
+        # (prefix, length) -> a peer's layout and the peer last read with it.
+        self._last_layouts: dict[tuple[bytes, int], tuple[_Layout, ObservedPeer]] = {}
+        self._layouts: dict[tuple[bytes, int], tuple[_Layout, ObservedPeer]] = {}
 
     def _allowed_ips(self, value: bytes) -> tuple[IPNetwork, ...]:
         found = self._allowed.get(value) or self._last.get(value)
@@ -182,7 +251,7 @@ class DeviceParser:
     def peer(self, value: bytes) -> ObservedPeer:
         found = self._peers.get(value) or self._last_peers.get(value)
         if found is None:
-            found = self._parse_peer(value)
+            found = self._counters_only(value) or self._parse_peer(value)
         else:
             peer, allowed = found
             if allowed is not None:
@@ -190,8 +259,24 @@ class DeviceParser:
         self._peers[value] = found
         return found[0]
 
+    def _counters_only(self, value: bytes) -> tuple[ObservedPeer, bytes | None] | None:
+        """The peer, when a peer of the last dump had these bytes but for its counters."""
+        where = (value[:LAYOUT_PREFIX], len(value))
+        kept = self._layouts.get(where) or self._last_layouts.get(where)
+        if kept is None or not kept[0].matches(value):
+            return None
+        layout, before = kept
+        peer = layout.read(value, before)
+        self._layouts[where] = (layout, peer)
+        if layout.allowed is not None:
+            self._allowed[layout.allowed] = peer.allowed_ips
+        return peer, layout.allowed
+
     def _parse_peer(self, value: bytes) -> tuple[ObservedPeer, bytes | None]:
-        attrs = attribute_map(value)
+        first: dict[int, tuple[int, int]] = {}
+        for kind, start, end in attribute_spans(value):
+            first.setdefault(kind, (start, end))  # a repeated type: the kernel reads the first
+        attrs = {kind: value[start:end] for kind, (start, end) in first.items()}
         public_key = attrs.get(WGPEER_A_PUBLIC_KEY)
         if public_key is None:
             raise NetlinkFormatError("a WireGuard peer without its public key")
@@ -211,12 +296,17 @@ class DeviceParser:
             tx_bytes=_uint(tx, 8) if tx is not None else 0,
             preshared_key="" if psk is None or psk == ZERO_KEY else _key(psk),
         )
+        self._layouts[(value[:LAYOUT_PREFIX], len(value))] = (
+            _Layout.of(value, first, allowed),
+            peer,
+        )
         return peer, allowed
 
     def device(self, payloads: Iterable[bytes]) -> DeviceInfo:
         """The device in the payloads (generic netlink header first) of one dump."""
         self._last, self._allowed = self._allowed, {}
         self._last_peers, self._peers = self._peers, {}
+        self._last_layouts, self._layouts = self._layouts, {}
         info = DeviceInfo()
         for payload in payloads:
             if len(payload) < GENL_HEADER.size:

@@ -752,9 +752,9 @@ def _replan_up(
     inputs are the very objects they were then but for the kernel's peer: what _plan_member
     gives, when the peer is up, without ranking its candidates or making its report anew
     (peerstate.decide_up). None when it is not up, or the kernel has it at a relay's port."""
-    if relayed_endpoints(None, seen.endpoint, on_a_relay):
+    if seen.endpoint is not None and on_a_relay(seen.endpoint):
         return None
-    decision = decide_up(plan_input.now, kept.tracking, sighting(seen), plan_input.timing)
+    decision = decide_up(plan_input.now, kept.tracking, seen, plan_input.timing)
     if decision is None:
         return None
     member, key = kept.member, kept.spec.public_key

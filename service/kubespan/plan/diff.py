@@ -247,7 +247,13 @@ def diff(
     for peer in desired.peers:
         seen = seen_of(peer.public_key)
         kept = unchanged_of(peer.public_key)
-        if kept is not None and kept[0] is peer and kept[1] is seen and kept[2] == preshared_key:
+        if (
+            kept is not None
+            and kept[0] is peer
+            and kept[2] == preshared_key
+            and seen is not None
+            and (kept[1] is seen or _only_counters_moved(kept[1], seen))
+        ):
             continue
         change = diff_peer(link, peer, seen)
         if change is not None:
@@ -263,6 +269,18 @@ def diff(
 # preshared key they were compared under.
 _UNCHANGED: dict[str, tuple[PeerSpec, ObservedPeer, str]] = {}
 _UNCHANGED_MAX = 4096
+
+
+def _only_counters_moved(before: ObservedPeer, now: ObservedPeer) -> bool:
+    """Whether the kernel's peer is `before` but for what diff_peer does not read (its
+    counters and handshake): told by identity, as the dump's parser hands a peer that only
+    answered out with the very field objects it had (a live mesh: every peer, every pass)."""
+    return (
+        now.endpoint is before.endpoint
+        and now.allowed_ips is before.allowed_ips
+        and now.preshared_key is before.preshared_key
+        and now.keepalive == before.keepalive
+    )
 
 
 def _remember_unchanged(peer: PeerSpec, seen: ObservedPeer, preshared_key: str) -> None:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from kubespan.frozen import evolve
 from kubespan.model import PeerState
@@ -257,14 +258,30 @@ def observed_again(tracking: Tracking, now: float) -> Tracking:
     return copy
 
 
+class Sighted(Protocol):
+    """What decide_up reads of the kernel's peer: a Sighting, or the kernel's ObservedPeer
+    itself (the same names), which spares a copy per peer and pass."""
+
+    @property
+    def endpoint(self) -> Endpoint | None: ...
+    @property
+    def last_handshake(self) -> float | None: ...
+    @property
+    def rx_bytes(self) -> int: ...
+
+
 def decide_up(
-    now: float, previous: Tracking, sighting: Sighting, timing: Timing
+    now: float, previous: Tracking, sighted: Sighted, timing: Timing
 ) -> EndpointDecision | None:
     """decide_endpoint's decision for a peer that is up, made without its candidates: what
     a mesh of peers that answer asks for every peer at every round of probes. The caller
     vouches for what that leaves out: the candidates are those of the pass that made
     `previous` (so none is new), there are no path-check answers, and neither the tracked
     endpoint nor the kernel's is a relay's. None when the peer is not up (decide in full)."""
+    rhythm = _probed_again(now, previous, sighted, timing)
+    if rhythm is not None:
+        return rhythm
+    sighting = Sighting(sighted.endpoint, sighted.last_handshake, sighted.rx_bytes)
     tracking = observe(previous, sighting, now, now)
     assert tracking is not None  # previous is a tracking
     if peer_state(now, tracking, timing) is not PeerState.UP:
@@ -275,6 +292,57 @@ def decide_up(
 
 
 _NO_ANSWERS: Mapping[Endpoint, float] = {}
+
+
+def _probed_again(
+    now: float, previous: Tracking, sighting: Sighted, timing: Timing
+) -> EndpointDecision | None:
+    """The rhythm of a settled peer that answers: heard from since its trial, nothing under
+    trial, not roamed, due for a round of probes and not to be checked: probed again. What
+    observe, peer_state, _up and _keep_alive decide for it, in one copy of its tracking (a
+    live mesh asks this for every peer at every grain); None for anything else, which the
+    caller decides in full."""
+    rx, handshake = sighting.rx_bytes, sighting.last_handshake
+    heard = (
+        previous.observed_at
+        if rx > previous.rx_bytes or (handshake is not None and handshake != previous.handshake)
+        else previous.heard
+    )
+    if (
+        heard is None
+        or heard < previous.since  # not alive since its trial
+        or now - heard >= DOWN_AFTER
+        or previous.cycles
+        or len(previous.tried) > 1
+        or previous.trials > 1
+        or previous.failed
+        or (sighting.endpoint is not None and sighting.endpoint != previous.endpoint)
+        or previous.why.startswith("trial")
+        or now < on_grid(heard + timing.quiet, timing.probe_grain)  # quiet, or not yet due
+    ):
+        return None
+    since, last = previous.probe_since, previous.probed_at
+    if since is not None and since > heard:  # a round unanswered so far
+        if timing.quiet < DOWN_AFTER and now - since >= timing.probe_timeout:
+            return None  # a dead path
+        if last is not None and now - last < timing.probe_interval:
+            return None  # not due again yet
+    else:
+        since = now  # answered since: a new round
+    checked = previous.checked_at
+    if now - since >= timing.probe_interval and (checked is None or checked < since):
+        return None  # a check of its candidates is due
+    tracking = evolve(
+        previous,
+        handshake=handshake,
+        rx_bytes=rx,
+        heard=heard,
+        observed_at=now,
+        probe_since=since,
+        probed_at=now,
+    )
+    wake = min(since + timing.probe_timeout, now + timing.probe_interval)
+    return EndpointDecision(tracking, PeerState.UP, None, probe=True, wake_at=max(wake, now))
 
 
 def _found_heard(sighting: Sighting, now: float, wall_now: float) -> float | None:

@@ -319,10 +319,10 @@ class RelayClient(RawPortThread):
         on from this one for want of the other side, and this one is where both sides go
         now (without it the pair would wait out FAILED_FOR with no relay at all)."""
         failed = pair.failed
-        return next(
-            (r for r in pair.relays if failed.get(r.public_key, 0.0) <= now),
-            next((r for r in pair.relays if r.public_key in pair.passed_over), None),
-        )
+        fresh = next((r for r in pair.relays if failed.get(r.public_key, 0.0) <= now), None)
+        if fresh is not None:
+            return fresh
+        return next((r for r in pair.relays if r.public_key in pair.passed_over), None)
 
     def _follow_order(self, peer: bytes, pair: _Pair, first: RelayOffer | None) -> None:
         """A pair never forwarded yet whose order now ranks another relay first (the sides'
