@@ -134,7 +134,9 @@ def test_sites_whose_udp_is_blocked_are_relayed_then_direct_again(
         blocked_relayed_s=blocked.relayed_s,
         unblocked_direct_s=blocked.direct_again_s,
         relay_throughput_ratio=blocked.throughput_ratio,
+        relay_throughput_ratio_two_vms=blocked.throughput_ratio_two_vms,
         relay_direct_mb_per_s=blocked.direct_rate / 1e6,
+        relay_routed_mb_per_s=blocked.routed_rate / 1e6,
         relay_relayed_mb_per_s=blocked.relayed_rate / 1e6,
     )
 

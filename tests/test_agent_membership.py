@@ -28,6 +28,8 @@ from kubespan.identity import LinkHardware, load_or_create_identity
 from kubespan.model import ObservedLink
 from kubespan.plan.departed import HOLD_SECONDS
 from kubespan.plan.membership import Known, Membership
+from kubespan.plan.peerstate import GRAIN as TIMING_GRAIN
+from kubespan.plan.peerstate import WIDE_GRAIN, WIDE_MESH
 
 from agents import config_text, running, wait_for
 from fakekernel import FakeKernel, local_address
@@ -356,3 +358,39 @@ def test_what_a_node_that_left_was_routed_stays_in_the_tunnel_for_a_while(
         time.offset += 1
         beta.reconcile()
         assert not in_tunnel()
+
+
+def test_a_mesh_of_more_than_wide_mesh_peers_probes_on_the_wide_grid(
+    tmp_path: Path, cluster_id: str, cluster_secret: str
+) -> None:
+    """Up to WIDE_MESH members, the default timing and tick; past it, the agent plans with
+    the widened timing (rounds of probes every WIDE_GRAIN) and its tick makes no pass
+    between two rounds."""
+    time = FakeTime()
+    config = config_text("http://127.0.0.1:9", cluster_id, cluster_secret)
+    others = [node(tmp_path, f"m{i}", 20 + i, config, time)[0] for i in range(WIDE_MESH + 1)]
+    beta, kernel = node(tmp_path, "beta", 12, config, time)
+    for agent in others:
+        agent.reconcile()  # seals its record
+    with hostile_service() as service:
+
+        def listed(members: list[Agent]) -> None:
+            service.current.clear()
+            for agent in members:
+                assert agent.registration is not None
+                service.current[agent.registration.affiliate_id] = stored(agent)
+            beta._take(listing_of(service.url, service.honest_body()))
+            beta.reconcile()
+
+        listed(others[:WIDE_MESH])
+        assert len(peers(kernel)) == WIDE_MESH
+        assert beta.timing.probe_grain == beta.timing.backoff_grain == TIMING_GRAIN
+        beta._wake_at = None  # no trial to poll: the tick alone
+        assert beta.next_pass_at() == pytest.approx(time.clocks().monotonic() + 0.2)
+
+        listed(others)
+        assert len(peers(kernel)) == WIDE_MESH + 1
+        assert beta.timing.probe_grain == beta.timing.probe_interval == WIDE_GRAIN
+        assert beta.timing.backoff_grain == WIDE_GRAIN
+        beta._wake_at = None
+        assert beta.next_pass_at() == pytest.approx(time.clocks().monotonic() + 2 * WIDE_GRAIN)

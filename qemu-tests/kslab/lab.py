@@ -25,6 +25,9 @@ from kslab.router import LAN_IF, WAN_IF, Router, RouterSpec
 from kslab.vm import AttachedNic, NicSpec, Vm, VmSpec, render_network
 from kslab.wait import wait_until
 
+# What a capture keeps of each packet (tcpdump's snapshot length): see Lab.capture.
+CAPTURE_BYTES = 160
+
 
 class Lab:
     """Usage: `with Lab(workdir, image) as lab: ...`. Logs, state disks and fw_cfg files are
@@ -139,10 +142,18 @@ class Lab:
         return self.ns.run(argv, timeout=timeout, check=check)
 
     def capture(self, segment: str, name: str = "capture") -> Capture:
-        """Capture everything on a segment's bridge until `stop()`; ready when returned."""
+        """Capture every packet on a segment's bridge until `stop()`; ready when returned.
+        Each packet's first CAPTURE_BYTES are kept: every header the checks read (Ethernet,
+        IPv6, ICMPv6 and the IPv6 and UDP headers it quotes: 110 bytes) and the start of the
+        payload that tells WireGuard's messages apart. Whole packets would cost the host
+        (2 cores, running every VM) a copy of every byte a stream sends, twice over where it
+        crosses the segment twice (through a relay)."""
         path = self.workdir / f"{name}.pcap"
         bridge = self.segments[segment].bridge
-        process = self.spawn(name, ["tcpdump", "-i", bridge, "-n", "-U", "-w", str(path)])
+        process = self.spawn(
+            name,
+            ["tcpdump", "-i", bridge, "-n", "-U", "-s", str(CAPTURE_BYTES), "-w", str(path)],
+        )
         capture = Capture(process, path)
         capture.wait_ready()
         return capture

@@ -31,6 +31,13 @@ def evolve(record: Record, **changes: Any) -> Record:
     return copy
 
 
+def require_plain(cls: type) -> None:
+    """Refuse (TypeError) a class that is not a plain frozen dataclass: for the few places
+    that copy a record's __dict__ themselves, as evolve does, on a path too hot for its
+    checks at every call; called once, where they are defined."""
+    _field_names(cls)
+
+
 @functools.cache
 def _field_names(cls: type) -> frozenset[str]:
     if not dataclasses.is_dataclass(cls):

@@ -2,9 +2,10 @@
 
 Inputs arrive on one queue (discovery listings and failures, the public address discovery
 saw, kernel changes, stop); a pass runs after each batch of inputs and at least every TICK
-seconds, since peer state needs time to pass. Doing a pass twice changes nothing the second
-time. Nothing ends the loop but Stop or a new config: any error in a pass is logged, backed
-off and retried.
+seconds (twice WIDE_GRAIN in a mesh of more than WIDE_MESH peers, whose rounds of probes
+come every WIDE_GRAIN), since peer state needs time to pass. Doing a pass twice changes
+nothing the second time. Nothing ends the loop but Stop or a new config: any error in a pass
+is logged, backed off and retried.
 
 Members come from sealed records only (plan/membership.py), kept in the peer cache on the
 state partition, so a node that boots while discovery is down rebuilds its mesh from the
@@ -96,7 +97,14 @@ from kubespan.plan.diff import (
 from kubespan.plan.harvest import Harvest, harvest_candidates
 from kubespan.plan.local import advertised_endpoints, excluded, underlay_networks
 from kubespan.plan.membership import Membership, absorb, expire
-from kubespan.plan.peerstate import Timing, Tracking, given_up, trial_seconds
+from kubespan.plan.peerstate import (
+    WIDE_GRAIN,
+    WIDE_MESH,
+    Timing,
+    Tracking,
+    given_up,
+    trial_seconds,
+)
 from kubespan.relay.choice import (
     RTT_IDLE_SAMPLE_EVERY,
     RTT_SAMPLE_EVERY,
@@ -433,7 +441,9 @@ class Agent:
 
     def _init_paths(self, config: MachineConfig) -> None:
         """What the agent tracks about its own way out and when to look again."""
-        self.timing = Timing(trial=trial_seconds(config.kubespan.endpoint_trial_seconds))
+        self._narrow_timing = Timing(trial=trial_seconds(config.kubespan.endpoint_trial_seconds))
+        self._wide_timing = self._narrow_timing.widened()
+        self.timing = self._narrow_timing  # widened for a mesh of more than WIDE_MESH
         self._underlay: tuple[IPAddress, ...] | None = None
         self._underlay_changed_at: float | None = None
         self._wake_at: float | None = None
@@ -501,7 +511,10 @@ class Agent:
     def next_pass_at(self) -> float:
         """After the tick, or sooner when a trial or a probe needs a look (not too soon)."""
         now = self.clocks.monotonic()
-        next_pass = now + self.tick
+        # A wide mesh's rounds come every WIDE_GRAIN, longer than the tick: a tick between
+        # two would be a pass for nothing.
+        tick = self.tick if self.timing is self._narrow_timing else 2 * WIDE_GRAIN
+        next_pass = now + max(self.tick, tick)
         if self._wake_at is not None:
             next_pass = min(next_pass, max(self._wake_at, now + MIN_PASS_GAP_SECONDS))
         return next_pass
@@ -1050,6 +1063,8 @@ class Agent:
         roamed = self._roamed(info.addresses, now)
         self._set_membership(*expire(self.membership, wall, _GivenUp(self, now)))
         members = self.membership.members() if self.members_known else None
+        wide = members is not None and len(members) > WIDE_MESH
+        self.timing = self._wide_timing if wide else self._narrow_timing
         departed_keys = self.membership.departed_keys()
         self._hold_departed(observed, departed_keys, now)
         if self.paths is not None:

@@ -58,20 +58,26 @@ class TunnelProber:
         destinations = self._destinations
         if len(destinations) > 2 * len(targets) + 64:
             destinations.clear()  # peers gone: start over rather than grow
+        # One packet for the round: answers are not read, so nothing tells the probes of a
+        # round apart (each peer gets one). The kernel fills in the checksum of raw ICMPv6
+        # sockets.
+        self._sequence = (self._sequence + 1) & 0xFFFF
+        packet = (
+            struct.pack("!BBHHH", ICMP6_ECHO_REQUEST, 0, 0, self._identifier, self._sequence)
+            + PAYLOAD
+        )
+        sendto = None  # the socket's, looked up once per round (again after a failure)
         for target in targets:
-            self._sequence = (self._sequence + 1) & 0xFFFF
-            # The kernel fills in the checksum of raw ICMPv6 sockets.
-            packet = (
-                struct.pack("!BBHHH", ICMP6_ECHO_REQUEST, 0, 0, self._identifier, self._sequence)
-                + PAYLOAD
-            )
             destination = destinations.get(target)
             if destination is None:
                 destination = destinations[target] = (str(target), 0)
             try:
-                self._open().sendto(packet, destination)
+                if sendto is None:
+                    sendto = self._open().sendto
+                sendto(packet, destination)
                 sent += 1
             except OSError as error:
+                sendto = None  # _failed may have closed the socket
                 self._failed(target, error)
         return sent
 

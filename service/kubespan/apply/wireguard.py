@@ -35,7 +35,7 @@ from kubespan.apply.netlink import (
     u32,
 )
 from kubespan.apply.nlsocket import NetlinkSocket
-from kubespan.frozen import evolve
+from kubespan.frozen import require_plain
 from kubespan.model import ObservedPeer
 from kubespan.netaddr import Endpoint, IPNetwork, network_sort_key
 
@@ -164,6 +164,9 @@ def parse_allowed_ips(value: bytes) -> tuple[IPNetwork, ...]:
     return tuple(sorted(set(out), key=network_sort_key))
 
 
+_U64 = UNSIGNED[8]
+require_plain(ObservedPeer)  # _Layout.read copies it as evolve would
+
 # What a peer's dump says that changes while nothing else about it does: a live peer's
 # counters (and handshake) change at every pass, and nothing else while it stays where it is.
 _COUNTERS = (WGPEER_A_LAST_HANDSHAKE_TIME, WGPEER_A_RX_BYTES, WGPEER_A_TX_BYTES)
@@ -207,19 +210,26 @@ class _Layout:
         )
 
     def matches(self, value: bytes) -> bool:
-        return len(value) == self.length and all(
-            value[start:end] == same for start, end, same in self.fixed
-        )
+        if len(value) != self.length:
+            return False
+        # A plain loop, half the time of all() over a generator: for every peer, every pass.
+        for start, end, same in self.fixed:  # noqa: SIM110
+            if value[start:end] != same:
+                return False
+        return True
 
     def read(self, value: bytes, peer: ObservedPeer) -> ObservedPeer:
-        """`peer` (parsed from a dump this layout matches) with `value`'s counters."""
+        """`peer` (parsed from a dump this layout matches) with `value`'s counters: a copy
+        made as frozen.evolve makes it, with the three fields set directly (for every peer
+        that answers, at every pass)."""
         handshake, rx, tx = self.handshake, self.rx, self.tx
-        return evolve(
-            peer,
-            last_handshake=None if handshake is None else _handshake_at(value, handshake),
-            rx_bytes=0 if rx is None else UNSIGNED[8].unpack_from(value, rx)[0],
-            tx_bytes=0 if tx is None else UNSIGNED[8].unpack_from(value, tx)[0],
-        )
+        copy: ObservedPeer = object.__new__(ObservedPeer)
+        state = copy.__dict__
+        state.update(peer.__dict__)
+        state["last_handshake"] = None if handshake is None else _handshake_at(value, handshake)
+        state["rx_bytes"] = 0 if rx is None else _U64.unpack_from(value, rx)[0]
+        state["tx_bytes"] = 0 if tx is None else _U64.unpack_from(value, tx)[0]
+        return copy
 
 
 class DeviceParser:
