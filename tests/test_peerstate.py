@@ -21,13 +21,13 @@ from kubespan.plan.peerstate import (
     Sighting,
     Timing,
     Tracking,
-    _probed_again,
     decide_endpoint,
     decide_up,
     dwell,
     given_up,
     on_grid,
     peer_state,
+    probed_again,
     trial_seconds,
 )
 
@@ -787,7 +787,7 @@ _GRAIN = TIMING.probe_grain
 def _rhythm_case(draw: st.DrawFn) -> tuple[float, Tracking, Sighting, Timing]:
     """A settled up peer in a live mesh's rhythm: probed on the grid, its probes answered or
     not, its path maybe dying, looked at on the grid or between (a pass an event brings);
-    what decide_up's shortcut for it (_probed_again) sees."""
+    what decide_up's shortcut for it (probed_again) sees."""
     timing = draw(st.sampled_from((TIMING, WIDE)))
     grain = timing.probe_grain
     observed_at = T0 + draw(st.integers(0, 10)) * grain + draw(st.sampled_from((0.0, 0.01)))
@@ -826,7 +826,7 @@ def test_decide_up_is_decide_endpoint_for_an_up_peer(
     """The planner's shortcut for peers that stay up (plan.desired._replan_up) decides as
     decide_endpoint does, given what its caller vouches for (the same candidates, no path
     check answers, no relay); it declines every peer that is not up. Drawn from every
-    state (_up_case) and from a live mesh's rhythm (_rhythm_case: _probed_again's ground,
+    state (_up_case) and from a live mesh's rhythm (_rhythm_case: probed_again's ground,
     which _up_case seldom draws), in a mesh of either width."""
     now, previous, sighting, timing = case
     full = decide_endpoint(now, WALL + now - T0, CANDIDATES, previous, sighting, timing)
@@ -857,27 +857,27 @@ def probed_at(probed: float, grain: float) -> Tracking:
     )
 
 
-def test_a_peer_that_answered_its_probe_is_probed_again_by_the_shortcut() -> None:
+def test_a_peer_that_answered_its_probe_isprobed_again_by_the_shortcut() -> None:
     at = CANDIDATES[0]
     probed = T0 + 10 * _GRAIN
     previous = probed_at(probed, _GRAIN)
     now = probed + _GRAIN
     answered = Sighting(at, WALL, 200)
-    quick = _probed_again(now, previous, answered, TIMING)
+    quick = probed_again(now, previous, answered, TIMING)
     assert quick is not None and quick.probe and quick.tracking.heard == probed
     assert quick == decide_endpoint(now, WALL + now - T0, CANDIDATES, previous, answered, TIMING)
     # Unanswered, its candidates checked in this round: probed again in the same round.
     silent, checked = Sighting(at, WALL, 100), replace(previous, checked_at=probed)
-    again = _probed_again(now, checked, silent, TIMING)
+    again = probed_again(now, checked, silent, TIMING)
     assert again is not None and again.tracking.probe_since == probed
     assert again == decide_endpoint(now, WALL + now - T0, CANDIDATES, checked, silent, TIMING)
     # Unanswered for a probe interval and not checked yet: decided in full (a check).
-    assert _probed_again(now, previous, silent, TIMING) is None
+    assert probed_again(now, previous, silent, TIMING) is None
     # Unanswered for the probe timeout, checked and probed again meanwhile: a dead path,
     # decided in full (down, and the next candidate tried).
     late = probed + 3 * _GRAIN
     dying = replace(previous, checked_at=probed + _GRAIN, probed_at=probed + 2 * _GRAIN)
-    assert _probed_again(late, dying, silent, TIMING) is None
+    assert probed_again(late, dying, silent, TIMING) is None
     full = decide_endpoint(late, WALL + late - T0, CANDIDATES, dying, silent, TIMING)
     assert full.state is not UP
 
@@ -894,7 +894,7 @@ def test_a_pass_between_two_rounds_keeps_an_answered_peer_by_the_shortcut(
     previous = probed_at(probed, grain)
     between = probed + grain / 2
     answered = Sighting(at, WALL, 200)
-    kept = _probed_again(between, previous, answered, timing)
+    kept = probed_again(between, previous, answered, timing)
     assert kept is not None and not kept.probe and kept.state is UP
     assert kept.tracking.heard == probed and kept.tracking.probe_since is None
     assert kept.wake_at == kept.steady_until == on_grid(probed + timing.quiet, grain)
@@ -902,7 +902,7 @@ def test_a_pass_between_two_rounds_keeps_an_answered_peer_by_the_shortcut(
     assert kept == full
     # Its next round: probed on the grid, by the shortcut again.
     assert kept.wake_at is not None
-    again = _probed_again(kept.wake_at, kept.tracking, answered, timing)
+    again = probed_again(kept.wake_at, kept.tracking, answered, timing)
     assert again is not None and again.probe
     # Unanswered so far: not for the shortcut between rounds.
-    assert _probed_again(between, previous, Sighting(at, WALL, 100), timing) is None
+    assert probed_again(between, previous, Sighting(at, WALL, 100), timing) is None

@@ -236,11 +236,20 @@ def test_peers_that_answer_are_decided_again_without_their_candidates(
     so none is steady; each is decided by decide_up (no ranking, no full decision), probed
     at every round, and planned as a node without the memo plans it."""
     decided = count_full_decisions(monkeypatch)
+    in_place: list[str] = []
+    probed_in_place = desired._probed_in_place
+
+    def counted(kept: Any, *args: Any) -> None:
+        in_place.append(kept.spec.public_key)
+        probed_in_place(kept, *args)
+
+    monkeypatch.setattr(desired, "_probed_in_place", counted)
     members = tuple(member(n) for n in range(1, PEERS + 1))
     with_memo, without = Node(PeerMemo()), Node(None)
     timing = Timing()
     now = 50_000.0
     for index in range(60):
+        in_place.clear()
         for node in (with_memo, without):
             link = node.kernel.link
             for peer in link.peers if link is not None and index > 0 else ():
@@ -254,6 +263,8 @@ def test_peers_that_answer_are_decided_again_without_their_candidates(
     assert planned_in_full == 0, f"{planned_in_full} answering peers planned in full"
     assert all(report.state is PeerState.UP for report in ours.reports)
     assert len(ours.probes) == PEERS
+    # A round of probes: each peer's memo entry brought to it in place (_probed_in_place).
+    assert sorted(in_place) == sorted(m.info.public_key for m in members)
 
 
 def test_a_peer_observed_again_is_what_observe_makes_of_the_values_it_holds() -> None:

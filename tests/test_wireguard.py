@@ -104,8 +104,12 @@ def peer(
     rx: int = 12345,
     tx: int = 1 << 40,
     keepalive: int = 25,
+    omit: tuple[int, ...] = (),
+    reverse: bool = False,
 ) -> bytes:
-    parts = [encode_attribute(WGPEER_A_PUBLIC_KEY, bytes([key]) * 32)]
+    """A peer's dump; `omit`: attribute types left out; `reverse`: the attributes after the
+    public key in the reverse order (the kernel's order is not a contract)."""
+    parts = []
     if full:
         parts += [
             encode_attribute(WGPEER_A_PRESHARED_KEY, psk),
@@ -116,7 +120,10 @@ def peer(
             encode_attribute(WGPEER_A_ENDPOINT, endpoint(at)),
         ]
     parts.append(nest(WGPEER_A_ALLOWEDIPS, [allowed(n) for n in networks]))
-    return nest(0, parts)
+    parts = [part for part in parts if struct.unpack_from("=H", part, 2)[0] not in omit]
+    if reverse:
+        parts.reverse()
+    return nest(0, [encode_attribute(WGPEER_A_PUBLIC_KEY, bytes([key]) * 32), *parts])
 
 
 def device_message(peers: list[bytes], first: bool = True, private: bytes = b"\x07" * 32) -> bytes:
@@ -551,6 +558,15 @@ PEER_FIELDS = st.fixed_dictionaries(
         "psk": st.sampled_from([bytes(32), b"\x05" * 32]),
         "at": st.sampled_from([None, "192.0.2.7:51820", "192.0.2.8:51820", "[2001:db8::1]:9"]),
         "networks": st.sampled_from([("fd00::1/128",), ("fd00::2/128",), ("10.0.0.0/8",)]),
+        "omit": st.sampled_from(
+            [
+                (),
+                (WGPEER_A_RX_BYTES,),
+                (WGPEER_A_LAST_HANDSHAKE_TIME,),
+                (WGPEER_A_TX_BYTES, WGPEER_A_RX_BYTES),
+            ]
+        ),
+        "reverse": st.booleans(),
     }
 )
 

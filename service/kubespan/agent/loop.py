@@ -251,6 +251,8 @@ RelayServerFactory = Callable[[bytes, bytes, bytes, PortRange, int], RelayCarrie
 
 
 # What of a peer's report the status file must say at once when it changes (not counters).
+_STATE = operator.attrgetter("state")
+_KEY_AND_STATE = operator.attrgetter("public_key", "state")
 _LASTING_REPORT = operator.attrgetter(
     "public_key", "state", "endpoint", "relay", "why", "refused", "candidates"
 )
@@ -1369,7 +1371,7 @@ class Agent:
         self._write_status(status, to_file)
         if to_file:
             self._status_file_said, self._status_file_at = lasting, now
-        up = sum(1 for r in reports if r.state is PeerState.UP)
+        up = list(map(_STATE, reports)).count(PeerState.UP)  # no Python per report
         line = f"{len(reports)} peers, {up} up"
         if line != self._status_line:  # systemd has it: each datagram costs PID 1 work too
             self._status_line = line
@@ -1437,7 +1439,7 @@ class Agent:
         log.log(logging.DEBUG if routine else logging.INFO, "applied %s", operation.render())
 
     def _log_state_changes(self, reports: tuple[PeerReport, ...]) -> None:
-        states = {r.public_key: r.state for r in reports}
+        states = dict(map(_KEY_AND_STATE, reports))  # no Python step per report
         if states == self._states:
             return  # an idle pass: no peer changed state
         wall = self.clocks.wall()

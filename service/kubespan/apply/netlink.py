@@ -76,7 +76,7 @@ def attribute_spans(data: bytes) -> list[tuple[int, int, int]]:
         if length < ATTRIBUTE.size or offset + length > len(data):
             raise NetlinkFormatError(f"attribute length {length} at offset {offset} is invalid")
         out.append((kind & NLA_TYPE_MASK, offset + ATTRIBUTE.size, offset + length))
-        offset += align(length)
+        offset += (length + 3) & ~3  # align(), inline: for every attribute of every dump
     return out
 
 

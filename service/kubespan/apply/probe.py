@@ -35,8 +35,11 @@ class TunnelProber:
         self._sequence = 0
         self._failures = 0
         # Each target's text, made once: a peer is probed at every round, and formatting an
-        # IPv6 address was half of sending its probe.
-        self._destinations: dict[ipaddress.IPv6Address, tuple[str, int]] = {}
+        # IPv6 address was half of sending its probe. Found by the address object's identity
+        # (the members' records hand out the same objects pass after pass; hashing an
+        # IPv6Address formats it in Python): its id, and the object itself, which is held
+        # so that the id stays its own.
+        self._destinations: dict[int, tuple[ipaddress.IPv6Address, tuple[str, int]]] = {}
 
     def _open(self) -> socket.socket:
         if self._socket is None:
@@ -68,13 +71,13 @@ class TunnelProber:
         )
         sendto = None  # the socket's, looked up once per round (again after a failure)
         for target in targets:
-            destination = destinations.get(target)
-            if destination is None:
-                destination = destinations[target] = (str(target), 0)
+            known = destinations.get(id(target))
+            if known is None or known[0] is not target:
+                known = destinations[id(target)] = (target, (str(target), 0))
             try:
                 if sendto is None:
                     sendto = self._open().sendto
-                sendto(packet, destination)
+                sendto(packet, known[1])
                 sent += 1
             except OSError as error:
                 sendto = None  # _failed may have closed the socket

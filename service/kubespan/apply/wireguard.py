@@ -143,11 +143,7 @@ def parse_endpoint(value: bytes) -> Endpoint | None:
 def parse_handshake(value: bytes) -> float | None:
     if len(value) != TIMESPEC.size:
         raise NetlinkFormatError(f"a handshake time of {len(value)} bytes")
-    return _handshake_at(value, 0)
-
-
-def _handshake_at(value: bytes, offset: int) -> float | None:
-    seconds, nanos = TIMESPEC.unpack_from(value, offset)
+    seconds, nanos = TIMESPEC.unpack(value)
     return None if not seconds else float(seconds) + float(nanos) / 1e9
 
 
@@ -164,8 +160,7 @@ def parse_allowed_ips(value: bytes) -> tuple[IPNetwork, ...]:
     return tuple(sorted(set(out), key=network_sort_key))
 
 
-_U64 = UNSIGNED[8]
-require_plain(ObservedPeer)  # _Layout.read copies it as evolve would
+require_plain(ObservedPeer)  # DeviceParser._counters_only copies it as evolve would
 
 # What a peer's dump says that changes while nothing else about it does: a live peer's
 # counters (and handshake) change at every pass, and nothing else while it stays where it is.
@@ -183,9 +178,13 @@ class _Layout:
     else can differ, and the counters are read at these offsets, their sizes checked when
     the layout was made (_parse_peer refuses a counter of another size)."""
 
-    length: int
     fixed: tuple[tuple[int, int, bytes], ...]  # (start, end, bytes)
-    handshake: int | None  # the payloads' offsets; None: not in the dump
+    # The counters' payloads, read in one unpack from `start` (the bytes between skipped):
+    # the handshake's seconds and nanoseconds, rx, tx, each at its index in what `counters`
+    # gives (None: not in the dump).
+    counters: struct.Struct
+    start: int
+    handshake: int | None
     rx: int | None
     tx: int | None
     allowed: bytes | None  # the allowed-IP list's bytes (fixed too)
@@ -193,43 +192,30 @@ class _Layout:
     @staticmethod
     def of(value: bytes, first: dict[int, tuple[int, int]], allowed: bytes | None) -> _Layout:
         """`first`: each attribute type's first payload span (what the kernel reads)."""
-        moving = sorted(first[kind] for kind in _COUNTERS if kind in first)
+        present = sorted((first[kind], kind) for kind in _COUNTERS if kind in first)
         fixed, start = [], 0
-        for begin, end in moving:
+        for (begin, end), _ in present:
             fixed.append((start, begin, value[start:begin]))
             start = end
         fixed.append((start, len(value), value[start:]))
-        where = {kind: first[kind][0] for kind in _COUNTERS if kind in first}
+        begin = present[0][0][0] if present else 0
+        codes, at, index = ["="], begin, 0
+        where: dict[int, int] = {}
+        for (payload, end), kind in present:
+            codes.append(f"{payload - at}x" if payload > at else "")
+            codes.append("qq" if kind == WGPEER_A_LAST_HANDSHAKE_TIME else "Q")
+            where[kind] = index
+            index += 2 if kind == WGPEER_A_LAST_HANDSHAKE_TIME else 1
+            at = end
         return _Layout(
-            len(value),
             tuple(fixed),
+            struct.Struct("".join(codes)),
+            begin,
             where.get(WGPEER_A_LAST_HANDSHAKE_TIME),
             where.get(WGPEER_A_RX_BYTES),
             where.get(WGPEER_A_TX_BYTES),
             allowed,
         )
-
-    def matches(self, value: bytes) -> bool:
-        if len(value) != self.length:
-            return False
-        # A plain loop, half the time of all() over a generator: for every peer, every pass.
-        for start, end, same in self.fixed:  # noqa: SIM110
-            if value[start:end] != same:
-                return False
-        return True
-
-    def read(self, value: bytes, peer: ObservedPeer) -> ObservedPeer:
-        """`peer` (parsed from a dump this layout matches) with `value`'s counters: a copy
-        made as frozen.evolve makes it, with the three fields set directly (for every peer
-        that answers, at every pass)."""
-        handshake, rx, tx = self.handshake, self.rx, self.tx
-        copy: ObservedPeer = object.__new__(ObservedPeer)
-        state = copy.__dict__
-        state.update(peer.__dict__)
-        state["last_handshake"] = None if handshake is None else _handshake_at(value, handshake)
-        state["rx_bytes"] = 0 if rx is None else _U64.unpack_from(value, rx)[0]
-        state["tx_bytes"] = 0 if tx is None else _U64.unpack_from(value, tx)[0]
-        return copy
 
 
 class DeviceParser:
@@ -270,13 +256,31 @@ class DeviceParser:
         return found[0]
 
     def _counters_only(self, value: bytes) -> tuple[ObservedPeer, bytes | None] | None:
-        """The peer, when a peer of the last dump had these bytes but for its counters."""
+        """The peer, when a peer of the last dump had these bytes but for its counters (its
+        layout's fixed bytes match; the dump's length is in what finds the layout): a copy
+        of that peer made as frozen.evolve makes it, with the counters read at the layout's
+        offsets. In one function, plain loops and one unpack: for every peer that answers,
+        at every pass."""
         where = (value[:LAYOUT_PREFIX], len(value))
         kept = self._layouts.get(where) or self._last_layouts.get(where)
-        if kept is None or not kept[0].matches(value):
+        if kept is None:
             return None
         layout, before = kept
-        peer = layout.read(value, before)
+        for start, end, same in layout.fixed:
+            if value[start:end] != same:
+                return None
+        counters = layout.counters.unpack_from(value, layout.start)
+        handshake, rx, tx = layout.handshake, layout.rx, layout.tx
+        peer: ObservedPeer = object.__new__(ObservedPeer)
+        fields = peer.__dict__
+        fields.update(before.__dict__)
+        if handshake is not None and counters[handshake]:  # seconds, as parse_handshake
+            seconds, nanos = counters[handshake], counters[handshake + 1]
+            fields["last_handshake"] = float(seconds) + float(nanos) / 1e9
+        else:
+            fields["last_handshake"] = None
+        fields["rx_bytes"] = 0 if rx is None else counters[rx]
+        fields["tx_bytes"] = 0 if tx is None else counters[tx]
         self._layouts[where] = (layout, peer)
         if layout.allowed is not None:
             self._allowed[layout.allowed] = peer.allowed_ips

@@ -11,7 +11,7 @@ from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from kubespan.config import KubeSpanConfig
-from kubespan.frozen import evolve
+from kubespan.frozen import require_plain
 from kubespan.model import (
     DesiredState,
     LinkSpec,
@@ -34,8 +34,9 @@ from kubespan.plan.peerstate import (
     Timing,
     Tracking,
     decide_endpoint,
-    decide_up,
+    decide_up_in_full,
     observed_again,
+    probed_again,
 )
 from kubespan.plan.ruleset import RulesetSpec, routing_spec
 
@@ -232,6 +233,7 @@ def member_set(
 
 Result = TypeVar("Result")
 _ALLOWED_IPS = operator.attrgetter("allowed_ips")
+_PUBLIC_KEY = operator.attrgetter("public_key")
 _KEY_AND_IPS = operator.attrgetter("public_key", "allowed_ips")
 
 
@@ -332,7 +334,13 @@ def kept_peers(plan_input: PlanInput, known: set[str] | None = None) -> Peers:
     did not leave and carry this cluster's preshared key, until they have been down for
     DOWN_AFTER (a handshake under that key proves a member, whatever discovery says)."""
     out = Peers()
-    for seen in plan_input.observed.peers if plan_input.observed else ():
+    observed = plan_input.observed
+    found = observed.peers if observed is not None else ()
+    if known is not None and observed is not None:
+        # Members' peers skipped without a Python step each (every pass, every member).
+        strangers = observed.peer_by_key.keys() - known
+        found = tuple(p for p in found if p.public_key in strangers) if strangers else ()
+    for seen in found:
         key = seen.public_key
         if known is not None and (
             key in known
@@ -379,7 +387,8 @@ def plan(plan_input: PlanInput) -> Plan:
     warnings: list[str] = []
     held_back: list[IPNetwork] = []
     planned = member_peers(plan_input, plan_input.members, warnings, held_back)
-    known = {p.public_key for p in planned.peers} | {plan_input.public_key}
+    known = set(map(_PUBLIC_KEY, planned.peers))
+    known.add(plan_input.public_key)
     kept = kept_peers(plan_input, known)
     if kept.peers or plan_input.departed_ranges:
         taken = {4: IntervalSet(), 6: IntervalSet()}
@@ -503,9 +512,10 @@ class PeerMemo:
 
     A peer that answers changes the kernel's counters at every round of probes, so it is
     never steady; while it is up on a direct path, with the rest of its inputs the same
-    objects, it is decided again by peerstate.decide_up and its report copied with the new
-    counters (_replan_up), not ranked and decided in full: what a mesh of a hundred live
-    peers costs at every grain.
+    objects, it is decided again by peerstate.probed_again (or decide_up_in_full) and its
+    report copied with the new counters (_replan_up), not ranked and decided in full; a
+    round's decision to probe it again is written into its entry in place
+    (_probed_in_place): what a mesh of a hundred live peers costs at every grain.
     """
 
     planned: dict[str, _Planned] = field(default_factory=dict)
@@ -617,7 +627,7 @@ def member_peers(
         # A member keeps an empty mapping once its answers are old (see PathChecker.answers).
         answered = (key for key, by_endpoint in plan_input.answers.items() if by_endpoint)
         never_kept = never_kept.union(answered, plan_input.relayed.keys())
-    now = plan_input.now
+    now, timing, nudge_all = plan_input.now, plan_input.timing, plan_input.nudge_all
     # Looked up once: the loop below runs for every member at every pass, and a kept peer
     # (most of an idle node's) costs little more than these lookups.
     kept_of = memo.planned.get if memo is not None and memo_usable else None
@@ -639,10 +649,22 @@ def member_peers(
                     out_specs.append(kept.spec)
                     out_reports.append(kept.report)
                     continue
-                if kept.direct_probed and seen is not None:
+                if (
+                    kept.direct_probed
+                    and seen is not None
+                    and (
+                        seen.endpoint is None
+                        or on_a_relay is _no_relay
+                        or not on_a_relay(seen.endpoint)
+                    )
+                ):
                     # Only the kernel's view of it changed (its counters, as a peer that
                     # answers probes does at every round).
-                    replanned = _replan_up(plan_input, kept, seen, on_a_relay, out)
+                    rhythm = probed_again(now, kept.tracking, seen, timing)
+                    if rhythm is not None and rhythm.probe and not nudge_all:
+                        _probed_in_place(kept, seen, rhythm, out)
+                        continue
+                    replanned = _replan_up(plan_input, kept, seen, rhythm, on_a_relay, out)
                     if replanned is not None:
                         assert memo is not None  # kept_of is its
                         memo.keep(key, kept.tracking, replanned, True)
@@ -736,8 +758,9 @@ def _only_sent_more(kept: _Planned, seen: ObservedPeer | None) -> bool:
         or seen.endpoint != before.endpoint
     ):
         return False
+    report = kept.report
     kept.seen = seen
-    kept.report = evolve(kept.report, tx_bytes=seen.tx_bytes)
+    kept.report = _with_counters(report, report.state, report.endpoint, seen, report.why)
     return True
 
 
@@ -745,16 +768,20 @@ def _replan_up(
     plan_input: PlanInput,
     kept: _Planned,
     seen: ObservedPeer,
+    rhythm: EndpointDecision | None,
     on_a_relay: Callable[[Endpoint], bool],
     out: Peers,
 ) -> _Planned | None:
     """Plan again, into `out`, a member kept at the pass before as direct_probed, whose
-    inputs are the very objects they were then but for the kernel's peer: what _plan_member
-    gives, when the peer is up, without ranking its candidates or making its report anew
-    (peerstate.decide_up). None when it is not up, or the kernel has it at a relay's port."""
-    if seen.endpoint is not None and on_a_relay(seen.endpoint):
-        return None
-    decision = decide_up(plan_input.now, kept.tracking, seen, plan_input.timing)
+    inputs are the very objects they were then but for the kernel's peer (not at a relay's
+    port): what _plan_member gives, when the peer is up, without ranking its candidates or
+    making its report anew. `rhythm`: probed_again's decision, if it had one; without it,
+    decide_up's. None when it is not up."""
+    decision = (
+        rhythm
+        if rhythm is not None
+        else decide_up_in_full(plan_input.now, kept.tracking, seen, plan_input.timing)
+    )
     if decision is None:
         return None
     member, key = kept.member, kept.spec.public_key
@@ -769,18 +796,62 @@ def _replan_up(
         spec = PeerSpec(key, spec.name, spec.allowed_ips, decision.set_endpoint)
     # As _report makes it: no refused claims, path-check answers or relay (or the memo
     # would not have kept the member).
-    report = evolve(
+    report = _with_counters(
         kept.report,
-        state=decision.state,
-        endpoint=decision.set_endpoint or seen.endpoint,
-        last_handshake=seen.last_handshake,
-        rx_bytes=seen.rx_bytes,
-        tx_bytes=seen.tx_bytes,
-        why=decision.tracking.why,
+        decision.state,
+        decision.set_endpoint or seen.endpoint,
+        seen,
+        decision.tracking.why,
     )
     out.peers.append(spec)
     out.reports.append(report)
     return _Planned(member, seen, decision, spec, report, True)
+
+
+def _probed_in_place(
+    kept: _Planned, seen: ObservedPeer, decision: EndpointDecision, out: Peers
+) -> None:
+    """What _replan_up and PeerMemo.keep do with probed_again's decision to probe the peer
+    again (up, no endpoint set, nothing to nudge, check or restart, no steady time), done
+    in `kept` itself: for every peer that answers, at every round."""
+    spec, tracking = kept.spec, decision.tracking
+    key = spec.public_key
+    out.tracking[key] = tracking
+    wake = decision.wake_at
+    if wake is not None and (out.wake_at is None or wake < out.wake_at):
+        out.wake_at = wake
+    out.probes.append(kept.member.info.ula)
+    if spec.endpoint is not None:
+        spec = PeerSpec(key, spec.name, spec.allowed_ips, None)
+    report = _with_counters(kept.report, PeerState.UP, seen.endpoint, seen, tracking.why)
+    out.peers.append(spec)
+    out.reports.append(report)
+    kept.seen, kept.decision, kept.spec, kept.report = seen, decision, spec, report
+    kept.tracking, kept.wake_at, kept.steady_until = tracking, wake, 0.0
+
+
+require_plain(PeerReport)  # _with_counters copies it by hand
+
+
+def _with_counters(
+    report: PeerReport,
+    state: PeerState,
+    endpoint: Endpoint | None,
+    seen: ObservedPeer,
+    why: str,
+) -> PeerReport:
+    """evolve(report, state=..., endpoint=..., why=...) with `seen`'s handshake and
+    counters, copied by hand (for every peer that answers, at every pass)."""
+    copy: PeerReport = object.__new__(PeerReport)
+    fields = copy.__dict__
+    fields.update(report.__dict__)
+    fields["state"] = state
+    fields["endpoint"] = endpoint
+    fields["last_handshake"] = seen.last_handshake
+    fields["rx_bytes"] = seen.rx_bytes
+    fields["tx_bytes"] = seen.tx_bytes
+    fields["why"] = why
+    return copy
 
 
 def _checked(

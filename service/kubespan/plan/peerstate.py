@@ -294,9 +294,16 @@ def decide_up(
     vouches for what that leaves out: the candidates are those of the pass that made
     `previous` (so none is new), there are no path-check answers, and neither the tracked
     endpoint nor the kernel's is a relay's. None when the peer is not up (decide in full)."""
-    rhythm = _probed_again(now, previous, sighted, timing)
+    rhythm = probed_again(now, previous, sighted, timing)
     if rhythm is not None:
         return rhythm
+    return decide_up_in_full(now, previous, sighted, timing)
+
+
+def decide_up_in_full(
+    now: float, previous: Tracking, sighted: Sighted, timing: Timing
+) -> EndpointDecision | None:
+    """decide_up for a peer probed_again has no answer for."""
     sighting = Sighting(sighted.endpoint, sighted.last_handshake, sighted.rx_bytes)
     tracking = observe(previous, sighting, now, now)
     assert tracking is not None  # previous is a tracking
@@ -310,7 +317,7 @@ def decide_up(
 _NO_ANSWERS: Mapping[Endpoint, float] = {}
 
 
-def _probed_again(
+def probed_again(
     now: float, previous: Tracking, sighting: Sighted, timing: Timing
 ) -> EndpointDecision | None:
     """The rhythm of a settled peer that answers: heard from since its trial, nothing under
@@ -319,12 +326,16 @@ def _probed_again(
     _keep_alive decide for it, in one copy of its tracking (a live mesh asks this for every
     peer at every grain, and at every pass an event brings between two); None for anything
     else, which the caller decides in full."""
-    rx, handshake = sighting.rx_bytes, sighting.last_handshake
+    rx, handshake, endpoint = sighting.rx_bytes, sighting.last_handshake, sighting.endpoint
     heard = (
         previous.observed_at
         if rx > previous.rx_bytes or (handshake is not None and handshake != previous.handshake)
         else previous.heard
     )
+    if endpoint is None or endpoint is previous.endpoint:
+        endpoint = previous.endpoint
+    elif endpoint != previous.endpoint:
+        return None  # roamed
     if (
         heard is None
         or heard < previous.since  # not alive since its trial
@@ -333,18 +344,22 @@ def _probed_again(
         or len(previous.tried) > 1
         or previous.trials > 1
         or previous.failed
-        or (sighting.endpoint is not None and sighting.endpoint != previous.endpoint)
         or previous.why.startswith("trial")
     ):
         return None
     since, last = previous.probe_since, previous.probed_at
-    round_at = on_grid(heard + timing.quiet, timing.probe_grain)
+    grain = timing.probe_grain
+    # on_grid, inline: for every peer at every pass.
+    due = heard + timing.quiet
+    round_at = math.ceil(due / grain) * grain if grain > 0 else due
     if now < round_at:
         # Not due: a pass between two rounds (an event's). Its answer came, or it was heard
         # from otherwise; nothing to send until its round.
         if since is not None and since > heard:
             return None
-        settled = _in_rhythm(previous, handshake, rx, heard, now, None, previous.probed_at)
+        settled = _in_rhythm(
+            previous, endpoint, handshake, rx, heard, now, None, previous.probed_at
+        )
         return _up_in_rhythm(settled, False, round_at, min(round_at, heard + DOWN_AFTER))
     if since is not None and since > heard:  # a round unanswered so far
         if timing.quiet < DOWN_AFTER and now - since >= timing.probe_timeout:
@@ -356,12 +371,12 @@ def _probed_again(
     checked = previous.checked_at
     if now - since >= timing.probe_interval and (checked is None or checked < since):
         return None  # a check of its candidates is due
-    tracking = _in_rhythm(previous, handshake, rx, heard, now, since, now)
+    tracking = _in_rhythm(previous, endpoint, handshake, rx, heard, now, since, now)
     wake = min(since + timing.probe_timeout, now + timing.probe_interval)
     return _up_in_rhythm(tracking, True, max(wake, now), None)
 
 
-# _probed_again's copies are made by hand, as evolve and the dataclass's own __init__ would
+# probed_again's copies are made by hand, as evolve and the dataclass's own __init__ would
 # make them (both refuse a class that is not a plain frozen dataclass): at a third of the
 # time, for every peer that answers, at every pass.
 require_plain(Tracking)
@@ -370,6 +385,7 @@ require_plain(EndpointDecision)
 
 def _in_rhythm(
     previous: Tracking,
+    endpoint: Endpoint | None,
     handshake: float | None,
     rx_bytes: int,
     heard: float,
@@ -377,10 +393,13 @@ def _in_rhythm(
     probe_since: float | None,
     probed_at: float | None,
 ) -> Tracking:
-    """evolve(previous, ...) of these fields, the pass's time as observed_at."""
+    """evolve(previous, ...) of these fields, the pass's time as observed_at. `endpoint`
+    equals previous.endpoint: the kernel's object, kept so that the next pass tells them
+    the same by identity."""
     copy: Tracking = object.__new__(Tracking)
     state = copy.__dict__
     state.update(previous.__dict__)
+    state["endpoint"] = endpoint
     state["handshake"] = handshake
     state["rx_bytes"] = rx_bytes
     state["heard"] = heard
