@@ -361,11 +361,12 @@ def test_what_a_node_that_left_was_routed_stays_in_the_tunnel_for_a_while(
 
 
 def test_a_mesh_of_more_than_wide_mesh_peers_probes_on_the_wide_grid(
-    tmp_path: Path, cluster_id: str, cluster_secret: str
+    tmp_path: Path, cluster_id: str, cluster_secret: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Up to WIDE_MESH members, the default timing and tick; past it, the agent plans with
     the widened timing (rounds of probes every WIDE_GRAIN) and its tick makes no pass
-    between two rounds."""
+    between two rounds; the change is logged, once."""
+    caplog.set_level(logging.INFO, logger="kubespan")
     time = FakeTime()
     config = config_text("http://127.0.0.1:9", cluster_id, cluster_secret)
     others = [node(tmp_path, f"m{i}", 20 + i, config, time)[0] for i in range(WIDE_MESH + 1)]
@@ -394,3 +395,8 @@ def test_a_mesh_of_more_than_wide_mesh_peers_probes_on_the_wide_grid(
         assert beta.timing.backoff_grain == WIDE_GRAIN
         beta._wake_at = None
         assert beta.next_pass_at() == pytest.approx(time.clocks().monotonic() + 2 * WIDE_GRAIN)
+        wide = (
+            "17 members: probes on a 8 s grid (more than 16 members), a dead path found within 19 s"
+        )
+        assert caplog.text.count(wide) == 1
+        assert "probes on a 4 s grid" not in caplog.text

@@ -604,6 +604,7 @@ def test_a_dead_path_is_found_within_15_s_by_default_and_19_s_in_a_wide_mesh() -
     (the pass that judges it wakes exactly then). Issue 10 asks 20 s of dead_path_s."""
     assert TIMING.quiet + TIMING.probe_grain + TIMING.probe_timeout <= 15.0
     assert WIDE.quiet + WIDE.probe_grain + WIDE.probe_timeout <= 19.0
+    assert (TIMING.dead_path_within(), WIDE.dead_path_within()) == (15.0, 19.0)
     assert WIDE.probe_grain == WIDE.probe_interval == 2 * TIMING.probe_grain
 
 

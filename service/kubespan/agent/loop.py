@@ -1052,6 +1052,21 @@ class Agent:
     def protected_addresses(self) -> tuple[IPAddress, ...]:
         return tuple(a for s in self.sessions for a in s.addresses)
 
+    def _choose_timing(self, members: tuple[Member, ...] | None) -> None:
+        """The wide grid for a mesh of more than WIDE_MESH members (a change is logged)."""
+        wide = members is not None and len(members) > WIDE_MESH
+        timing = self._wide_timing if wide else self._narrow_timing
+        if timing is not self.timing:
+            log.info(
+                "%d members: probes on a %g s grid (%s %d members), a dead path found within %g s",
+                len(members or ()),
+                timing.probe_grain,
+                "more than" if wide else "at most",
+                WIDE_MESH,
+                timing.dead_path_within(),
+            )
+            self.timing = timing
+
     def reconcile(self) -> list[Operation]:
         """One pass; returns the operations applied (none when nothing changed)."""
         began = self.clocks.monotonic()
@@ -1065,8 +1080,7 @@ class Agent:
         roamed = self._roamed(info.addresses, now)
         self._set_membership(*expire(self.membership, wall, _GivenUp(self, now)))
         members = self.membership.members() if self.members_known else None
-        wide = members is not None and len(members) > WIDE_MESH
-        self.timing = self._wide_timing if wide else self._narrow_timing
+        self._choose_timing(members)
         departed_keys = self.membership.departed_keys()
         self._hold_departed(observed, departed_keys, now)
         if self.paths is not None:

@@ -117,6 +117,11 @@ class Timing:
     direct_retry: float = 60.0  # a peer up through a relay has its direct paths checked
     backoff_grain: float = BACKOFF_GRAIN  # backed-off trials start on this grid
 
+    def dead_path_within(self) -> float:
+        """How long after the last packet heard a dead path is found, at most: the quiet
+        time, a grain to the next round, then the probe's timeout (test_peerstate shows it)."""
+        return self.quiet + self.probe_grain + self.probe_timeout
+
     def widened(self) -> Timing:
         """This timing for a mesh of more than WIDE_MESH peers: probe rounds, their repeats
         and backed-off trials on WIDE_GRAIN."""
