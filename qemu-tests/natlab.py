@@ -365,6 +365,7 @@ class NatLab:
     capture: Capture
     vms: dict[str, Vm] = field(default_factory=dict)
     relay_capture: Capture | None = None  # started by the first relay scenario
+    relay_killed_at: float | None = None  # host time: when the failover killed a relay
     clocks: Clocks = field(default_factory=Clocks)
 
     def __getitem__(self, name: str) -> Vm:
@@ -591,13 +592,27 @@ def scenario_dead_path(nat: NatLab) -> float:
 PUB2_ROAMED = "192.0.2.13"
 
 
+OLD_ADDRESS_PAIRS_GONE_S = 15.0  # bindings otherwise live 60 s after their last bind
+
+
+def relayed_at(vm: Vm, address: str) -> list[dict[str, Any]]:
+    """The pairs `vm`'s relay forwards with a side that sends to `address` (its status)."""
+    pairs = ((node_status(vm) or {}).get("node", {}).get("relay") or {}).get("pairs", [])
+    return [
+        p
+        for p in pairs
+        if any(str(p.get(side, "")).split(" -> ")[-1].startswith(f"{address}:")
+               for side in ("first", "second"))
+    ]  # fmt: skip
+
+
 def scenario_roaming(nat: NatLab) -> float:
     """5. pub2's underlay address changes (192.0.2.12 -> 192.0.2.13, as a renumbered
     server) while pings flow to and from it. The NATed nodes cannot hear pub2's new address
     until they send to it (their routers admit only replies from 192.0.2.12), so pub2 must
     re-advertise and its peers try the new candidate at once; no restart. Returns the time
     from the change to every flow answered again; then pub2 must advertise the new address
-    and no longer the old one.
+    and no longer the old one, and its relay forward nothing at the old one.
 
     (A NATed node renumbered behind its router is not a fair test: the router's stale
     mappings, kept alive by the peers' own traffic, make the new mappings port-dependent.)"""
@@ -657,6 +672,18 @@ def scenario_roaming(nat: NatLab) -> float:
             wait_until(readvertised, 30, "pub2 to advertise its new address only", 1.0)
         except LabError as e:
             raise AssertionError(f"{e}: {node_status(pub2)}") from e
+        # What pub2 relayed at its old address stops at once: its sides' releases, sent
+        # there, never arrive, and a binding left would pair with the other side binding at
+        # the new address and forward to it from the old one.
+        try:
+            wait_until(
+                lambda: not relayed_at(pub2, "192.0.2.12"),
+                max(1.0, changed + OLD_ADDRESS_PAIRS_GONE_S - time.time()),
+                "pub2 to forward nothing at its old address",
+                1.0,
+            )
+        except LabError as e:
+            raise AssertionError(f"{e}: {relayed_at(pub2, '192.0.2.12')}") from e
         restarts = pub2.check(["systemctl", "show", "-P", "NRestarts", "kubespan"])
         assert restarts == restarts_before, "the agent restarted"
     finally:
@@ -979,7 +1006,7 @@ def scenario_relay_failover(nat: NatLab) -> float:
     start_flow(c1, "relay-failover", ula(a1))
     try:
         wait_flows_recovered(nat.clocks, [(c1, "relay-failover")], time.time() - 60, 60)
-        killed = time.time()
+        killed = nat.relay_killed_at = time.time()
         nat[used].kill()
         took = wait_flows_recovered(nat.clocks, [(c1, "relay-failover")], killed, 120)
     finally:
@@ -987,6 +1014,35 @@ def scenario_relay_failover(nat: NatLab) -> float:
     wait_relayed([(c1, a1)], 60)
     assert relay_of(c1, a1) == other, (relay_of(c1, a1), other)
     return took
+
+
+# What the failover's sides and relays said: their peer states and relay bindings.
+FAILOVER_LINE = re.compile(r"\bpeer \S+ state=|kubespan\.relay\.|round trips to relays")
+
+
+def failover_timeline(nat: NatLab, since: float, limit: int = 60) -> str:
+    """The failover pair's and the relays' agents' lines on states and relays since `since`
+    (host time), in host time order: what a slow failover is read from, within the
+    assertion's message (a CI run's output is kept in part only)."""
+    lines = []
+    for name in ("c1", "a1", *RELAYS):
+        vm = nat[name]
+        if not vm.running:
+            continue
+        try:
+            entries = nat.clocks.journal(vm, "kubespan.service")
+        except LabError as e:
+            lines.append((since, f"{name}: no journal: {e}"))
+            continue
+        lines += [
+            (e.at, f"{e.at - since:7.2f} {name}: {e.message[:220]}")
+            for e in entries
+            if e.at >= since and FAILOVER_LINE.search(e.message)
+        ]
+    shown = [text for _, text in sorted(lines)]
+    if len(shown) > limit:
+        shown = [*shown[:limit], f"... {len(shown) - limit} lines more"]
+    return "\n".join(shown)
 
 
 def check_relay_capture(nat: NatLab) -> int:

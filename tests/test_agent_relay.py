@@ -20,7 +20,7 @@ from kubespan.agent.status import STATUS_FILE
 from kubespan.config import parse_config
 from kubespan.identity import LinkHardware, load_or_create_identity, node_id_for
 from kubespan.model import AffiliateInfo, MemberRecord
-from kubespan.netaddr import Endpoint
+from kubespan.netaddr import Endpoint, IPAddress
 from kubespan.plan.membership import Known, Membership
 from kubespan.relay.choice import RELAY_AFTER, RTT_IDLE_SAMPLE_EVERY, RTT_SAMPLE_EVERY, RelayOffer
 from kubespan.relay.client import Bound
@@ -43,6 +43,7 @@ class FakeRelay:
         self.ports, self.max_pairs = ports, max_pairs
         self.ready = threading.Event()
         self.members: frozenset[bytes] = frozenset()
+        self.addresses: list[tuple[IPAddress, ...]] = []  # what the agent said, in order
         self.started = self.stopped = False
         FakeRelay.made.append(self)
 
@@ -57,6 +58,9 @@ class FakeRelay:
 
     def set_members(self, public_keys: Iterable[bytes]) -> None:
         self.members = frozenset(public_keys)
+
+    def set_own_addresses(self, addresses: Iterable[IPAddress]) -> None:
+        self.addresses.append(tuple(addresses))
 
     def traffic(self) -> list[tuple[RelayedPair, int]]:
         pair = RelayedPair(
@@ -83,7 +87,7 @@ def test_a_relay_node_runs_the_relay_and_offers_it_once_ready(tmp_path: Path) ->
     secret = base64.b64encode(os.urandom(32)).decode()
     FakeRelay.made.clear()
     with discovery_server() as server:
-        relay, _ = make_agent(
+        relay, relay_kernel = make_agent(
             tmp_path, "relay", 41, relay_config(server.url, cluster_id, secret),
             relay_server=FakeRelay,
         )  # fmt: skip
@@ -108,6 +112,14 @@ def test_a_relay_node_runs_the_relay_and_offers_it_once_ready(tmp_path: Path) ->
             assert carried["ports"] == "29100-29355"
             assert carried["pairs"][0]["bytes"] == 4096
             assert (plain._last_document or {})["node"]["relay"] is None
+
+            # The relay is told the node's addresses, once, and again when it is renumbered
+            # (bindings at an address it lost lapse: relay.bindings.lapsed_at).
+            old, new = ipaddress.ip_address("192.0.2.41"), ipaddress.ip_address("192.0.2.141")
+            assert made.addresses == [(old,)]
+            relay_kernel.addresses = (local_address("ens3", "192.0.2.141/24"),)
+            wait_for(lambda: made.addresses[-1:] == [(new,)], "the relay told its new address")
+            assert made.addresses == [(old,), (new,)]
         assert made.stopped
 
 

@@ -33,6 +33,7 @@ from kubespan.relay.bindings import (
     RelayPolicy,
     SideBinding,
     forwarded,
+    lapsed_at,
     take_bind,
 )
 from kubespan.relay.forward import RelaySpec
@@ -297,6 +298,40 @@ def test_sides_reaching_the_relay_at_two_of_its_addresses_are_paired() -> None:
     # Each side's packets reach the other from the address that side sends to.
     b_to_a = f"ip saddr {B_MAPPING.address} udp sport {B_MAPPING.port} ip daddr {A_MAPPING.address}"
     assert f"{b_to_a} udp dport {A_MAPPING.port} ip saddr set {RELAY_AT}" in text
+
+
+def test_bindings_at_an_address_the_relay_lost_lapse_and_pair_no_one() -> None:
+    """A relay renumbered (RELAY_AT gone, NEW_AT its address now): A's binding at the old
+    address must not pair with B binding at the new one, nor be forwarded, from an address
+    the relay no longer has; A's old binds stay replays; A bound at the new one pairs."""
+    new_at = ipaddress.ip_address("203.0.113.31")
+    bindings, _ = bound()
+    bindings, answer = bound(bindings, bind(B, A), source=B_MAPPING, now=NOW + 1)
+    assert answer.paired and forwarded(bindings, NOW + 1).pairs
+    assert lapsed_at(bindings, frozenset({new_at}), NOW + 2) == bindings  # not theirs
+    bindings = lapsed_at(bindings, frozenset({RELAY_AT}), NOW + 2)
+    assert forwarded(bindings, NOW + 2).pairs == ()
+    b_port = pair_ports(PORTS, RELAY_KEY, B, A, 0)[0]
+    bindings, answer = bound(
+        bindings,
+        bind(B, A, time_ms=WALL + 1),
+        source=B_MAPPING,
+        to=Endpoint(new_at, b_port),
+        now=NOW + 3,
+    )
+    assert answer.kind == Kind.BOUND and not answer.paired
+    assert forwarded(bindings, NOW + 3).pairs == ()
+    a_port = pair_ports(PORTS, RELAY_KEY, A, B, 0)[0]
+    replayed = take_bind(
+        bindings, bind(A, B), A_MAPPING, Endpoint(new_at, a_port), POLICY, NOW + 3, WALL
+    )
+    assert replayed is None  # remembered: its last bind is a replay still
+    bindings, answer = bound(
+        bindings, bind(A, B, time_ms=WALL + 2), to=Endpoint(new_at, a_port), now=NOW + 4
+    )
+    assert answer.paired
+    (pair,) = forwarded(bindings, NOW + 4).pairs
+    assert {pair.relay_address(pair.first), pair.relay_address(pair.second)} == {new_at}
 
 
 def test_binds_to_an_ipv6_address_get_nothing_relays_carry_ipv4_only() -> None:

@@ -392,6 +392,32 @@ def test_a_member_that_leaves_is_unbound(lab: Lab) -> None:
     wait_for(lambda: not lab.server.forwarding().pairs, "the pair to go")
 
 
+def test_a_renumbered_relay_stops_the_pairs_bound_at_its_old_address(lab: Lab) -> None:
+    """The agent says the node's addresses; a pair bound at one the node no longer has is
+    not forwarded, and its side's binding there pairs no one: its peer, binding at the new
+    address, hears it is alone until the side binds there too. An address the relay was
+    never told of (a bind faster than the agent's pass) loses nothing."""
+    new_at = ipaddress.ip_address("203.0.113.31")
+    lab.server.set_own_addresses([RELAY_AT])
+    lab.bind(lab.a, lab.b, A_AT)
+    lab.bind(lab.b, lab.a, B_AT)
+    wait_for(lambda: lab.server.forwarding().pairs, "the pair")
+    lab.server.set_own_addresses([RELAY_AT, new_at])  # one more: nothing lapses
+    lab.marker()
+    assert lab.server.forwarding().pairs
+    lab.server.set_own_addresses([new_at])
+    wait_for(lambda: not lab.server.forwarding().pairs, "the pair at the old address to go")
+    lab.clock[0] += 1
+    lab.bind(lab.b, lab.a, B_AT, to=new_at)
+    lab.marker()
+    assert not answers(lab, B_AT)[-1].paired
+    lab.bind(lab.a, lab.b, A_AT, to=new_at)
+    wait_for(lambda: lab.server.forwarding().pairs, "the pair at the new address")
+    (pair,) = lab.server.forwarding().pairs
+    assert {pair.relay_address(pair.first), pair.relay_address(pair.second)} == {new_at}
+    assert answers(lab, A_AT)[-1].paired
+
+
 def test_stopping_removes_the_table() -> None:
     made = Lab()
     made.server.start()

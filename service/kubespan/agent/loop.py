@@ -241,6 +241,7 @@ class RelayCarrier(Protocol):
     def stop(self) -> None: ...
     def join(self, timeout: float | None = None) -> None: ...
     def set_members(self, public_keys: Iterable[bytes]) -> None: ...
+    def set_own_addresses(self, addresses: Iterable[IPAddress]) -> None: ...
     def traffic(self) -> list[tuple[RelayedPair, int]]: ...
 
 
@@ -432,6 +433,7 @@ class Agent:
                 count // 2,
             )
         self._relay_members: tuple[str, ...] | None = None
+        self._relay_networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
         self._relay_members_of: tuple[Member, ...] | None = None
         # Members that offer to relay (key -> node id, name, ports), and what they were found in.
         self._offered: dict[bytes, tuple[str, str, tuple[int, int]]] = {}
@@ -1083,8 +1085,7 @@ class Agent:
         self._choose_timing(members)
         departed_keys = self.membership.departed_keys()
         self._hold_departed(observed, departed_keys, now)
-        if self.paths is not None:
-            self.paths.set_own_addresses(self._own_addresses(networks))
+        self._tell_own_addresses(networks)
         answers = self._path_answers(members)
         relayed = self._relays(members, observed, answers, now)
         if info.relay_rtts != self._relay_rtts:  # said at once: the pair's order hangs on it
@@ -1154,6 +1155,17 @@ class Agent:
         self.counters.passes += 1
         self.counters.last_pass_seconds = self.clocks.monotonic() - began
         return applied
+
+    def _tell_own_addresses(
+        self, networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
+    ) -> None:
+        """The path checker hears where peers may see us; the relay, when they change, the
+        node's own addresses (a relay renumbered drops what was bound at the old one)."""
+        if self.paths is not None:
+            self.paths.set_own_addresses(self._own_addresses(networks))
+        if self.relay_server is not None and networks != self._relay_networks:
+            self._relay_networks = networks
+            self.relay_server.set_own_addresses(n.ip for n in networks)
 
     def _own_addresses(
         self, networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]

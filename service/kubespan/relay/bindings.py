@@ -68,6 +68,21 @@ def remembered(bindings: tuple[SideBinding, ...], now: float) -> tuple[SideBindi
     )
 
 
+def lapsed_at(
+    bindings: tuple[SideBinding, ...], gone: frozenset[IPAddress], now: float
+) -> tuple[SideBinding, ...]:
+    """The bindings after the relay lost the addresses `gone` (renumbered): those made at
+    one of them lapse now, remembered still (their binds cannot be replayed). The relay can
+    no longer send from there, and the side's release, sent there, never arrives: kept, such
+    a binding would pair with the other side binding at the new address, and forward to it
+    from an address its NAT may still admit replies from, where its WireGuard would follow
+    (a path that then forwards nothing until found dead)."""
+    return tuple(
+        replace(b, expires_at=now) if b.address in gone and b.expires_at > now else b
+        for b in bindings
+    )
+
+
 def next_change(bindings: tuple[SideBinding, ...], now: float) -> float | None:
     """When the earliest live binding lapses (the forwarded pairs may change then)."""
     return min((b.expires_at for b in live(bindings, now)), default=None)

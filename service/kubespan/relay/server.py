@@ -12,8 +12,9 @@ answers are rate-limited per source (an IPv4 address or an IPv6 /64) and side, p
 and overall, in that order, so no side's binds, its own or copies, use up what the others
 are owed. A datagram recomputes the forwarded pairs only if it changed a binding; otherwise
 they are looked at again when the first binding lapses. An answer that cannot be sent is
-that answer's loss alone. The thread never dies of an exception: it logs, backs off and
-opens its sockets again."""
+that answer's loss alone. Bindings made at an address the node has lost (renumbered: the
+agent says its addresses) lapse at once. The thread never dies of an exception: it logs,
+backs off and opens its sockets again."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from kubespan.relay.bindings import (
     RelayPolicy,
     SideBinding,
     forwarded,
+    lapsed_at,
     next_change,
     remembered,
     take_bind,
@@ -91,6 +93,7 @@ class RelayServer(RawPortThread):
         # member key -> key of the member and the relay; b"" for a key that gives none
         self._keys: dict[bytes, bytes] = {}
         self._bindings: tuple[SideBinding, ...] = ()
+        self._own_addresses: frozenset[IPAddress] | None = None  # None: not said yet
         self._forwarding: RelaySpec | None = None  # None: not applied yet
         # Bytes each pair (by its two ports) sent before the table was last replaced (a
         # replacement starts the kernel's counters from zero).
@@ -118,6 +121,29 @@ class RelayServer(RawPortThread):
             self._members = members - {self._public}
             self._keys = {k: v for k, v in self._keys.items() if k in members}
             self._recompute_at = 0.0  # a side that left is unbound at once
+        self._poke()
+
+    def set_own_addresses(self, addresses: Iterable[IPAddress]) -> None:
+        """This node's addresses now (the agent's underlay): bindings made at one it had
+        and no longer has lapse at once (relay.bindings.lapsed_at). An address never said
+        is left alone: a bind can reach a new address before the agent's pass has seen it."""
+        current = frozenset(addresses)
+        with self._lock:
+            before, self._own_addresses = self._own_addresses, current
+            gone = frozenset() if before is None else before - current
+            if not gone:
+                return
+            now = self.monotonic()
+            kept = lapsed_at(self._bindings, gone, now)
+            if kept == self._bindings:
+                return
+            lapsed = sum(1 for b, k in zip(self._bindings, kept, strict=True) if b is not k)
+            self._bindings, self._recompute_at = kept, now
+        log.info(
+            "relay: address gone %s; %d bindings there lapse",
+            ",".join(sorted(str(a) for a in gone)),
+            lapsed,
+        )
         self._poke()
 
     def forwarding(self) -> RelaySpec:
