@@ -66,6 +66,7 @@ from kubespan.identity import ula_prefix as cluster_ula_prefix
 from kubespan.model import (
     AffiliateInfo,
     ListedRecord,
+    LocalAddress,
     Member,
     MemberRecord,
     ObservedLink,
@@ -433,7 +434,7 @@ class Agent:
                 count // 2,
             )
         self._relay_members: tuple[str, ...] | None = None
-        self._relay_networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
+        self._relay_local: tuple[LocalAddress, ...] = ()  # the addresses the relay was told
         self._relay_members_of: tuple[Member, ...] | None = None
         # Members that offer to relay (key -> node id, name, ports), and what they were found in.
         self._offered: dict[bytes, tuple[str, str, tuple[int, int]]] = {}
@@ -1073,7 +1074,8 @@ class Agent:
         """One pass; returns the operations applied (none when nothing changed)."""
         began = self.clocks.monotonic()
         self._forget_unanswered(began)
-        networks = underlay_networks(self.kernel.local_addresses(), self.prefix)
+        local = self.kernel.local_addresses()
+        networks = underlay_networks(local, self.prefix)
         info, endpoints = self.local_info(networks)
         self._register(info, endpoints)
         observed = self.kernel.observe_link(LINK_NAME)
@@ -1085,7 +1087,7 @@ class Agent:
         self._choose_timing(members)
         departed_keys = self.membership.departed_keys()
         self._hold_departed(observed, departed_keys, now)
-        self._tell_own_addresses(networks)
+        self._tell_own_addresses(local, networks)
         answers = self._path_answers(members)
         relayed = self._relays(members, observed, answers, now)
         if info.relay_rtts != self._relay_rtts:  # said at once: the pair's order hangs on it
@@ -1157,15 +1159,18 @@ class Agent:
         return applied
 
     def _tell_own_addresses(
-        self, networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
+        self,
+        local: tuple[LocalAddress, ...],
+        networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...],
     ) -> None:
-        """The path checker hears where peers may see us; the relay, when they change, the
-        node's own addresses (a relay renumbered drops what was bound at the old one)."""
+        """The path checker hears where peers may see us; the relay, when they change, every
+        address configured here, links down included (a relay renumbered drops what was
+        bound at the old address; a link that flaps keeps its pairs)."""
         if self.paths is not None:
             self.paths.set_own_addresses(self._own_addresses(networks))
-        if self.relay_server is not None and networks != self._relay_networks:
-            self._relay_networks = networks
-            self.relay_server.set_own_addresses(n.ip for n in networks)
+        if self.relay_server is not None and local != self._relay_local:
+            self._relay_local = local
+            self.relay_server.set_own_addresses(a.address.ip for a in local)
 
     def _own_addresses(
         self, networks: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
